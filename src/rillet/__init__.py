@@ -1,0 +1,33 @@
+"""rillet: a streaming LLM inference server with a continuous-batching engine.
+
+Public API: LLM, SamplingParams, AsyncEngine, EngineConfig, ServerConfig, Client, AsyncClient.
+Heavy modules (torch, httpx) are imported on first use so `rillet --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "LLM": "rillet.llm",
+    "SamplingParams": "rillet.sampling_params",
+    "AsyncEngine": "rillet.engine.async_engine",
+    "RequestOutput": "rillet.engine.outputs",
+    "EngineConfig": "rillet.config",
+    "ServerConfig": "rillet.config",
+    "Client": "rillet.client",
+    "AsyncClient": "rillet.client",
+}
+
+__all__ = sorted(_LAZY) + ["__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'rillet' has no attribute {name!r}")

@@ -1,0 +1,5 @@
+import sys
+
+from rillet.cli import main
+
+sys.exit(main())

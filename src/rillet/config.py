@@ -1,0 +1,86 @@
+"""Configuration, declared once.
+
+Each field carries its help text and bounds in `metadata`; `rillet.cli` derives the
+command-line flags (`--max-num-seqs`) and environment variables (`RILLET_MAX_NUM_SEQS`)
+from these declarations, so flags, env vars and `--help` never drift apart.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+
+def option(default: Any, help: str, *, min: float | None = None, max: float | None = None,
+           choices: tuple[str, ...] | None = None, factory: Any = None) -> Any:
+    meta = {"help": help, "min": min, "max": max, "choices": choices}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def check_bounds(config: Any) -> None:
+    """Raise ValueError naming the first field outside its declared bounds or choices."""
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if value is None:
+            continue
+        lo, hi, choices = f.metadata.get("min"), f.metadata.get("max"), f.metadata.get("choices")
+        if choices is not None and value not in choices:
+            raise ValueError(f"{f.name} must be one of {', '.join(choices)}, got {value!r}")
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{f.name} must be finite, got {value!r}")
+            if lo is not None and value < lo:
+                raise ValueError(f"{f.name} must be >= {lo}, got {value!r}")
+            if hi is not None and value > hi:
+                raise ValueError(f"{f.name} must be <= {hi}, got {value!r}")
+
+
+@dataclass
+class EngineConfig:
+    model: str | None = option(None, "Model: a local Hugging Face directory, a .gguf file, or a hub id. "
+                               "Default: the embedded SmolLM2-135M-Instruct.")
+    served_model_name: str | None = option(None, "Name the APIs report for the model (default: derived from --model).")
+    dtype: str = option("auto", "Weight and activation dtype. auto: bfloat16 where the CPU or GPU supports it, "
+                        "else float32.", choices=("auto", "float32", "bfloat16", "float16"))
+    device: str = option("auto", "Where to run: auto (cuda when available), cpu, cuda or cuda:N.")
+    max_model_len: int | None = option(None, "Longest prompt + output in tokens (default: the model's, capped at 8192).",
+                                       min=16, max=1_048_576)
+    max_num_seqs: int = option(32, "Most requests generating at once (batch size of a decode step).", min=1, max=1024)
+    max_num_batched_tokens: int = option(512, "Token budget of one engine step; long prompts are prefilled in "
+                                         "chunks of at most this size so running streams keep flowing.",
+                                         min=16, max=65536)
+    kv_cache_gib: float | None = option(None, "KV cache size in GiB (default: room for max_num_seqs full-length "
+                                        "sequences, capped at 4 GiB on CPU).", min=0.001, max=4096)
+    block_size: int = option(16, "Tokens per KV cache block.", min=1, max=1024)
+    max_waiting: int | None = option(256, "Most requests queued for a slot; beyond it new requests are refused "
+                                     "at once (HTTP 429).", min=0, max=1_000_000)
+    queue_timeout_s: float = option(120.0, "A request that waits longer than this for a slot ends with an error.",
+                                    min=0.001, max=86400)
+    seed: int = option(0, "Seed of the global generator used by unseeded sampling requests.")
+    num_threads: int | None = option(None, "Torch CPU threads (default: all cores).", min=1, max=1024)
+
+    def __post_init__(self) -> None:
+        check_bounds(self)
+
+
+@dataclass
+class ServerConfig:
+    host: str = option("127.0.0.1", "Address to listen on.")
+    port: int = option(8000, "Port to listen on.", min=0, max=65535)
+    api_key: str | None = option(None, "If set, every /v1 and /api route needs 'Authorization: Bearer KEY'.")
+    allowed_origins: list[str] = option(None, "Origins allowed by CORS (comma-separated; '*' for any).",
+                                        factory=list)
+    max_request_bytes: int = option(4 * 1024 * 1024, "Largest request body accepted (HTTP 413 beyond).",
+                                    min=1024, max=1 << 31)
+    drain_timeout_s: float = option(30.0, "On SIGTERM, how long running streams may finish before they are "
+                                    "ended with an error event.", min=0, max=3600)
+    log_level: str = option("info", "Log level.", choices=("debug", "info", "warning", "error"))
+
+    def __post_init__(self) -> None:
+        if isinstance(self.allowed_origins, str):
+            self.allowed_origins = [o.strip() for o in self.allowed_origins.split(",") if o.strip()]
+        check_bounds(self)
