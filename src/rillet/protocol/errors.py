@@ -1,0 +1,27 @@
+"""Error bodies: OpenAI-shaped for /v1 routes, Ollama-shaped for /api routes."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel
+
+__all__ = ["ErrorInfo", "ErrorResponse", "OllamaErrorResponse"]
+
+
+class ErrorInfo(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: int | str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """`{"error": {"message", "type", "param", "code"}}`; also the body of a terminal SSE error event."""
+
+    error: ErrorInfo
+
+
+class OllamaErrorResponse(BaseModel):
+    """`{"error": "..."}`; a terminal NDJSON error line also carries `"done": true`."""
+
+    error: str
+    done: bool | None = None
