@@ -1,0 +1,255 @@
+"""AsyncEngine: the engine loop in its own thread, requests and outputs on the event loop.
+
+The forward pass never runs on the event loop: a dedicated thread owns the `LLMEngine` and
+calls `step()` while there is work, sleeping on a condition otherwise. New requests and aborts
+reach it through small inboxes; each step's outputs come back in one
+`call_soon_threadsafe`, and are routed to per-request asyncio queues.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import uuid
+from dataclasses import replace
+from typing import Any, AsyncIterator
+
+from rillet.config import EngineConfig
+from rillet.engine.errors import EngineDeadError, EngineNotReadyError, QueueFullError
+from rillet.engine.llm_engine import EngineStats, LLMEngine, Prompt
+from rillet.engine.outputs import RequestOutput
+from rillet.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["AsyncEngine", "RequestStream", "EngineStats"]
+
+
+class RequestStream:
+    """Async iterator over one request's output deltas; ends once every choice has finished."""
+
+    def __init__(self, engine: "AsyncEngine", request_id: str, num_prompt_tokens: int, n: int):
+        self._engine = engine
+        self.request_id = request_id
+        self.num_prompt_tokens = num_prompt_tokens
+        self._queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+        self._unfinished = n  # choices the consumer has not seen finish
+        self._undelivered = n  # choices whose final output has not been routed here yet
+
+    @property
+    def finished(self) -> bool:
+        return self._unfinished == 0
+
+    def _put(self, item: RequestOutput | BaseException) -> None:
+        self._queue.put_nowait(item)
+
+    def __aiter__(self) -> "RequestStream":
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self._unfinished == 0:
+            raise StopAsyncIteration
+        item = await self._queue.get()
+        if isinstance(item, BaseException):
+            self._unfinished = 0
+            raise item
+        if item.finish_reason is not None:
+            self._unfinished -= 1
+        return item
+
+    async def abort(self) -> None:
+        if not self.finished:
+            self._engine.abort_nowait(self.request_id)
+
+    async def aclose(self) -> None:
+        await self.abort()
+
+
+class AsyncEngine:
+    def __init__(self, config: EngineConfig | None = None, **options: Any):
+        self.config = config or EngineConfig(**options)
+        self._engine: LLMEngine | None = None
+        self._health = "stopped"
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._cv = threading.Condition()
+        self._inbox: list[tuple[str, list[int], SamplingParams]] = []
+        self._aborts: list[str] = []
+        self._stopping = False
+        self._streams: dict[str, RequestStream] = {}
+        self._stats: EngineStats | None = None
+        self.dead_reason: str | None = None
+
+    # ---- lifecycle ------------------------------------------------------------------------
+
+    @property
+    def health(self) -> str:
+        """"loading", "ready", "dead" or "stopped"."""
+        return self._health
+
+    @property
+    def engine(self) -> LLMEngine:
+        if self._engine is None:
+            raise EngineNotReadyError("the engine is not started")
+        return self._engine
+
+    @property
+    def model_name(self) -> str:
+        return self.engine.model_name
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    async def start(self) -> None:
+        if self._health in ("loading", "ready"):
+            return
+        self._health = "loading"
+        self._loop = asyncio.get_running_loop()
+        try:
+            self._engine = await asyncio.to_thread(LLMEngine, self.config)
+        except BaseException as exc:
+            self._health = "dead"
+            self.dead_reason = f"{type(exc).__name__}: {exc}"
+            raise
+        self._stats = self._engine.stats()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="rillet-engine", daemon=True)
+        self._thread.start()
+        self._health = "ready"
+
+    async def shutdown(self) -> None:
+        """Stop the loop; unfinished requests end with finish_reason "abort"."""
+        if self._thread is None:
+            self._health = "stopped" if self._health != "dead" else "dead"
+            return
+        with self._cv:
+            self._stopping = True
+            self._cv.notify()
+        await asyncio.to_thread(self._thread.join)
+        self._thread = None
+        if self._health != "dead":
+            self._health = "stopped"
+
+    async def __aenter__(self) -> "AsyncEngine":
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.shutdown()
+
+    # ---- requests -------------------------------------------------------------------------
+
+    def stats(self) -> EngineStats:
+        stats = self._stats or EngineStats(0, 0, 0.0, 0, 0, 0, 0, 0)
+        return replace(stats, num_waiting=stats.num_waiting + len(self._inbox))
+
+    def _check_accepting(self) -> None:
+        if self._health == "dead":
+            raise EngineDeadError(f"the engine has died ({self.dead_reason})")
+        if self._health != "ready" or self._stopping:
+            raise EngineNotReadyError("the engine is " + ("shutting down" if self._stopping else self._health))
+
+    async def add_request(self, prompt: Prompt, params: SamplingParams,
+                          request_id: str | None = None) -> RequestStream:
+        """Validate and queue a request. Raises ValueError (bad prompt or parameters),
+        PromptTooLongError, QueueFullError, EngineDeadError or EngineNotReadyError."""
+        self._check_accepting()
+        params.validate()
+        request_id = request_id or uuid.uuid4().hex
+        if request_id in self._streams:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        max_waiting = self.config.max_waiting
+        if max_waiting is not None and self.stats().num_waiting >= max_waiting:
+            raise QueueFullError(f"{max_waiting} requests are already waiting; retry later")
+        engine = self.engine
+        if isinstance(prompt, str) and len(prompt) < 2048:
+            token_ids = engine.encode_prompt(prompt)
+        else:  # long prompts and chat templates: keep the event loop free
+            token_ids = await asyncio.to_thread(engine.encode_prompt, prompt)
+        engine.check_prompt_length(len(token_ids))
+        self._check_accepting()
+        stream = RequestStream(self, request_id, len(token_ids), params.n)
+        self._streams[request_id] = stream
+        with self._cv:
+            self._inbox.append((request_id, token_ids, params))
+            self._cv.notify()
+        return stream
+
+    async def generate(self, prompt: Prompt, params: SamplingParams,
+                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+        """Yield output deltas; closing or cancelling the iterator aborts the request."""
+        stream = await self.add_request(prompt, params, request_id)
+        try:
+            async for output in stream:
+                yield output
+        finally:
+            if not stream.finished:
+                self.abort_nowait(stream.request_id)
+
+    async def abort(self, request_id: str) -> None:
+        self.abort_nowait(request_id)
+
+    def abort_nowait(self, request_id: str) -> None:
+        with self._cv:
+            self._aborts.append(request_id)
+            self._cv.notify()
+
+    # ---- the loop thread --------------------------------------------------------------------
+
+    def _dispatch(self, outputs: list[RequestOutput]) -> None:
+        for out in outputs:
+            stream = self._streams.get(out.request_id)
+            if stream is None:
+                continue
+            stream._put(out)
+            if out.finish_reason is not None:
+                stream._undelivered -= 1
+                if stream._undelivered == 0:
+                    del self._streams[out.request_id]
+
+    def _fail_streams(self, exc: BaseException) -> None:
+        for stream in self._streams.values():
+            stream._put(exc)
+        self._streams.clear()
+
+    def _emit(self, outputs: list[RequestOutput]) -> None:
+        if outputs and self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._dispatch, outputs)
+
+    def _run(self) -> None:
+        engine = self.engine
+        try:
+            while True:
+                with self._cv:
+                    while not (self._inbox or self._aborts or self._stopping or engine.has_unfinished()):
+                        self._cv.wait()
+                    inbox, self._inbox = self._inbox, []
+                    aborts, self._aborts = self._aborts, []
+                    stopping = self._stopping
+                outputs: list[RequestOutput] = []
+                for request_id, token_ids, params in inbox:
+                    engine.add_request(request_id, None, params, prompt_token_ids=token_ids)
+                for request_id in aborts:
+                    outputs += engine.abort(request_id)
+                if stopping:
+                    for request_id in list(engine.requests):
+                        outputs += engine.abort(request_id)
+                    self._stats = engine.stats()
+                    self._emit(outputs)
+                    return
+                outputs += engine.step()
+                self._stats = engine.stats()
+                self._emit(outputs)
+        except BaseException as exc:  # the loop cannot go on: every stream gets a terminal error
+            logger.exception("engine loop died")
+            self.dead_reason = f"{type(exc).__name__}: {exc}"
+            self._health = "dead"
+            error = exc if isinstance(exc, EngineDeadError) else EngineDeadError(self.dead_reason)
+            if self._loop is not None and not self._loop.is_closed():
+                self._loop.call_soon_threadsafe(self._fail_streams, error)

@@ -1,0 +1,81 @@
+"""Incremental detokenisation and stop strings.
+
+Text is decoded over a short window of recent tokens (the prefix/read offsets of vLLM's
+incremental detokenizer), so a character split across tokens (Chinese, emoji) is held back
+until it is complete: no delta ever carries U+FFFD for half a character. Stop strings are
+matched on the full output text; the last `max(len(stop)) - 1` characters are held back, so a
+stop string is cut exactly and never half-streamed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from rillet.engine.sequence import Sequence
+
+REPLACEMENT = "\ufffd"
+PROMPT_CONTEXT_TOKENS = 5  # earlier tokens decoded with new ones, for spacing rules of the tokenizer
+
+
+@dataclass
+class DecodeState:
+    token_ids: list[int]  # prompt tail + outputs
+    prefix_offset: int
+    read_offset: int
+    stop_holdback: int
+
+
+class Detokenizer:
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self._states: dict[int, DecodeState] = {}
+
+    def start(self, seq: Sequence) -> None:
+        tail = seq.prompt_token_ids[-PROMPT_CONTEXT_TOKENS:]
+        holdback = max((len(s) for s in seq.params.stop), default=1) - 1
+        self._states[id(seq)] = DecodeState(list(tail), 0, len(tail), holdback)
+
+    def forget(self, seq: Sequence) -> None:
+        self._states.pop(id(seq), None)
+
+    def _decode(self, ids: list[int], skip: bool) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=skip, clean_up_tokenization_spaces=False)
+
+    def append(self, seq: Sequence, token_id: int | None) -> str | None:
+        """Feed one new output token (None: none, only flush). Returns the stop string hit, if any."""
+        state = self._states[id(seq)]
+        if token_id is not None:
+            state.token_ids.append(token_id)
+            skip = seq.params.skip_special_tokens
+            prefix = self._decode(state.token_ids[state.prefix_offset:state.read_offset], skip)
+            full = self._decode(state.token_ids[state.prefix_offset:], skip)
+            if len(full) > len(prefix) and not full.endswith(REPLACEMENT):
+                seq.output_text += full[len(prefix):]
+                state.prefix_offset = state.read_offset
+                state.read_offset = len(state.token_ids)
+        if seq.params.stop:
+            return self._find_stop(seq, state)
+        return None
+
+    def _find_stop(self, seq: Sequence, state: DecodeState) -> str | None:
+        # Only text not yet emitted (plus the held-back tail) can contain a new match.
+        start = max(0, seq.num_emitted_chars - state.stop_holdback)
+        best: tuple[int, str] | None = None
+        for stop in seq.params.stop:
+            pos = seq.output_text.find(stop, start)
+            if pos != -1 and (best is None or pos < best[0]):
+                best = (pos, stop)
+        if best is None:
+            return None
+        seq.output_text = seq.output_text[:best[0]]
+        return best[1]
+
+    def take_delta(self, seq: Sequence, finished: bool) -> str:
+        """Text that can be handed out now: all of it when finished, else all but the stop hold-back."""
+        state = self._states.get(id(seq))
+        end = len(seq.output_text)
+        if not finished and state is not None and state.stop_holdback and seq.params.stop:
+            end = max(seq.num_emitted_chars, end - state.stop_holdback)
+        delta = seq.output_text[seq.num_emitted_chars:end]
+        seq.num_emitted_chars = end
+        return delta

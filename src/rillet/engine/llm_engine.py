@@ -1,0 +1,332 @@
+"""The synchronous engine: wires tokenizer, scheduler, model runner, sampler and detokenizer.
+
+`add_request` validates and queues; each `step()` runs one batched forward pass over every
+live sequence and returns the new output deltas. `AsyncEngine` drives `step()` from a thread;
+`LLM` drives it inline.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from rillet.config import EngineConfig
+from rillet.engine.block_manager import BlockManager
+from rillet.engine.detokenizer import Detokenizer
+from rillet.engine.errors import EngineDeadError, PromptTooLongError
+from rillet.engine.model_runner import ModelRunner, kv_bytes_per_token
+from rillet.engine.outputs import RequestOutput, TokenLogprob
+from rillet.engine.sampler import Sampler
+from rillet.engine.scheduler import ScheduledBatch, Scheduler
+from rillet.engine.sequence import Sequence
+from rillet.models.loader import load_model
+from rillet.models.resolve import resolve_model
+from rillet.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+Prompt = str | list[int] | list[dict[str, Any]]
+DEFAULT_MAX_MODEL_LEN_CAP = 8192
+CPU_KV_CACHE_CAP_BYTES = 2 << 30
+MAX_CONSECUTIVE_STEP_FAILURES = 3
+CHAT_ROLES = ("system", "user", "assistant", "tool", "developer")
+
+
+@dataclass
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float  # 0..1
+    num_kv_blocks_used: int
+    num_kv_blocks_total: int
+    num_preemptions_total: int
+    num_aborted_total: int
+    num_failed_total: int
+
+
+def cpu_has_native_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device cuda was asked for but torch sees no CUDA GPU")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name != "auto":
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig | None = None, **options: Any):
+        config = config or EngineConfig(**options)
+        self.config = config
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, self.device)
+        resolved = resolve_model(config.model)
+        self.model_path = resolved.path
+        self.model_name = config.served_model_name or resolved.name
+
+        probe_len = config.max_model_len or DEFAULT_MAX_MODEL_LEN_CAP
+        loaded = load_model(resolved.path, self.dtype, self.device, max_positions=probe_len)
+        model_max = loaded.max_position_embeddings
+        self.max_model_len = config.max_model_len or min(model_max, DEFAULT_MAX_MODEL_LEN_CAP)
+        if self.max_model_len > model_max:
+            raise ValueError(f"max_model_len {self.max_model_len} exceeds the model's {model_max} positions")
+        if self.max_model_len > probe_len:  # rope tables must cover every position
+            loaded.model.set_rope_positions(self.max_model_len)
+        self.model = loaded.model
+        self.tokenizer = loaded.tokenizer
+        self.eos_token_ids = set(loaded.eos_token_ids)
+        self.vocab_size = loaded.config.vocab_size
+
+        num_blocks = self._num_kv_blocks()
+        self.block_manager = BlockManager(num_blocks, config.block_size)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        self.runner = ModelRunner(self.model, num_blocks, config.block_size, self.dtype, self.device)
+        self.sampler = Sampler(self.vocab_size, self.device, seed=config.seed)
+        self.detokenizer = Detokenizer(self.tokenizer)
+        self.requests: dict[str, list[Sequence]] = {}
+        self.num_aborted_total = 0
+        self.num_failed_total = 0
+        self._consecutive_failures = 0
+        # Test hook: called with the scheduled batch before each forward pass; may raise.
+        self.before_forward: Callable[[ScheduledBatch], None] | None = None
+        logger.info("engine ready: model %s on %s (%s), max_model_len %d, %d KV blocks of %d tokens",
+                    self.model_name, self.device, str(self.dtype).removeprefix("torch."), self.max_model_len,
+                    num_blocks, config.block_size)
+
+    def _num_kv_blocks(self) -> int:
+        c = self.config
+        per_token = kv_bytes_per_token(self.model, self.dtype)
+        if c.kv_cache_gib:
+            budget = int(c.kv_cache_gib * (1 << 30))
+        else:
+            budget = c.max_num_seqs * self.max_model_len * per_token
+            if self.device.type == "cuda":
+                free, _ = torch.cuda.mem_get_info(self.device)
+                budget = min(budget, int(free * 0.8))
+            else:
+                budget = min(budget, CPU_KV_CACHE_CAP_BYTES)
+        num_blocks = budget // (per_token * c.block_size)
+        min_blocks = -(-self.max_model_len // c.block_size)
+        if num_blocks < min_blocks:
+            if c.kv_cache_gib:
+                raise ValueError(f"kv_cache_gib {c.kv_cache_gib} holds fewer than max_model_len "
+                                 f"({self.max_model_len}) tokens; raise it or lower max_model_len")
+            num_blocks = min_blocks
+        return int(num_blocks)
+
+    # ---- requests -------------------------------------------------------------------------
+
+    def encode_prompt(self, prompt: Prompt) -> list[int]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("prompt must not be empty")
+            return self.tokenizer.encode(prompt)
+        if not isinstance(prompt, list) or not prompt:
+            raise ValueError("prompt must be a non-empty string, list of token ids or list of messages")
+        if all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            bad = [t for t in prompt if not 0 <= t < self.vocab_size]
+            if bad:
+                raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})")
+            return list(prompt)
+        if all(isinstance(m, dict) for m in prompt):
+            return self.encode_chat(prompt)
+        raise ValueError("prompt must be a non-empty string, list of token ids or list of messages")
+
+    def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
+        for i, m in enumerate(messages):
+            if m.get("role") not in CHAT_ROLES:
+                raise ValueError(f"messages[{i}].role must be one of {', '.join(CHAT_ROLES)}, got {m.get('role')!r}")
+            if not isinstance(m.get("content"), str):
+                raise ValueError(f"messages[{i}].content must be a string")
+        if not getattr(self.tokenizer, "chat_template", None):
+            text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
+            return self.tokenizer.encode(text)
+        try:
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except Exception as exc:  # templates raise on role orders they do not accept
+            raise ValueError(f"the model's chat template rejected these messages: {exc}") from None
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def add_request(self, request_id: str | None, prompt: Prompt | None, params: SamplingParams,
+                    prompt_token_ids: list[int] | None = None) -> list[Sequence]:
+        params.validate()
+        request_id = request_id or uuid.uuid4().hex
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        ids = prompt_token_ids if prompt_token_ids is not None else self.encode_prompt(prompt)
+        self.check_prompt_length(len(ids))
+        seqs = []
+        for index in range(params.n):
+            seed = None if params.seed is None else params.seed + index
+            seq = Sequence(request_id, index, ids, params, seed=seed)
+            self.detokenizer.start(seq)
+            seqs.append(seq)
+        self.requests[request_id] = seqs
+        for seq in seqs:
+            self.scheduler.add(seq)
+        return seqs
+
+    def check_prompt_length(self, num_tokens: int) -> None:
+        if num_tokens >= self.max_model_len:
+            raise PromptTooLongError(
+                f"the prompt has {num_tokens} tokens but the context holds {self.max_model_len} "
+                f"(max_model_len), leaving no room for output"
+            )
+
+    def abort(self, request_id: str, reason: str = "abort", error: str | None = None) -> list[RequestOutput]:
+        seqs = self.requests.pop(request_id, None)
+        if not seqs:
+            return []
+        outputs = []
+        for seq in seqs:
+            if seq.is_finished:
+                continue
+            self.scheduler.finish(seq, reason)
+            seq.error = error
+            outputs.append(self._output(seq, [], "", None))
+            self._forget(seq)
+        if reason == "abort":
+            self.num_aborted_total += 1
+        return outputs
+
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)
+
+    def stats(self) -> EngineStats:
+        bm = self.block_manager
+        waiting_requests = {s.request_id for s in self.scheduler.waiting}
+        running_requests = {s.request_id for s in self.scheduler.running} - waiting_requests
+        return EngineStats(len(running_requests), len(waiting_requests), bm.usage, bm.num_used_blocks,
+                           bm.num_blocks, self.scheduler.num_preemptions_total, self.num_aborted_total,
+                           self.num_failed_total)
+
+    # ---- the step -------------------------------------------------------------------------
+
+    def expire_waiting(self, now: float | None = None) -> list[RequestOutput]:
+        """End requests that waited longer than queue_timeout_s without ever being scheduled."""
+        now = time.monotonic() if now is None else now
+        limit = self.config.queue_timeout_s
+        expired = {s.request_id for s in self.scheduler.waiting
+                   if s.first_scheduled_time is None and now - s.arrival_time > limit}
+        outputs = []
+        for request_id in expired:
+            msg = f"request waited more than {limit:g} s for a free slot; the server is overloaded, retry later"
+            outputs += self.abort(request_id, reason="error", error=msg)
+            self.num_failed_total += 1
+        return outputs
+
+    def step(self) -> list[RequestOutput]:
+        outputs = self.expire_waiting() if self.scheduler.waiting else []
+        batch = self.scheduler.schedule()
+        if not batch.seqs:
+            return outputs
+        now = time.monotonic()
+        for seq in batch.seqs:
+            if seq.first_scheduled_time is None:
+                seq.first_scheduled_time = now
+        try:
+            if self.before_forward is not None:
+                self.before_forward(batch)
+            logits, sampling = self.runner.execute(batch, self.block_manager)
+            sampling_seqs = [batch.seqs[i] for i in sampling]
+            result = self.sampler(logits, sampling_seqs) if sampling_seqs else None
+        except Exception as exc:
+            return outputs + self._fail_batch(batch, exc)
+        self._consecutive_failures = 0
+
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            seq.num_computed_tokens += n
+        if result is None:
+            return outputs
+        for row, seq in enumerate(sampling_seqs):
+            token = result.token_ids[row]
+            seq.output_token_ids.append(token)
+            reason, stop_reason = self._check_token_stop(seq, token)
+            if reason is None:
+                stop = self.detokenizer.append(seq, token)
+                if stop is not None:
+                    reason, stop_reason = "stop", stop
+                elif seq.num_output_tokens >= (seq.params.max_tokens or self.max_model_len) \
+                        or seq.num_tokens >= self.max_model_len:
+                    reason = "length"
+            logprobs = None
+            if result.logprobs is not None and result.logprobs[row] is not None:
+                logprobs = [self._token_logprob(token, *result.logprobs[row])]
+            delta = self.detokenizer.take_delta(seq, finished=reason is not None)
+            if reason is not None:
+                seq.finish_reason, seq.stop_reason = reason, stop_reason
+                self.scheduler.finish(seq, reason)
+                self._forget(seq)
+            outputs.append(self._output(seq, [token], delta, logprobs))
+        return outputs
+
+    def _check_token_stop(self, seq: Sequence, token: int) -> tuple[str | None, int | None]:
+        if token in seq.params.stop_token_ids:
+            return "stop", token
+        if token in self.eos_token_ids and not seq.params.ignore_eos:
+            return "stop", None
+        return None, None
+
+    def _fail_batch(self, batch: ScheduledBatch, exc: Exception) -> list[RequestOutput]:
+        self._consecutive_failures += 1
+        logger.exception("engine step failed; ending the %d requests in the batch", len(batch.seqs))
+        if self._consecutive_failures >= MAX_CONSECUTIVE_STEP_FAILURES:
+            raise EngineDeadError(f"{self._consecutive_failures} engine steps failed in a row: {exc}") from exc
+        outputs = []
+        for request_id in {s.request_id for s in batch.seqs}:
+            outputs += self.abort(request_id, reason="error",
+                                  error=f"the engine failed while generating this request ({type(exc).__name__})")
+            self.num_failed_total += 1
+        return outputs
+
+    def fail_all(self, message: str) -> list[RequestOutput]:
+        """End every request with an error (engine death or shutdown)."""
+        outputs = []
+        for request_id in list(self.requests):
+            outputs += self.abort(request_id, reason="error", error=message)
+        return outputs
+
+    def _forget(self, seq: Sequence) -> None:
+        self.detokenizer.forget(seq)
+        self.sampler.forget(seq)
+        seqs = self.requests.get(seq.request_id)
+        if seqs is not None and all(s.is_finished for s in seqs):
+            del self.requests[seq.request_id]
+
+    def _token_logprob(self, token: int, logprob: float, top: list[tuple[int, float]]) -> TokenLogprob:
+        def text(t: int) -> str:
+            return self.tokenizer.decode([t])
+        return TokenLogprob(token, text(token), logprob, [(t, text(t), lp) for t, lp in top])
+
+    @staticmethod
+    def _output(seq: Sequence, token_ids: list[int], text: str,
+                logprobs: list[TokenLogprob] | None) -> RequestOutput:
+        return RequestOutput(
+            request_id=seq.request_id, index=seq.index, text=text, token_ids=token_ids,
+            num_prompt_tokens=seq.num_prompt_tokens, num_output_tokens=seq.num_output_tokens,
+            finish_reason=seq.finish_reason, stop_reason=seq.stop_reason, logprobs=logprobs, error=seq.error,
+        )

@@ -1,0 +1,99 @@
+"""The one place with tensors: the model, its paged KV cache, and the step's input tensors."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from rillet.engine.block_manager import BlockManager
+from rillet.engine.scheduler import ScheduledBatch
+from rillet.models.llama import AttentionMetadata, CausalLM, PrefillSpan
+
+logger = logging.getLogger(__name__)
+
+
+def kv_bytes_per_token(model: CausalLM, dtype: torch.dtype) -> int:
+    element = torch.empty((), dtype=dtype).element_size()
+    return 2 * len(model.layers) * model.num_kv_heads * model.head_dim * element
+
+
+class ModelRunner:
+    def __init__(self, model: CausalLM, num_blocks: int, block_size: int, dtype: torch.dtype,
+                 device: torch.device):
+        self.model = model
+        self.block_size = block_size
+        self.device = device
+        num_slots = num_blocks * block_size
+        shape = (num_slots, model.num_kv_heads, model.head_dim)
+        # Zeroed so that padded (masked) reads never meet NaN garbage.
+        self.kv_caches = [(torch.zeros(shape, dtype=dtype, device=device),
+                           torch.zeros(shape, dtype=dtype, device=device)) for _ in model.layers]
+
+    def _slots(self, block_tables: list[list[int]], lengths: list[int]) -> torch.Tensor:
+        """[B, max(lengths)] cache slot of every position; padding points at slot 0 (masked)."""
+        width = max(lengths)
+        num_blocks = -(-width // self.block_size)
+        table = torch.tensor([bt[:num_blocks] + [0] * (num_blocks - len(bt[:num_blocks])) for bt in block_tables],
+                             dtype=torch.long)
+        pos = torch.arange(width)
+        slots = table[:, pos // self.block_size] * self.block_size + pos % self.block_size
+        return slots.to(self.device, non_blocking=True)
+
+    @torch.inference_mode()
+    def execute(self, batch: ScheduledBatch, block_manager: BlockManager) -> tuple[torch.Tensor, list[int]]:
+        """Run one forward pass. Returns logits [R, V] for the R sequences that finish feeding all their
+        tokens this step (in batch order) and their positions in `batch.seqs`."""
+        # Decodes (one new token) first, then prefill chunks.
+        order = sorted(range(len(batch.seqs)), key=lambda i: batch.num_new_tokens[i] != 1)
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slot_mapping: list[int] = []
+        decode_tables, decode_lengths = [], []
+        prefill_specs = []  # (start, end, seq, context_len)
+        logits_rows, sampling = [], []
+        for i in order:
+            seq, n = batch.seqs[i], batch.num_new_tokens[i]
+            start = seq.num_computed_tokens
+            row0 = len(input_ids)
+            for p in range(start, start + n):
+                input_ids.append(seq.token_at(p))
+                positions.append(p)
+                slot_mapping.append(block_manager.slot(seq, p))
+            if n == 1:
+                decode_tables.append(seq.block_table)
+                decode_lengths.append(start + 1)
+            else:
+                prefill_specs.append((row0, row0 + n, seq, start + n))
+            if start + n == seq.num_tokens:  # everything fed: this sequence samples now
+                logits_rows.append(len(input_ids) - 1)
+                sampling.append(i)
+
+        num_decode = len(decode_tables)
+        decode_slots = decode_mask = None
+        if num_decode:
+            decode_slots = self._slots(decode_tables, decode_lengths)
+            lengths = torch.tensor(decode_lengths, device=self.device)
+            decode_mask = (torch.arange(decode_slots.shape[1], device=self.device)[None, :] < lengths[:, None])
+            decode_mask = decode_mask[:, None, None, :]
+        prefills = []
+        for row0, row1, seq, context in prefill_specs:
+            slots = self._slots([seq.block_table], [context])[0]
+            L = row1 - row0
+            mask = None
+            if context != L:  # earlier chunks are cached: query i sees keys up to context - L + i
+                q_pos = torch.arange(context - L, context, device=self.device)
+                mask = torch.arange(context, device=self.device)[None, :] <= q_pos[:, None]
+            prefills.append(PrefillSpan(row0, row1, slots, mask))
+
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(slot_mapping, dtype=torch.long, device=self.device),
+            num_decode=num_decode, decode_slots=decode_slots, decode_mask=decode_mask, prefills=prefills,
+        )
+        ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
+        pos = torch.tensor(positions, dtype=torch.long, device=self.device)
+        hidden = self.model(ids, pos, self.kv_caches, meta)
+        if not logits_rows:
+            return hidden.new_empty((0, 0), dtype=torch.float32), []
+        rows = torch.tensor(logits_rows, dtype=torch.long, device=self.device)
+        return self.model.compute_logits(hidden[rows]), sampling

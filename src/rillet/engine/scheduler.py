@@ -1,0 +1,120 @@
+"""Continuous-batching scheduler: picks, each step, which sequences run and how many tokens each
+feeds (no torch).
+
+Every sequence is just "tokens not yet in the KV cache": a decode has one (the last sampled
+token), a prefill has its prompt. Each step spends a token budget: decodes first, so running
+streams keep flowing, then prefill chunks of running sequences, then new admissions. When the KV
+cache runs out, the newest running sequence is preempted: its blocks are freed and it goes back
+to the front of the waiting queue to be recomputed later.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from rillet.engine.block_manager import BlockManager
+from rillet.engine.sequence import Sequence, SequenceStatus
+
+
+@dataclass
+class ScheduledBatch:
+    seqs: list[Sequence] = field(default_factory=list)
+    num_new_tokens: list[int] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.num_new_tokens)
+
+    def __len__(self) -> int:
+        return len(self.seqs)
+
+
+class Scheduler:
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+        self.block_manager = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions_total = 0
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def add(self, seq: Sequence) -> None:
+        seq.status = SequenceStatus.WAITING
+        self.waiting.append(seq)
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """Take `seq` out of the queues for good and give its blocks back."""
+        if seq.status is SequenceStatus.RUNNING:
+            self.running.remove(seq)
+        elif seq.status is SequenceStatus.WAITING:
+            self.waiting.remove(seq)
+        self.block_manager.free(seq)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = seq.finish_reason or reason
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.block_manager.free(seq)
+        seq.num_computed_tokens = 0
+        seq.num_preemptions += 1
+        seq.status = SequenceStatus.WAITING
+        self.waiting.appendleft(seq)
+        self.num_preemptions_total += 1
+
+    def schedule(self) -> ScheduledBatch:
+        batch = ScheduledBatch()
+        budget = self.max_num_batched_tokens
+        # Decodes first, then chunked prefills; within each, oldest first.
+        candidates = [s for s in self.running if s.num_uncomputed_tokens == 1]
+        candidates += [s for s in self.running if s.num_uncomputed_tokens != 1]
+        kept: list[Sequence] = []
+        while candidates:
+            seq = candidates.pop(0)
+            n = min(seq.num_uncomputed_tokens, budget)
+            if n <= 0:
+                kept.append(seq)
+                continue
+            while not self.block_manager.can_grow(seq, seq.num_computed_tokens + n):
+                victim = candidates.pop() if candidates else seq
+                self._preempt(victim)
+                batch.preempted.append(victim)
+                if victim is seq:
+                    break
+            if seq.status is SequenceStatus.WAITING:  # preempted itself: nothing else can run
+                break
+            self.block_manager.grow(seq, seq.num_computed_tokens + n)
+            batch.seqs.append(seq)
+            batch.num_new_tokens.append(n)
+            kept.append(seq)
+            budget -= n
+        # Keep arrival order in `running` so the newest is the first to be preempted.
+        order = {id(s): i for i, s in enumerate(self.running)}
+        self.running = sorted(kept, key=lambda s: order[id(s)])
+
+        if batch.preempted:
+            return batch
+        while self.waiting and len(self.running) < self.max_num_seqs and budget > 0:
+            seq = self.waiting[0]
+            n = min(seq.num_uncomputed_tokens, budget)
+            if not self.block_manager.can_grow(seq, seq.num_computed_tokens + n):
+                break  # head of line waits for memory; later arrivals must not overtake it
+            self.waiting.popleft()
+            self.block_manager.grow(seq, seq.num_computed_tokens + n)
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            batch.seqs.append(seq)
+            batch.num_new_tokens.append(n)
+            budget -= n
+        return batch

@@ -1,0 +1,205 @@
+"""Llama-family decoder (Llama 2/3, SmolLM, Mistral, Qwen2/2.5, Qwen3) over a paged KV cache.
+
+The forward pass takes a flat batch of tokens from many sequences (decode tokens and
+prefill chunks mixed) and an `AttentionMetadata` saying where each token's keys go and
+which cached keys each query may see. Shapes: T = tokens in the step, H = hidden size,
+nh / nkv = query / key-value heads, d = head dim, S = KV slots (blocks * block_size).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+SUPPORTED_ARCHITECTURES = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+}
+
+
+@dataclass
+class PrefillSpan:
+    start: int  # first row of this sequence's tokens in the flat batch
+    end: int
+    context_slots: torch.Tensor  # [C] KV slots of every position up to the last new token
+    causal_mask: torch.Tensor | None  # [L, C] bool, None when the chunk is the whole context
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # [T] slot each new token's K/V is written to
+    num_decode: int  # the first num_decode rows are single-token decodes
+    decode_slots: torch.Tensor | None  # [Bd, K] slots to read per decode row (padding masked)
+    decode_mask: torch.Tensor | None  # [Bd, 1, 1, K] bool
+    prefills: list[PrefillSpan]
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Same arithmetic as transformers: normalise in float32, scale in the input dtype.
+        dtype = x.dtype
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, config, family: str):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
+        bias = family == "qwen2" or bool(getattr(config, "attention_bias", False))
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.split = (q_size, kv_size, kv_size)
+        # q, k and v projections fused into one matmul (weights concatenated at load time).
+        self.qkv_proj = nn.Linear(config.hidden_size, q_size + 2 * kv_size, bias=bias)
+        self.o_proj = nn.Linear(q_size, config.hidden_size, bias=False)
+        if family == "qwen3":
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
+        self.scale = self.head_dim ** -0.5
+
+    def forward(self, x, cos, sin, k_cache, v_cache, meta: AttentionMetadata):
+        T = x.shape[0]
+        q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
+        q = q.view(T, self.num_heads, self.head_dim)
+        k = k.view(T, self.num_kv_heads, self.head_dim)
+        v = v.view(T, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        k_cache.index_copy_(0, meta.slot_mapping, k)
+        v_cache.index_copy_(0, meta.slot_mapping, v)
+
+        out = torch.empty_like(q)
+        nd = meta.num_decode
+        if nd:
+            qd = q[:nd].unsqueeze(2)  # [Bd, nh, 1, d]
+            kd = k_cache[meta.decode_slots].transpose(1, 2)  # [Bd, nkv, K, d]
+            vd = v_cache[meta.decode_slots].transpose(1, 2)
+            od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=meta.decode_mask, scale=self.scale,
+                                                enable_gqa=True)
+            out[:nd] = od.squeeze(2)
+        for span in meta.prefills:
+            qp = q[span.start:span.end].transpose(0, 1).unsqueeze(0)  # [1, nh, L, d]
+            kp = k_cache[span.context_slots].transpose(0, 1).unsqueeze(0)  # [1, nkv, C, d]
+            vp = v_cache[span.context_slots].transpose(0, 1).unsqueeze(0)
+            op = F.scaled_dot_product_attention(
+                qp, kp, vp, attn_mask=span.causal_mask, is_causal=span.causal_mask is None,
+                scale=self.scale, enable_gqa=True,
+            )
+            out[span.start:span.end] = op.squeeze(0).transpose(0, 1)
+        return self.o_proj(out.reshape(T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.intermediate = config.intermediate_size
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x):
+        gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config, family: str):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, family)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, k_cache, v_cache, meta):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, k_cache, v_cache, meta)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class CausalLM(nn.Module):
+    def __init__(self, config, family: str):
+        super().__init__()
+        self.config = config
+        self.family = family
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, family) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
+        self.lm_head = None if self.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size,
+                                                                        bias=False)
+        self.cos_table: torch.Tensor | None = None  # [P, d], filled by set_rope_positions
+        self.sin_table: torch.Tensor | None = None
+
+    def set_rope_positions(self, max_positions: int) -> None:
+        """Precompute rotary cos/sin for positions 0..max_positions-1 on the model's device."""
+        with torch.device("cpu"):
+            cos, sin = rope_tables(self.config, max_positions)
+        device = self.embed_tokens.weight.device
+        self.cos_table, self.sin_table = cos.to(device), sin.to(device)
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.layers[0].self_attn.num_kv_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.layers[0].self_attn.head_dim
+
+    def forward(self, input_ids, positions, kv_caches, meta: AttentionMetadata) -> torch.Tensor:
+        """input_ids, positions: [T]; kv_caches: per layer (k [S, nkv, d], v [S, nkv, d]). Returns [T, H]."""
+        x = self.embed_tokens(input_ids)
+        cos = self.cos_table[positions].to(x.dtype).unsqueeze(1)  # [T, 1, d]
+        sin = self.sin_table[positions].to(x.dtype).unsqueeze(1)
+        for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
+            x = layer(x, cos, sin, k_cache, v_cache, meta)
+        return self.norm(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(hidden, weight).float()
+
+
+def rope_tables(config, max_positions: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin [P, d] in float32, computed as transformers does (all rope_types it knows)."""
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    rotary = LlamaRotaryEmbedding(config=config)
+    inv_freq = rotary.inv_freq.float()
+    positions = torch.arange(max_positions, dtype=torch.float32)
+    freqs = (inv_freq[:, None] @ positions[None, :]).T  # [P, d/2], same op order as transformers
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos() * rotary.attention_scaling, emb.sin() * rotary.attention_scaling
+
+
+def family_of(config) -> str:
+    archs = list(getattr(config, "architectures", None) or [])
+    for arch in archs:
+        if arch in SUPPORTED_ARCHITECTURES:
+            return SUPPORTED_ARCHITECTURES[arch]
+    model_type = getattr(config, "model_type", "")
+    if model_type in SUPPORTED_ARCHITECTURES.values():
+        return model_type
+    raise ValueError(
+        f"unsupported model architecture {archs or model_type!r}; rillet supports "
+        + ", ".join(sorted(SUPPORTED_ARCHITECTURES))
+    )
