@@ -1,0 +1,74 @@
+"""Prometheus metrics in vLLM's style under a `rillet:` prefix, on a per-app registry."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+__all__ = ["CONTENT_TYPE_LATEST", "Metrics"]
+
+logger = logging.getLogger("rillet.server")
+
+_LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
+                    10.0, 20.0, 40.0, 80.0)
+_E2E_BUCKETS = (0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0,
+                120.0, 240.0, 480.0, 960.0)
+
+
+class _EngineCollector(Collector):
+    """Gauges read from `engine.stats()` at scrape time."""
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+
+    def collect(self) -> Iterator[Metric]:
+        try:
+            stats = self.engine.stats()
+        except Exception:  # engine not started or gone: export nothing rather than fail the scrape
+            logger.debug("engine stats unavailable", exc_info=True)
+            return
+        yield GaugeMetricFamily("rillet:num_requests_running", "Requests generating in the engine.",
+                                value=stats.num_running)
+        yield GaugeMetricFamily("rillet:num_requests_waiting", "Requests queued for a slot.",
+                                value=stats.num_waiting)
+        yield GaugeMetricFamily("rillet:kv_cache_usage_perc", "Fraction of KV cache blocks in use (0..1).",
+                                value=stats.kv_cache_usage)
+        yield CounterMetricFamily("rillet:num_preemptions", "Sequences preempted for lack of KV cache.",
+                                  value=stats.num_preemptions_total)
+        yield CounterMetricFamily("rillet:engine_aborted_requests", "Requests aborted inside the engine.",
+                                  value=stats.num_aborted_total)
+
+
+class Metrics:
+    def __init__(self, engine: Any) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.time_to_first_token = Histogram(
+            "rillet:time_to_first_token_seconds", "Arrival to first generated token.",
+            buckets=_LATENCY_BUCKETS, registry=r)
+        self.inter_token_latency = Histogram(
+            "rillet:inter_token_latency_seconds", "Gap between successive outputs of a choice.",
+            buckets=_LATENCY_BUCKETS, registry=r)
+        self.e2e_request_latency = Histogram(
+            "rillet:e2e_request_latency_seconds", "Arrival to the end of the request.",
+            buckets=_E2E_BUCKETS, registry=r)
+        self.prompt_tokens = Counter("rillet:prompt_tokens", "Prompt tokens processed.", registry=r)
+        self.generation_tokens = Counter("rillet:generation_tokens", "Tokens generated.", registry=r)
+        self.request_success = Counter("rillet:request_success", "Requests finished normally.",
+                                       ["finished_reason"], registry=r)
+        self.request_aborted = Counter("rillet:request_aborted",
+                                       "Requests aborted before finishing (client disconnect, shutdown).",
+                                       registry=r)
+        self.request_error = Counter("rillet:request_error", "Requests ended by an engine error.", registry=r)
+        self.request_rejected = Counter("rillet:request_rejected",
+                                        "Requests refused at admission (queue full, not ready, draining).",
+                                        ["reason"], registry=r)
+        r.register(_EngineCollector(engine))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,141 @@
+"""Framing (SSE events, NDJSON lines, keep-alives) and the streaming ASGI response.
+
+`StreamingBody` sends each chunk as soon as it is made and races the body against the
+client: when `http.disconnect` arrives it cancels the body (whose cleanup aborts the
+engine request) and calls `on_close`, like vLLM's `with_cancellation`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
+
+__all__ = [
+    "NDJSON_MEDIA_TYPE",
+    "SSE_DONE",
+    "SSE_KEEPALIVE",
+    "SSE_MEDIA_TYPE",
+    "STREAM_HEADERS",
+    "StreamingBody",
+    "ndjson_line",
+    "ndjson_stream",
+    "sse_event",
+    "sse_stream",
+]
+
+logger = logging.getLogger("rillet.server")
+
+SSE_MEDIA_TYPE = "text/event-stream"
+NDJSON_MEDIA_TYPE = "application/x-ndjson"
+STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+SSE_DONE = b"data: [DONE]\n\n"
+SSE_KEEPALIVE = b": keep-alive\n\n"  # an SSE comment: clients ignore it, proxies see traffic
+
+_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+
+def sse_event(obj: dict[str, Any]) -> bytes:
+    return b"data: " + _dumps(obj).encode() + b"\n\n"
+
+
+def ndjson_line(obj: dict[str, Any]) -> bytes:
+    return _dumps(obj).encode() + b"\n"
+
+
+async def sse_stream(objects: AsyncIterator[dict[str, Any]]) -> AsyncIterator[bytes]:
+    """OpenAI framing: one `data:` event per object, `[DONE]` at the end, or an error event and no `[DONE]`."""
+    try:
+        async for obj in objects:
+            yield sse_event(obj)
+            if "error" in obj:
+                return
+        yield SSE_DONE
+    finally:
+        await objects.aclose()  # type: ignore[attr-defined]
+
+
+async def ndjson_stream(objects: AsyncIterator[dict[str, Any]]) -> AsyncIterator[bytes]:
+    """Ollama framing: one JSON object per line; an error object is the last line."""
+    try:
+        async for obj in objects:
+            yield ndjson_line(obj)
+            if "error" in obj:
+                return
+    finally:
+        await objects.aclose()  # type: ignore[attr-defined]
+
+
+class StreamingBody(Response):
+    """Streams `body`; stops it when the client disconnects; optional keep-alive bytes when idle."""
+
+    def __init__(self, body: AsyncIterator[bytes], *, media_type: str, status_code: int = 200,
+                 headers: dict[str, str] | None = None, keepalive: bytes | None = None,
+                 keepalive_interval_s: float = 15.0,
+                 on_close: Callable[[], Awaitable[None]] | None = None) -> None:
+        self.body_iterator = body
+        self.status_code = status_code
+        self.media_type = media_type
+        self.background = None
+        self.keepalive = keepalive
+        self.keepalive_interval_s = keepalive_interval_s
+        self.on_close = on_close
+        self.client_disconnected = False
+        self.init_headers({**STREAM_HEADERS, **(headers or {})})
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        loop = asyncio.get_running_loop()
+        lock = asyncio.Lock()
+        last_send = loop.time()
+
+        async def pump() -> None:
+            nonlocal last_send
+            await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+            async for chunk in self.body_iterator:
+                async with lock:
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                last_send = loop.time()
+            async with lock:
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+        async def watch() -> None:
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    return
+
+        async def keepalive() -> None:
+            nonlocal last_send
+            interval = self.keepalive_interval_s
+            while True:
+                await asyncio.sleep(max(0.0, last_send + interval - loop.time()))
+                if loop.time() - last_send >= interval:
+                    async with lock:
+                        await send({"type": "http.response.body", "body": self.keepalive, "more_body": True})
+                    last_send = loop.time()
+
+        pump_task = asyncio.ensure_future(pump())
+        watch_task = asyncio.ensure_future(watch())
+        tasks = [pump_task, watch_task]
+        if self.keepalive:
+            tasks.append(asyncio.ensure_future(keepalive()))
+        try:
+            await asyncio.wait((pump_task, watch_task), return_when=asyncio.FIRST_COMPLETED)
+            if watch_task.done() and not pump_task.done():
+                self.client_disconnected = True
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            try:
+                await self.body_iterator.aclose()  # type: ignore[attr-defined]
+            finally:
+                if self.on_close is not None:
+                    await self.on_close()
+        if not pump_task.cancelled() and pump_task.exception() is not None:
+            raise pump_task.exception()  # type: ignore[misc]

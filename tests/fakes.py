@@ -1,0 +1,303 @@
+"""A fake AsyncEngine with the real one's interface: deterministic text, configurable delays and
+failures, no model. For fast server tests (the real engine is tested against a real process too)."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import uuid
+from dataclasses import dataclass
+from typing import Any, AsyncIterator
+
+from rillet.engine.errors import EngineDeadError, EngineNotReadyError, PromptTooLongError, QueueFullError
+from rillet.engine.outputs import RequestOutput, TokenLogprob
+from rillet.sampling_params import SamplingParams
+
+__all__ = ["FakeEngine", "FakeStats", "FakeTokenizer", "split_tokens"]
+
+
+@dataclass
+class FakeStats:
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_cache_usage: float = 0.0
+    num_preemptions_total: int = 0
+    num_aborted_total: int = 0
+
+
+class FakeTokenizer:
+    chat_template = "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}"
+
+    def encode(self, text: str) -> list[int]:
+        return [hash(t) % 1000 for t in split_tokens(text)]
+
+
+def split_tokens(text: str) -> list[str]:
+    """Words with their trailing spaces; CJK characters one by one."""
+    return re.findall(r"[\u3000-\u9fff\uff00-\uffef]|[^\s\u3000-\u9fff\uff00-\uffef]+\s*|\s+", text)
+
+
+def prompt_text(prompt: Any) -> str:
+    if isinstance(prompt, str):
+        return prompt
+    if prompt and isinstance(prompt[0], dict):
+        return "\n".join(f"{m['role']}: {m['content']}" for m in prompt)
+    return " ".join(str(t) for t in prompt)
+
+
+class FakeStream:
+    def __init__(self, engine: FakeEngine, request_id: str, num_prompt_tokens: int, n: int) -> None:
+        self.engine = engine
+        self.request_id = request_id
+        self.num_prompt_tokens = num_prompt_tokens
+        self.queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+        self.unfinished = n
+        self.finished_choices: set[int] = set()
+        self.task: asyncio.Task | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.unfinished == 0
+
+    def __aiter__(self) -> FakeStream:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self.unfinished == 0:
+            raise StopAsyncIteration
+        item = await self.queue.get()
+        if isinstance(item, BaseException):
+            self.unfinished = 0
+            raise item
+        if item.finish_reason is not None:
+            self.unfinished -= 1
+        return item
+
+    async def abort(self) -> None:
+        await self.engine.abort(self.request_id)
+
+
+class FakeEngine:
+    """Replies `reply` (a string, or a callable of the prompt text) token by token.
+
+    token_delay_s: pause before each token. gate: if set, an asyncio.Event every token waits on.
+    fail_after: after that many tokens the request ends with finish_reason "error".
+    raise_after: after that many tokens the stream raises EngineDeadError.
+    max_num_seqs / max_waiting / queue_timeout_s: admission like the real engine.
+    """
+
+    def __init__(self, *, model_name: str = "fake-model", max_model_len: int = 512,
+                 reply: Any = "Hello from the fake engine, one token at a time.",
+                 token_delay_s: float = 0.0, start_delay_s: float = 0.0, start_error: BaseException | None = None,
+                 fail_after: int | None = None, raise_after: int | None = None, max_num_seqs: int = 64,
+                 max_waiting: int | None = 256, queue_timeout_s: float = 120.0) -> None:
+        self._model_name = model_name
+        self._max_model_len = max_model_len
+        self.reply = reply
+        self.token_delay_s = token_delay_s
+        self.start_delay_s = start_delay_s
+        self.start_error = start_error
+        self.fail_after = fail_after
+        self.raise_after = raise_after
+        self.max_waiting = max_waiting
+        self.queue_timeout_s = queue_timeout_s
+        self.gate: asyncio.Event | None = None
+        self._health = "stopped"
+        self._slots: asyncio.Semaphore | None = None
+        self._max_num_seqs = max_num_seqs
+        self.streams: dict[str, FakeStream] = {}
+        self.params: dict[str, SamplingParams] = {}
+        self.prompts: dict[str, Any] = {}
+        self.running = 0
+        self.waiting = 0
+        self.aborted_total = 0
+        self.tokenizer = FakeTokenizer()
+
+    # ---- lifecycle
+    @property
+    def health(self) -> str:
+        return self._health
+
+    @property
+    def model_name(self) -> str:
+        if self._health == "stopped":
+            raise EngineNotReadyError("the engine is not started")
+        return self._model_name
+
+    @property
+    def max_model_len(self) -> int:
+        return self._max_model_len
+
+    async def start(self) -> None:
+        self._health = "loading"
+        if self.start_delay_s:
+            await asyncio.sleep(self.start_delay_s)
+        if self.start_error is not None:
+            self._health = "dead"
+            raise self.start_error
+        self._slots = asyncio.Semaphore(self._max_num_seqs)
+        self._health = "ready"
+
+    async def shutdown(self) -> None:
+        for request_id in list(self.streams):
+            await self.abort(request_id)
+        if self._health != "dead":
+            self._health = "stopped"
+
+    def stats(self) -> FakeStats:
+        return FakeStats(num_running=self.running, num_waiting=self.waiting,
+                         kv_cache_usage=min(1.0, self.running / 64), num_aborted_total=self.aborted_total)
+
+    def kill(self, reason: str = "simulated crash") -> None:
+        """The engine loop dies: every live stream raises EngineDeadError."""
+        self._health = "dead"
+        for stream in list(self.streams.values()):
+            if stream.task:
+                stream.task.cancel()
+            stream.queue.put_nowait(EngineDeadError(reason))
+        self.streams.clear()
+
+    # ---- requests
+    def num_tokens(self, prompt: Any) -> int:
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
+            return len(prompt)
+        return len(split_tokens(prompt_text(prompt))) + (3 * len(prompt) if isinstance(prompt, list) else 0)
+
+    async def add_request(self, prompt: Any, params: SamplingParams, request_id: str | None = None) -> FakeStream:
+        if self._health == "dead":
+            raise EngineDeadError("the engine has died")
+        if self._health != "ready":
+            raise EngineNotReadyError(f"the engine is {self._health}")
+        params.validate()
+        if not prompt:
+            raise ValueError("the prompt is empty")
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], dict):
+            for m in prompt:
+                if not isinstance(m.get("content"), str) or m.get("role") not in ("system", "user", "assistant"):
+                    raise ValueError(f"bad message {m!r}")
+        num_prompt = self.num_tokens(prompt)
+        if num_prompt >= self._max_model_len:
+            raise PromptTooLongError(f"the prompt has {num_prompt} tokens but the context holds "
+                                     f"{self._max_model_len} (max_model_len), leaving no room for output")
+        if self.max_waiting is not None and self.waiting >= self.max_waiting and self.running >= self._max_num_seqs:
+            raise QueueFullError(f"{self.max_waiting} requests are already waiting; retry later")
+        request_id = request_id or uuid.uuid4().hex
+        stream = FakeStream(self, request_id, num_prompt, params.n)
+        self.streams[request_id] = stream
+        self.params[request_id] = params
+        self.prompts[request_id] = prompt
+        stream.task = asyncio.get_running_loop().create_task(self._produce(stream, prompt, params))
+        return stream
+
+    async def generate(self, prompt: Any, params: SamplingParams,
+                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+        stream = await self.add_request(prompt, params, request_id)
+        try:
+            async for out in stream:
+                yield out
+        finally:
+            if not stream.finished:
+                await self.abort(stream.request_id)
+
+    async def abort(self, request_id: str) -> None:
+        stream = self.streams.pop(request_id, None)
+        if stream is None:
+            return
+        self.aborted_total += 1
+        if stream.task is not None:
+            stream.task.cancel()
+        n = self.params[request_id].n
+        for i in range(n):
+            if i not in stream.finished_choices:
+                stream.finished_choices.add(i)
+                stream.queue.put_nowait(RequestOutput(request_id, i, "", [], stream.num_prompt_tokens, 0,
+                                                      finish_reason="abort"))
+
+    # ---- production
+    def reply_tokens(self, prompt: Any) -> list[str]:
+        text = self.reply(prompt_text(prompt)) if callable(self.reply) else self.reply
+        return split_tokens(text)
+
+    async def _produce(self, stream: FakeStream, prompt: Any, params: SamplingParams) -> None:
+        request_id = stream.request_id
+        assert self._slots is not None
+        self.waiting += 1
+        try:
+            try:
+                await asyncio.wait_for(self._slots.acquire(), self.queue_timeout_s)
+            except asyncio.TimeoutError:
+                self._finish_all(stream, params, "error",
+                                 error=f"the request waited more than {self.queue_timeout_s}s for a slot")
+                return
+        finally:
+            self.waiting -= 1
+        self.running += 1
+        try:
+            await self._emit_tokens(stream, prompt, params)
+        finally:
+            self.running -= 1
+            self._slots.release()
+            self.streams.pop(request_id, None)
+
+    def _finish_all(self, stream: FakeStream, params: SamplingParams, reason: str, error: str | None = None) -> None:
+        for i in range(params.n):
+            if i not in stream.finished_choices:
+                stream.finished_choices.add(i)
+                stream.queue.put_nowait(RequestOutput(stream.request_id, i, "", [], stream.num_prompt_tokens, 0,
+                                                      finish_reason=reason, error=error))
+        self.streams.pop(stream.request_id, None)
+
+    async def _emit_tokens(self, stream: FakeStream, prompt: Any, params: SamplingParams) -> None:
+        tokens = self.reply_tokens(prompt)
+        room = self._max_model_len - stream.num_prompt_tokens
+        limit = min(params.max_tokens or room, room)
+        full = "".join(tokens)
+        stop_at, stop_reason = len(full), None
+        for s in params.stop:
+            at = full.find(s)
+            if 0 <= at < stop_at:
+                stop_at, stop_reason = at, s
+        counts = [0] * params.n
+        texts = [0] * params.n  # characters emitted
+        step = 0
+        while len(stream.finished_choices) < params.n:
+            if self.gate is not None:
+                await self.gate.wait()
+            if self.token_delay_s:
+                await asyncio.sleep(self.token_delay_s)
+            else:
+                await asyncio.sleep(0)
+            if self.raise_after is not None and step >= self.raise_after:
+                stream.queue.put_nowait(EngineDeadError("simulated engine crash"))
+                self.streams.pop(stream.request_id, None)
+                return
+            if self.fail_after is not None and step >= self.fail_after:
+                self._finish_all(stream, params, "error", error="simulated engine failure")
+                return
+            for i in range(params.n):
+                if i in stream.finished_choices:
+                    continue
+                token = tokens[step % len(tokens)]  # cycles past the end only with ignore_eos
+                text = token
+                reason = None
+                if stop_reason is not None and texts[i] + len(text) >= stop_at:
+                    text = text[: max(0, stop_at - texts[i])]
+                    reason = "stop"
+                counts[i] += 1
+                texts[i] += len(text)
+                if reason is None:
+                    if counts[i] >= limit:
+                        reason = "length"
+                    elif step + 1 >= len(tokens) and not params.ignore_eos:
+                        reason = "stop"
+                logprobs = None
+                if params.logprobs is not None:
+                    logprobs = [TokenLogprob(step, token, -0.25,
+                                             top=[(step + k, f"{token}#{k}", -0.25 - k) for k in range(params.logprobs)])]
+                out = RequestOutput(stream.request_id, i, text, [step], stream.num_prompt_tokens, counts[i],
+                                    finish_reason=reason, stop_reason=stop_reason if reason == "stop" else None,
+                                    logprobs=logprobs)
+                if reason is not None:
+                    stream.finished_choices.add(i)
+                stream.queue.put_nowait(out)
+            step += 1
