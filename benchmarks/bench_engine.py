@@ -145,8 +145,9 @@ async def start_rillet_engine(model: str | None, dtype: str, max_num_seqs: int):
 
 
 async def _bench_rillet(args: argparse.Namespace, levels: list[int]) -> dict[int, dict]:
-    log(f"rillet: starting AsyncEngine ({args.dtype}, max_num_seqs={max(levels)})")
-    engine = await start_rillet_engine(args.model, args.dtype, max(levels))
+    max_num_seqs = max(32, *levels)  # rillet's default batch size, or more when more is asked for
+    log(f"rillet: starting AsyncEngine ({args.dtype}, max_num_seqs={max_num_seqs})")
+    engine = await start_rillet_engine(args.model, args.dtype, max_num_seqs)
     try:
         await run_rillet_level(engine, concurrency=min(4, max(levels)), num_requests=min(4, max(levels)),
                                max_tokens=min(8, args.max_tokens), tag="warmup")
