@@ -83,6 +83,10 @@ __all__ = [
 
 DEFAULT_BASE_URL = "http://127.0.0.1:8000"
 RETRY_STATUSES = frozenset({429, 503})
+
+# The backoff waits (module attributes so tests can record them instead of waiting).
+_sleep = time.sleep
+_async_sleep = asyncio.sleep
 Api = Literal["openai", "ollama"]
 Messages = str | Sequence[Mapping[str, Any]]
 
@@ -631,7 +635,7 @@ class Client(_ClientBase):
                 response = self._http.send(request, stream=stream)
             except httpx.ConnectError as exc:
                 if attempt < self.max_retries:
-                    time.sleep(self._delay(attempt, None))
+                    _sleep(self._delay(attempt, None))
                     attempt += 1
                     continue
                 raise _connection_error(exc) from exc
@@ -648,7 +652,7 @@ class Client(_ClientBase):
             error = _status_error(response.status_code, content, response.headers)
             if not self._should_retry(attempt, response.status_code):
                 raise error
-            time.sleep(self._delay(attempt, error))
+            _sleep(self._delay(attempt, error))
             attempt += 1
 
 
@@ -817,7 +821,7 @@ class AsyncClient(_ClientBase):
                 response = await self._http.send(request, stream=stream)
             except httpx.ConnectError as exc:
                 if attempt < self.max_retries:
-                    await asyncio.sleep(self._delay(attempt, None))
+                    await _async_sleep(self._delay(attempt, None))
                     attempt += 1
                     continue
                 raise _connection_error(exc) from exc
@@ -834,5 +838,5 @@ class AsyncClient(_ClientBase):
             error = _status_error(response.status_code, content, response.headers)
             if not self._should_retry(attempt, response.status_code):
                 raise error
-            await asyncio.sleep(self._delay(attempt, error))
+            await _async_sleep(self._delay(attempt, error))
             attempt += 1
