@@ -107,11 +107,14 @@ class Handler(BaseHTTPRequestHandler):
         try:
             event({**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
                                         "finish_reason": None}]})
-            pieces = tokens_of(answer_for(body.get("messages", [])))
+            messages = body.get("messages", [])
+            # A question containing "slow" gets a slow answer (for Stop / New chat mid-stream).
+            delay = 0.25 if "slow" in (messages[-1].get("content", "") if messages else "") else self.token_delay_s
+            pieces = tokens_of(answer_for(messages))
             limit = body.get("max_tokens") or len(pieces)
             pieces = pieces[:limit]
             for n, piece in enumerate(pieces):
-                time.sleep(self.token_delay_s)  # the fake "model" produces tokens over time
+                time.sleep(delay)  # the fake "model" produces tokens over time
                 last = n == len(pieces) - 1
                 reason = ("length" if limit < len(tokens_of(answer_for(body.get("messages", [])))) else "stop")
                 event({**base, "choices": [{"index": 0, "delta": {"content": piece},

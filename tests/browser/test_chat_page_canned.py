@@ -216,3 +216,42 @@ def test_phone_width(page: Page, fake_server):
         box = page.locator(sel).bounding_box()
         assert box and box["x"] >= 0 and box["x"] + box["width"] <= 375, (sel, box)
     assert page.evaluate("document.querySelector('meta[name=viewport]').content").startswith("width=device-width")
+
+
+def test_escape_stops_and_new_chat_abandons_a_stream(page: Page, fake_server):
+    open_chat(page, fake_server)
+    streaming = ("() => { const a = document.querySelectorAll('#messages .msg.assistant');"
+                 " const last = a[a.length - 1]; return last && last.dataset.state === 'streaming'; }")
+    send(page, "answer slowly please")
+    page.wait_for_function(streaming)
+    expect(page.locator("#stop")).to_be_enabled()
+    page.keyboard.press("Escape")
+    expect(last_answer(page)).to_have_attribute("data-state", "stopped")
+    expect(last_answer(page).locator(".finish")).to_have_text("finish: stopped")
+    expect(page.locator("#prompt")).to_be_focused()
+
+    send(page, "slow again")
+    page.wait_for_function(streaming)
+    page.locator("#new-chat").click()
+    expect(page.locator("#messages .msg")).to_have_count(0)
+    expect(page.locator("#send")).to_be_enabled()
+    expect(page.locator("#stop")).to_be_disabled()
+
+
+def test_models_are_fetched_again_while_the_server_loads(page: Page, fake_server):
+    calls = []
+
+    def models(route: Route) -> None:
+        calls.append(route.request.url)
+        if len(calls) == 1:
+            route.fulfill(status=503, content_type="application/json",
+                          body=json.dumps({"error": {"message": "loading", "type": "unavailable"}}))
+        else:
+            route.continue_()
+
+    page.route("**/v1/models", models)
+    page.goto(fake_server.url + "/")
+    expect(page.locator("#status")).to_contain_text("not ready")
+    expect(page.locator("#model")).to_have_value(fake.MODEL_ID)
+    expect(page.locator("#status")).to_be_hidden()
+    assert len(calls) >= 2

@@ -82,9 +82,18 @@
 
   /* ------------------------------------------------------------- models */
 
+  var modelRetry = 0;
+
   function loadModels() {
+    window.clearTimeout(modelRetry);
     return fetch("/v1/models", { headers: authHeaders({ Accept: "application/json" }) })
       .then(function (res) {
+        if (res.status === 503) {
+          // Still loading the model (or draining): say so and ask again shortly.
+          setStatus("The server is not ready yet (503); retrying…", "info");
+          modelRetry = window.setTimeout(loadModels, 2000);
+          return undefined;
+        }
         if (res.status === 401) {
           showKeyField(false);
           return readError(res).then(function (msg) {
@@ -101,7 +110,7 @@
             .map(function (m) { return m && typeof m.id === "string" ? m.id : null; })
             .filter(Boolean);
           fillModels(ids);
-          if (ui.status.dataset.kind === "error") setStatus("");
+          setStatus("");
         });
       })
       .catch(function (err) {
@@ -458,6 +467,12 @@
     } else if (outcome.state === "error") {
       box.remove();
     } else {
+      if (outcome.state === "done") {
+        var empty = document.createElement("p");
+        empty.className = "empty-answer";
+        empty.textContent = "(the model returned no text)";
+        turn.ui.body.replaceChildren(empty);
+      }
       formatMeta(turn);
     }
 
