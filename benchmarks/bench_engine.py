@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import gc
 import sys
 import time
@@ -131,7 +132,8 @@ async def run_rillet_level(engine, *, concurrency: int, num_requests: int, max_t
     start = time.perf_counter()
     await asyncio.gather(*(client() for _ in range(min(concurrency, num_requests))))
     duration = time.perf_counter() - start
-    result = summarize(records, duration, concurrency=concurrency, max_tokens=max_tokens)
+    # One client: records are in prompt order, so the texts can be compared with the seed's.
+    result = summarize(records, duration, concurrency=concurrency, max_tokens=max_tokens, keep_texts=concurrency == 1)
     result["system"] = "rillet"
     return result
 
@@ -195,6 +197,25 @@ def build_rows(levels: list[int], seed: dict[int, dict], rillet: dict[int, dict]
     return rows
 
 
+def greedy_parity(seed: dict[int, dict], rillet: dict[int, dict]) -> dict | None:
+    """Single-stream greedy answers of both systems, prompt by prompt: same weights, template and
+    length should give the same text, up to where bf16 rounding differences make them diverge."""
+    s_texts, r_texts = (seed.get(1) or {}).get("texts"), (rillet.get(1) or {}).get("texts")
+    if not s_texts or not r_texts:
+        return None
+    pairs = list(zip(s_texts, r_texts))
+
+    def common_prefix(a: str, b: str) -> int:
+        n = 0
+        while n < min(len(a), len(b)) and a[n] == b[n]:
+            n += 1
+        return n
+
+    return {"compared": len(pairs), "identical": sum(a == b for a, b in pairs),
+            "common_prefix_chars": [common_prefix(a, b) for a, b in pairs],
+            "seed_chars": [len(a) for a, _ in pairs], "rillet_chars": [len(b) for _, b in pairs]}
+
+
 def render(rows: list[dict]) -> tuple[str, str]:
     headers = ["concurrency", "seed tok/s", "rillet tok/s", "rillet/seed", "bar", "seed TTFT p50 ms",
                "rillet TTFT p50 ms", "seed TPOT p50 ms", "rillet TPOT p50 ms"]
@@ -241,6 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     all_levels = sorted(set(seed_levels) | set(rillet_levels))
     rows = build_rows(all_levels, seed, rillet)
     text, markdown = render(rows)
+    parity = greedy_parity(seed, rillet)
 
     payload = {
         "benchmark": "bench_engine",
@@ -253,10 +275,12 @@ def main(argv: list[str] | None = None) -> int:
                      "quick": args.quick, "prompts": list(PROMPTS)},
         "bars": {str(c): f"rillet >= {b:g}x seed output tokens/s" for c, b in BARS.items()},
         "summary": rows,
+        "greedy_parity": parity,
         "seed": {str(c): r for c, r in seed.items()},
         "rillet": {str(c): r for c, r in rillet.items()},
         "wall_s": round(time.perf_counter() - started, 1),
     }
+    payload["machine"]["load_average_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
     write_json(out, payload)
 
     print(f"\nbench_engine: {info['cpu_model']} ({info['cpu_cores']} cores), torch {info['torch']}, "
@@ -264,6 +288,9 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     print("\nMarkdown:\n")
     print(markdown)
+    if parity:
+        print(f"\ngreedy parity at 1 stream: {parity['identical']}/{parity['compared']} answers identical "
+              f"(common prefix, chars: {parity['common_prefix_chars']})")
     print(f"\nJSON: {out}")
     failed = sum(r["failed"] for r in (*seed.values(), *rillet.values()))
     if failed:

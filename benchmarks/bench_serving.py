@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 import time
 from pathlib import Path
@@ -236,6 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         "results": results,
         "wall_s": round(time.perf_counter() - started, 1),
     }
+    payload["machine"]["load_average_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
     write_json(out, payload)
 
     print(f"\nbench_serving: {info['cpu_model']} ({info['cpu_cores']} cores), torch {info['torch']}, {args.dtype}, "

@@ -160,7 +160,8 @@ class Record:
     text: str = ""
 
 
-def summarize(records: Sequence[Record], duration_s: float, *, concurrency: int, max_tokens: int) -> dict:
+def summarize(records: Sequence[Record], duration_s: float, *, concurrency: int, max_tokens: int,
+              keep_texts: bool = False) -> dict:
     ok = [r for r in records if r.ok]
     output_tokens = sum(r.output_tokens for r in ok)
     errors: dict[str, int] = {}
@@ -193,6 +194,7 @@ def summarize(records: Sequence[Record], duration_s: float, *, concurrency: int,
         "sample_error": next((r.error for r in records if not r.ok), None),
         "finish_reasons": finish,
         "sample_text": ok[0].text[:200] if ok else None,
+        "texts": [r.text for r in records] if keep_texts else None,
     }
 
 

@@ -170,7 +170,8 @@ def run_concurrent(engine: SeedEngine, *, concurrency: int, num_requests: int, m
     for t in clients:
         t.join()
     duration = time.perf_counter() - start
-    result = summarize(records, duration, concurrency=concurrency, max_tokens=max_tokens)
+    # One client: records are in prompt order, so the texts can be compared with rillet's.
+    result = summarize(records, duration, concurrency=concurrency, max_tokens=max_tokens, keep_texts=concurrency == 1)
     result["system"] = "seed"
     return result
 
