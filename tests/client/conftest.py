@@ -35,6 +35,12 @@ def server():
 
 
 @pytest.fixture(scope="session")
+def server_class():
+    """rillet_proc.RilletServer, to start a server of one's own (`RilletServer(*flags).wait_ready()`)."""
+    return rillet_proc.RilletServer
+
+
+@pytest.fixture(scope="session")
 def _fake_session():
     fake = FakeServer().start()
     yield fake

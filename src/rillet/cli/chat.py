@@ -133,6 +133,24 @@ class _LocalStream:
             self._future.cancel()
 
 
+def _loading_label(model: str | None) -> str:
+    """What the first start will do: convert a GGUF file (slow, once) or load cached weights."""
+    try:
+        from pathlib import Path
+
+        from rillet.models import resolve
+
+        if model in (None, "", "default"):
+            gguf: Path | None = resolve.default_gguf_path()
+        else:
+            gguf = Path(model).expanduser() if str(model).endswith(".gguf") else None
+        if gguf is not None and not (resolve._gguf_cache_dir(gguf) / "rillet-converted.json").is_file():
+            return "converting the model's weights (first start only), then loading"
+    except Exception:  # noqa: BLE001 - only a label; the engine reports real errors
+        pass
+    return "loading model"
+
+
 class LocalBackend:
     """Runs an AsyncEngine in this process, on an event loop in a background thread."""
 
@@ -143,7 +161,7 @@ class LocalBackend:
         self.engine: Any = None
         self.model = config.served_model_name or config.model or "default"
         try:
-            self._wait(self._start(config), "loading model" if progress else None)
+            self._wait(self._start(config), _loading_label(config.model) if progress else None)
         except BaseException:
             self._stop_loop()
             raise
@@ -151,16 +169,12 @@ class LocalBackend:
     async def _start(self, config: Any) -> None:
         from rillet.engine.async_engine import AsyncEngine
 
-        # Construction may load and convert weights: run it off the loop so it stays responsive.
-        self.engine = await asyncio.to_thread(AsyncEngine, config)
-        started = self.engine.start()
-        if asyncio.iscoroutine(started):
-            await started
+        self.engine = AsyncEngine(config)
+        await self.engine.start()  # loads (and on first use converts) the weights off the loop
+        self.model = self.engine.model_name
 
     async def _abort(self, request_id: str) -> None:
-        result = self.engine.abort(request_id)
-        if asyncio.iscoroutine(result):
-            await result
+        await self.engine.abort(request_id)
 
     def _wait(self, coro: Any, label: str | None) -> Any:
         """Run `coro` on the engine loop; show an elapsed-time bar on stderr meanwhile."""
@@ -169,6 +183,12 @@ class LocalBackend:
         future = asyncio.run_coroutine_threadsafe(coro, self.loop)
         if label is None:
             return future.result()
+        start = time.perf_counter()
+        if not sys.stderr.isatty():  # logs and pipes: two plain lines instead of a redrawn bar
+            print(f"{label} ...", file=sys.stderr, flush=True)
+            result = future.result()
+            print(f"model ready in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
+            return result
         from tqdm import tqdm
 
         with tqdm(desc=label, bar_format="{desc}: {elapsed} elapsed", file=sys.stderr, leave=False) as bar:
@@ -190,14 +210,7 @@ class LocalBackend:
     def close(self) -> None:
         try:
             if self.engine is not None and self.loop.is_running():
-                shutdown = getattr(self.engine, "shutdown", None)
-                if shutdown is not None:
-                    async def stop() -> None:
-                        result = shutdown()
-                        if asyncio.iscoroutine(result):
-                            await result
-
-                    asyncio.run_coroutine_threadsafe(stop(), self.loop).result(timeout=30)
+                asyncio.run_coroutine_threadsafe(self.engine.shutdown(), self.loop).result(timeout=60)
         finally:
             self._stop_loop()
 
@@ -232,12 +245,14 @@ def add_backend_arguments(parser: argparse.ArgumentParser) -> None:
     sampling.add_argument("--top-p", type=float, default=None, help="nucleus sampling probability mass")
     sampling.add_argument("--seed", dest="sampling_seed", type=int, default=None,
                           help="seed of this request's sampling (reproducible answers)")
+    sampling.add_argument("--ignore-eos", action="store_true", default=None,
+                          help="keep generating past the end-of-sequence token, up to --max-tokens")
     sampling.add_argument("--system", default=None, help="system prompt")
 
 
 def sampling_params(args: argparse.Namespace) -> dict[str, Any]:
     params = {"max_tokens": args.max_tokens, "temperature": args.temperature, "top_p": args.top_p,
-              "seed": args.sampling_seed}
+              "seed": args.sampling_seed, "ignore_eos": args.ignore_eos}
     return {k: v for k, v in params.items() if v is not None}
 
 
@@ -281,6 +296,8 @@ class Answer:
         if self.ttft_s is not None:
             parts.append(f"TTFT {self.ttft_s:.2f} s")
         parts.append(f"{self.duration_s:.2f} s")
+        if self.usage is not None and self.usage.total_tokens:
+            parts.append(f"context {self.usage.total_tokens} tokens")
         if self.interrupted:
             parts.append("stopped")
         elif self.finish_reason and self.finish_reason != "stop":
