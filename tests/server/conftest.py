@@ -63,3 +63,32 @@ async def wait_for(condition: Any, timeout_s: float = 5.0) -> None:
         if loop.time() > deadline:
             raise AssertionError("condition not reached before the deadline")
         await asyncio.sleep(0.002)
+
+
+# ---- real `rillet serve` subprocesses (tests/client/rillet_proc.py, shared with tests/client and tests/cli)
+
+
+def _load_rillet_proc():
+    import importlib.util
+
+    name = "rillet_tests_rillet_proc"  # the name tests/client/conftest.py uses: one shared server per session
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "client" /
+                                                      "rillet_proc.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+rillet_proc = _load_rillet_proc()
+
+
+@pytest.fixture(scope="session")
+def real_server():
+    """The session's `rillet serve` (default model, --max-model-len 2048, --api-key rillet_proc.API_KEY)."""
+    return rillet_proc.shared_server()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    rillet_proc.stop_shared()

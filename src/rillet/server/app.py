@@ -138,7 +138,10 @@ class AuthMiddleware:
 
 class BodyLimitMiddleware:
     """Read the whole body before routing and refuse it with 413 beyond `max_bytes`, counting
-    while reading (so chunked uploads are cut off too); then replay it to the app."""
+    while reading (so chunked uploads are cut off too); then replay it to the app.
+
+    API bodies are JSON whatever their Content-Type says (`curl -d` sends form-urlencoded, and
+    Ollama and OpenAI accept that), so the header is normalised for /v1 and /api routes."""
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self.app = app
@@ -175,6 +178,11 @@ class BodyLimitMiddleware:
                 break
         body = b"".join(chunks)
         replayed = False
+        if body and (path.startswith("/v1/") or is_ollama_path(path)):
+            content_type = _header(scope, b"content-type") or b""
+            if b"json" not in content_type.lower():
+                headers = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
+                scope = {**scope, "headers": [*headers, (b"content-type", b"application/json")]}
 
         async def replay() -> Message:
             nonlocal replayed
@@ -314,6 +322,8 @@ def create_app(server_config: ServerConfig | None = None, engine_config: EngineC
     @app.get("/health", include_in_schema=False)
     async def health() -> Response:
         status = "draining" if state.draining else engine.health
+        if status == "stopped" and ctx.start_task is not None and not ctx.start_task.done():
+            status = "loading"  # start() is scheduled but has not run yet
         if status == "ready":
             return JSONResponse({"status": "ready", "model": engine.model_name})
         body: dict[str, Any] = {"status": status}

@@ -1,0 +1,108 @@
+"""Ollama routes in-process against the fake engine."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import ndjson_lines, running_app
+from fakes import FakeEngine
+
+from rillet.protocol import ollama as ol
+
+pytestmark = pytest.mark.anyio
+
+REPLY = "Hello from the fake engine, one token at a time."
+DURATIONS = ("total_duration", "load_duration", "prompt_eval_count", "prompt_eval_duration", "eval_count",
+             "eval_duration")
+
+
+async def test_chat_streams_ndjson_by_default():
+    async with running_app() as (client, _, _):
+        r = await client.post("/api/chat", json={"model": "fake-model",
+                                                 "messages": [{"role": "user", "content": "hi"}]})
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("application/x-ndjson")
+        assert r.headers["cache-control"] == "no-cache"
+        lines = ndjson_lines(r.text)
+        assert all(not line["done"] for line in lines[:-1])
+        assert "".join(line["message"]["content"] for line in lines) == REPLY
+        final = ol.ChatResponse.model_validate(lines[-1])
+        assert final.done and final.done_reason == "stop"
+        assert final.eval_count == 10 and final.prompt_eval_count > 0
+        for key in DURATIONS:
+            assert isinstance(lines[-1][key], int) and lines[-1][key] >= 0, key
+        assert lines[-1]["total_duration"] >= lines[-1]["eval_duration"]
+
+
+async def test_chat_non_streaming_and_latest_tag():
+    async with running_app() as (client, _, _):
+        r = await client.post("/api/chat", json={"model": "fake-model:latest", "stream": False,
+                                                 "messages": [{"role": "user", "content": "hi"}]})
+        assert r.status_code == 200
+        body = ol.ChatResponse.model_validate(r.json())
+        assert body.message.content == REPLY and body.done_reason == "stop"
+
+
+async def test_generate_system_raw_and_options():
+    async with running_app() as (client, _, engine):
+        r = await client.post("/api/generate", json={
+            "model": "fake-model", "prompt": "hi", "system": "be brief", "stream": False,
+            "options": {"temperature": 0, "top_p": 0.5, "top_k": 3, "min_p": 0.1, "num_predict": 4,
+                        "stop": ["zzz"], "seed": 1, "repeat_penalty": 1.2, "frequency_penalty": 0.3,
+                        "presence_penalty": 0.4, "num_ctx": 2048}})
+        assert r.status_code == 200, r.text
+        body = ol.GenerateResponse.model_validate(r.json())
+        assert body.response == "Hello from the fake " and body.done_reason == "length"
+        (rid,) = engine.params
+        p = engine.params[rid]
+        assert (p.temperature, p.top_p, p.top_k, p.min_p, p.max_tokens, p.stop, p.seed) == \
+            (0.0, 0.5, 3, 0.1, 4, ["zzz"], 1)
+        assert (p.repetition_penalty, p.frequency_penalty, p.presence_penalty) == (1.2, 0.3, 0.4)
+        assert engine.prompts[rid] == [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+        r = await client.post("/api/generate", json={"model": "fake-model", "prompt": "raw text", "raw": True,
+                                                     "options": {"num_predict": -1}})
+        lines = ndjson_lines(r.text)
+        assert "".join(line["response"] for line in lines) == REPLY
+        rid = [k for k in engine.params if k != rid][0]
+        assert engine.prompts[rid] == "raw text"
+        assert engine.params[rid].max_tokens is None
+
+
+async def test_empty_requests_load_the_model():
+    async with running_app() as (client, _, _):
+        r = await client.post("/api/generate", json={"model": "fake-model"})
+        assert r.json()["done_reason"] == "load"
+        r = await client.post("/api/chat", json={"model": "fake-model", "messages": []})
+        assert r.json()["done_reason"] == "load"
+
+
+async def test_errors_are_ollama_shaped():
+    async with running_app() as (client, _, _):
+        r = await client.post("/api/chat", json={"model": "llama9", "messages": [{"role": "user", "content": "x"}]})
+        assert r.status_code == 404 and set(r.json()) == {"error"}
+        r = await client.post("/api/chat", json={"model": "fake-model", "messages": "x"})
+        assert r.status_code == 400 and isinstance(r.json()["error"], str)
+        r = await client.post("/api/generate", json={"prompt": "x", "options": {"temperature": -2}})
+        assert r.status_code == 400 and "temperature" in r.json()["error"]
+        r = await client.post("/api/generate", json={"prompt": "x", "format": "json"})
+        assert r.status_code == 400
+        r = await client.get("/api/nope")
+        assert r.status_code == 404 and isinstance(r.json()["error"], str)
+
+
+async def test_error_mid_stream_is_a_final_error_line():
+    async with running_app(FakeEngine(fail_after=2)) as (client, _, _):
+        r = await client.post("/api/generate", json={"prompt": "x"})
+        lines = ndjson_lines(r.text)
+        assert lines[-1] == {"error": "simulated engine failure", "done": True}
+        assert "".join(line.get("response", "") for line in lines[:-1]) == "Hello from "
+
+
+async def test_tags_version_show_ps():
+    async with running_app() as (client, _, _):
+        tags = ol.TagsResponse.model_validate((await client.get("/api/tags")).json())
+        assert [m.name for m in tags.models] == ["fake-model"]
+        assert (await client.get("/api/version")).json()["version"]
+        show = (await client.post("/api/show", json={"model": "fake-model"})).json()
+        assert show["model_info"]["llama.context_length"] == 512
+        assert (await client.post("/api/show", json={"model": "x"})).status_code == 404
+        assert (await client.get("/api/ps")).json()["models"][0]["name"] == "fake-model"
