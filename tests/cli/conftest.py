@@ -1,0 +1,149 @@
+"""Fixtures of the CLI tests: the shared real `rillet serve`, a subprocess runner and a pseudo-terminal."""
+
+from __future__ import annotations
+
+import codecs
+import importlib.util
+import os
+import pty
+import re
+import select
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def load_rillet_proc():
+    """tests/client/rillet_proc.py under one module name, so tests/client and tests/cli share its server."""
+    name = "rillet_tests_rillet_proc"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, REPO / "tests" / "client" / "rillet_proc.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+rillet_proc = load_rillet_proc()
+
+
+def cli_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RILLET_")}
+    env.update(PYTHONUNBUFFERED="1", NO_COLOR="1", TERM="dumb", COLUMNS="120", LINES="40")
+    return env
+
+
+@pytest.fixture(scope="session")
+def server():
+    return rillet_proc.shared_server()
+
+
+@pytest.fixture
+def run_cli(tmp_path):
+    """Run `python -m rillet.cli ARGS` to completion; returns the CompletedProcess (text mode)."""
+
+    def run(*args: str, input: str | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "rillet.cli", *args], input=input, capture_output=True,
+                              text=True, timeout=timeout, cwd=tmp_path, env=cli_env(),
+                              stdin=None if input is not None else subprocess.DEVNULL)
+
+    return run
+
+
+class PtyChild:
+    """A child process on a pseudo-terminal (its controlling tty), driven pexpect-style."""
+
+    def __init__(self, *args: str) -> None:
+        argv = [sys.executable, "-m", "rillet.cli", *args]
+        env = cli_env()
+        pid, fd = pty.fork()
+        if pid == 0:  # child: exec at once
+            try:
+                os.chdir(REPO)
+                os.execve(sys.executable, argv, env)
+            finally:
+                os._exit(127)
+        self.pid, self.fd = pid, fd
+        self.output = ""  # everything read so far
+        self.pos = 0  # where the next expect() starts looking
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.eof = False
+        self.status: int | None = None
+
+    def _read(self, timeout: float) -> bool:
+        if self.eof:
+            return False
+        ready, _, _ = select.select([self.fd], [], [], max(timeout, 0))
+        if not ready:
+            return False
+        try:
+            data = os.read(self.fd, 65536)
+        except OSError:  # EIO: the child closed the terminal
+            data = b""
+        if not data:
+            self.eof = True
+            return False
+        self.output += self._decoder.decode(data).replace("\r\n", "\n")
+        return True
+
+    def expect(self, pattern: str, timeout: float = 60) -> re.Match:
+        """Wait until `pattern` (a regex) appears after the previous match; returns the match."""
+        regex = re.compile(pattern, re.S)
+        deadline = time.monotonic() + timeout
+        while True:
+            match = regex.search(self.output, self.pos)
+            if match:
+                self.pos = match.end()
+                return match
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or (self.eof and not self._read(0)):
+                raise AssertionError(f"{pattern!r} not seen in {timeout:.0f} s (eof={self.eof}); "
+                                     f"output after the last match:\n{self.output[self.pos:][-3000:]}")
+            self._read(remaining)
+
+    def send(self, text: str) -> None:
+        os.write(self.fd, text.encode())
+
+    def wait(self, timeout: float = 30) -> int:
+        """Read to the end of output, then reap the child; returns its exit status."""
+        deadline = time.monotonic() + timeout
+        while not self.eof and time.monotonic() < deadline:
+            self._read(deadline - time.monotonic())
+        assert self.eof, f"the child did not exit; output:\n{self.output[-3000:]}"
+        _, status = os.waitpid(self.pid, 0)
+        self.status = os.waitstatus_to_exitcode(status)
+        return self.status
+
+    def close(self) -> None:
+        if self.status is None:
+            try:
+                os.kill(self.pid, signal.SIGKILL)
+                os.waitpid(self.pid, 0)
+            except (ProcessLookupError, ChildProcessError):
+                pass
+            self.status = -9
+        os.close(self.fd)
+
+
+@pytest.fixture
+def spawn():
+    children: list[PtyChild] = []
+
+    def start(*args: str) -> PtyChild:
+        child = PtyChild(*args)
+        children.append(child)
+        return child
+
+    yield start
+    for child in children:
+        child.close()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    rillet_proc.stop_shared()
