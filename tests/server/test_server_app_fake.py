@@ -256,3 +256,19 @@ async def test_drain_lets_streams_finish_then_aborts_the_rest():
         nd = b"".join(m.get("body", b"") for m in m2 if "body" in m).decode().splitlines()
         assert json.loads(nd[-1])["done"] is True and "shutting down" in json.loads(nd[-1])["error"]
         assert m1[-1] == {"type": "http.response.body", "body": b"", "more_body": False}
+
+
+async def test_unexpected_bug_is_a_clean_json_500(caplog):
+    class Broken(FakeEngine):
+        async def add_request(self, *args, **kwargs):
+            raise RuntimeError("a genuine bug")
+
+    async with running_app(Broken()) as (client, _, _):
+        r = await client.post("/v1/chat/completions", json=CHAT, headers={"X-Request-Id": "bug-1"})
+        assert r.status_code == 500
+        assert r.json()["error"]["type"] == "server_error"
+        assert "Traceback" not in r.text and "genuine bug" not in r.text
+        assert r.headers["x-request-id"] == "bug-1"
+        r = await client.post("/api/chat", json={"messages": CHAT["messages"]})
+        assert r.status_code == 500 and isinstance(r.json()["error"], str)
+    assert "a genuine bug" in caplog.text  # logged with its traceback

@@ -8,7 +8,6 @@ pass through untouched.
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import hmac
 import logging
 import re
@@ -33,14 +32,13 @@ from rillet.config import EngineConfig, ServerConfig
 from rillet.engine.errors import EngineDeadError, EngineNotReadyError
 from rillet.server.errors import APIError, api_error_response, error_response, is_ollama_path
 from rillet.server.metrics import CONTENT_TYPE_LATEST, Metrics
-from rillet.server.serving import ServerState, Serving
+from rillet.server.serving import ServerState, Serving, request_id_var
 
 __all__ = ["AppContext", "STATIC_DIR", "create_app", "request_id_var"]
 
 logger = logging.getLogger("rillet.server")
 
 STATIC_DIR = Path(__file__).parent / "static"
-request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("rillet_request_id", default="-")
 _REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 _QUIET_PATHS = ("/health", "/metrics")
 
@@ -276,7 +274,9 @@ def create_app(server_config: ServerConfig | None = None, engine_config: EngineC
             raise
         except BaseException as exc:
             ctx.start_error = exc
-            logger.error("the engine failed to start: %s", exc, exc_info=exc)
+            # configuration mistakes (bad model path...) read better without a traceback
+            logger.error("the engine failed to start: %s", exc,
+                         exc_info=None if isinstance(exc, (ValueError, OSError)) else exc)
             if ctx.on_engine_failure is not None:
                 ctx.on_engine_failure(exc)
             return

@@ -8,6 +8,7 @@ Knows nothing of SSE or NDJSON bytes: streaming functions yield plain dicts with
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import dataclasses
 import logging
 import time
@@ -25,9 +26,12 @@ from rillet.sampling_params import SamplingParams
 from rillet.server.errors import APIError
 from rillet.server.metrics import Metrics
 
-__all__ = ["RequestHandle", "ServerState", "Serving"]
+__all__ = ["RequestHandle", "ServerState", "Serving", "request_id_var"]
 
 logger = logging.getLogger("rillet.server")
+
+# The X-Request-Id of the request being handled (set by the app's request-context middleware).
+request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("rillet_request_id", default="-")
 
 QUEUE_FULL_RETRY_AFTER_S = 1
 NOT_READY_RETRY_AFTER_S = 5
@@ -347,6 +351,8 @@ class Serving:
             raise APIError(400, str(exc), param=prompt_param) from None
         handle = RequestHandle(self, stream, request_id, params.n, arrival, time.perf_counter())
         self.state.add(handle)
+        logger.debug("[%s] engine request %s: %d prompt tokens", request_id_var.get(), request_id,
+                     handle.num_prompt_tokens)
         return handle
 
     # ---- OpenAI: sampling params
@@ -526,7 +532,7 @@ class Serving:
         except APIError:
             raise
         except Exception as exc:
-            logger.exception("%s failed", handle.request_id)
+            logger.exception("[%s] %s failed", request_id_var.get(), handle.request_id)
             raise APIError(503, f"the engine failed this request: {exc}", code="engine_error") from None
         finally:
             await handle.aclose()
@@ -540,7 +546,7 @@ class Serving:
         return {"error": {"message": message, "type": "service_unavailable", "param": None, "code": code}}
 
     def _exception_event(self, handle: RequestHandle, exc: Exception) -> dict[str, Any]:
-        logger.error("%s failed mid-stream: %r", handle.request_id, exc, exc_info=exc)
+        logger.error("[%s] %s failed mid-stream: %r", request_id_var.get(), handle.request_id, exc, exc_info=exc)
         return {"error": {"message": f"the engine failed this request: {exc}", "type": "service_unavailable",
                           "param": None, "code": "engine_error"}}
 

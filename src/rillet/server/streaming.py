@@ -138,4 +138,8 @@ class StreamingBody(Response):
                 if self.on_close is not None:
                     await self.on_close()
         if not pump_task.cancelled() and pump_task.exception() is not None:
-            raise pump_task.exception()  # type: ignore[misc]
+            exc = pump_task.exception()
+            if isinstance(exc, OSError):  # the connection broke while sending: a disconnect
+                self.client_disconnected = True
+                return
+            raise exc  # type: ignore[misc]
