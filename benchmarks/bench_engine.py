@@ -32,6 +32,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # repo root: `benchmarks` importable
 
 from benchmarks.common import (  # noqa: E402
+    busy_machine_warning,
     PROMPTS,
     RESULTS_DIR,
     Record,
@@ -94,7 +95,7 @@ async def _rillet_request(engine, sampling_params_cls, messages: list[dict], max
     try:
         async for out in engine.generate(messages, params, request_id=request_id):
             now = time.perf_counter() - start
-            if out.token_ids or out.text:
+            if out.text:  # as over HTTP and for the seed: time to the first visible text
                 if record.ttft is None:
                     record.ttft = now
                 record.chunk_times.append(now)
@@ -230,6 +231,31 @@ def render(rows: list[dict]) -> tuple[str, str]:
     return text_table(headers, cells), markdown_table(headers, cells)
 
 
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    """Output tokens/s against concurrency, both systems, log-log."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key, label, marker in (("rillet_tok_s", "rillet AsyncEngine", "o"), ("seed_tok_s", "seed (thread per request)", "s")):
+        points = [(r["concurrency"], r[key]) for r in rows if r[key]]
+        if points:
+            ax.plot(*zip(*points), marker=marker, label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("concurrent requests")
+    ax.set_ylabel("output tokens/s")
+    ax.set_title(title, fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -246,6 +272,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-rillet", action="store_true")
     parser.add_argument("--quick", action="store_true", help="smoke run: levels 1,4; 16 tokens; 1 request minimum")
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/bench_engine.json)")
+    parser.add_argument("--plot", type=Path, nargs="?", const=Path("auto"), default=None,
+                        help="also draw tokens/s vs concurrency (PNG; default path: next to the JSON)")
     args = parser.parse_args(argv)
 
     levels = args.concurrency or ([1, 4] if args.quick else [1, 8, 32])
@@ -256,6 +284,9 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or RESULTS_DIR / ("bench_engine.quick.json" if args.quick else "bench_engine.json")
 
     info = machine_info(args.dtype)
+    warning = busy_machine_warning(info)
+    if warning:
+        log(f"warning: {warning}")
     started = time.perf_counter()
     seed = bench_seed(args, seed_levels) if seed_levels else {}
     rillet = bench_rillet(args, rillet_levels) if rillet_levels else {}
@@ -280,6 +311,7 @@ def main(argv: list[str] | None = None) -> int:
         "rillet": {str(c): r for c, r in rillet.items()},
         "wall_s": round(time.perf_counter() - started, 1),
     }
+    payload["warnings"] = [warning] if warning else []
     payload["machine"]["load_average_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
     write_json(out, payload)
 
@@ -288,10 +320,17 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     print("\nMarkdown:\n")
     print(markdown)
+    if args.plot is not None:
+        png = out.with_suffix(".png") if str(args.plot) == "auto" else args.plot
+        plot(rows, png, f"{info['cpu_model']} ({info['cpu_cores']} cores), {args.dtype}, "
+                        f"{args.max_tokens} tokens/request")
+        print(f"\nplot: {png}")
     if parity:
         print(f"\ngreedy parity at 1 stream: {parity['identical']}/{parity['compared']} answers identical "
               f"(common prefix, chars: {parity['common_prefix_chars']})")
     print(f"\nJSON: {out}")
+    if warning:
+        print(f"\nwarning: {warning}", file=sys.stderr)
     failed = sum(r["failed"] for r in (*seed.values(), *rillet.values()))
     if failed:
         print(f"warning: {failed} request(s) failed; see the JSON", file=sys.stderr)

@@ -36,6 +36,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # repo root: `benchmarks` importable
 
 from benchmarks.common import (  # noqa: E402
+    busy_machine_warning,
     PROMPTS,
     RESULTS_DIR,
     fmt,
@@ -213,6 +214,9 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or RESULTS_DIR / ("bench_serving.quick.json" if args.quick else "bench_serving.json")
 
     info = machine_info(args.dtype)
+    warning = busy_machine_warning(info)
+    if warning:
+        log(f"warning: {warning}")
     started = time.perf_counter()
     results: dict[str, dict] = {}
     if not args.skip_rillet:
@@ -237,6 +241,7 @@ def main(argv: list[str] | None = None) -> int:
         "results": results,
         "wall_s": round(time.perf_counter() - started, 1),
     }
+    payload["warnings"] = [warning] if warning else []
     payload["machine"]["load_average_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
     write_json(out, payload)
 
@@ -250,6 +255,8 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(render_comparisons(comp))
     print(f"\nJSON: {out}")
+    if warning:
+        print(f"\nwarning: {warning}", file=sys.stderr)
     failed = sum(r["failed"] for r in results.values())
     if failed:
         print(f"warning: {failed} request(s) failed; see the JSON and {args.log_dir}", file=sys.stderr)

@@ -243,6 +243,16 @@ def machine_info(dtype: str | None = None) -> dict:
     return info
 
 
+def busy_machine_warning(info: dict) -> str | None:
+    """A warning when the machine was not quiet: other work on the cores distorts both sides, and the
+    seed most (its many small OpenMP regions stall whenever one of their threads is descheduled)."""
+    load, cores = info.get("load_average"), info.get("cpu_cores") or 1
+    if load and load[0] > 0.5 * cores:
+        return (f"the machine is busy (1-min load average {load[0]:.1f} on {cores} cores): numbers, and the "
+                "seed's single-stream rate most, are not representative; rerun on a quiet machine")
+    return None
+
+
 def write_json(path: Path, payload: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
