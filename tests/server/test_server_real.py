@@ -151,18 +151,18 @@ def test_health_stays_fast_while_streams_generate(real_server, model):
     stop = threading.Event()
 
     def stream():
-        body = {"model": model, "prompt": "Once upon a time", "max_tokens": 60, "ignore_eos": True, "stream": True}
+        body = {"model": model, "prompt": "Once upon a time", "max_tokens": 32, "ignore_eos": True, "stream": True}
         with httpx.stream("POST", real_server.url + "/v1/completions", json=body, headers=real_server.headers,
                           timeout=120) as r:
             for _ in r.iter_lines():
                 if stop.is_set():
                     break
 
-    threads = [threading.Thread(target=stream) for _ in range(8)]
+    threads = [threading.Thread(target=stream) for _ in range(32)]
     for t in threads:
         t.start()
     try:
-        rillet_proc.poll_until(lambda: metric(real_server.metrics(), "rillet:num_requests_running") >= 4, 60,
+        rillet_proc.poll_until(lambda: metric(real_server.metrics(), "rillet:num_requests_running") >= 16, 60,
                                "streams to run")
         worst = 0.0
         for _ in range(10):
@@ -197,24 +197,32 @@ def test_disconnect_aborts_the_request(real_server, model):
 # ---- dedicated processes: overload (429) and SIGTERM drain
 
 
-def test_overload_is_429_with_retry_after():
-    server = rillet_proc.RilletServer("--max-num-seqs", "1", "--max-waiting", "1", api_key=None)
+def test_overload_is_429_with_retry_after_and_queue_timeout_503():
+    server = rillet_proc.RilletServer("--max-num-seqs", "1", "--max-waiting", "1", "--queue-timeout-s", "0.5",
+                                      api_key=None)
     try:
         server.wait_ready()
 
         async def main():
             async with httpx.AsyncClient(base_url=server.url, timeout=300) as client:
                 body = {"prompt": "Once upon a time", "max_tokens": 100, "ignore_eos": True}
-                return await asyncio.gather(*[client.post("/v1/completions", json=body) for _ in range(6)])
+                first = asyncio.create_task(client.post("/v1/completions", json=body))
+                await asyncio.to_thread(rillet_proc.poll_until, lambda: metric(
+                    server.metrics(), "rillet:num_requests_running") == 1, 60, "the first request to run")
+                rest = await asyncio.gather(*[client.post("/v1/completions", json=body) for _ in range(5)])
+                return [await first, *rest]
 
         t0 = time.perf_counter()
         responses = asyncio.run(main())
-        statuses = sorted(r.status_code for r in responses)
-        assert statuses.count(429) >= 1 and statuses.count(200) >= 1, statuses
-        assert set(statuses) <= {200, 429}
+        statuses = [r.status_code for r in responses]
+        # one runs, one waits and times out after 0.5 s (a clear 503), the rest are refused at once
+        assert statuses[0] == 200 and statuses.count(429) >= 3 and statuses.count(503) >= 1, statuses
+        assert set(statuses) <= {200, 429, 503}
         for r in responses:
             if r.status_code == 429:
                 assert r.headers["retry-after"] and r.json()["error"]["type"] == "rate_limit_error"
+            if r.status_code == 503:
+                assert "waited more than" in r.json()["error"]["message"]
         assert 'rillet:request_rejected_total{reason="queue_full"}' in server.metrics()
         assert time.perf_counter() - t0 < 120
     finally:

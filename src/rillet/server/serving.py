@@ -571,19 +571,26 @@ class Serving:
             frequency_penalty=o.frequency_penalty, presence_penalty=o.presence_penalty,
         )
 
-    def _ollama_final(self, handle: RequestHandle, model: str, reason: str | None) -> dict[str, Any]:
+    def _ollama_final(self, handle: RequestHandle, model: str, reason: str | None, *, chat: bool,
+                      text: str = "") -> dict[str, Any]:
         end = time.perf_counter()
         first = handle.first_token_at or end
         last = handle.last_token_at or end
-        return {
-            "model": model, "created_at": ollama_timestamp(), "done": True, "done_reason": reason or "stop",
+        final: dict[str, Any] = {"model": model, "created_at": ollama_timestamp()}
+        if chat:
+            final["message"] = {"role": "assistant", "content": text}
+        else:
+            final["response"] = text
+        final.update({
+            "done": True, "done_reason": reason or "stop",
             "total_duration": int((end - handle.arrival) * 1e9),
             "load_duration": int((handle.enqueued - handle.arrival) * 1e9),
             "prompt_eval_count": handle.num_prompt_tokens,
             "prompt_eval_duration": int((first - handle.enqueued) * 1e9),
             "eval_count": handle.num_generated_tokens,
             "eval_duration": int((last - first) * 1e9),
-        }
+        })
+        return final
 
     async def ollama_stream(self, handle: RequestHandle, model: str, *, chat: bool) -> AsyncIterator[dict[str, Any]]:
         reason = None
@@ -601,12 +608,7 @@ class Serving:
                     return
                 if out.finish_reason is not None:
                     reason = out.finish_reason
-            final = self._ollama_final(handle, model, reason)
-            if chat:
-                final["message"] = {"role": "assistant", "content": ""}
-            else:
-                final["response"] = ""
-            yield final
+            yield self._ollama_final(handle, model, reason, chat=chat)
         except Exception as exc:
             yield {"error": self._exception_event(handle, exc)["error"]["message"], "done": True}
         finally:
@@ -614,13 +616,7 @@ class Serving:
 
     async def ollama_full(self, handle: RequestHandle, model: str, *, chat: bool) -> dict[str, Any]:
         texts, _, reasons, _ = await self._collect(handle, 1)
-        final = self._ollama_final(handle, model, reasons[0])
-        text = "".join(texts[0])
-        if chat:
-            final["message"] = {"role": "assistant", "content": text}
-        else:
-            final["response"] = text
-        return final
+        return self._ollama_final(handle, model, reasons[0], chat=chat, text="".join(texts[0]))
 
 
 async def run_until_disconnect(coro: Any, receive: Any) -> Any:
