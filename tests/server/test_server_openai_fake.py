@@ -237,3 +237,14 @@ async def test_queue_timeout_is_a_clear_error():
         assert "[DONE]" not in events
         assert "waited more than" in events[-1]["error"]["message"]
         assert (await first).status_code == 200
+
+
+async def test_nulls_mean_defaults():
+    async with running_app() as (client, _, engine):
+        r = await client.post("/v1/chat/completions", json={
+            "messages": [{"role": "user", "content": "hi"}], "stream": None, "n": None, "logprobs": None,
+            "max_tokens": None, "temperature": None, "stop": None, "ignore_eos": None, "seed": None})
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["message"]["content"] == REPLY
+        r = await client.post("/api/generate", json={"prompt": "x", "stream": None, "raw": None})
+        assert r.headers["content-type"].startswith("application/x-ndjson")

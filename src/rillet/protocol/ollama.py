@@ -53,7 +53,7 @@ class Message(_Request):
 class ChatRequest(_Request):
     model: str = ""
     messages: list[Message] | None = None
-    stream: bool = True
+    stream: bool | None = True  # null: the default (stream)
     options: Options | None = None
     format: Any = None
     tools: list[Any] | None = None
@@ -64,8 +64,8 @@ class GenerateRequest(_Request):
     model: str = ""
     prompt: str | None = ""
     system: str | None = None
-    raw: bool = False
-    stream: bool = True
+    raw: bool | None = False
+    stream: bool | None = True  # null: the default (stream)
     options: Options | None = None
     format: Any = None
     images: list[Any] | None = None

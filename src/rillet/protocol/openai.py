@@ -54,12 +54,12 @@ class _SamplingFields(_Request):
     """Fields shared by /v1/chat/completions and /v1/completions (plus vLLM's extras)."""
 
     model: str | None = None
-    stream: bool = False
+    stream: bool | None = False  # clients often send null for "default"
     stream_options: StreamOptions | None = None
     max_tokens: int | None = None
     temperature: float | None = None
     top_p: float | None = None
-    n: int = 1
+    n: int | None = 1
     stop: str | list[str] | None = None
     seed: int | None = None
     frequency_penalty: float | None = None
@@ -69,15 +69,15 @@ class _SamplingFields(_Request):
     top_k: int | None = None
     min_p: float | None = None
     repetition_penalty: float | None = None
-    ignore_eos: bool = False
+    ignore_eos: bool | None = False
     stop_token_ids: list[int] | None = None
-    skip_special_tokens: bool = True
+    skip_special_tokens: bool | None = True
 
 
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage]
     max_completion_tokens: int | None = None
-    logprobs: bool = False
+    logprobs: bool | None = False
     top_logprobs: int | None = None
     tools: list[Any] | None = None
     tool_choice: Any = None
@@ -87,7 +87,7 @@ class ChatCompletionRequest(_SamplingFields):
 class CompletionRequest(_SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
     logprobs: int | None = None
-    echo: bool = False
+    echo: bool | None = False
     best_of: int | None = None
     suffix: str | None = None
 

@@ -57,7 +57,7 @@ async def _run(request: Request, prompt: Any, body: ol.ChatRequest | ol.Generate
     params = serving.ollama_params(body.options)
     handle = await serving.submit(prompt, params, prefix="ollama", arrival=_arrival(request),
                                   prompt_param="messages" if chat else "prompt")
-    if body.stream:
+    if body.stream is not False:  # default (and null): stream
         return StreamingBody(ndjson_stream(serving.ollama_stream(handle, model, chat=chat)),
                              media_type=NDJSON_MEDIA_TYPE, on_close=handle.aclose)
     try:

@@ -377,7 +377,7 @@ class Serving:
         else:
             max_tokens = req.max_tokens
             logprobs = req.logprobs
-            if req.best_of is not None and req.best_of != req.n:
+            if req.best_of is not None and req.best_of != (req.n or 1):
                 raise APIError(400, "best_of is not supported (it must equal n)", param="best_of")
             if req.suffix:
                 raise APIError(400, "suffix is not supported", param="suffix")
