@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import codecs
+import fcntl
 import importlib.util
 import os
 import pty
 import re
 import select
 import signal
+import struct
 import subprocess
 import sys
+import termios
 import time
 from pathlib import Path
 
@@ -70,6 +73,7 @@ class PtyChild:
             finally:
                 os._exit(127)
         self.pid, self.fd = pid, fd
+        fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))  # rows, columns
         self.output = ""  # everything read so far
         self.pos = 0  # where the next expect() starts looking
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
@@ -106,6 +110,21 @@ class PtyChild:
                 raise AssertionError(f"{pattern!r} not seen in {timeout:.0f} s (eof={self.eof}); "
                                      f"output after the last match:\n{self.output[self.pos:][-3000:]}")
             self._read(remaining)
+
+    def wait_for_input_read(self, timeout: float = 30) -> None:
+        """Wait until the child sleeps waiting for terminal input (select/poll/read on its tty).
+
+        A Ctrl-C typed between readline printing the prompt and entering select() stays pending
+        until the next key (a CPython readline race), so tests send it only once the child waits.
+        """
+        def waiting() -> bool:
+            try:
+                wchan = Path(f"/proc/{self.pid}/wchan").read_text()
+            except OSError:
+                return False
+            return wchan.startswith(("poll_schedule_timeout", "do_select", "n_tty_read", "wait_woken"))
+
+        rillet_proc.poll_until(waiting, timeout, "the chat to wait for input", interval_s=0.02)
 
     def send(self, text: str) -> None:
         os.write(self.fd, text.encode())

@@ -44,6 +44,7 @@ def test_ctrl_c_stops_the_answer_and_keeps_the_chat(server, spawn):
     chat = spawn("chat", "--url", server.url, "--api-key", server.api_key, "--max-tokens", "1500",
                  "--ignore-eos")
     chat.expect(r">>> ")
+    chat.wait_for_input_read()
     chat.send("\x03")  # at the prompt: stays
     chat.expect(r"use /exit or Ctrl-D to quit")
     chat.expect(r">>> ")
@@ -64,3 +65,24 @@ def test_ctrl_c_stops_the_answer_and_keeps_the_chat(server, spawn):
     chat.send("\x04")  # Ctrl-D quits
     assert chat.wait() == 0
     assert not re.search(r"Traceback", chat.output)
+
+
+def test_in_process_chat_streams_and_ctrl_c_stops(spawn):
+    chat = spawn("chat", "--max-tokens", "1500", "--ignore-eos", "--temperature", "0")
+    chat.expect(r"loading model|converting", timeout=60)  # the progress bar while the engine starts
+    chat.expect(r"in-process, model SmolLM2", timeout=180)
+    chat.expect(r">>> ")
+    chat.send("Tell me a very long story about a dragon.\r")
+    chat.expect(r"dragon\.\n")
+    chat.expect(r"\w+\W+\w+")  # streamed words
+    chat.send("\x03")
+    stats = chat.expect(r"\[(\d+) tokens[^\]]*stopped\]")
+    assert 1 <= int(stats.group(1)) < 1500
+    chat.expect(r">>> ")
+    chat.send("/exit\r")
+    assert chat.wait(60) == 0  # the engine shuts down cleanly after an aborted request
+
+
+def test_chat_refuses_to_start_without_a_reachable_server(server, run_cli):
+    res = run_cli("chat", "--url", server.url, "--api-key", "wrong", input="hello\n")
+    assert res.returncode == 1 and "401" in res.stderr and "Traceback" not in res.stderr

@@ -61,6 +61,13 @@ class RemoteBackend:
         self.client = Client(url, api=api, api_key=api_key, model=model, timeout=timeout)
         self.model = model
 
+    def connect(self) -> None:
+        """Check the server answers (and the key is right); learn the model name if none was given."""
+        if self.model is None:
+            self.model = self.client._resolve_model(None)
+        else:
+            self.client.health()
+
     def stream(self, prompt: str | list[dict], params: dict[str, Any]) -> DeltaStream:
         if isinstance(prompt, str):
             stream = self.client.complete(prompt, stream=True, **params)
@@ -191,7 +198,11 @@ class LocalBackend:
             return result
         from tqdm import tqdm
 
-        with tqdm(desc=label, bar_format="{desc}: {elapsed} elapsed", file=sys.stderr, leave=False) as bar:
+        import shutil
+
+        columns = shutil.get_terminal_size().columns or 80  # a terminal of unknown size (0) hides tqdm
+        with tqdm(desc=label, bar_format="{desc}: {elapsed} elapsed", file=sys.stderr, leave=False,
+                  ncols=columns) as bar:
             while True:
                 try:
                     return future.result(timeout=0.25)
@@ -310,7 +321,12 @@ def stream_answer(backend: Backend, prompt: str | list[dict], params: dict[str, 
     the partial answer returned with `interrupted` set."""
     answer = Answer()
     start = time.perf_counter()
-    stream = backend.stream(prompt, params)
+    try:
+        stream = backend.stream(prompt, params)
+    except KeyboardInterrupt:  # stopped before the answer began: nothing to close
+        answer.interrupted = True
+        answer.duration_s = time.perf_counter() - start
+        return answer
     try:
         for delta in stream:
             if delta.text:
@@ -350,70 +366,100 @@ def _dim(text: str, stream: Any) -> str:
     return f"\x1b[2m{text}\x1b[0m" if stream.isatty() and not os.environ.get("NO_COLOR") else text
 
 
+class ChatSession:
+    """The conversation and the commands; `turn()` handles one line of input."""
+
+    def __init__(self, backend: Backend, params: dict[str, Any], system: str | None) -> None:
+        self.backend = backend
+        self.params = params
+        self.system = system
+        self.messages: list[dict] = []
+
+    def conversation(self) -> list[dict]:
+        return ([{"role": "system", "content": self.system}] if self.system else []) + self.messages
+
+    def command(self, text: str) -> bool | str:
+        """Run a /command; False to quit, True when handled, or the text to send ("//x" sends "/x")."""
+        command, _, rest = text.partition(" ")
+        if command in ("/exit", "/quit", "/bye"):
+            return False
+        if command == "/reset":
+            self.messages.clear()
+            note("[conversation reset]")
+        elif command == "/system":
+            self.system = rest.strip() or None
+            self.messages.clear()
+            note("[system prompt set; conversation reset]" if self.system else "[system prompt cleared]")
+        elif command in ("/help", "/?"):
+            note(HELP)
+        elif text.startswith("//"):
+            return text[1:]
+        else:
+            note(f"unknown command {command}; /help lists them")
+        return True
+
+    def turn(self) -> bool:
+        """Read one line and act on it; False when the user quits."""
+        try:
+            line = input(">>> ")
+        except EOFError:
+            note("")
+            return False
+        text = line.strip()
+        if not text:
+            return True
+        if text.startswith("/"):
+            outcome = self.command(text)
+            if not isinstance(outcome, str):
+                return outcome
+            text = outcome
+        self.messages.append({"role": "user", "content": text})
+        try:
+            answer = stream_answer(self.backend, self.conversation(), self.params, sys.stdout)
+        except RilletError as exc:
+            self.messages.pop()
+            note(f"[error: {exc}]")
+            return True
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        if answer.interrupted and not answer.text:
+            self.messages.pop()  # nothing came back: forget the question too
+        else:
+            self.messages.append({"role": "assistant", "content": answer.text})
+        note(_dim(answer.stats(), sys.stderr))
+        return True
+
+
+def note(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         import readline  # noqa: F401 - line editing and history for input()
     except ImportError:
         pass
-    params = sampling_params(args)
     try:
         backend = make_backend(args)
     except (RilletError, ValueError, OSError) as exc:
         print(f"rillet chat: error: {exc}", file=sys.stderr)
         return 1
-    system = args.system
-    messages: list[dict] = []
-    where = args.url or "in-process"
-    print(_dim(f"rillet chat ({where}) - /help for commands, Ctrl-D or /exit to quit", sys.stderr),
-          file=sys.stderr, flush=True)
+    if isinstance(backend, RemoteBackend):
+        try:
+            backend.connect()
+        except RilletError as exc:
+            backend.close()
+            print(f"rillet chat: error: {args.url}: {exc}", file=sys.stderr)
+            return 1
+    session = ChatSession(backend, sampling_params(args), args.system)
+    note(_dim(f"rillet chat ({args.url or 'in-process'}, model {backend.model or 'default'}) - "
+              "/help for commands, Ctrl-D or /exit to quit", sys.stderr))
     try:
         while True:
             try:
-                line = input(">>> ")
-            except EOFError:
-                print(file=sys.stderr)
-                return 0
-            except KeyboardInterrupt:
-                print("^C (use /exit or Ctrl-D to quit)", file=sys.stderr, flush=True)
-                continue
-            text = line.strip()
-            if not text:
-                continue
-            if text.startswith("/"):
-                command, _, rest = text.partition(" ")
-                if command in ("/exit", "/quit", "/bye"):
+                if not session.turn():
                     return 0
-                if command == "/reset":
-                    messages.clear()
-                    print("[conversation reset]", file=sys.stderr, flush=True)
-                    continue
-                if command == "/system":
-                    system = rest.strip() or None
-                    messages.clear()
-                    print("[system prompt set; conversation reset]" if system else "[system prompt cleared]",
-                          file=sys.stderr, flush=True)
-                    continue
-                if command in ("/help", "/?"):
-                    print(HELP, file=sys.stderr, flush=True)
-                    continue
-                if not text.startswith("//"):
-                    print(f"unknown command {command}; /help lists them", file=sys.stderr, flush=True)
-                    continue
-                text = text[1:]  # "//text" sends "/text"
-            messages.append({"role": "user", "content": text})
-            conversation = ([{"role": "system", "content": system}] if system else []) + messages
-            try:
-                answer = stream_answer(backend, conversation, params, sys.stdout)
-            except RilletError as exc:
-                print(f"\n[error: {exc}]", file=sys.stderr, flush=True)
-                messages.pop()
-                continue
-            sys.stdout.write("\n")
-            sys.stdout.flush()
-            if answer.interrupted and not answer.text:
-                messages.pop()  # nothing came back: forget the question too
-            else:
-                messages.append({"role": "assistant", "content": answer.text})
-            print(_dim(answer.stats(), sys.stderr), file=sys.stderr, flush=True)
+            except KeyboardInterrupt:  # at the prompt, or between steps of a turn: stay in the chat
+                note("^C (use /exit or Ctrl-D to quit)")
     finally:
         backend.close()
