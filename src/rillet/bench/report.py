@@ -133,6 +133,7 @@ def plot(results: Sequence[tuple[str, dict]], path: str | Path) -> None:
     import matplotlib.ticker
 
     fig, (ax_tp, ax_ttft) = plt.subplots(1, 2, figsize=(11, 4.2))
+    ticks = sorted({lvl["concurrency"] for _, result in results for lvl in result["levels"]})
     for label, result in results:
         levels = sorted(result["levels"], key=lambda lvl: lvl["concurrency"])
         xs = [lvl["concurrency"] for lvl in levels]
@@ -144,7 +145,10 @@ def plot(results: Sequence[tuple[str, dict]], path: str | Path) -> None:
     ax_ttft.set(title="Time to first token", xlabel="concurrency", ylabel="TTFT (ms)")
     for ax in (ax_tp, ax_ttft):
         ax.set_xscale("log", base=2)
-        ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.set_xticks(ticks)
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%d"))
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.set_ylim(bottom=0)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()

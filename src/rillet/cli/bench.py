@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import shutil
 import sys
 
 
@@ -99,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
         levels = []
         for concurrency in args.concurrency:
             bar = tqdm(total=args.requests, desc=f"concurrency {concurrency}", unit="req", file=sys.stderr,
-                       disable=args.no_progress, dynamic_ncols=True)
+                       disable=args.no_progress, ncols=shutil.get_terminal_size().columns or 80)
             failed = 0
 
             def done(record: loadgen.RequestRecord) -> None:

@@ -1,0 +1,67 @@
+"""Pure parts of rillet.bench: percentiles, aggregation, dataset loading, reports (no server)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from rillet.bench import loadgen, report
+from rillet.bench.loadgen import RequestRecord
+
+
+def test_percentile_interpolates():
+    assert loadgen.percentile([], 50) is None
+    assert loadgen.percentile([3.0], 99) == 3.0
+    assert loadgen.percentile([1, 2, 3, 4], 50) == 2.5
+    assert loadgen.percentile([1, 2, 3, 4, 5], 90) == pytest.approx(4.6)
+
+
+def test_summarize_counts_tokens_errors_and_replacement_chars():
+    ok = RequestRecord(ok=True, ttft=0.1, e2e=0.5, chunk_times=[0.1, 0.2, 0.5], output_tokens=5,
+                       tokens_from_usage=True, prompt_tokens=7, fffd=1, finish_reason="length")
+    chunky = RequestRecord(ok=True, ttft=0.2, e2e=0.4, chunk_times=[0.2, 0.3, 0.4], output_tokens=3,
+                           finish_reason="stop")
+    bad = RequestRecord(ok=False, error="http_429", error_message="busy", e2e=0.01)
+    level = loadgen.summarize([ok, chunky, bad], 2.0, concurrency=2, max_tokens=5)
+    assert (level["completed"], level["failed"], level["errors"]) == (2, 1, {"http_429": 1})
+    assert level["total_output_tokens"] == 8 and level["output_token_throughput"] == 4.0
+    assert level["request_throughput"] == 1.0 and level["tokens_counted_from"] == "mixed"
+    assert level["replacement_chars"] == 1 and level["finish_reasons"] == {"length": 1, "stop": 1}
+    assert level["ttft_ms"]["p50"] == pytest.approx(150.0)
+    assert level["tpot_ms"]["mean"] == pytest.approx((0.4 / 4 + 0.2 / 2) / 2 * 1000)
+    assert level["itl_ms"]["max"] == pytest.approx(300.0)
+    assert level["sample_error"] == "http_429: busy"
+
+
+def test_load_prompts_accepts_common_shapes(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text('"plain"\n\n{"prompt": "p"}\n{"text": "t"}\n{"messages": [{"role": "user", "content": "m"}]}\n'
+                    '{"conversations": [{"from": "system", "value": "s"}, {"from": "human", "value": "h"}]}\n')
+    assert loadgen.load_prompts(path) == ["plain", "p", "t", [{"role": "user", "content": "m"}], "h"]
+    path.write_text("{not json\n")
+    with pytest.raises(ValueError, match="p.jsonl:1"):
+        loadgen.load_prompts(path)
+
+
+def test_sampling_params_force_the_output_length():
+    assert loadgen._sampling_params("openai", 8, True, None, None, None) == {"max_tokens": 8, "ignore_eos": True}
+    assert loadgen._sampling_params("openai", 8, False, 2, 0.0, None) == {
+        "max_tokens": 8, "temperature": 0.0, "logit_bias": {"2": -100}}
+
+
+def test_reports_render_and_round_trip(tmp_path):
+    level = loadgen.summarize([RequestRecord(ok=True, ttft=0.1, e2e=0.3, chunk_times=[0.1, 0.3], output_tokens=2)],
+                              1.0, concurrency=1, max_tokens=2)
+    result = report.make_result([level], label="a")
+    path = tmp_path / "a.json"
+    report.write_json(result, path)
+    assert report.load_result(path)["levels"][0]["completed"] == 1
+    assert "ttft p99" in report.table([level])
+    text = report.compare_table([(str(path), report.load_result(path)), ("b.json", report.make_result([level]))])
+    assert "a" in text and "b" in text
+    report.plot([("a", result)], tmp_path / "a.png")
+    assert (tmp_path / "a.png").read_bytes()[:4] == b"\x89PNG"
+    (tmp_path / "bad.json").write_text(json.dumps({"nope": 1}))
+    with pytest.raises(ValueError):
+        report.load_result(tmp_path / "bad.json")
