@@ -502,6 +502,12 @@ class Stream(_StreamState):
     def __exit__(self, *exc_info: Any) -> None:
         self.close()
 
+    def __del__(self) -> None:  # a stream dropped without close() still frees its connection
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
+
     def until_done(self) -> Stream:
         """Consume the rest of the stream; returns self (then read `.text`, `.usage`)."""
         for _ in self:
@@ -585,8 +591,9 @@ class Client(_ClientBase):
         return [m["id"] for m in self._json("GET", "/v1/models").get("data", [])]
 
     def health(self) -> dict:
-        """The server's /health answer; raises APIStatusError (e.g. 503) when it is not healthy."""
-        response = self._send("GET", "/health")
+        """The server's /health answer; raises APIStatusError (e.g. 503 while loading) when it is not
+        healthy. Not retried: it reports the state of now."""
+        response = self._send("GET", "/health", retry=False)
         try:
             return response.json()
         except ValueError:
@@ -627,8 +634,9 @@ class Client(_ClientBase):
         except ValueError:
             raise APIStatusError(response.status_code, f"not JSON: {response.text[:200]!r}", response.text) from None
 
-    def _send(self, method: str, path: str, body: Any = None, *, stream: bool = False) -> httpx.Response:
-        attempt = 0
+    def _send(self, method: str, path: str, body: Any = None, *, stream: bool = False,
+                    retry: bool = True) -> httpx.Response:
+        attempt = 0 if retry else self.max_retries
         while True:
             request = self._http.build_request(method, self.base_url + path, json=body, headers=self._headers)
             try:
@@ -770,7 +778,8 @@ class AsyncClient(_ClientBase):
         return [m["id"] for m in (await self._json("GET", "/v1/models")).get("data", [])]
 
     async def health(self) -> dict:
-        response = await self._send("GET", "/health")
+        """The server's /health answer; raises APIStatusError (e.g. 503 while loading). Not retried."""
+        response = await self._send("GET", "/health", retry=False)
         try:
             return response.json()
         except ValueError:
@@ -813,8 +822,9 @@ class AsyncClient(_ClientBase):
         except ValueError:
             raise APIStatusError(response.status_code, f"not JSON: {response.text[:200]!r}", response.text) from None
 
-    async def _send(self, method: str, path: str, body: Any = None, *, stream: bool = False) -> httpx.Response:
-        attempt = 0
+    async def _send(self, method: str, path: str, body: Any = None, *, stream: bool = False,
+                          retry: bool = True) -> httpx.Response:
+        attempt = 0 if retry else self.max_retries
         while True:
             request = self._http.build_request(method, self.base_url + path, json=body, headers=self._headers)
             try:

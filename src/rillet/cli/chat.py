@@ -254,7 +254,7 @@ def add_backend_arguments(parser: argparse.ArgumentParser) -> None:
     sampling.add_argument("--max-tokens", type=int, default=None, help="most tokens to generate per answer")
     sampling.add_argument("--temperature", type=float, default=None, help="sampling temperature (0: greedy)")
     sampling.add_argument("--top-p", type=float, default=None, help="nucleus sampling probability mass")
-    sampling.add_argument("--seed", dest="sampling_seed", type=int, default=None,
+    sampling.add_argument("--seed", dest="sampling_seed", type=int, default=None, metavar="SEED",
                           help="seed of this request's sampling (reproducible answers)")
     sampling.add_argument("--ignore-eos", action="store_true", default=None,
                           help="keep generating past the end-of-sequence token, up to --max-tokens")
@@ -355,8 +355,9 @@ def stream_answer(backend: Backend, prompt: str | list[dict], params: dict[str, 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "chat", help="interactive chat in the terminal", conflict_handler="resolve",
-        description="Chat with a model: against a server with --url, else in-process (--model, default "
-                    "the embedded SmolLM2-135M-Instruct). " + HELP.replace("\n", " "))
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Chat with a model: against a server with --url (--model then names the served model),\n"
+                    "else in-process (--model, default the embedded SmolLM2-135M-Instruct).\n\n" + HELP)
     add_backend_arguments(parser)
     parser.set_defaults(func=run)
     return parser
