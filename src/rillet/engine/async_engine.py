@@ -146,8 +146,15 @@ class AsyncEngine:
     # ---- requests -------------------------------------------------------------------------
 
     def stats(self) -> EngineStats:
-        stats = self._stats or EngineStats(0, 0, 0.0, 0, 0, 0, 0, 0)
-        return replace(stats, num_waiting=stats.num_waiting + len(self._inbox))
+        with self._cv:
+            stats = self._stats or EngineStats(0, 0, 0.0, 0, 0, 0, 0, 0)
+            return replace(stats, num_waiting=stats.num_waiting + len(self._inbox))
+
+    def num_queued(self) -> int:
+        """Requests that would have to wait for a slot (waiting beyond the free slots)."""
+        stats = self.stats()
+        free_slots = max(0, self.config.max_num_seqs - stats.num_running)
+        return max(0, stats.num_waiting - free_slots)
 
     def _check_accepting(self) -> None:
         if self._health == "dead":
@@ -165,8 +172,8 @@ class AsyncEngine:
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use")
         max_waiting = self.config.max_waiting
-        if max_waiting is not None and self.stats().num_waiting >= max_waiting:
-            raise QueueFullError(f"{max_waiting} requests are already waiting; retry later")
+        if max_waiting is not None and self.num_queued() >= max_waiting:
+            raise QueueFullError(f"{max_waiting} requests are already waiting for a slot; retry later")
         engine = self.engine
         if isinstance(prompt, str) and len(prompt) < 2048:
             token_ids = engine.encode_prompt(prompt)
@@ -229,12 +236,15 @@ class AsyncEngine:
                 with self._cv:
                     while not (self._inbox or self._aborts or self._stopping or engine.has_unfinished()):
                         self._cv.wait()
-                    inbox, self._inbox = self._inbox, []
+                    # New requests move from the inbox into the scheduler under the lock, so
+                    # that stats() (inbox + scheduler) never misses or double-counts them.
+                    for request_id, token_ids, params in self._inbox:
+                        engine.add_request(request_id, None, params, prompt_token_ids=token_ids)
+                    self._inbox = []
+                    self._stats = engine.stats()
                     aborts, self._aborts = self._aborts, []
                     stopping = self._stopping
                 outputs: list[RequestOutput] = []
-                for request_id, token_ids, params in inbox:
-                    engine.add_request(request_id, None, params, prompt_token_ids=token_ids)
                 for request_id in aborts:
                     outputs += engine.abort(request_id)
                 if stopping:
@@ -244,7 +254,9 @@ class AsyncEngine:
                     self._emit(outputs)
                     return
                 outputs += engine.step()
-                self._stats = engine.stats()
+                stats = engine.stats()
+                with self._cv:
+                    self._stats = stats
                 self._emit(outputs)
         except BaseException as exc:  # the loop cannot go on: every stream gets a terminal error
             logger.exception("engine loop died")

@@ -1,0 +1,161 @@
+"""AsyncEngine on the real default model, driven from an event loop in a background thread."""
+
+import asyncio
+import threading
+
+import pytest
+
+from rillet import AsyncEngine, SamplingParams
+from rillet.engine.errors import EngineNotReadyError, PromptTooLongError, QueueFullError
+
+
+class LoopThread:
+    def __init__(self):
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def run(self, coro, timeout=120):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def close(self):
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join()
+
+
+@pytest.fixture(scope="module")
+def env():
+    lt = LoopThread()
+    engine = AsyncEngine(dtype="float32", max_num_seqs=2, max_waiting=2, queue_timeout_s=2.0,
+                         max_model_len=1024, kv_cache_gib=0.2)
+    assert engine.health == "stopped"
+    lt.run(engine.start())
+    assert engine.health == "ready"
+    yield lt, engine
+    lt.run(engine.shutdown())
+    assert engine.health == "stopped"
+    lt.close()
+
+
+def chat(text):
+    return [{"role": "user", "content": text}]
+
+
+async def wait_idle(engine, timeout=10.0):
+    deadline = asyncio.get_running_loop().time() + timeout
+    while engine.stats().num_running or engine.stats().num_waiting:
+        assert asyncio.get_running_loop().time() < deadline, engine.stats()
+        await asyncio.sleep(0.01)
+
+
+def test_generate_streams_deltas_and_ends_with_a_finish_reason(env):
+    lt, engine = env
+
+    async def main():
+        outs = [o async for o in engine.generate(chat("Say hello."), SamplingParams(max_tokens=12, temperature=0))]
+        await wait_idle(engine)
+        return outs
+
+    outs = lt.run(main())
+    assert outs[-1].finish_reason in ("stop", "length")
+    assert all(o.finish_reason is None for o in outs[:-1])
+    assert sum(len(o.token_ids) for o in outs) == outs[-1].num_output_tokens
+    assert engine.stats().kv_cache_usage == 0.0
+
+
+def test_leaving_the_iterator_early_aborts_the_request(env):
+    lt, engine = env
+
+    async def main():
+        before = engine.stats().num_aborted_total
+        agen = engine.generate(chat("Tell me a long story."), SamplingParams(max_tokens=500, ignore_eos=True))
+        async for _ in agen:
+            break
+        await agen.aclose()
+        await wait_idle(engine)
+        return before
+
+    before = lt.run(main())
+    assert engine.stats().num_aborted_total == before + 1
+    assert engine.stats().kv_cache_usage == 0.0
+
+
+def test_cancelling_the_consumer_task_aborts_too(env):
+    lt, engine = env
+
+    async def main():
+        before = engine.stats().num_aborted_total
+        first = asyncio.Event()
+
+        async def consume():
+            async for _ in engine.generate(chat("Count to a thousand."), SamplingParams(max_tokens=500)):
+                first.set()
+
+        task = asyncio.create_task(consume())
+        await first.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await wait_idle(engine)
+        return before
+
+    before = lt.run(main())
+    assert engine.stats().num_aborted_total == before + 1
+
+
+def test_queue_full_is_refused_at_once_and_waiting_too_long_is_an_error(env):
+    lt, engine = env  # max_num_seqs=2, max_waiting=2, queue_timeout_s=2
+
+    async def main():
+        long = SamplingParams(max_tokens=1000, ignore_eos=True)
+        streams = [await engine.add_request(chat(f"Story {i}"), long) for i in range(4)]  # 2 run, 2 queue
+        with pytest.raises(QueueFullError):
+            await engine.add_request(chat("one too many"), long)
+        queued_finals = []
+        for s in streams[2:]:
+            async for out in s:
+                if out.finish_reason:
+                    queued_finals.append(out)
+        for s in streams[:2]:
+            await s.abort()
+            async for _ in s:
+                pass
+        await wait_idle(engine)
+        return queued_finals
+
+    finals = lt.run(main())
+    assert [o.finish_reason for o in finals] == ["error", "error"]
+    assert "waited more than" in finals[0].error
+
+
+def test_bad_requests_are_rejected_before_queueing(env):
+    lt, engine = env
+    with pytest.raises(PromptTooLongError):
+        lt.run(engine.add_request("word " * 2000, SamplingParams()))
+    with pytest.raises(ValueError, match="role"):
+        lt.run(engine.add_request([{"role": "wizard", "content": "hi"}], SamplingParams()))
+    with pytest.raises(ValueError, match="empty"):
+        lt.run(engine.add_request("", SamplingParams()))
+    assert engine.stats().num_waiting == 0
+
+
+def test_shutdown_ends_running_requests_with_abort():
+    lt = LoopThread()
+    engine = AsyncEngine(dtype="float32", max_model_len=512, kv_cache_gib=0.05)
+
+    async def main():
+        await engine.start()
+        stream = await engine.add_request(chat("Go on forever."), SamplingParams(max_tokens=400, ignore_eos=True))
+        async for _ in stream:
+            break
+        await engine.shutdown()
+        rest = [o async for o in stream]
+        with pytest.raises(EngineNotReadyError):
+            await engine.add_request("hi", SamplingParams())
+        return rest
+
+    try:
+        rest = lt.run(main())
+    finally:
+        lt.close()
+    assert rest[-1].finish_reason == "abort"

@@ -1,0 +1,215 @@
+"""The engine on the real default model: scheduling, sampling, stops, aborts, limits."""
+
+import pytest
+
+from rillet.engine.detokenizer import Detokenizer
+from rillet.engine.errors import PromptTooLongError
+from rillet.engine.llm_engine import LLMEngine
+from rillet.engine.sequence import Sequence
+from rillet.sampling_params import SamplingParams
+
+
+def run_to_completion(engine, requests):
+    """requests: list of (request_id, prompt, params). Returns {request_id: [outputs...]}."""
+    for rid, prompt, params in requests:
+        engine.add_request(rid, prompt, params)
+    outputs = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            outputs.setdefault(out.request_id, []).append(out)
+    return outputs
+
+
+def chat(text):
+    return [{"role": "user", "content": text}]
+
+
+def texts_and_tokens(outputs):
+    return "".join(o.text for o in outputs), [t for o in outputs for t in o.token_ids]
+
+
+def test_seeded_sampling_does_not_depend_on_batch_mates(engine_fp32):
+    """Each seeded sequence draws from its own generator, one draw per step. In float32 the logits
+    of a row do not change with the batch size here, so the sampled tokens are identical."""
+    params = SamplingParams(max_tokens=24, temperature=1.0, top_p=0.95, seed=1234)
+    alone = run_to_completion(engine_fp32, [("alone", chat("Name a colour."), params)])
+    mates = [(f"mate{i}", chat(f"Count to {i}."), SamplingParams(max_tokens=30, temperature=0.9, seed=i))
+             for i in range(5)]
+    together = run_to_completion(engine_fp32, mates + [("with", chat("Name a colour."), params)])
+    assert texts_and_tokens(alone["alone"])[1] == texts_and_tokens(together["with"])[1]
+    other_seed = run_to_completion(engine_fp32, [("other", chat("Name a colour."),
+                                                  SamplingParams(max_tokens=24, temperature=1.0, seed=99))])
+    assert texts_and_tokens(other_seed["other"])[1] != texts_and_tokens(alone["alone"])[1]
+
+
+def test_stop_string_spanning_tokens_is_cut_exactly_and_never_streamed(engine_fp32):
+    prompt = chat("Write two sentences about the sea.")
+    full = run_to_completion(engine_fp32, [("full", prompt, SamplingParams(max_tokens=40, temperature=0))])["full"]
+    text, tokens = texts_and_tokens(full)
+    tok = engine_fp32.tokenizer
+    # A stop string made of the end of token 5 and the start of token 6.
+    a, b = tok.decode(tokens[:6]), tok.decode(tokens[:7])
+    stop = a[-2:] + b[len(a):len(a) + 2]
+    assert len(stop) >= 3 and stop in text
+    expected = text[:text.index(stop)]
+    cut = run_to_completion(engine_fp32, [("cut", prompt, SamplingParams(max_tokens=40, temperature=0,
+                                                                      stop=[stop]))])["cut"]
+    streamed = "".join(o.text for o in cut)
+    assert streamed == expected
+    assert cut[-1].finish_reason == "stop" and cut[-1].stop_reason == stop
+    assert all(stop not in o.text for o in cut)
+
+
+def test_chinese_and_emoji_stream_without_replacement_characters(engine_fp32):
+    # A raw completion prompt keeps this small model writing Chinese.
+    outs = run_to_completion(engine_fp32, [("zh", "北京是中国的首都，", SamplingParams(max_tokens=64, temperature=0))])["zh"]
+    text, tokens = texts_and_tokens(outs)
+    assert all("\ufffd" not in o.text for o in outs)
+    assert any("\u4e00" <= ch <= "\u9fff" for ch in text)
+    decoded = engine_fp32.tokenizer.decode(tokens, skip_special_tokens=True)
+    assert decoded.rstrip("\ufffd") == text or decoded.startswith(text)
+
+
+def test_detokenizer_holds_split_characters_back(engine_fp32):
+    tok = engine_fp32.tokenizer
+    sample = "你好，世界 🌍🎉 naïve café 😀!"
+    ids = tok.encode(sample, add_special_tokens=False)
+    assert len(ids) > len(sample) // 2  # byte-level pieces: characters span several tokens
+    seq = Sequence("d", 0, tok.encode("x"), SamplingParams())
+    detok = Detokenizer(tok)
+    detok.start(seq)
+    deltas = []
+    for t in ids:
+        detok.append(seq, t)
+        deltas.append(detok.take_delta(seq, finished=False))
+    assert all("\ufffd" not in d for d in deltas)
+    assert "".join(deltas) == tok.decode(ids)
+
+
+def test_abort_frees_the_slot_within_one_step(engine_fp32):
+    engine_fp32.add_request("victim", chat("Tell me a long story."), SamplingParams(max_tokens=200))
+    engine_fp32.add_request("bystander", chat("Say hi."), SamplingParams(max_tokens=20, temperature=0))
+    engine_fp32.step()
+    engine_fp32.step()
+    used_before = engine_fp32.block_manager.num_used_blocks
+    final = engine_fp32.abort("victim")
+    assert [o.finish_reason for o in final] == ["abort"]
+    assert "victim" not in engine_fp32.requests
+    assert engine_fp32.block_manager.num_used_blocks < used_before
+    assert all(o.request_id == "bystander" for o in engine_fp32.step())
+    while engine_fp32.has_unfinished():
+        engine_fp32.step()
+    assert engine_fp32.block_manager.num_used_blocks == 0
+
+
+def test_64_requests_of_mixed_lengths_all_finish(engine_fp32):
+    requests = []
+    for i in range(64):
+        prompt = chat("Tell me about the number %d. " % i + "Please be detailed. " * (i % 7))
+        requests.append((f"m{i}", prompt, SamplingParams(max_tokens=4 + (i % 5) * 3, temperature=0.8, seed=i)))
+    outputs = run_to_completion(engine_fp32, requests)
+    assert len(outputs) == 64
+    for i in range(64):
+        final = outputs[f"m{i}"][-1]
+        assert final.finish_reason in ("stop", "length")
+        assert final.num_output_tokens <= 4 + (i % 5) * 3
+    assert engine_fp32.block_manager.num_used_blocks == 0
+
+
+def test_over_long_prompt_is_rejected_before_it_takes_a_slot(engine_fp32):
+    with pytest.raises(PromptTooLongError, match="4096"):
+        engine_fp32.add_request("long", "word " * 5000, SamplingParams())
+    assert not engine_fp32.has_unfinished() and engine_fp32.scheduler.num_waiting == 0
+
+
+def test_output_stops_at_max_model_len():
+    engine = LLMEngine(dtype="float32", max_model_len=64, kv_cache_gib=0.01)
+    prompt = [1] * 60
+    out = run_to_completion(engine, [("r", prompt, SamplingParams(max_tokens=100, ignore_eos=True))])["r"]
+    assert out[-1].finish_reason == "length" and out[-1].num_output_tokens == 4
+
+
+def test_long_prompt_prefill_is_chunked_and_other_streams_keep_flowing(engine_fp32):
+    engine_fp32.add_request("stream", chat("Count slowly."), SamplingParams(max_tokens=60, ignore_eos=True))
+    engine_fp32.step()
+    long_prompt = list(range(1000, 3000))  # 2,000 tokens
+    engine_fp32.add_request("long", long_prompt, SamplingParams(max_tokens=2))
+    steps_until_long_starts = 0
+    while True:
+        outs = engine_fp32.step()
+        assert any(o.request_id == "stream" for o in outs)  # a token every step
+        if any(o.request_id == "long" for o in outs):
+            break
+        steps_until_long_starts += 1
+    budget = engine_fp32.config.max_num_batched_tokens
+    assert steps_until_long_starts >= 2000 // budget - 1
+    engine_fp32.abort("stream")
+    while engine_fp32.has_unfinished():
+        engine_fp32.step()
+
+
+def test_preemption_recomputes_and_gives_the_same_greedy_text():
+    small = LLMEngine(dtype="float32", max_model_len=256, kv_cache_gib=1.3 * 256 * 46080 / (1 << 30),  # room for 1.3 full sequences (float32)
+                      block_size=16)
+    prompts = [(f"p{i}", chat(f"Describe the colour number {i} in detail."),
+                SamplingParams(max_tokens=90, temperature=0, ignore_eos=True)) for i in range(4)]
+    together = run_to_completion(small, prompts)
+    assert small.scheduler.num_preemptions_total > 0
+    for rid, prompt, params in prompts[:2]:
+        alone = run_to_completion(small, [(rid, prompt, params)])
+        assert texts_and_tokens(alone[rid])[1] == texts_and_tokens(together[rid])[1]
+    assert small.block_manager.num_used_blocks == 0
+
+
+def test_n_choices_logprobs_and_logit_bias(engine_fp32):
+    outs = run_to_completion(engine_fp32, [("n", chat("Pick a fruit."),
+                                            SamplingParams(max_tokens=8, temperature=1.0, n=3, seed=7,
+                                                           logprobs=2))])["n"]
+    by_choice = {}
+    for o in outs:
+        by_choice.setdefault(o.index, []).append(o)
+    assert sorted(by_choice) == [0, 1, 2]
+    for choice in by_choice.values():
+        assert choice[-1].finish_reason in ("stop", "length")
+        for o in choice:
+            assert len(o.logprobs) == 1 and len(o.logprobs[0].top) == 2
+            assert o.logprobs[0].logprob <= 0.0
+    # A strong bias forces the token.
+    target = engine_fp32.tokenizer.encode(" banana", add_special_tokens=False)[0]
+    forced = run_to_completion(engine_fp32, [("b", chat("Say something."),
+                                              SamplingParams(max_tokens=3, temperature=0, logit_bias={target: 100}))])
+    assert texts_and_tokens(forced["b"])[1] == [target] * 3
+
+
+def test_a_failed_step_ends_its_requests_and_the_engine_carries_on(engine_fp32):
+    calls = {"n": 0}
+
+    def explode_once(batch):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("injected fault")
+
+    engine_fp32.before_forward = explode_once
+    try:
+        outs = run_to_completion(engine_fp32, [("doomed", chat("Hello"), SamplingParams(max_tokens=5))])
+        assert outs["doomed"][-1].finish_reason == "error" and "RuntimeError" in outs["doomed"][-1].error
+        assert engine_fp32.block_manager.num_used_blocks == 0
+        ok = run_to_completion(engine_fp32, [("fine", chat("Hello"), SamplingParams(max_tokens=5))])
+        assert ok["fine"][-1].finish_reason in ("stop", "length")
+    finally:
+        engine_fp32.before_forward = None
+
+
+def test_unsupported_architecture_is_named(tmp_path):
+    import json
+    from rillet.models.llama import family_of
+
+    class Config:
+        architectures = ["GPT2LMHeadModel"]
+        model_type = "gpt2"
+
+    with pytest.raises(ValueError, match="LlamaForCausalLM"):
+        family_of(Config())
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
+    with pytest.raises(ValueError, match="unsupported model architecture"):
+        LLMEngine(model=str(tmp_path))

@@ -1,0 +1,56 @@
+"""The offline `LLM` API and model resolution (default, GGUF path, HF directory, hub id)."""
+
+import time
+
+import pytest
+
+from rillet import LLM, SamplingParams
+from rillet.models.resolve import ModelNotFoundError, default_gguf_path, resolve_model
+
+
+@pytest.fixture(scope="module")
+def llm():
+    return LLM(dtype="float32", max_model_len=1024, kv_cache_gib=0.1)
+
+
+def test_generate_many_prompts_returns_results_in_order(llm):
+    params = SamplingParams(max_tokens=6, temperature=0)
+    results = llm.generate(["The sky is", "One, two, three,"], params)
+    assert len(results) == 2
+    for r in results:
+        assert r.text and r.token_ids and r.finish_reason in ("stop", "length")
+        assert r.usage.completion_tokens == len(r.token_ids) <= 6
+        assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    alone = llm.generate("One, two, three,", params)
+    assert alone.token_ids == results[1].token_ids
+
+
+def test_chat_applies_the_template_and_n_gives_several_choices(llm):
+    result = llm.chat([{"role": "user", "content": "What is the capital of France?"}],
+                      SamplingParams(max_tokens=12, temperature=0))
+    assert "Paris" in result.text
+    several = llm.chat([[{"role": "user", "content": "Pick a number."}]],
+                       SamplingParams(max_tokens=5, n=3, temperature=1.0, seed=3))
+    assert [o.index for o in several[0].outputs] == [0, 1, 2]
+
+
+def test_gguf_path_and_converted_directory_resolve_to_loadable_models():
+    gguf = default_gguf_path()
+    converted = resolve_model(str(gguf))
+    assert converted.path == resolve_model(None).path  # the cache is reused
+    assert (converted.path / "config.json").is_file() and (converted.path / "model.safetensors").is_file()
+    start = time.monotonic()
+    from_dir = LLM(model=str(converted.path), dtype="float32", max_model_len=256, kv_cache_gib=0.05)
+    assert time.monotonic() - start < 60
+    assert from_dir.generate("Hello", SamplingParams(max_tokens=2)).finish_reason in ("stop", "length")
+
+
+def test_hub_id_without_network_fails_with_a_clear_message(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    with pytest.raises(ModelNotFoundError, match="could not fetch model 'some-org/some-model'.*--model"):
+        resolve_model("some-org/some-model")
+
+
+def test_missing_local_path_is_named():
+    with pytest.raises(ModelNotFoundError, match="neither a model directory nor a .gguf"):
+        resolve_model("./no/such/model")
