@@ -97,6 +97,9 @@ class LLMEngine:
         if self.max_model_len > probe_len:  # rope tables must cover every position
             loaded.model.set_rope_positions(self.max_model_len)
         self.model = loaded.model
+        from rillet.models.cpu_linear import packing_supported
+        if packing_supported(self.dtype, self.device):
+            self.model.pack_for_cpu(batch_hint=config.max_num_seqs)
         self.tokenizer = loaded.tokenizer
         self.eos_token_ids = set(loaded.eos_token_ids)
         self.vocab_size = loaded.config.vocab_size

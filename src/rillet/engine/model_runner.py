@@ -70,12 +70,13 @@ class ModelRunner:
                 sampling.append(i)
 
         num_decode = len(decode_tables)
-        decode_slots = decode_mask = None
+        decode_slots = decode_bias = None
         if num_decode:
             decode_slots = self._slots(decode_tables, decode_lengths)
             lengths = torch.tensor(decode_lengths, device=self.device)
-            decode_mask = (torch.arange(decode_slots.shape[1], device=self.device)[None, :] < lengths[:, None])
-            decode_mask = decode_mask[:, None, None, :]
+            padding = torch.arange(decode_slots.shape[1], device=self.device)[None, :] >= lengths[:, None]
+            decode_bias = torch.zeros(padding.shape, dtype=torch.float32, device=self.device)
+            decode_bias = decode_bias.masked_fill_(padding, -float("inf"))[:, None, None, :]
         prefills = []
         for row0, row1, seq, context in prefill_specs:
             slots = self._slots([seq.block_table], [context])[0]
@@ -88,7 +89,7 @@ class ModelRunner:
 
         meta = AttentionMetadata(
             slot_mapping=torch.tensor(slot_mapping, dtype=torch.long, device=self.device),
-            num_decode=num_decode, decode_slots=decode_slots, decode_mask=decode_mask, prefills=prefills,
+            num_decode=num_decode, decode_slots=decode_slots, decode_bias=decode_bias, prefills=prefills,
         )
         ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
         pos = torch.tensor(positions, dtype=torch.long, device=self.device)

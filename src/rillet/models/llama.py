@@ -35,7 +35,7 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] slot each new token's K/V is written to
     num_decode: int  # the first num_decode rows are single-token decodes
     decode_slots: torch.Tensor | None  # [Bd, K] slots to read per decode row (padding masked)
-    decode_mask: torch.Tensor | None  # [Bd, 1, 1, K] bool
+    decode_bias: torch.Tensor | None  # [Bd, 1, 1, K] float32: 0 where visible, -inf on padding
     prefills: list[PrefillSpan]
 
 
@@ -93,12 +93,16 @@ class Attention(nn.Module):
         out = torch.empty_like(q)
         nd = meta.num_decode
         if nd:
-            qd = q[:nd].unsqueeze(2)  # [Bd, nh, 1, d]
-            kd = k_cache[meta.decode_slots].transpose(1, 2)  # [Bd, nkv, K, d]
-            vd = v_cache[meta.decode_slots].transpose(1, 2)
-            od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=meta.decode_mask, scale=self.scale,
-                                                enable_gqa=True)
-            out[:nd] = od.squeeze(2)
+            # Plain batched matmuls: for one query row per sequence they beat the CPU flash kernel
+            # several times over. Query heads are grouped by the KV head they share (GQA).
+            group = self.num_heads // self.num_kv_heads
+            qd = q[:nd].view(nd, self.num_kv_heads, group, self.head_dim)
+            kd = k_cache[meta.decode_slots]  # [Bd, K, nkv, d]
+            vd = v_cache[meta.decode_slots]
+            scores = torch.matmul(qd, kd.permute(0, 2, 3, 1)).float() * self.scale  # [Bd, nkv, g, K]
+            probs = torch.softmax(scores + meta.decode_bias, dim=-1).to(vd.dtype)
+            od = torch.matmul(probs, vd.transpose(1, 2))  # [Bd, nkv, g, d]
+            out[:nd] = od.reshape(nd, self.num_heads, self.head_dim)
         for span in meta.prefills:
             qp = q[span.start:span.end].transpose(0, 1).unsqueeze(0)  # [1, nh, L, d]
             kp = k_cache[span.context_slots].transpose(0, 1).unsqueeze(0)  # [1, nkv, C, d]
@@ -175,8 +179,17 @@ class CausalLM(nn.Module):
         return self.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight).float()
+        if self.lm_head is not None:
+            return self.lm_head(hidden).float()
+        return F.linear(hidden, self.embed_tokens.weight).float()
+
+    def pack_for_cpu(self, batch_hint: int) -> None:
+        """Pre-pack every projection (and the tied output head) for oneDNN; see cpu_linear."""
+        from rillet.models.cpu_linear import PackedLinear, pack_linears
+
+        pack_linears(self, batch_hint)
+        if self.lm_head is None:
+            self.lm_head = PackedLinear(self.embed_tokens.weight, None, batch_hint)
 
 
 def rope_tables(config, max_positions: int) -> tuple[torch.Tensor, torch.Tensor]:
