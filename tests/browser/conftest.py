@@ -74,8 +74,8 @@ def poll_until(predicate, timeout_s: float, what: str, interval_s: float = 0.2):
         time.sleep(interval_s)  # polling interval, not synchronization
 
 
-@pytest.fixture(scope="session")
-def playwright_driver():
+@pytest.fixture(scope="module")  # not session: the sync API keeps an event loop running until it stops,
+def playwright_driver():  # which would break asyncio.run() in the test modules collected after these
     if not Path(CHROMIUM).exists():
         pytest.fail(f"{CHROMIUM} is missing: run scripts/install-browser.sh (as root)")
     with sync_playwright() as p:
