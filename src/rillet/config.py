@@ -78,6 +78,13 @@ class ServerConfig:
                                     min=1024, max=1 << 31)
     drain_timeout_s: float = option(30.0, "On SIGTERM, how long running streams may finish before they are "
                                     "ended with an error event.", min=0, max=3600)
+    stream_stall_timeout_s: float = option(30.0, "A stream whose client stops reading (its socket stays full) "
+                                           "is ended after this many seconds of blocked sending and its "
+                                           "request aborted; 0 turns this off.", min=0, max=86400)
+    send_buffer_bytes: int | None = option(None, "Kernel send buffer of each client connection (SO_SNDBUF; default: "
+                                           "the OS's autotuning). Smaller bounds the memory a client that stops "
+                                           "reading pins before --stream-stall-timeout-s starts counting.",
+                                           min=4096, max=1 << 28)
     log_level: str = option("info", "Log level.", choices=("debug", "info", "warning", "error"))
 
     def __post_init__(self) -> None:

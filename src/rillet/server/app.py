@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import os
 import re
 import time
 import uuid
@@ -30,6 +31,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from rillet import __version__
 from rillet.config import EngineConfig, ServerConfig
 from rillet.engine.errors import EngineDeadError, EngineNotReadyError
+from rillet.server import faults
 from rillet.server.errors import APIError, api_error_response, error_response, is_ollama_path
 from rillet.server.metrics import CONTENT_TYPE_LATEST, Metrics
 from rillet.server.serving import ServerState, Serving, request_id_var
@@ -41,6 +43,8 @@ logger = logging.getLogger("rillet.server")
 STATIC_DIR = Path(__file__).parent / "static"
 _REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 _QUIET_PATHS = ("/health", "/metrics")
+ENGINE_WATCH_INTERVAL_S = 0.2  # how often the app checks that the engine loop is alive
+DEAD_ENGINE_GRACE_S = 5.0  # after the engine dies, how long streams may take to send their error event
 
 
 @dataclass
@@ -54,7 +58,9 @@ class AppContext:
     state: ServerState
     start_task: asyncio.Task | None = None
     start_error: BaseException | None = None
+    # Called once when the engine fails to start or dies while serving (the runner exits non-zero).
     on_engine_failure: Callable[[BaseException], None] | None = None
+    watch_task: asyncio.Task | None = None
 
 
 # ------------------------------------------------------------------ middleware
@@ -214,6 +220,16 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None, b
     return "; ".join(parts) or "invalid request", param, False
 
 
+def _body_parse_message(cause: BaseException) -> str:
+    if isinstance(cause, UnicodeDecodeError):
+        return f"request body is not valid UTF-8 (byte 0x{cause.object[cause.start]:02x} at offset {cause.start})"
+    if isinstance(cause, RecursionError):
+        return "request body is nested too deeply to parse"
+    if isinstance(cause, ValueError) and "digits" in str(cause):  # int() refuses > 4300 digits
+        return "request body holds a number too long to parse"
+    return "request body could not be parsed as JSON"
+
+
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> Response:
@@ -242,6 +258,8 @@ def _install_error_handlers(app: FastAPI) -> None:
             message = f"no route {request.method} {path}"
         elif exc.status_code == 405:
             message = f"method {request.method} is not allowed on {path}"
+        elif exc.status_code == 400 and exc.__cause__ is not None:  # FastAPI could not decode the body
+            message = _body_parse_message(exc.__cause__)
         else:
             message = str(exc.detail)
         return error_response(path, exc.status_code, message, headers=getattr(exc, "headers", None))
@@ -266,6 +284,23 @@ def create_app(server_config: ServerConfig | None = None, engine_config: EngineC
     metrics = Metrics(engine)
     ctx = AppContext(server_config=server_config, engine=engine, serving=Serving(engine, metrics, state),
                      metrics=metrics, state=state)
+    fault_env = os.environ.get(faults.ENV_VAR)
+    if fault_env:
+        faults.parse_fault_spec(fault_env)  # a typo fails at startup, not silently
+
+    async def watch_engine() -> None:
+        """The engine loop can die while serving (e.g. repeated failed forward steps): then every
+        stream gets its terminal error event, /health answers 503 "dead", and the server exits
+        non-zero (through on_engine_failure) so that a supervisor restarts it."""
+        while getattr(engine, "health", None) != "dead":
+            await asyncio.sleep(ENGINE_WATCH_INTERVAL_S)
+        reason = getattr(engine, "dead_reason", None) or "the engine loop stopped"
+        logger.error("the engine died (%s); ending %d request(s), then exiting so a supervisor can restart "
+                     "the server", reason, len(state.active))
+        if not await state.wait_idle(DEAD_ENGINE_GRACE_S):
+            logger.error("%d request(s) still open after %.0fs", len(state.active), DEAD_ENGINE_GRACE_S)
+        if ctx.on_engine_failure is not None:
+            ctx.on_engine_failure(RuntimeError(f"the engine died: {reason}"))
 
     async def start_engine() -> None:
         try:
@@ -280,19 +315,24 @@ def create_app(server_config: ServerConfig | None = None, engine_config: EngineC
             if ctx.on_engine_failure is not None:
                 ctx.on_engine_failure(exc)
             return
+        faults.install_from_env(engine)
+        ctx.watch_task = asyncio.create_task(watch_engine())
         logger.info("model %s ready (max_model_len %s)", engine.model_name, engine.max_model_len)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if getattr(engine, "health", None) != "ready":
             ctx.start_task = asyncio.create_task(start_engine())
+        else:
+            ctx.watch_task = asyncio.create_task(watch_engine())
         try:
             yield
         finally:
             state.draining = True
-            if ctx.start_task is not None and not ctx.start_task.done():
-                ctx.start_task.cancel()
-                await asyncio.gather(ctx.start_task, return_exceptions=True)
+            for task in (ctx.start_task, ctx.watch_task):
+                if task is not None and not task.done():
+                    task.cancel()
+                    await asyncio.gather(task, return_exceptions=True)
             try:
                 await engine.shutdown()
             except Exception:
@@ -321,7 +361,9 @@ def create_app(server_config: ServerConfig | None = None, engine_config: EngineC
 
     @app.get("/health", include_in_schema=False)
     async def health() -> Response:
-        status = "draining" if state.draining else engine.health
+        status = engine.health
+        if state.draining and status != "dead":
+            status = "draining"
         if status == "stopped" and ctx.start_task is not None and not ctx.start_task.done():
             status = "loading"  # start() is scheduled but has not run yet
         if status == "ready":

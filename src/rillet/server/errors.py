@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from starlette.responses import JSONResponse
@@ -55,10 +56,18 @@ def error_body(path: str, status: int, message: str, *, type: str | None = None,
                       "code": code if code is not None else status}}
 
 
+class ErrorJSONResponse(JSONResponse):
+    """JSON with non-ASCII escaped: an error message that quotes the client's input (a model name
+    holding a lone surrogate, say) must never fail to encode."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
+
+
 def error_response(path: str, status: int, message: str, *, type: str | None = None, param: str | None = None,
                    code: int | str | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
     body = error_body(path, status, message, type=type, param=param, code=code)
-    return JSONResponse(body, status_code=status, headers=headers)
+    return ErrorJSONResponse(body, status_code=status, headers=headers)
 
 
 def api_error_response(path: str, exc: APIError) -> JSONResponse:

@@ -11,7 +11,7 @@ from starlette.responses import JSONResponse, Response
 from rillet import __version__
 from rillet.protocol import ollama as ol
 from rillet.server.errors import APIError
-from rillet.server.serving import ollama_timestamp, run_until_disconnect
+from rillet.server.serving import check_num_messages, ollama_timestamp, run_until_disconnect
 from rillet.server.streaming import NDJSON_MEDIA_TYPE, StreamingBody, ndjson_stream
 
 __all__ = ["router"]
@@ -59,7 +59,8 @@ async def _run(request: Request, prompt: Any, body: ol.ChatRequest | ol.Generate
                                   prompt_param="messages" if chat else "prompt")
     if body.stream is not False:  # default (and null): stream
         return StreamingBody(ndjson_stream(serving.ollama_stream(handle, model, chat=chat)),
-                             media_type=NDJSON_MEDIA_TYPE, on_close=handle.aclose)
+                             media_type=NDJSON_MEDIA_TYPE, on_close=handle.aclose,
+                             stall_timeout_s=_ctx(request).server_config.stream_stall_timeout_s)
     try:
         result = await run_until_disconnect(serving.ollama_full(handle, model, chat=chat), request.receive)
     finally:
@@ -76,6 +77,7 @@ async def chat(body: ol.ChatRequest, request: Request) -> Response:
     _check_unsupported(body)
     if not body.messages:
         return JSONResponse(_load_response(model, chat=True))
+    check_num_messages(len(body.messages), _ctx(request).engine.max_model_len)
     for m in body.messages:
         if m.images:
             raise APIError(400, "images are not supported by this server", param="messages")

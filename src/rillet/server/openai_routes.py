@@ -53,7 +53,8 @@ async def _respond(request: Request, handle: Any, meta: OpenAIMeta, stream: bool
                    full_fn: Any) -> Response:
     if stream:
         return StreamingBody(sse_stream(stream_fn(handle, meta)), media_type=SSE_MEDIA_TYPE,
-                             keepalive=SSE_KEEPALIVE, on_close=handle.aclose)
+                             keepalive=SSE_KEEPALIVE, on_close=handle.aclose,
+                             stall_timeout_s=_ctx(request).server_config.stream_stall_timeout_s)
     try:
         result = await run_until_disconnect(full_fn(handle, meta), request.receive)
     finally:
@@ -67,7 +68,7 @@ async def _respond(request: Request, handle: Any, meta: OpenAIMeta, stream: bool
 async def chat_completions(body: oa.ChatCompletionRequest, request: Request) -> Response:
     serving = _ctx(request).serving
     model = serving.check_model(body.model)
-    messages = openai_messages(body.messages)
+    messages = openai_messages(body.messages, _ctx(request).engine.max_model_len)
     params = serving.openai_params(body)
     handle = await serving.submit(messages, params, prefix="chatcmpl", arrival=_arrival(request),
                                   prompt_param="messages")

@@ -4,6 +4,9 @@ First signal: new requests get 503, /health says "draining", running streams may
 `drain_timeout_s`; then the rest are aborted (their streams end with a terminal error event)
 and uvicorn shuts down; exit status 0. A second signal aborts the running streams at once;
 a third exits immediately.
+
+If the engine fails to load, or its loop dies while serving (see `create_app`), the server
+shuts down the same way and exits with status 1, so that a supervisor restarts it.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import socket
 import sys
 from collections.abc import Iterator
 from typing import Any
@@ -77,7 +81,11 @@ class DrainingServer(uvicorn.Server):
             self.should_exit = True
 
     def engine_failed(self, exc: BaseException) -> None:
-        logger.error("exiting: the model could not be loaded")
+        """The engine failed to load or died while serving: exit with status 1 (a supervisor restarts)."""
+        if self.ctx.start_error is exc:
+            logger.error("exiting with status 1: the model could not be loaded")
+        else:
+            logger.error("exiting with status 1: %s", exc)
         self.exit_code = 1
         self.should_exit = True
 
@@ -103,5 +111,12 @@ def serve(server_config: ServerConfig | None = None, engine_config: EngineConfig
                             timeout_graceful_shutdown=5, ws="none", server_header=False)
     server = DrainingServer(config, app.state.rillet, server_config.drain_timeout_s)
     app.state.rillet.on_engine_failure = server.engine_failed
-    asyncio.run(server.serve())
+    sockets = None
+    if server_config.send_buffer_bytes:
+        # Accepted connections inherit the listening socket's SO_SNDBUF (which also turns off the
+        # kernel's autotuning of it, up to net.ipv4.tcp_wmem's max: 4 MiB on common systems).
+        sock = config.bind_socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, server_config.send_buffer_bytes)
+        sockets = [sock]
+    asyncio.run(server.serve(sockets=sockets))
     return server.exit_code

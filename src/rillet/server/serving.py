@@ -26,7 +26,7 @@ from rillet.sampling_params import SamplingParams
 from rillet.server.errors import APIError
 from rillet.server.metrics import Metrics
 
-__all__ = ["RequestHandle", "ServerState", "Serving", "request_id_var"]
+__all__ = ["RequestHandle", "ServerState", "Serving", "check_num_messages", "request_id_var"]
 
 logger = logging.getLogger("rillet.server")
 
@@ -198,9 +198,17 @@ def ollama_timestamp(t: float | None = None) -> str:
     return datetime.fromtimestamp(time.time() if t is None else t, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
+SEED_RANGE = (-(1 << 63), (1 << 63) - 1)  # int64, as torch.Generator.manual_seed takes (after + choice index)
+
+
 def make_sampling_params(openai_names: dict[str, str] | None = None, **values: Any) -> SamplingParams:
     """SamplingParams from the values that were given; ValueError -> 400 naming the API's field."""
     values = {k: v for k, v in values.items() if v is not None or k == "max_tokens"}  # None: up to the context
+    seed = values.get("seed")
+    if isinstance(seed, int) and not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
+        # out of int64 the sampler's generator would raise inside the forward step (failing the batch)
+        raise APIError(400, f"seed must be a 64-bit integer (from {SEED_RANGE[0]} to {SEED_RANGE[1]}), got {seed}",
+                       param="seed")
     try:
         return SamplingParams(**values)
     except (ValueError, TypeError) as exc:
@@ -210,6 +218,20 @@ def make_sampling_params(openai_names: dict[str, str] | None = None, **values: A
         if param and openai_names:
             param = openai_names.get(param, param)
         raise APIError(400, message, param=param) from None
+
+
+def _check_unicode(prompt: Any, param: str) -> None:
+    """JSON escapes can carry lone surrogates (\\ud800), which no tokenizer can encode: a clear 400."""
+    texts = [prompt] if isinstance(prompt, str) else []
+    if isinstance(prompt, list):
+        texts = [m.get("content") for m in prompt if isinstance(m, dict)]
+    for text in texts:
+        if isinstance(text, str) and not text.isascii():
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise APIError(400, f"{param} holds invalid Unicode: a lone surrogate "
+                                    f"(U+{ord(text[exc.start]):04X}) at character {exc.start}", param=param) from None
 
 
 def _abort_message(state: ServerState) -> str:
@@ -270,9 +292,19 @@ def _content_text(message: oa.ChatMessage) -> str:
 _ROLES = {"system", "user", "assistant", "developer"}
 
 
-def openai_messages(messages: list[oa.ChatMessage]) -> list[dict[str, str]]:
+def check_num_messages(num_messages: int, max_model_len: int) -> None:
+    """Every message costs at least one prompt token: refuse a conversation that cannot fit before
+    spending seconds on its chat template (a 100k-message body is a few MB of JSON)."""
+    if num_messages >= max_model_len:
+        raise APIError(400, f"{num_messages} messages cannot fit in the context of {max_model_len} tokens "
+                            "(max_model_len)", param="messages", code="context_length_exceeded")
+
+
+def openai_messages(messages: list[oa.ChatMessage], max_model_len: int | None = None) -> list[dict[str, str]]:
     if not messages:
         raise APIError(400, "messages must not be empty", param="messages")
+    if max_model_len is not None:
+        check_num_messages(len(messages), max_model_len)
     out = []
     for m in messages:
         if m.role not in _ROLES:
@@ -323,6 +355,7 @@ class Serving:
         if self.state.draining:
             self.metrics.request_rejected.labels("draining").inc()
             raise APIError(503, "the server is shutting down", code="server_shutting_down")
+        _check_unicode(prompt, prompt_param)
         request_id = _new_id(prefix)
         try:
             try:

@@ -2,7 +2,9 @@
 
 `StreamingBody` sends each chunk as soon as it is made and races the body against the
 client: when `http.disconnect` arrives it cancels the body (whose cleanup aborts the
-engine request) and calls `on_close`, like vLLM's `with_cancellation`.
+engine request) and calls `on_close`, like vLLM's `with_cancellation`. A client that stays
+connected but stops reading is ended the same way once a send has been blocked for
+`stall_timeout_s` (the server never buffers more than the socket and transport buffers).
 """
 
 from __future__ import annotations
@@ -76,7 +78,7 @@ class StreamingBody(Response):
 
     def __init__(self, body: AsyncIterator[bytes], *, media_type: str, status_code: int = 200,
                  headers: dict[str, str] | None = None, keepalive: bytes | None = None,
-                 keepalive_interval_s: float = 15.0,
+                 keepalive_interval_s: float = 15.0, stall_timeout_s: float | None = None,
                  on_close: Callable[[], Awaitable[None]] | None = None) -> None:
         self.body_iterator = body
         self.status_code = status_code
@@ -84,24 +86,32 @@ class StreamingBody(Response):
         self.background = None
         self.keepalive = keepalive
         self.keepalive_interval_s = keepalive_interval_s
+        self.stall_timeout_s = stall_timeout_s or None
         self.on_close = on_close
         self.client_disconnected = False
+        self.client_stalled = False
         self.init_headers({**STREAM_HEADERS, **(headers or {})})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         loop = asyncio.get_running_loop()
         lock = asyncio.Lock()
         last_send = loop.time()
+        sending_since: float | None = None  # when the send in flight began (None: none in flight)
+
+        async def send_body(chunk: bytes, more_body: bool = True) -> None:
+            nonlocal last_send, sending_since
+            async with lock:
+                sending_since = loop.time()
+                # blocks while the transport's write buffer is full (uvicorn's flow control)
+                await send({"type": "http.response.body", "body": chunk, "more_body": more_body})
+                sending_since = None
+            last_send = loop.time()
 
         async def pump() -> None:
-            nonlocal last_send
             await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
             async for chunk in self.body_iterator:
-                async with lock:
-                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                last_send = loop.time()
-            async with lock:
-                await send({"type": "http.response.body", "body": b"", "more_body": False})
+                await send_body(chunk)
+            await send_body(b"", more_body=False)
 
         async def watch() -> None:
             while True:
@@ -110,24 +120,42 @@ class StreamingBody(Response):
                     return
 
         async def keepalive() -> None:
-            nonlocal last_send
             interval = self.keepalive_interval_s
             while True:
                 await asyncio.sleep(max(0.0, last_send + interval - loop.time()))
                 if loop.time() - last_send >= interval:
-                    async with lock:
-                        await send({"type": "http.response.body", "body": self.keepalive, "more_body": True})
-                    last_send = loop.time()
+                    await send_body(self.keepalive)  # type: ignore[arg-type]
+
+        async def stall_watchdog() -> None:
+            """A client that stops reading fills the socket and the transport buffer, then every
+            send blocks; past `stall_timeout_s` the stream is ended (its engine request aborted),
+            so a stalled reader holds neither a batch slot nor a growing queue of outputs."""
+            timeout = self.stall_timeout_s
+            assert timeout is not None
+            while True:
+                since = sending_since
+                wait = timeout if since is None else since + timeout - loop.time()
+                if since is not None and wait <= 0:
+                    return
+                await asyncio.sleep(min(max(wait, 0.05), 1.0))
 
         pump_task = asyncio.ensure_future(pump())
         watch_task = asyncio.ensure_future(watch())
-        tasks = [pump_task, watch_task]
+        ending = [pump_task, watch_task]  # the first of these to finish ends the response
+        if self.stall_timeout_s:
+            ending.append(asyncio.ensure_future(stall_watchdog()))
+        tasks = list(ending)
         if self.keepalive:
             tasks.append(asyncio.ensure_future(keepalive()))
         try:
-            await asyncio.wait((pump_task, watch_task), return_when=asyncio.FIRST_COMPLETED)
-            if watch_task.done() and not pump_task.done():
-                self.client_disconnected = True
+            await asyncio.wait(ending, return_when=asyncio.FIRST_COMPLETED)
+            if not pump_task.done():
+                if watch_task.done():
+                    self.client_disconnected = True
+                else:
+                    self.client_stalled = True
+                    logger.warning("the client has not read its stream for %.0fs: ending the stream and "
+                                   "closing the connection", self.stall_timeout_s)
         finally:
             for task in tasks:
                 task.cancel()
