@@ -162,6 +162,11 @@ class AsyncEngine:
         if self._health != "ready" or self._stopping:
             raise EngineNotReadyError("the engine is " + ("shutting down" if self._stopping else self._health))
 
+    def _check_queue(self) -> None:
+        max_waiting = self.config.max_waiting
+        if max_waiting is not None and self.num_queued() >= max_waiting:
+            raise QueueFullError(f"{max_waiting} requests are already waiting for a slot; retry later")
+
     async def add_request(self, prompt: Prompt, params: SamplingParams,
                           request_id: str | None = None) -> RequestStream:
         """Validate and queue a request. Raises ValueError (bad prompt or parameters),
@@ -171,9 +176,7 @@ class AsyncEngine:
         request_id = request_id or uuid.uuid4().hex
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use")
-        max_waiting = self.config.max_waiting
-        if max_waiting is not None and self.num_queued() >= max_waiting:
-            raise QueueFullError(f"{max_waiting} requests are already waiting for a slot; retry later")
+        self._check_queue()
         engine = self.engine
         if isinstance(prompt, str) and len(prompt) < 2048:
             token_ids = engine.encode_prompt(prompt)
@@ -181,6 +184,7 @@ class AsyncEngine:
             token_ids = await asyncio.to_thread(engine.encode_prompt, prompt)
         engine.check_prompt_length(len(token_ids))
         self._check_accepting()
+        self._check_queue()  # again: other requests may have been queued while this one was tokenized
         stream = RequestStream(self, request_id, len(token_ids), params.n)
         self._streams[request_id] = stream
         with self._cv:
