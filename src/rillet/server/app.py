@@ -8,6 +8,7 @@ pass through untouched.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import logging
 import os
@@ -43,6 +44,8 @@ logger = logging.getLogger("rillet.server")
 STATIC_DIR = Path(__file__).parent / "static"
 _REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 _QUIET_PATHS = ("/health", "/metrics")
+REFUSED_BODY_DRAIN_BYTES = 64 << 20  # an oversized body is read and dropped up to this much before the 413
+REFUSED_BODY_DRAIN_S = 5.0  # ... or for this long
 ENGINE_WATCH_INTERVAL_S = 0.2  # how often the app checks that the engine loop is alive
 DEAD_ENGINE_GRACE_S = 5.0  # after the engine dies, how long streams may take to send their error event
 
@@ -163,7 +166,7 @@ class BodyLimitMiddleware:
             except ValueError:
                 too_big = False
             if too_big:
-                await self._refuse(scope, receive, send, path)
+                await self._refuse(scope, receive, send, path, discard=True)
                 return
         chunks: list[bytes] = []
         size = 0
@@ -174,7 +177,7 @@ class BodyLimitMiddleware:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_bytes:
-                await self._refuse(scope, receive, send, path)
+                await self._refuse(scope, receive, send, path, discard=message.get("more_body", False))
                 return
             if chunk:
                 chunks.append(chunk)
@@ -197,10 +200,24 @@ class BodyLimitMiddleware:
 
         await self.app(scope, replay, send)
 
-    async def _refuse(self, scope: Scope, receive: Receive, send: Send, path: str) -> None:
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send, path: str, discard: bool) -> None:
+        if discard:
+            # Read (and drop) the rest of the body first, within bounds: closing a connection with
+            # unread input makes the kernel send a reset, and the client never sees the 413.
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._discard_body(receive), REFUSED_BODY_DRAIN_S)
         response = error_response(path, 413, f"request body is larger than {self.max_bytes} bytes",
                                   code="request_too_large", headers={"Connection": "close"})
         await response(scope, receive, send)
+
+    @staticmethod
+    async def _discard_body(receive: Receive) -> None:
+        discarded = 0
+        while discarded < REFUSED_BODY_DRAIN_BYTES:
+            message = await receive()
+            if message["type"] == "http.disconnect" or not message.get("more_body", False):
+                return
+            discarded += len(message.get("body", b""))
 
 
 # ------------------------------------------------------------------ error handlers

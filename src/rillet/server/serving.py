@@ -215,8 +215,9 @@ def make_sampling_params(openai_names: dict[str, str] | None = None, **values: A
         message = str(exc)
         first = message.split(" ", 1)[0]
         param = first if first in _SAMPLING_FIELDS else None
-        if param and openai_names:
-            param = openai_names.get(param, param)
+        if param and openai_names and param in openai_names:
+            param = openai_names[param]  # the API's name for the field, in the message too
+            message = param + message[len(first):]
         raise APIError(400, message, param=param) from None
 
 

@@ -1,0 +1,32 @@
+"""Fixtures of the reliability tests: real `rillet serve` processes and the load shapes in
+reliability_harness.py (shared with scripts/soak.py, which runs the long variants)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import reliability_harness as rh  # noqa: E402
+
+MAIN_KEY = "rel-5ecret-K3y-9f41c2"  # grepped for in the server's log by the auth test
+STALL_TIMEOUT_S = 3.0
+
+
+@pytest.fixture(scope="session")
+def main_server():
+    """One server for the storm, slow-reader, hostile-input and auth tests: float32 (greedy text does
+    not depend on batch mates, so the well-behaved stream can be compared), --api-key, debug logs
+    (the auth test greps them for the key), and a short stall timeout for the slow-reader test."""
+    server = rh.start_server("--dtype", "float32", "--kv-cache-gib", "1", "--log-level", "debug",
+                             "--stream-stall-timeout-s", str(STALL_TIMEOUT_S), "--send-buffer-bytes", "32768",
+                             api_key=MAIN_KEY)
+    try:
+        yield server.wait_ready()
+    finally:
+        server.stop()
+    # after every test that used it (the auth test checks this too, mid-run)
+    assert MAIN_KEY not in server.log_path.read_text(errors="replace"), "the API key appeared in the server log"

@@ -1,0 +1,648 @@
+"""Load shapes for the reliability tests (fast variants) and scripts/soak.py (long variants).
+
+Everything talks raw HTTP/1.1 over asyncio sockets: the client must be able to vanish at any
+byte (mid-body, after the headers, after k events), to stop reading, and to hold hundreds of
+connections without the client's own overhead dominating a 2-core machine. Each scenario
+returns a plain dict report (what was tried, what was seen), which the tests assert on and the
+soak script prints; docs/RELIABILITY.md records the figures.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import random
+import re
+import resource
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, AsyncIterator
+from urllib.parse import urlsplit
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+
+
+def _load_rillet_proc():
+    """tests/client/rillet_proc.py under the module name the other suites use (one shared server)."""
+    import importlib.util
+
+    name = "rillet_tests_rillet_proc"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, REPO / "tests" / "client" / "rillet_proc.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+rillet_proc = _load_rillet_proc()
+poll_until = rillet_proc.poll_until
+
+
+# ------------------------------------------------------------------ processes
+
+
+def start_server(*args: str, api_key: str | None = None, env: dict[str, str] | None = None):
+    """A `rillet serve` subprocess (tests/client/rillet_proc.RilletServer) with extra env vars."""
+    saved = {k: os.environ.get(k) for k in (env or {})}
+    os.environ.update(env or {})
+    try:
+        return rillet_proc.RilletServer(*args, api_key=api_key)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident memory of a process (VmRSS)."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+def raise_nofile(wanted: int) -> int:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+class RssSampler:
+    """Samples a process's RSS in the background (peak, first, last)."""
+
+    def __init__(self, pid: int, interval_s: float = 0.25) -> None:
+        self.pid = pid
+        self.interval_s = interval_s
+        self.samples: list[int] = []
+        self._task: asyncio.Task | None = None
+
+    async def _run(self) -> None:
+        while True:
+            with contextlib.suppress(OSError, RuntimeError):
+                self.samples.append(rss_bytes(self.pid))
+            await asyncio.sleep(self.interval_s)  # a sampling period, not synchronization
+
+    def __enter__(self) -> RssSampler:
+        with contextlib.suppress(OSError, RuntimeError):
+            self.samples.append(rss_bytes(self.pid))
+        self._task = asyncio.get_running_loop().create_task(self._run())
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        with contextlib.suppress(OSError, RuntimeError):
+            self.samples.append(rss_bytes(self.pid))
+
+    @property
+    def peak(self) -> int:
+        return max(self.samples)
+
+
+# ------------------------------------------------------------------ metrics
+
+
+def metric(text: str, name: str) -> float:
+    """Sum of a metric's samples over all label sets (0 when absent)."""
+    total = 0.0
+    for match in re.finditer(rf"^{re.escape(name)}(?:\{{[^}}]*\}})?\s+([0-9.eE+-]+|NaN)$", text, re.M):
+        total += float(match.group(1))
+    return total
+
+
+def get_metrics(url: str, headers: dict[str, str] | None = None) -> str:
+    import httpx
+
+    r = httpx.get(url + "/metrics", headers=headers or {}, timeout=30)
+    r.raise_for_status()
+    return r.text
+
+
+def engine_gauges(url: str, headers: dict[str, str] | None = None) -> dict[str, float]:
+    text = get_metrics(url, headers)
+    return {"running": metric(text, "rillet:num_requests_running"),
+            "waiting": metric(text, "rillet:num_requests_waiting"),
+            "kv_cache_usage": metric(text, "rillet:kv_cache_usage_perc"),
+            "aborted": metric(text, "rillet:request_aborted_total"),
+            "errors": metric(text, "rillet:request_error_total"),
+            "success": metric(text, "rillet:request_success_total"),
+            "rejected": metric(text, "rillet:request_rejected_total")}
+
+
+def wait_engine_idle(url: str, headers: dict[str, str] | None = None, timeout_s: float = 60.0) -> dict[str, float]:
+    """Poll /metrics until no request runs or waits and the KV cache is empty."""
+    def idle():
+        g = engine_gauges(url, headers)
+        return g if g["running"] == 0 and g["waiting"] == 0 and g["kv_cache_usage"] == 0 else None
+
+    return poll_until(idle, timeout_s, "the engine to go idle (no running/waiting request, KV usage 0)", 0.2)
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    values = sorted(values)
+    k = max(0, min(len(values) - 1, int(round(q / 100 * (len(values) - 1)))))
+    return values[k]
+
+
+def summarize_ms(values: list[float]) -> dict[str, float | None]:
+    def ms(v: float | None) -> float | None:
+        return None if v is None else round(v * 1000, 1)
+
+    return {"n": len(values), "p50_ms": ms(percentile(values, 50)), "p99_ms": ms(percentile(values, 99)),
+            "max_ms": ms(max(values) if values else None)}
+
+
+# ------------------------------------------------------------------ raw HTTP/1.1 client
+
+
+def split_url(url: str) -> tuple[str, int]:
+    parts = urlsplit(url)
+    return parts.hostname or "127.0.0.1", parts.port or 80
+
+
+def request_bytes(method: str, path: str, body: bytes | None, headers: dict[str, str] | None = None,
+                  content_length: int | None = None) -> bytes:
+    lines = [f"{method} {path} HTTP/1.1", "Host: 127.0.0.1", "Connection: close"]
+    if body is not None:
+        lines += ["Content-Type: application/json", f"Content-Length: {len(body) if content_length is None else content_length}"]
+    lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + (body or b"")
+
+
+async def read_head(reader: asyncio.StreamReader) -> tuple[int, dict[str, str]]:
+    raw = await reader.readuntil(b"\r\n\r\n")
+    status_line, *lines = raw.decode("latin-1").split("\r\n")
+    headers = {}
+    for line in lines:
+        if ":" in line:
+            k, v = line.split(":", 1)
+            headers[k.strip().lower()] = v.strip()
+    return int(status_line.split()[1]), headers
+
+
+async def iter_body(reader: asyncio.StreamReader, headers: dict[str, str]) -> AsyncIterator[bytes]:
+    if headers.get("transfer-encoding", "").lower() == "chunked":
+        while True:
+            size = int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)
+            if size == 0:
+                await reader.readuntil(b"\r\n")
+                return
+            data = await reader.readexactly(size + 2)
+            yield data[:-2]
+    elif "content-length" in headers:
+        yield await reader.readexactly(int(headers["content-length"]))
+    else:
+        while chunk := await reader.read(65536):
+            yield chunk
+
+
+async def iter_lines(reader: asyncio.StreamReader, headers: dict[str, str]) -> AsyncIterator[bytes]:
+    buf = b""
+    async for chunk in iter_body(reader, headers):
+        buf += chunk
+        while b"\n" in buf:
+            line, buf = buf.split(b"\n", 1)
+            yield line
+    if buf:
+        yield buf
+
+
+@dataclass
+class StreamResult:
+    """One request as the client saw it."""
+
+    status: int = 0
+    headers: dict[str, str] = field(default_factory=dict)
+    events: list[Any] = field(default_factory=list)  # parsed SSE data / NDJSON objects; "[DONE]"
+    body: Any = None  # non-streaming JSON body
+    t_sent: float = 0.0
+    t_head: float | None = None
+    token_times: list[float] = field(default_factory=list)  # perf_counter of each event carrying text
+    text: str = ""
+    finish_reason: str | None = None
+    error: Any = None  # the terminal error event / error body, if any
+    done: bool = False  # [DONE] (SSE), done:true (NDJSON), or a complete JSON body
+    exception: str | None = None  # client-side failure (connection reset...)
+    closed_early: bool = False  # the client hung up on purpose
+
+    @property
+    def ttft(self) -> float | None:
+        return self.token_times[0] - self.t_sent if self.token_times else None
+
+    @property
+    def itls(self) -> list[float]:
+        return [b - a for a, b in zip(self.token_times, self.token_times[1:])]
+
+    @property
+    def ended_cleanly(self) -> bool:
+        """A finish reason and the stream's end marker, or a terminal error event: never a silent cut."""
+        if self.error is not None:
+            return True
+        return self.done and self.finish_reason is not None
+
+
+def _content(obj: dict[str, Any]) -> tuple[str, str | None]:
+    """(text delta, finish reason) of one OpenAI chunk / Ollama line / full body."""
+    if "choices" in obj:
+        if not obj["choices"]:
+            return "", None
+        c = obj["choices"][0]
+        if "delta" in c:
+            text = c["delta"].get("content") or ""
+        elif "message" in c:
+            text = c["message"].get("content") or ""
+        else:
+            text = c.get("text") or ""
+        return text, c.get("finish_reason")
+    if "message" in obj or "response" in obj:
+        text = (obj.get("message") or {}).get("content") or obj.get("response") or ""
+        return text, obj.get("done_reason") if obj.get("done") else None
+    return "", None
+
+
+def is_stream(path: str, body: dict[str, Any]) -> bool:
+    """OpenAI routes stream only when asked; Ollama's stream unless told not to."""
+    if path.startswith("/api/"):
+        return body.get("stream") is not False
+    return body.get("stream") is True
+
+
+async def http_request(url: str, path: str, body: dict[str, Any] | bytes | None, *,
+                       headers: dict[str, str] | None = None, method: str = "POST",
+                       close_after_events: int | None = None, close_after_head: bool = False,
+                       close_after_send: bool = False, timeout_s: float = 300.0,
+                       res: StreamResult | None = None) -> StreamResult:
+    """Send one request and read its answer (streamed or not), recording token timings in `res`
+    (a fresh StreamResult unless given: pass one to watch a stream's progress while it runs).
+
+    close_after_send / close_after_head / close_after_events: hang up at that point on purpose."""
+    host, port = split_url(url)
+    raw_body = body if isinstance(body, (bytes, type(None))) else json.dumps(body).encode()
+    streaming = isinstance(body, dict) and is_stream(path, body)
+    res = res if res is not None else StreamResult()
+    writer = None
+    try:
+        reader, writer = await asyncio.open_connection(host, port, limit=1 << 22)
+        res.t_sent = time.perf_counter()
+        writer.write(request_bytes(method, path, raw_body, headers))
+        await writer.drain()
+        if close_after_send:
+            res.closed_early = True
+            return res
+        async with asyncio.timeout(timeout_s):
+            res.status, res.headers = await read_head(reader)
+            res.t_head = time.perf_counter()
+            if close_after_head:
+                res.closed_early = True
+                return res
+            if res.status != 200 or not streaming:
+                data = b"".join([c async for c in iter_body(reader, res.headers)])
+                try:
+                    res.body = json.loads(data) if data else None
+                except ValueError:
+                    res.body = data.decode("utf-8", "replace")
+                if res.status != 200:
+                    res.error = res.body
+                elif isinstance(res.body, dict):
+                    res.text, res.finish_reason = _content(res.body)
+                    res.done = True
+                return res
+            sse = res.headers.get("content-type", "").startswith("text/event-stream")
+            async for line in iter_lines(reader, res.headers):
+                if sse:
+                    if not line.startswith(b"data: "):
+                        continue
+                    data = line[6:]
+                    if data == b"[DONE]":
+                        res.events.append("[DONE]")
+                        res.done = True
+                        continue
+                    obj = json.loads(data)
+                else:
+                    if not line.strip():
+                        continue
+                    obj = json.loads(line)
+                res.events.append(obj)
+                if "error" in obj:
+                    res.error = obj
+                    continue
+                text, reason = _content(obj)
+                if text:
+                    res.text += text
+                    res.token_times.append(time.perf_counter())
+                if reason is not None:
+                    res.finish_reason = reason
+                if not sse and obj.get("done"):
+                    res.done = True
+                if close_after_events is not None and len(res.events) >= close_after_events:
+                    res.closed_early = True
+                    return res
+    except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError, ValueError) as exc:
+        res.exception = f"{type(exc).__name__}: {exc}"
+    finally:
+        if writer is not None:
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+    return res
+
+
+# ------------------------------------------------------------------ request shapes
+
+
+LONG_PROMPT_WORDS = ("river stone lantern orchard meadow harbor compass ember willow quarry "
+                     "thistle beacon canyon glacier prairie tundra").split()
+
+
+def long_prompt(rng: random.Random, num_words: int) -> str:
+    return " ".join(rng.choice(LONG_PROMPT_WORDS) for _ in range(num_words))
+
+
+def chat_body(content: str, max_tokens: int, stream: bool = True, **extra: Any) -> dict[str, Any]:
+    return {"messages": [{"role": "user", "content": content}], "max_tokens": max_tokens, "stream": stream,
+            **extra}
+
+
+def completion_body(prompt: str, max_tokens: int, stream: bool = True, **extra: Any) -> dict[str, Any]:
+    return {"prompt": prompt, "max_tokens": max_tokens, "stream": stream, **extra}
+
+
+def ollama_body(content: str, max_tokens: int, stream: bool = True) -> dict[str, Any]:
+    return {"messages": [{"role": "user", "content": content}], "stream": stream,
+            "options": {"num_predict": max_tokens, "temperature": 0.7}}
+
+
+REFERENCE_PATH = "/v1/chat/completions"
+
+
+def reference_body(max_tokens: int = 40) -> dict[str, Any]:
+    """The well-behaved stream: greedy, a fixed length (ignore_eos), so its text can be compared."""
+    return chat_body("List the planets of the solar system, one per line.", max_tokens, temperature=0,
+                     ignore_eos=True)
+
+
+# ------------------------------------------------------------------ scenario: disconnect storm
+
+
+STORM_MODES = ("close_after_send", "partial_body", "close_after_head_long_prompt", "mid_stream",
+               "mid_stream_ollama")
+
+
+async def disconnect_storm(url: str, *, n: int, headers: dict[str, str] | None = None, seed: int = 0,
+                           max_in_flight: int = 32, long_prompt_words: int = 600,
+                           reference: StreamResult | None = None) -> dict[str, Any]:
+    """`n` streams, each dropped at a random point: right after sending (before any token), halfway
+    through the request body, after the response headers while a long prompt is being prefilled,
+    or after a random number of events (mid-stream, OpenAI SSE or Ollama NDJSON). Meanwhile one
+    well-behaved greedy stream runs from start to end (compared against `reference` by the caller)."""
+    rng = random.Random(seed)
+    plan = [rng.choice(STORM_MODES) for _ in range(n)]
+    gate = asyncio.Semaphore(max_in_flight)
+    host, port = split_url(url)
+
+    async def one(i: int, mode: str) -> StreamResult | None:
+        async with gate:
+            if mode == "close_after_send":
+                return await http_request(url, "/v1/chat/completions",
+                                          chat_body(f"Story {i}: once upon a time", 200), headers=headers,
+                                          close_after_send=True)
+            if mode == "partial_body":
+                body = json.dumps(chat_body(f"Story {i}", 200)).encode()
+                try:
+                    _, writer = await asyncio.open_connection(host, port)
+                    writer.write(request_bytes("POST", "/v1/chat/completions", body[: len(body) // 2], headers,
+                                               content_length=len(body)))
+                    await writer.drain()
+                    writer.close()
+                    await writer.wait_closed()
+                except OSError:
+                    pass
+                return None
+            if mode == "close_after_head_long_prompt":
+                return await http_request(url, "/v1/completions",
+                                          completion_body(long_prompt(rng, long_prompt_words), 200),
+                                          headers=headers, close_after_head=True)
+            k = rng.randint(1, 24)
+            if mode == "mid_stream":
+                return await http_request(url, "/v1/completions",
+                                          completion_body(f"Tale {i}: the dragon said", 300, ignore_eos=True),
+                                          headers=headers, close_after_events=k)
+            return await http_request(url, "/api/chat", ollama_body(f"Tell tale {i}.", 300), headers=headers,
+                                      close_after_events=k)
+
+    t0 = time.perf_counter()
+    good_task = asyncio.ensure_future(http_request(url, REFERENCE_PATH, reference_body(), headers=headers))
+    results = await asyncio.gather(*[one(i, m) for i, m in enumerate(plan)])
+    good = await good_task
+    modes = {m: plan.count(m) for m in STORM_MODES}
+    unexpected = [r.exception for r in results if r is not None and r.exception and not r.closed_early]
+    statuses: dict[str, int] = {}
+    for r in results:
+        if r is not None and r.status:
+            statuses[str(r.status)] = statuses.get(str(r.status), 0) + 1
+    return {"streams": n, "modes": modes, "statuses": statuses, "client_errors": unexpected,
+            "seconds": round(time.perf_counter() - t0, 1), "well_behaved": good,
+            "well_behaved_ok": reference is None or (good.text == reference.text and good.done
+                                                     and good.finish_reason == reference.finish_reason)}
+
+
+# ------------------------------------------------------------------ scenario: overload
+
+
+async def queue_sampler(url: str, headers: dict[str, str] | None, max_num_seqs: int, out: list[float],
+                        interval_s: float = 0.05) -> None:
+    """Sample /metrics: requests queued beyond the free slots (what --max-waiting bounds)."""
+    while True:
+        r = await http_request(url, "/metrics", None, headers=headers, method="GET")
+        if r.status == 200 and isinstance(r.body, str):
+            waiting = metric(r.body, "rillet:num_requests_waiting")
+            running = metric(r.body, "rillet:num_requests_running")
+            out.append(max(0.0, waiting - max(0.0, max_num_seqs - running)))
+        await asyncio.sleep(interval_s)  # a sampling period
+
+
+async def overload(url: str, *, n: int, headers: dict[str, str] | None = None, max_tokens: int = 8,
+                   pid: int | None = None, seed: int = 0, max_num_seqs: int | None = None) -> dict[str, Any]:
+    """`n` connections at once (chat / completions / Ollama, streamed or not). Reports statuses,
+    how fast the refusals came, whether every accepted request finished, peak server RSS and
+    (given max_num_seqs) the most requests seen queued beyond the free slots."""
+    rng = random.Random(seed)
+    kinds = ["chat_stream", "chat", "completion_stream", "completion", "ollama_stream"]
+
+    def request(i: int) -> tuple[str, dict[str, Any]]:
+        kind = rng.choice(kinds)
+        text = f"Give me fact number {i} about owls."
+        if kind.startswith("chat"):
+            return "/v1/chat/completions", chat_body(text, max_tokens, stream=kind.endswith("stream"))
+        if kind.startswith("completion"):
+            return "/v1/completions", completion_body(text, max_tokens, stream=kind.endswith("stream"))
+        return "/api/chat", ollama_body(text, max_tokens)
+
+    plan = [request(i) for i in range(n)]
+    sampler = RssSampler(pid) if pid else contextlib.nullcontext()
+    t0 = time.perf_counter()
+    queued: list[float] = []
+    qtask = asyncio.ensure_future(queue_sampler(url, headers, max_num_seqs, queued)) if max_num_seqs else None
+    try:
+        with sampler:
+            results = await asyncio.gather(*[http_request(url, p, b, headers=headers) for p, b in plan])
+    finally:
+        if qtask is not None:
+            qtask.cancel()
+    elapsed = time.perf_counter() - t0
+    statuses: dict[str, int] = {}
+    for r in results:
+        key = str(r.status) if r.status else f"no response ({(r.exception or '').split(':')[0]})"
+        statuses[key] = statuses.get(key, 0) + 1
+    refused = [r for r in results if r.status == 429]
+    accepted = [r for r in results if r.status == 200]
+    unfinished = [r for r in accepted if not (r.done and r.finish_reason in ("stop", "length")) or r.error]
+    report = {
+        "connections": n, "seconds": round(elapsed, 1), "statuses": statuses,
+        "accepted": len(accepted), "accepted_unfinished": len(unfinished),
+        "refused_429": len(refused),
+        "refusal_latency": summarize_ms([r.t_head - r.t_sent for r in refused if r.t_head]),
+        "accepted_latency": summarize_ms([r.t_head - r.t_sent for r in accepted if r.t_head]),
+        "retry_after_missing": sum(1 for r in refused if "retry-after" not in r.headers),
+        "server_5xx": sum(1 for r in results if r.status >= 500),
+        "no_response": sum(1 for r in results if not r.status),
+    }
+    if queued:
+        report["max_queued_seen"] = max(queued)
+    if pid:
+        report["rss_mb"] = {"start": round(sampler.samples[0] / 2**20, 1),
+                            "peak": round(sampler.peak / 2**20, 1),
+                            "end": round(sampler.samples[-1] / 2**20, 1)}
+    return report
+
+
+# ------------------------------------------------------------------ scenario: mixed soak
+
+
+INVALID_BODIES: list[tuple[str, bytes]] = [
+    ("/v1/chat/completions", b'{"messages": ['),
+    ("/v1/chat/completions", b'{"messages": [{"role": "wizard", "content": "x"}]}'),
+    ("/v1/completions", b'{"prompt": "x", "max_tokens": -1}'),
+    ("/v1/completions", b'{"prompt": "x", "n": 99}'),
+    ("/api/chat", b'{"messages": "not a list"}'),
+    ("/v1/completions", b'{"prompt": "x", "temperature": "hot"}'),
+]
+
+
+async def mixed_soak(url: str, *, duration_s: float, concurrency: int, headers: dict[str, str] | None = None,
+                     pid: int | None = None, seed: int = 0, max_tokens: int = 48,
+                     progress_every_s: float = 0.0) -> dict[str, Any]:
+    """`concurrency` clients, each sending one request after another until `duration_s` is over:
+    streaming (OpenAI chat / completions, Ollama), non-streaming, aborted mid-stream, invalid."""
+    rng = random.Random(seed)
+    weights = {"stream_chat": 30, "stream_completion": 15, "stream_ollama": 10, "non_stream": 20,
+               "aborted": 15, "invalid": 10}
+    kinds = list(weights)
+    counts: dict[str, int] = {k: 0 for k in kinds}
+    outcomes: dict[str, int] = {}
+    ttfts: list[float] = []
+    itls: list[float] = []
+    rss: list[tuple[float, int]] = []
+    deadline = time.perf_counter() + duration_s
+    t0 = time.perf_counter()
+
+    def note(outcome: str) -> None:
+        outcomes[outcome] = outcomes.get(outcome, 0) + 1
+
+    async def client(c: int) -> None:
+        i = 0
+        while time.perf_counter() < deadline:
+            i += 1
+            kind = rng.choices(kinds, [weights[k] for k in kinds])[0]
+            counts[kind] += 1
+            text = f"Client {c} request {i}: write about {rng.choice(LONG_PROMPT_WORDS)}s."
+            n_tokens = rng.randint(8, max_tokens)
+            if kind == "invalid":
+                path, raw = rng.choice(INVALID_BODIES)
+                r = await http_request(url, path, raw, headers=headers)
+                note(f"invalid->{r.status or r.exception}")
+                continue
+            if kind == "aborted":
+                r = await http_request(url, "/v1/chat/completions", chat_body(text, 200, ignore_eos=True),
+                                       headers=headers, close_after_events=rng.randint(1, 10))
+                note("aborted" if r.closed_early else f"aborted->{r.status or r.exception}:unexpected")
+                continue
+            if kind == "stream_chat":
+                r = await http_request(url, "/v1/chat/completions", chat_body(text, n_tokens), headers=headers)
+            elif kind == "stream_completion":
+                r = await http_request(url, "/v1/completions", completion_body(text, n_tokens), headers=headers)
+            elif kind == "stream_ollama":
+                r = await http_request(url, "/api/chat", ollama_body(text, n_tokens), headers=headers)
+            else:
+                r = await http_request(url, "/v1/chat/completions", chat_body(text, n_tokens, stream=False),
+                                       headers=headers)
+            if r.status == 200 and r.ended_cleanly and r.error is None:
+                note("ok")
+                if kind != "non_stream":
+                    if r.ttft is not None:
+                        ttfts.append(r.ttft)
+                    itls.extend(r.itls)
+            elif r.status == 200 and r.error is not None:
+                note("error_event")
+            elif r.status:
+                note(f"http_{r.status}")
+            else:
+                note(f"client_error:{(r.exception or '').split(':')[0]}")
+
+    async def watch() -> None:
+        next_progress = t0 + progress_every_s
+        while True:
+            if pid:
+                with contextlib.suppress(OSError, RuntimeError):
+                    rss.append((time.perf_counter() - t0, rss_bytes(pid)))
+            if progress_every_s and time.perf_counter() >= next_progress:
+                next_progress += progress_every_s
+                print(f"  soak {time.perf_counter() - t0:6.0f}s: {sum(counts.values())} requests, "
+                      f"outcomes {outcomes}, rss {rss[-1][1] / 2**20 if rss else 0:.0f} MB", flush=True)
+            await asyncio.sleep(1.0)  # a sampling period
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        await asyncio.gather(*[client(c) for c in range(concurrency)])
+    finally:
+        watcher.cancel()
+    if pid:
+        rss.append((time.perf_counter() - t0, rss_bytes(pid)))
+    elapsed = time.perf_counter() - t0
+    report = {"seconds": round(elapsed, 1), "concurrency": concurrency, "requests": sum(counts.values()),
+              "by_kind": counts, "outcomes": outcomes, "ttft": summarize_ms(ttfts), "itl": summarize_ms(itls)}
+    if rss:
+        report["rss_mb"] = {"start": round(rss[0][1] / 2**20, 1), "end": round(rss[-1][1] / 2**20, 1),
+                            "peak": round(max(v for _, v in rss) / 2**20, 1)}
+    return report
+
+
+async def wait_until(condition: Any, timeout_s: float, what: str) -> None:
+    """Poll `condition()` on the event loop until true, failing after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+def pct(a: float, b: float) -> float:
+    return round(100.0 * (b - a) / a, 2)
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
