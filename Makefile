@@ -32,5 +32,8 @@ serve: install
 test: test-deps
 	$(BIN)/python -m pytest -q
 
+soak: test-deps
+	$(BIN)/python scripts/soak.py $(SOAK_ARGS)
+
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache
