@@ -25,7 +25,7 @@ class ModelRunner:
         self.block_size = block_size
         self.device = device
         num_slots = num_blocks * block_size
-        shape = (num_slots, model.num_kv_heads, model.head_dim)
+        shape = (model.num_kv_heads, num_slots, model.head_dim)  # head-major, see Attention
         # Zeroed so that padded (masked) reads never meet NaN garbage.
         self.kv_caches = [(torch.zeros(shape, dtype=dtype, device=device),
                            torch.zeros(shape, dtype=dtype, device=device)) for _ in model.layers]
@@ -76,7 +76,7 @@ class ModelRunner:
             lengths = torch.tensor(decode_lengths, device=self.device)
             padding = torch.arange(decode_slots.shape[1], device=self.device)[None, :] >= lengths[:, None]
             decode_bias = torch.zeros(padding.shape, dtype=torch.float32, device=self.device)
-            decode_bias = decode_bias.masked_fill_(padding, -float("inf"))[:, None, None, :]
+            decode_bias = decode_bias.masked_fill_(padding, -float("inf"))[None, :, None, :]
         prefills = []
         for row0, row1, seq, context in prefill_specs:
             slots = self._slots([seq.block_table], [context])[0]

@@ -35,13 +35,8 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] slot each new token's K/V is written to
     num_decode: int  # the first num_decode rows are single-token decodes
     decode_slots: torch.Tensor | None  # [Bd, K] slots to read per decode row (padding masked)
-    decode_bias: torch.Tensor | None  # [Bd, 1, 1, K] float32: 0 where visible, -inf on padding
+    decode_bias: torch.Tensor | None  # [1, Bd, 1, K] float32: 0 where visible, -inf on padding
     prefills: list[PrefillSpan]
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
 class RMSNorm(nn.Module):
@@ -51,7 +46,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Same arithmetic as transformers: normalise in float32, scale in the input dtype.
+        if x.dtype != torch.float32:  # one fused kernel instead of six ops
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        # float32: the exact arithmetic of transformers, for token-for-token parity.
         dtype = x.dtype
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -79,16 +76,18 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, k_cache, v_cache, meta: AttentionMetadata):
         T = x.shape[0]
-        q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
-        q = q.view(T, self.num_heads, self.head_dim)
-        k = k.view(T, self.num_kv_heads, self.head_dim)
-        v = v.view(T, self.num_kv_heads, self.head_dim)
+        nh, nkv, d = self.num_heads, self.num_kv_heads, self.head_dim
+        qkv = self.qkv_proj(x).view(T, nh + 2 * nkv, d)
+        qk, v = qkv[:, :nh + nkv], qkv[:, nh + nkv:]
         if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
-        k_cache.index_copy_(0, meta.slot_mapping, k)
-        v_cache.index_copy_(0, meta.slot_mapping, v)
+            qk = torch.cat((self.q_norm(qk[:, :nh]), self.k_norm(qk[:, nh:])), dim=1)
+        # Rotary embedding of q and k at once; rotate_half(x) * sin == x.roll(d/2) * sin_signed.
+        qk = qk * cos + qk.roll(d // 2, dims=-1) * sin
+        q, k = qk[:, :nh], qk[:, nh:]
+        # Caches are head-major, [nkv, S, d]: a gather of slots is then already laid out
+        # [nkv, B, K, d] for batched matmuls and SDPA, with no copy of the gathered keys.
+        k_cache.index_copy_(1, meta.slot_mapping, k.transpose(0, 1))
+        v_cache.index_copy_(1, meta.slot_mapping, v.transpose(0, 1))
 
         out = torch.empty_like(q)
         nd = meta.num_decode
@@ -96,17 +95,17 @@ class Attention(nn.Module):
             # Plain batched matmuls: for one query row per sequence they beat the CPU flash kernel
             # several times over. Query heads are grouped by the KV head they share (GQA).
             group = self.num_heads // self.num_kv_heads
-            qd = q[:nd].view(nd, self.num_kv_heads, group, self.head_dim)
-            kd = k_cache[meta.decode_slots]  # [Bd, K, nkv, d]
-            vd = v_cache[meta.decode_slots]
-            scores = torch.matmul(qd, kd.permute(0, 2, 3, 1)).float() * self.scale  # [Bd, nkv, g, K]
+            qd = q[:nd].view(nd, self.num_kv_heads, group, self.head_dim).transpose(0, 1)  # [nkv, Bd, g, d]
+            kd = k_cache[:, meta.decode_slots]  # [nkv, Bd, K, d]
+            vd = v_cache[:, meta.decode_slots]
+            scores = torch.matmul(qd, kd.transpose(-1, -2)).float() * self.scale  # [nkv, Bd, g, K]
             probs = torch.softmax(scores + meta.decode_bias, dim=-1).to(vd.dtype)
-            od = torch.matmul(probs, vd.transpose(1, 2))  # [Bd, nkv, g, d]
-            out[:nd] = od.reshape(nd, self.num_heads, self.head_dim)
+            od = torch.matmul(probs, vd)  # [nkv, Bd, g, d]
+            out[:nd] = od.transpose(0, 1).reshape(nd, self.num_heads, self.head_dim)
         for span in meta.prefills:
             qp = q[span.start:span.end].transpose(0, 1).unsqueeze(0)  # [1, nh, L, d]
-            kp = k_cache[span.context_slots].transpose(0, 1).unsqueeze(0)  # [1, nkv, C, d]
-            vp = v_cache[span.context_slots].transpose(0, 1).unsqueeze(0)
+            kp = k_cache[:, span.context_slots].unsqueeze(0)  # [1, nkv, C, d]
+            vp = v_cache[:, span.context_slots].unsqueeze(0)
             op = F.scaled_dot_product_attention(
                 qp, kp, vp, attn_mask=span.causal_mask, is_causal=span.causal_mask is None,
                 scale=self.scale, enable_gqa=True,
@@ -152,14 +151,16 @@ class CausalLM(nn.Module):
         self.lm_head = None if self.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size,
                                                                         bias=False)
         self.cos_table: torch.Tensor | None = None  # [P, d], filled by set_rope_positions
-        self.sin_table: torch.Tensor | None = None
+        self.signed_sin_table: torch.Tensor | None = None
 
     def set_rope_positions(self, max_positions: int) -> None:
         """Precompute rotary cos/sin for positions 0..max_positions-1 on the model's device."""
         with torch.device("cpu"):
             cos, sin = rope_tables(self.config, max_positions)
         device = self.embed_tokens.weight.device
-        self.cos_table, self.sin_table = cos.to(device), sin.to(device)
+        half = sin.shape[-1] // 2
+        signed_sin = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)  # pairs with roll, see Attention
+        self.cos_table, self.signed_sin_table = cos.to(device), signed_sin.to(device)
 
     @property
     def num_kv_heads(self) -> int:
@@ -170,10 +171,10 @@ class CausalLM(nn.Module):
         return self.layers[0].self_attn.head_dim
 
     def forward(self, input_ids, positions, kv_caches, meta: AttentionMetadata) -> torch.Tensor:
-        """input_ids, positions: [T]; kv_caches: per layer (k [S, nkv, d], v [S, nkv, d]). Returns [T, H]."""
+        """input_ids, positions: [T]; kv_caches: per layer (k [nkv, S, d], v [nkv, S, d]). Returns [T, H]."""
         x = self.embed_tokens(input_ids)
         cos = self.cos_table[positions].to(x.dtype).unsqueeze(1)  # [T, 1, d]
-        sin = self.sin_table[positions].to(x.dtype).unsqueeze(1)
+        sin = self.signed_sin_table[positions].to(x.dtype).unsqueeze(1)
         for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
             x = layer(x, cos, sin, k_cache, v_cache, meta)
         return self.norm(x)
