@@ -1,0 +1,109 @@
+"""How far is one decode step from the machine's memory-bandwidth floor?
+
+A decode step must read every weight once (the projections and the output head) and, per
+sequence, the K/V of its whole context. At batch sizes where compute is cheap, the step can be
+no faster than  bytes_read / memory_bandwidth.  This script measures the bandwidth (a large
+tensor reduction, all threads), counts the bytes, times real engine steps, and prints the ratio.
+
+    .venv/bin/python benchmarks/bench_roofline.py [--batches 1,16,32] [--context 256]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def measure_bandwidth_gbs(num_bytes: int = 1 << 30, repeats: int = 5) -> float:
+    x = torch.ones(num_bytes // 4, dtype=torch.float32)
+    x.sum()
+    best = min(_timed(x.sum) for _ in range(repeats))
+    return num_bytes / best / 1e9
+
+
+def _timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def weight_bytes(engine) -> int:
+    """Bytes of every matrix a decode step reads (embedding lookup rows are negligible)."""
+    model = engine.model
+    element = torch.empty((), dtype=engine.dtype).element_size()
+    cfg = model.config
+    layer = model.layers[0]
+    attn = layer.self_attn
+    q, kv = attn.num_heads * attn.head_dim, attn.num_kv_heads * attn.head_dim
+    per_layer = cfg.hidden_size * (q + 2 * kv) + q * cfg.hidden_size + 3 * cfg.hidden_size * cfg.intermediate_size
+    head = cfg.vocab_size * cfg.hidden_size
+    return (len(model.layers) * per_layer + head) * element
+
+
+def step_time_ms(engine, batch: int, context: int, steps: int) -> float:
+    from rillet.sampling_params import SamplingParams
+
+    prompt = list(range(1000, 1000 + context))
+    for i in range(batch):
+        engine.add_request(f"b{batch}-{i}", None, SamplingParams(max_tokens=steps + 8, ignore_eos=True,
+                                                                 temperature=0), prompt_token_ids=prompt)
+    while any(s.num_computed_tokens < context for s in engine.scheduler.running) or engine.scheduler.waiting:
+        engine.step()
+    engine.step()
+    times = [_timed(engine.step) for _ in range(steps)]
+    for rid in list(engine.requests):
+        engine.abort(rid)
+    return statistics.median(times) * 1e3
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batches", default="1,16,32")
+    parser.add_argument("--context", type=int, default=256, help="tokens of context per sequence")
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--out", type=Path, default=RESULTS / "bench_roofline.json")
+    args = parser.parse_args()
+
+    from rillet.engine.llm_engine import LLMEngine
+    from rillet.engine.model_runner import kv_bytes_per_token
+
+    batches = [int(b) for b in args.batches.split(",")]
+    engine = LLMEngine(dtype=args.dtype, max_num_seqs=max(batches), max_model_len=args.context + args.steps + 64)
+    bandwidth = measure_bandwidth_gbs()
+    weights = weight_bytes(engine)
+    kv_token = kv_bytes_per_token(engine.model, engine.dtype)
+    rows = []
+    for batch in batches:
+        kv = batch * (args.context + args.steps // 2) * kv_token
+        floor_ms = (weights + kv) / (bandwidth * 1e9) * 1e3
+        measured = step_time_ms(engine, batch, args.context, args.steps)
+        rows.append({"batch": batch, "weights_mb": weights / 1e6, "kv_mb": kv / 1e6, "floor_ms": floor_ms,
+                     "measured_ms": measured, "measured_over_floor": measured / floor_ms,
+                     "tokens_per_s": batch / measured * 1e3})
+    result = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                          "torch": torch.__version__, "threads": torch.get_num_threads()},
+              "dtype": str(engine.dtype).removeprefix("torch."), "bandwidth_gbs": bandwidth,
+              "context": args.context, "date": time.strftime("%Y-%m-%d %H:%M"), "rows": rows}
+    print(f"memory bandwidth {bandwidth:.1f} GB/s, weights {weights / 1e6:.0f} MB ({result['dtype']}), "
+          f"context {args.context} tokens")
+    print("| batch | bytes/step (MB) | floor (ms) | measured (ms) | measured / floor | tokens/s |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['batch']} | {r['weights_mb'] + r['kv_mb']:.0f} | {r['floor_ms']:.1f} | {r['measured_ms']:.1f} "
+              f"| {r['measured_over_floor']:.2f}x | {r['tokens_per_s']:.0f} |")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
