@@ -12,8 +12,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import reliability_harness as rh  # noqa: E402
 
-MAIN_KEY = "rel-5ecret-K3y-9f41c2"  # grepped for in the server's log by the auth test
-STALL_TIMEOUT_S = 3.0
+MAIN_KEY = rh.MAIN_KEY
+STALL_TIMEOUT_S = rh.STALL_TIMEOUT_S
 
 
 @pytest.fixture(scope="session")

@@ -44,6 +44,11 @@ def _load_rillet_proc():
 rillet_proc = _load_rillet_proc()
 poll_until = rillet_proc.poll_until
 
+# The reliability tests' shared server (conftest.py's main_server). The tests import these from
+# here, never from conftest (other test folders have a conftest module of their own).
+MAIN_KEY = "rel-5ecret-K3y-9f41c2"  # grepped for in the server's log by the auth test
+STALL_TIMEOUT_S = 3.0
+
 
 # ------------------------------------------------------------------ processes
 

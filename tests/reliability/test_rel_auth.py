@@ -10,7 +10,7 @@ import re
 import httpx
 
 import reliability_harness as rh
-from conftest import MAIN_KEY
+from reliability_harness import MAIN_KEY
 
 BODIES = {
     "/v1/chat/completions": {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},

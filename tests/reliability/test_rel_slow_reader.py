@@ -10,7 +10,7 @@ import socket
 import time
 
 import reliability_harness as rh
-from conftest import STALL_TIMEOUT_S
+from reliability_harness import STALL_TIMEOUT_S
 
 
 def stalled_stream(server) -> socket.socket:
