@@ -37,7 +37,7 @@ def test_one_failed_step_ends_its_requests_and_the_engine_carries_on(fault_serve
     server, _ = fault_servers
     assert "TEST HOOK ACTIVE" in server.log_tail(20000)
     hit = run(rh.http_request(server.url, "/v1/completions",
-                              rh.completion_body("Count: one, two,", 30, ignore_eos=True)))
+                              rh.completion_body("Count: one, two,", 30, ignore_eos=True, temperature=0)))
     assert hit.status == 200 and hit.error is not None, hit.events[-3:]
     assert hit.error["error"]["code"] == "engine_error" and "InjectedFault" in hit.error["error"]["message"]
     assert hit.events[-1] is hit.error and "[DONE]" not in hit.events  # the error event is the last word

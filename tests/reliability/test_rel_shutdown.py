@@ -12,7 +12,7 @@ import pytest
 
 import reliability_harness as rh
 
-DRAIN_S = 4.0
+DRAIN_S = 5.0
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +37,7 @@ def requests(max_tokens: int) -> list[tuple[str, dict]]:
 
 def test_sigterm_during_8_streams(drain_server):
     server = drain_server
-    plan = [("short", *r) for r in requests(24)] + [("long", *r) for r in requests(1500)]
+    plan = [("short", *r) for r in requests(12)] + [("long", *r) for r in requests(1500)]
     results = [rh.StreamResult() for _ in plan]
 
     async def main():
