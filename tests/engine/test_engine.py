@@ -213,3 +213,21 @@ def test_unsupported_architecture_is_named(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
     with pytest.raises(ValueError, match="unsupported model architecture"):
         LLMEngine(model=str(tmp_path))
+
+
+def test_multi_turn_chat_reuses_the_cached_history_and_answers_the_same(engine_fp32):
+    cached = LLMEngine(dtype="float32", max_model_len=1024, kv_cache_gib=0.05, enable_prefix_caching=True)
+    system = {"role": "system", "content": "You are a concise assistant who knows geography well. " * 6}
+    turn1 = [system, {"role": "user", "content": "Name three rivers."}]
+    params = SamplingParams(max_tokens=16, temperature=0)
+    first = run_to_completion(cached, [("t1", turn1, params)])["t1"]
+    turn2 = turn1 + [{"role": "assistant", "content": texts_and_tokens(first)[0]},
+                     {"role": "user", "content": "And three mountains?"}]
+    second = run_to_completion(cached, [("t2", turn2, params)])["t2"]
+    block = cached.block_manager.block_size
+    assert cached.block_manager.num_cached_tokens_total >= (len(cached.encode_prompt(turn1)) // block - 1) * block > 0
+    assert cached.block_manager.num_used_blocks == 0
+    # engine_fp32 runs without prefix caching: the same answer, all of it computed afresh.
+    fresh = run_to_completion(engine_fp32, [("t2", turn2, params)])["t2"]
+    assert texts_and_tokens(second)[1] == texts_and_tokens(fresh)[1]
+    assert engine_fp32.block_manager.num_cached_tokens_total == 0

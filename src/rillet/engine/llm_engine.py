@@ -105,7 +105,7 @@ class LLMEngine:
         self.vocab_size = loaded.config.vocab_size
 
         num_blocks = self._num_kv_blocks()
-        self.block_manager = BlockManager(num_blocks, config.block_size)
+        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.runner = ModelRunner(self.model, num_blocks, config.block_size, self.dtype, self.device)
         self.sampler = Sampler(self.vocab_size, self.device, seed=config.seed)
@@ -263,6 +263,7 @@ class LLMEngine:
 
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             seq.num_computed_tokens += n
+            self.block_manager.register_full_blocks(seq)
         if result is None:
             return outputs
         for row, seq in enumerate(sampling_seqs):

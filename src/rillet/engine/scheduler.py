@@ -107,10 +107,13 @@ class Scheduler:
             return batch
         while self.waiting and len(self.running) < self.max_num_seqs and budget > 0:
             seq = self.waiting[0]
-            n = min(seq.num_uncomputed_tokens, budget)
-            if not self.block_manager.can_grow(seq, seq.num_computed_tokens + n):
+            hits = self.block_manager.cached_prefix(seq)  # KV of a prefix computed before
+            computed = len(hits) * self.block_manager.block_size
+            n = min(seq.num_tokens - computed, budget)
+            if not self.block_manager.can_attach_and_grow(hits, computed + n):
                 break  # head of line waits for memory; later arrivals must not overtake it
             self.waiting.popleft()
+            self.block_manager.attach(seq, hits)
             self.block_manager.grow(seq, seq.num_computed_tokens + n)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
