@@ -76,8 +76,9 @@ class SamplingParams:
             raise bad("top_k", "must be an integer >= 0 (or -1 for off)")
         if not 0.0 <= finite("min_p") <= 1.0:
             raise bad("min_p", "must be in [0, 1]")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
-            raise bad("seed", "must be an integer")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
+                                      or not -(1 << 63) <= self.seed < (1 << 64) - MAX_N):
+            raise bad("seed", "must be an integer in [-2**63, 2**64 - 16)")  # torch generators take 64 bits
         if not 0.0 < finite("repetition_penalty") <= 10.0:
             raise bad("repetition_penalty", "must be in (0, 10]")
         if not -2.0 <= finite("frequency_penalty") <= 2.0:

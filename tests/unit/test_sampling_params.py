@@ -7,7 +7,7 @@ from rillet.sampling_params import SamplingParams
     ("max_tokens", 0), ("max_tokens", -5), ("temperature", -1.0), ("temperature", float("nan")),
     ("top_p", 0.0), ("top_p", 1.5), ("top_k", -2), ("min_p", 2.0), ("repetition_penalty", 0.0),
     ("frequency_penalty", 3.0), ("presence_penalty", -3.0), ("n", 0), ("n", 1000), ("logprobs", 50),
-    ("seed", "x"),
+    ("seed", "x"), ("seed", 1 << 70),
 ])
 def test_invalid_values_name_the_field(field, value):
     with pytest.raises(ValueError, match=field):
