@@ -155,7 +155,7 @@ def test_preemption_recomputes_and_gives_the_same_greedy_text():
                 SamplingParams(max_tokens=70, temperature=0, ignore_eos=True)) for i in range(4)]
     together = run_to_completion(small, prompts)  # 4 x ~95 tokens > the 320-token cache
     assert small.scheduler.num_preemptions_total > 0
-    for rid, prompt, params in prompts[-1:]:  # the newest, the one preempted
+    for rid, prompt, params in prompts[-1:]:  # one of them again, alone
         alone = run_to_completion(small, [(rid, prompt, params)])
         assert texts_and_tokens(alone[rid])[1] == texts_and_tokens(together[rid])[1]
     assert small.block_manager.num_used_blocks == 0
