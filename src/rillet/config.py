@@ -65,7 +65,9 @@ class EngineConfig:
     queue_timeout_s: float = option(120.0, "A request that waits longer than this for a slot ends with an error.",
                                     min=0.001, max=86400)
     seed: int = option(0, "Seed of the global generator used by unseeded sampling requests.")
-    num_threads: int | None = option(None, "Torch CPU threads (default: all cores).", min=1, max=1024)
+    num_threads: int | None = option(None, "Torch CPU threads (default: all cores for offline LLM, all but one "
+                                     "for the server and AsyncEngine, leaving a core to the event loop).",
+                                     min=1, max=1024)
 
     def __post_init__(self) -> None:
         check_bounds(self)
