@@ -8,16 +8,11 @@ load time removes that.
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import nn
 
-# ideep caches one oneDNN primitive per input shape of a packed linear, 1024 by default; every
-# distinct step token count is a new shape, so the cache (and resident memory, ~0.8 MB an entry)
-# grew for hours under varied traffic. 256 entries keep every decode shape of a 32-sequence batch
-# hot (5 shapes per batch size) and bound the growth. Read when the cache is first used.
-os.environ.setdefault("LRU_CACHE_CAPACITY", "256")
+# ideep's primitive-cache bound (LRU_CACHE_CAPACITY) is set in rillet/__init__.py: it is read
+# when torch loads, before this module runs.
 
 
 def packing_supported(dtype: torch.dtype, device: torch.device) -> bool:
