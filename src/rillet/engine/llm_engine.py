@@ -307,13 +307,6 @@ class LLMEngine:
             self.num_failed_total += 1
         return outputs
 
-    def fail_all(self, message: str) -> list[RequestOutput]:
-        """End every request with an error (engine death or shutdown)."""
-        outputs = []
-        for request_id in list(self.requests):
-            outputs += self.abort(request_id, reason="error", error=message)
-        return outputs
-
     def _forget(self, seq: Sequence) -> None:
         self.detokenizer.forget(seq)
         self.sampler.forget(seq)
