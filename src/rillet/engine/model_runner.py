@@ -27,18 +27,34 @@ class ModelRunner:
         num_slots = num_blocks * block_size
         shape = (model.num_kv_heads, num_slots, model.head_dim)  # head-major, see Attention
         # Zeroed so that padded (masked) reads never meet NaN garbage.
+        self.num_slots = num_slots
         self.kv_caches = [(torch.zeros(shape, dtype=dtype, device=device),
                            torch.zeros(shape, dtype=dtype, device=device)) for _ in model.layers]
 
-    def _slots(self, block_tables: list[list[int]], lengths: list[int]) -> torch.Tensor:
-        """[B, max(lengths)] cache slot of every position; padding points at slot 0 (masked)."""
-        width = max(lengths)
-        num_blocks = -(-width // self.block_size)
-        table = torch.tensor([bt[:num_blocks] + [0] * (num_blocks - len(bt[:num_blocks])) for bt in block_tables],
-                             dtype=torch.long)
-        pos = torch.arange(width)
-        slots = table[:, pos // self.block_size] * self.block_size + pos % self.block_size
-        return slots.to(self.device, non_blocking=True)
+    def _context_slots(self, block_table: list[int], context: int) -> torch.Tensor:
+        """Cache slot of each of the first `context` positions of one sequence, for every head
+        (see gather_rows)."""
+        pos = torch.arange(context)
+        table = torch.tensor(block_table[:-(-context // self.block_size)], dtype=torch.long)
+        slots = table[pos // self.block_size] * self.block_size + pos % self.block_size
+        return self._per_head(slots, self.num_slots)
+
+    def _blocks(self, block_tables: list[list[int]], lengths: list[int]) -> tuple[torch.Tensor, int]:
+        """Flat [B * nb] block ids covering max(lengths) positions per row (padding: block 0, masked),
+        and the width nb * block_size they cover."""
+        num_blocks = -(-max(lengths) // self.block_size)
+        flat = []
+        for bt in block_tables:
+            row = bt[:num_blocks]
+            flat.extend(row)
+            flat.extend([0] * (num_blocks - len(row)))
+        return self._per_head(torch.tensor(flat, dtype=torch.long), self.num_slots // self.block_size), \
+            num_blocks * self.block_size
+
+    def _per_head(self, rows: torch.Tensor, rows_per_head: int) -> torch.Tensor:
+        """Row ids of one head -> the same rows of every head in the cache's [nkv * rows, ...] view."""
+        offsets = torch.arange(self.model.num_kv_heads)[:, None] * rows_per_head
+        return (offsets + rows[None, :]).flatten().to(self.device, non_blocking=True)
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch, block_manager: BlockManager) -> tuple[torch.Tensor, list[int]]:
@@ -70,16 +86,16 @@ class ModelRunner:
                 sampling.append(i)
 
         num_decode = len(decode_tables)
-        decode_slots = decode_bias = None
+        decode_blocks = decode_bias = None
         if num_decode:
-            decode_slots = self._slots(decode_tables, decode_lengths)
+            decode_blocks, width = self._blocks(decode_tables, decode_lengths)
             lengths = torch.tensor(decode_lengths, device=self.device)
-            padding = torch.arange(decode_slots.shape[1], device=self.device)[None, :] >= lengths[:, None]
+            padding = torch.arange(width, device=self.device)[None, :] >= lengths[:, None]
             decode_bias = torch.zeros(padding.shape, dtype=torch.float32, device=self.device)
             decode_bias = decode_bias.masked_fill_(padding, -float("inf"))[None, :, None, :]
         prefills = []
         for row0, row1, seq, context in prefill_specs:
-            slots = self._slots([seq.block_table], [context])[0]
+            slots = self._context_slots(seq.block_table, context)
             L = row1 - row0
             mask = None
             if context != L:  # earlier chunks are cached: query i sees keys up to context - L + i
@@ -89,7 +105,8 @@ class ModelRunner:
 
         meta = AttentionMetadata(
             slot_mapping=torch.tensor(slot_mapping, dtype=torch.long, device=self.device),
-            num_decode=num_decode, decode_slots=decode_slots, decode_bias=decode_bias, prefills=prefills,
+            num_decode=num_decode, decode_blocks=decode_blocks, decode_bias=decode_bias, prefills=prefills,
+            block_size=self.block_size,
         )
         ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
         pos = torch.tensor(positions, dtype=torch.long, device=self.device)

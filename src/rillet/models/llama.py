@@ -26,7 +26,8 @@ SUPPORTED_ARCHITECTURES = {
 class PrefillSpan:
     start: int  # first row of this sequence's tokens in the flat batch
     end: int
-    context_slots: torch.Tensor  # [C] KV slots of every position up to the last new token
+    context_slots: torch.Tensor  # [nkv * C] per head, KV slots of every position up to the last new token
+    # (see gather_rows)
     causal_mask: torch.Tensor | None  # [L, C] bool, None when the chunk is the whole context
 
 
@@ -34,9 +35,12 @@ class PrefillSpan:
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] slot each new token's K/V is written to
     num_decode: int  # the first num_decode rows are single-token decodes
-    decode_slots: torch.Tensor | None  # [Bd, K] slots to read per decode row (padding masked)
-    decode_bias: torch.Tensor | None  # [1, Bd, 1, K] float32: 0 where visible, -inf on padding
+    decode_blocks: torch.Tensor | None  # [nkv * Bd * nb] per head, KV blocks to read, nb per decode row
+    # (padding masked; see gather_rows)
+    decode_bias: torch.Tensor | None  # [1, Bd, 1, K] float32 with K = nb * block_size: 0 where visible,
+    # -inf on padding
     prefills: list[PrefillSpan]
+    block_size: int
 
 
 class RMSNorm(nn.Module):
@@ -96,22 +100,31 @@ class Attention(nn.Module):
             # several times over. Query heads are grouped by the KV head they share (GQA).
             group = self.num_heads // self.num_kv_heads
             qd = q[:nd].view(nd, self.num_kv_heads, group, self.head_dim).transpose(0, 1)  # [nkv, Bd, g, d]
-            kd = k_cache[:, meta.decode_slots]  # [nkv, Bd, K, d]
-            vd = v_cache[:, meta.decode_slots]
+            kd = gather_rows(k_cache, meta.decode_blocks, meta.block_size).view(nkv, nd, -1, d)  # [nkv, Bd, K, d]
+            vd = gather_rows(v_cache, meta.decode_blocks, meta.block_size).view(nkv, nd, -1, d)
             scores = torch.matmul(qd, kd.transpose(-1, -2)).float() * self.scale  # [nkv, Bd, g, K]
             probs = torch.softmax(scores + meta.decode_bias, dim=-1).to(vd.dtype)
             od = torch.matmul(probs, vd)  # [nkv, Bd, g, d]
             out[:nd] = od.transpose(0, 1).reshape(nd, self.num_heads, self.head_dim)
         for span in meta.prefills:
             qp = q[span.start:span.end].transpose(0, 1).unsqueeze(0)  # [1, nh, L, d]
-            kp = k_cache[:, span.context_slots].unsqueeze(0)  # [1, nkv, C, d]
-            vp = v_cache[:, span.context_slots].unsqueeze(0)
+            kp = gather_rows(k_cache, span.context_slots, 1).view(1, nkv, -1, d)  # [1, nkv, C, d]
+            vp = gather_rows(v_cache, span.context_slots, 1).view(1, nkv, -1, d)
             op = F.scaled_dot_product_attention(
                 qp, kp, vp, attn_mask=span.causal_mask, is_causal=span.causal_mask is None,
                 scale=self.scale, enable_gqa=True,
             )
             out[span.start:span.end] = op.squeeze(0).transpose(0, 1)
         return self.o_proj(out.reshape(T, -1))
+
+
+def gather_rows(cache: torch.Tensor, rows: torch.Tensor, row_size: int) -> torch.Tensor:
+    """Copy rows of `row_size` consecutive slots out of a [nkv, S, d] cache. `rows` indexes the cache
+    viewed as [nkv * S / row_size, row_size * d] (head h's rows offset by h * S / row_size), so one
+    dim-0 index_select returns them head-major, [nkv, rows / nkv, row_size * d]. On the CPU this is
+    several times faster than advanced indexing or index_select along the slot dimension."""
+    nkv, _, d = cache.shape
+    return cache.view(-1, row_size * d).index_select(0, rows).view(nkv, -1, row_size * d)
 
 
 class MLP(nn.Module):
