@@ -142,7 +142,8 @@ async def run_rillet_level(engine, *, concurrency: int, num_requests: int, max_t
 async def start_rillet_engine(model: str | None, dtype: str, max_num_seqs: int):
     from rillet import AsyncEngine
 
-    engine = AsyncEngine(model=model, dtype=dtype, max_num_seqs=max_num_seqs)
+    # The engine loop in its own process, as `rillet serve` runs it.
+    engine = AsyncEngine(model=model, dtype=dtype, max_num_seqs=max_num_seqs, engine_process=True)
     await engine.start()
     return engine
 

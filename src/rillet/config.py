@@ -65,9 +65,13 @@ class EngineConfig:
     queue_timeout_s: float = option(120.0, "A request that waits longer than this for a slot ends with an error.",
                                     min=0.001, max=86400)
     seed: int = option(0, "Seed of the global generator used by unseeded sampling requests.")
-    num_threads: int | None = option(None, "Torch CPU threads (default: all cores for offline LLM, all but one "
-                                     "for the server and AsyncEngine, leaving a core to the event loop).",
-                                     min=1, max=1024)
+    num_threads: int | None = option(None, "Torch CPU threads (default: all cores for offline LLM and an engine "
+                                     "process; all but one for an engine thread, leaving a core to the event "
+                                     "loop).", min=1, max=1024)
+    engine_process: bool | None = option(None, "Run the engine loop in its own process, with every CPU core and its "
+                                         "own GIL, apart from the HTTP event loop (as vLLM does); otherwise in "
+                                         "a thread. Default: on for `rillet serve`, off for AsyncEngine in a "
+                                         "program.")
 
     def __post_init__(self) -> None:
         check_bounds(self)

@@ -1,4 +1,7 @@
-"""AsyncEngine on the real default model, driven from an event loop in a background thread."""
+"""AsyncEngine on the real default model, driven from an event loop in a background thread.
+
+Every test runs against both ways of running the engine loop: a thread, and its own process
+(`engine_process=True`, what `rillet serve` uses)."""
 
 import asyncio
 import threading
@@ -6,7 +9,7 @@ import threading
 import pytest
 
 from rillet import AsyncEngine, SamplingParams
-from rillet.engine.errors import EngineNotReadyError, PromptTooLongError, QueueFullError
+from rillet.engine.errors import EngineDeadError, EngineNotReadyError, PromptTooLongError, QueueFullError
 
 
 class LoopThread:
@@ -23,11 +26,14 @@ class LoopThread:
         self.thread.join()
 
 
-@pytest.fixture(scope="module")
-def env():
+MODES = {"thread": False, "process": True}
+
+
+@pytest.fixture(scope="module", params=list(MODES))
+def env(request):
     lt = LoopThread()
     engine = AsyncEngine(dtype="float32", max_num_seqs=2, max_waiting=2, queue_timeout_s=2.0,
-                         max_model_len=1024, kv_cache_gib=0.2)
+                         max_model_len=1024, kv_cache_gib=0.2, engine_process=MODES[request.param])
     assert engine.health == "stopped"
     lt.run(engine.start())
     assert engine.health == "ready"
@@ -139,9 +145,10 @@ def test_bad_requests_are_rejected_before_queueing(env):
     assert engine.stats().num_waiting == 0
 
 
-def test_shutdown_ends_running_requests_with_abort():
+@pytest.mark.parametrize("mode", list(MODES))
+def test_shutdown_ends_running_requests_with_abort(mode):
     lt = LoopThread()
-    engine = AsyncEngine(dtype="float32", max_model_len=512, kv_cache_gib=0.05)
+    engine = AsyncEngine(dtype="float32", max_model_len=512, kv_cache_gib=0.05, engine_process=MODES[mode])
 
     async def main():
         await engine.start()
@@ -159,3 +166,44 @@ def test_shutdown_ends_running_requests_with_abort():
     finally:
         lt.close()
     assert rest[-1].finish_reason == "abort"
+
+
+def test_a_core_process_that_dies_ends_every_stream_with_an_error():
+    lt = LoopThread()
+    engine = AsyncEngine(dtype="float32", max_model_len=512, kv_cache_gib=0.05, engine_process=True)
+
+    async def main():
+        await engine.start()
+        streams = [await engine.add_request(chat(f"Go on forever {i}."), SamplingParams(max_tokens=400, ignore_eos=True))
+                   for i in range(2)]
+        async for _ in streams[0]:
+            break
+        engine._process._process.kill()  # what the OOM killer would do
+        errors = []
+        for stream in streams:
+            with pytest.raises(EngineDeadError) as info:
+                async for _ in stream:
+                    pass
+            errors.append(str(info.value))
+        with pytest.raises(EngineDeadError):
+            await engine.add_request("hi", SamplingParams())
+        await engine.shutdown()
+        return errors
+
+    try:
+        errors = lt.run(main())
+    finally:
+        lt.close()
+    assert engine.health == "dead" and "engine process exited" in engine.dead_reason
+    assert all("engine process exited" in e for e in errors)
+
+
+def test_the_core_process_reports_a_bad_model_as_the_same_error_a_thread_does(tmp_path):
+    lt = LoopThread()
+    engine = AsyncEngine(model=str(tmp_path / "missing"), engine_process=True)
+    try:
+        with pytest.raises(ValueError, match="missing"):
+            lt.run(engine.start())
+    finally:
+        lt.close()
+    assert engine.health == "dead"

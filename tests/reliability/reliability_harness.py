@@ -68,12 +68,28 @@ def start_server(*args: str, api_key: str | None = None, env: dict[str, str] | N
 
 
 def rss_bytes(pid: int) -> int:
-    """Resident memory of a process (VmRSS)."""
+    """Resident memory (VmRSS) of a process plus its descendants: `rillet serve` runs its engine
+    core as a child process, and both count."""
     with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no VmRSS for pid {pid}")
+        own = next((int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:")), None)
+    if own is None:
+        raise RuntimeError(f"no VmRSS for pid {pid}")
+    return own + sum(rss_bytes(child) for child in child_pids(pid))
+
+
+def child_pids(pid: int) -> list[int]:
+    children = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+        except OSError:  # exited meanwhile
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:  # field 4, after the parenthesised name
+            children.append(int(entry))
+    return children
 
 
 def raise_nofile(wanted: int) -> int:

@@ -19,9 +19,10 @@ import torch
 from rillet.config import EngineConfig
 from rillet.engine.block_manager import BlockManager
 from rillet.engine.detokenizer import Detokenizer
-from rillet.engine.errors import EngineDeadError, PromptTooLongError
+from rillet.engine.errors import EngineDeadError
 from rillet.engine.model_runner import ModelRunner, kv_bytes_per_token
 from rillet.engine.outputs import RequestOutput, TokenLogprob
+from rillet.engine.prompts import Prompt, PromptEncoder
 from rillet.engine.sampler import Sampler
 from rillet.engine.scheduler import ScheduledBatch, Scheduler
 from rillet.engine.sequence import Sequence
@@ -31,11 +32,9 @@ from rillet.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
-Prompt = str | list[int] | list[dict[str, Any]]
 DEFAULT_MAX_MODEL_LEN_CAP = 8192
 CPU_KV_CACHE_CAP_BYTES = 2 << 30
 MAX_CONSECUTIVE_STEP_FAILURES = 3
-CHAT_ROLES = ("system", "user", "assistant", "tool", "developer")
 
 
 @dataclass
@@ -110,6 +109,7 @@ class LLMEngine:
         self.runner = ModelRunner(self.model, num_blocks, config.block_size, self.dtype, self.device)
         self.sampler = Sampler(self.vocab_size, self.device, seed=config.seed)
         self.detokenizer = Detokenizer(self.tokenizer)
+        self.prompts = PromptEncoder(self.tokenizer, self.vocab_size, self.max_model_len)
         self.requests: dict[str, list[Sequence]] = {}
         self.num_aborted_total = 0
         self.num_failed_total = 0
@@ -144,35 +144,10 @@ class LLMEngine:
     # ---- requests -------------------------------------------------------------------------
 
     def encode_prompt(self, prompt: Prompt) -> list[int]:
-        if isinstance(prompt, str):
-            if not prompt:
-                raise ValueError("prompt must not be empty")
-            return self.tokenizer.encode(prompt)
-        if not isinstance(prompt, list) or not prompt:
-            raise ValueError("prompt must be a non-empty string, list of token ids or list of messages")
-        if all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-            bad = [t for t in prompt if not 0 <= t < self.vocab_size]
-            if bad:
-                raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})")
-            return list(prompt)
-        if all(isinstance(m, dict) for m in prompt):
-            return self.encode_chat(prompt)
-        raise ValueError("prompt must be a non-empty string, list of token ids or list of messages")
+        return self.prompts.encode_prompt(prompt)
 
     def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
-        for i, m in enumerate(messages):
-            if m.get("role") not in CHAT_ROLES:
-                raise ValueError(f"messages[{i}].role must be one of {', '.join(CHAT_ROLES)}, got {m.get('role')!r}")
-            if not isinstance(m.get("content"), str):
-                raise ValueError(f"messages[{i}].content must be a string")
-        if not getattr(self.tokenizer, "chat_template", None):
-            text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
-            return self.tokenizer.encode(text)
-        try:
-            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        except Exception as exc:  # templates raise on role orders they do not accept
-            raise ValueError(f"the model's chat template rejected these messages: {exc}") from None
-        return self.tokenizer.encode(text, add_special_tokens=False)
+        return self.prompts.encode_chat(messages)
 
     def add_request(self, request_id: str | None, prompt: Prompt | None, params: SamplingParams,
                     prompt_token_ids: list[int] | None = None) -> list[Sequence]:
@@ -194,11 +169,7 @@ class LLMEngine:
         return seqs
 
     def check_prompt_length(self, num_tokens: int) -> None:
-        if num_tokens >= self.max_model_len:
-            raise PromptTooLongError(
-                f"the prompt has {num_tokens} tokens but the context holds {self.max_model_len} "
-                f"(max_model_len), leaving no room for output"
-            )
+        self.prompts.check_prompt_length(num_tokens)
 
     def abort(self, request_id: str, reason: str = "abort", error: str | None = None) -> list[RequestOutput]:
         seqs = self.requests.pop(request_id, None)

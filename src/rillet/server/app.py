@@ -293,17 +293,18 @@ def create_app(server_config: ServerConfig | None = None, engine_config: EngineC
     and shuts it down at exit. Mount it in your own app or run it with uvicorn.
     """
     server_config = server_config or ServerConfig()
+    fault_env = os.environ.get(faults.ENV_VAR)
+    if fault_env:
+        faults.parse_fault_spec(fault_env)  # a typo fails at startup, not silently
+    hook_installed = engine is None and bool(fault_env)
     if engine is None:
         from rillet.engine.async_engine import AsyncEngine
 
-        engine = AsyncEngine(engine_config or EngineConfig())
+        engine = AsyncEngine(engine_config or EngineConfig(), core_setup=faults.install_in_core if fault_env else None)
     state = ServerState()
     metrics = Metrics(engine)
     ctx = AppContext(server_config=server_config, engine=engine, serving=Serving(engine, metrics, state),
                      metrics=metrics, state=state)
-    fault_env = os.environ.get(faults.ENV_VAR)
-    if fault_env:
-        faults.parse_fault_spec(fault_env)  # a typo fails at startup, not silently
 
     async def watch_engine() -> None:
         """The engine loop can die while serving (e.g. repeated failed forward steps): then every
@@ -332,7 +333,8 @@ def create_app(server_config: ServerConfig | None = None, engine_config: EngineC
             if ctx.on_engine_failure is not None:
                 ctx.on_engine_failure(exc)
             return
-        faults.install_from_env(engine)
+        if not hook_installed:
+            faults.install_from_env(engine)
         ctx.watch_task = asyncio.create_task(watch_engine())
         logger.info("model %s ready (max_model_len %s)", engine.model_name, engine.max_model_len)
 

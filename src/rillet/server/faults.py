@@ -9,8 +9,9 @@ deliberately not a `rillet serve` flag, so it never shows in --help). Values:
                   /health answers 503 "dead" and the server exits with status 1)
   step:once@N     / step:always@N: the first N forward steps run normally first
 
-The hook is `LLMEngine.before_forward`; it runs on the engine thread, which alone touches the
-counter. A server started with it logs a warning so it cannot go unnoticed.
+The hook is `LLMEngine.before_forward`; it runs on the engine thread (or in the engine process),
+which alone touches the counter. A server started with it logs a warning so it cannot go
+unnoticed.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["ENV_VAR", "FaultSpec", "InjectedFault", "install_from_env", "parse_fault_spec"]
+__all__ = ["ENV_VAR", "FaultSpec", "InjectedFault", "install_from_env", "install_in_core", "parse_fault_spec"]
 
 logger = logging.getLogger("rillet.server")
 
@@ -61,6 +62,16 @@ def parse_fault_spec(text: str) -> FaultSpec:
     if not match:
         raise ValueError(f"{ENV_VAR} must be step:once, step:always, step:once@N or step:always@N, got {text!r}")
     return FaultSpec(match.group(1), int(match.group(2) or 0))
+
+
+def install_in_core(llm_engine: Any) -> None:
+    """AsyncEngine core_setup: install the hook named by RILLET_FAULT_INJECT on the LLMEngine,
+    in whichever thread or process builds it (the environment is inherited)."""
+    text = os.environ.get(ENV_VAR, "")
+    if text:
+        spec = parse_fault_spec(text)
+        llm_engine.before_forward = spec.hook()
+        logger.warning("TEST HOOK ACTIVE: %s=%s; forward steps will fail on purpose", ENV_VAR, spec)
 
 
 def install_from_env(engine: Any, environ: dict[str, str] | None = None) -> FaultSpec | None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import signal
 import socket
@@ -105,6 +106,9 @@ def serve(server_config: ServerConfig | None = None, engine_config: EngineConfig
     """Serve until SIGTERM/SIGINT; returns the process exit status."""
     server_config = server_config or ServerConfig()
     configure_logging(server_config.log_level)
+    engine_config = engine_config or EngineConfig()
+    if engine_config.engine_process is None:
+        engine_config = dataclasses.replace(engine_config, engine_process=True)
     app = create_app(server_config, engine_config, engine=engine)
     config = uvicorn.Config(app, host=server_config.host, port=server_config.port,
                             log_level=server_config.log_level, access_log=False, lifespan="on",
