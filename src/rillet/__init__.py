@@ -10,11 +10,12 @@ import importlib
 import os
 from typing import Any
 
-# ideep (oneDNN under torch's CPU bf16 linears) caches one primitive per input shape, 1024 by
-# default; every distinct step token count is a new shape, so resident memory grew by ~0.8 MB a
-# shape under varied traffic. 256 keeps every decode shape of a 32-sequence batch hot and bounds
-# the growth. It is read when torch loads, so it is set here, before rillet imports torch.
-os.environ.setdefault("LRU_CACHE_CAPACITY", "256")
+# ideep (oneDNN under torch's CPU bf16 linears) caches one primitive per input shape (~0.8 MB
+# each here), 1024 by default. The packed linears run at bucketed row counts
+# (models/cpu_linear.bucket_rows), so the default model needs at most 4 x 64 + 32 = 288 shapes;
+# 384 keeps them all hot and bounds the memory. It is read when torch loads, so it is set here,
+# before rillet imports torch.
+os.environ.setdefault("LRU_CACHE_CAPACITY", "384")
 
 __version__ = "0.1.0"
 

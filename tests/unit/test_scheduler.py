@@ -35,6 +35,20 @@ def test_long_prompt_is_prefilled_in_chunks_while_decodes_keep_running():
     assert long.num_output_tokens == 1
 
 
+def test_a_prompt_just_over_the_budget_is_fed_whole_instead_of_leaving_a_sliver():
+    sched = Scheduler(BlockManager(1000, 4), max_num_seqs=8, max_num_batched_tokens=64)  # overrun: 8 tokens
+    for rid, n in (("a", 30), ("b", 40), ("c", 10)):
+        sched.add(make_seq(rid, n))
+    batch = run_step(sched)
+    assert batch.num_new_tokens == [30, 40]  # b overflows by 6 <= 8: whole; then the step is full
+    assert [s.num_output_tokens for s in batch.seqs] == [1, 1]
+    long = make_seq("long", 73)  # 73 > 64 + 8: chunked as usual
+    sched2 = Scheduler(BlockManager(1000, 4), max_num_seqs=8, max_num_batched_tokens=64)
+    sched2.add(long)
+    assert run_step(sched2).num_new_tokens == [64]
+    assert run_step(sched2).num_new_tokens == [9]
+
+
 def test_max_num_seqs_limits_running_and_the_rest_wait_in_order():
     sched = Scheduler(BlockManager(100, 4), max_num_seqs=2, max_num_batched_tokens=512)
     seqs = [make_seq(str(i), 3) for i in range(4)]

@@ -27,8 +27,9 @@ import socket
 import subprocess
 import sys
 import threading
-from multiprocessing.connection import Connection
+import time
 from dataclasses import dataclass
+from multiprocessing.connection import Connection
 from typing import Any, Callable
 
 from rillet.config import EngineConfig
@@ -38,6 +39,8 @@ logger = logging.getLogger(__name__)
 
 CORE_ENTRY = ("import sys; from multiprocessing.connection import Connection; "
               "from rillet.engine.core_process import core_main; core_main(Connection(int(sys.argv[1])))")
+GATHER_QUIET_S = 0.001
+GATHER_MAX_S = 0.005
 CoreSetup = Callable[[Any], None]  # runs on the LLMEngine once built (test hooks); must pickle
 
 
@@ -89,8 +92,16 @@ def core_main(conn: Connection) -> None:
 def _serve(engine: Any, conn: Any) -> None:
     num_added = 0
     while True:
-        # Block while idle; between steps take whatever has arrived without waiting.
-        messages = [] if engine.has_unfinished() else [conn.recv()]
+        # Between steps take whatever has arrived without waiting. While idle, block; then let
+        # a burst of requests gather for a moment (until the pipe is quiet for GATHER_QUIET_S,
+        # GATHER_MAX_S at most) so its first step is not a lone prompt the others queue behind.
+        if engine.has_unfinished():
+            messages = []
+        else:
+            messages = [conn.recv()]
+            deadline = time.monotonic() + GATHER_MAX_S
+            while time.monotonic() < deadline and conn.poll(GATHER_QUIET_S):
+                messages.append(conn.recv())
         while conn.poll():
             messages.append(conn.recv())
         outputs: list[RequestOutput] = []

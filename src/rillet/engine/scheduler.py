@@ -6,6 +6,11 @@ token), a prefill has its prompt. Each step spends a token budget: decodes first
 streams keep flowing, then prefill chunks of running sequences, then new admissions. When the KV
 cache runs out, the newest running sequence is preempted: its blocks are freed and it goes back
 to the front of the waiting queue to be recomputed later.
+
+A prompt whose rest would overflow the budget by at most an eighth is fed whole rather than
+split: its first token comes a step sooner, and the step grows by a few percent (a burst of short
+prompts otherwise leaves one of them a sliver for the next step, after every decode of the
+others).
 """
 
 from __future__ import annotations
@@ -73,16 +78,21 @@ class Scheduler:
         self.waiting.appendleft(seq)
         self.num_preemptions_total += 1
 
+    def _chunk(self, remaining: int, budget: int, overrun: int) -> int:
+        """Tokens of a prefill to feed this step: all of them if they fit in budget + overrun."""
+        return remaining if remaining <= budget + overrun else min(remaining, budget)
+
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch()
         budget = self.max_num_batched_tokens
+        overrun = self.max_num_batched_tokens // 8  # spent at most once a step, see the module doc
         # Decodes first, then chunked prefills; within each, oldest first.
         candidates = [s for s in self.running if s.num_uncomputed_tokens == 1]
         candidates += [s for s in self.running if s.num_uncomputed_tokens != 1]
         kept: list[Sequence] = []
         while candidates:
             seq = candidates.pop(0)
-            n = min(seq.num_uncomputed_tokens, budget)
+            n = self._chunk(seq.num_uncomputed_tokens, budget, overrun) if budget > 0 else 0
             if n <= 0:
                 kept.append(seq)
                 continue
@@ -98,6 +108,7 @@ class Scheduler:
             batch.seqs.append(seq)
             batch.num_new_tokens.append(n)
             kept.append(seq)
+            overrun -= max(0, n - budget)
             budget -= n
         # Keep arrival order in `running` so the newest is the first to be preempted.
         order = {id(s): i for i, s in enumerate(self.running)}
@@ -109,7 +120,7 @@ class Scheduler:
             seq = self.waiting[0]
             hits = self.block_manager.cached_prefix(seq)  # KV of a prefix computed before
             computed = len(hits) * self.block_manager.block_size
-            n = min(seq.num_tokens - computed, budget)
+            n = self._chunk(seq.num_tokens - computed, budget, overrun)
             if not self.block_manager.can_attach_and_grow(hits, computed + n):
                 break  # head of line waits for memory; later arrivals must not overtake it
             self.waiting.popleft()
@@ -119,5 +130,6 @@ class Scheduler:
             self.running.append(seq)
             batch.seqs.append(seq)
             batch.num_new_tokens.append(n)
+            overrun -= max(0, n - budget)
             budget -= n
         return batch

@@ -14,6 +14,24 @@ from torch import nn
 # ideep's primitive-cache bound (LRU_CACHE_CAPACITY) is set in rillet/__init__.py: it is read
 # when torch loads, before this module runs.
 
+EXACT_ROWS = 32  # decode batches: every row count kept exact (padding a decode costs compute)
+BUCKETS_PER_OCTAVE = 8
+
+
+def bucket_rows(rows: int) -> int:
+    """Row count a linear runs at: exact up to EXACT_ROWS, above it rounded up to one of
+    BUCKETS_PER_OCTAVE steps per power of two (at most 12.5% padding).
+
+    ideep keeps one primitive, with its own buffers (~0.8 MB here), per input shape. Prefill
+    steps come in every token count up to the step budget, so unbucketed they made a new shape
+    almost every step and resident memory crept up until the primitive cache filled; bucketed,
+    a 512-token budget needs at most 32 + 32 shapes per layer shape, all hot after a warm-up.
+    """
+    if rows <= EXACT_ROWS:
+        return rows
+    step = max(1, (1 << ((rows - 1).bit_length() - 1)) // BUCKETS_PER_OCTAVE)
+    return -(-rows // step) * step
+
 
 def packing_supported(dtype: torch.dtype, device: torch.device) -> bool:
     return (device.type == "cpu" and dtype in (torch.bfloat16, torch.float16)
@@ -31,7 +49,12 @@ class PackedLinear(nn.Module):
         self.bias = None if bias is None else bias.detach()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        rows = x.shape[0]
+        padded = bucket_rows(rows) if x.dim() == 2 else rows
+        if padded == rows:
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        x = torch.nn.functional.pad(x, (0, 0, 0, padded - rows))
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")[:rows]
 
 
 def pack_linears(model: nn.Module, batch_hint: int) -> None:
