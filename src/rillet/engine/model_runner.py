@@ -24,6 +24,7 @@ class ModelRunner:
         self.model = model
         self.block_size = block_size
         self.device = device
+        self.dtype = dtype
         num_slots = num_blocks * block_size
         shape = (model.num_kv_heads, num_slots, model.head_dim)  # head-major, see Attention
         # Zeroed so that padded (masked) reads never meet NaN garbage.
@@ -91,8 +92,9 @@ class ModelRunner:
             decode_blocks, width = self._blocks(decode_tables, decode_lengths)
             lengths = torch.tensor(decode_lengths, device=self.device)
             padding = torch.arange(width, device=self.device)[None, :] >= lengths[:, None]
-            decode_bias = torch.zeros(padding.shape, dtype=torch.float32, device=self.device)
-            decode_bias = decode_bias.masked_fill_(padding, -float("inf"))[None, :, None, :]
+            decode_bias = torch.zeros(padding.shape, dtype=self.dtype, device=self.device)
+            decode_bias = decode_bias.masked_fill_(padding, -float("inf")).repeat(self.model.num_kv_heads, 1)
+            decode_bias = decode_bias.unsqueeze(1)  # [nkv * Bd, 1, K], head-major like the gathered rows
         prefills = []
         for row0, row1, seq, context in prefill_specs:
             slots = self._context_slots(seq.block_table, context)

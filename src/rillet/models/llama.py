@@ -37,8 +37,8 @@ class AttentionMetadata:
     num_decode: int  # the first num_decode rows are single-token decodes
     decode_blocks: torch.Tensor | None  # [nkv * Bd * nb] per head, KV blocks to read, nb per decode row
     # (padding masked; see gather_rows)
-    decode_bias: torch.Tensor | None  # [1, Bd, 1, K] float32 with K = nb * block_size: 0 where visible,
-    # -inf on padding
+    decode_bias: torch.Tensor | None  # [nkv * Bd, 1, K] in the model's dtype, K = nb * block_size: 0 where
+    # visible, -inf on padding
     prefills: list[PrefillSpan]
     block_size: int
 
@@ -86,26 +86,31 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             qk = torch.cat((self.q_norm(qk[:, :nh]), self.k_norm(qk[:, nh:])), dim=1)
         # Rotary embedding of q and k at once; rotate_half(x) * sin == x.roll(d/2) * sin_signed.
-        qk = qk * cos + qk.roll(d // 2, dims=-1) * sin
+        qk = torch.addcmul(qk * cos, qk.roll(d // 2, dims=-1), sin)
         q, k = qk[:, :nh], qk[:, nh:]
         # Caches are head-major, [nkv, S, d]: a gather of slots is then already laid out
         # [nkv, B, K, d] for batched matmuls and SDPA, with no copy of the gathered keys.
         k_cache.index_copy_(1, meta.slot_mapping, k.transpose(0, 1))
         v_cache.index_copy_(1, meta.slot_mapping, v.transpose(0, 1))
 
-        out = torch.empty_like(q)
         nd = meta.num_decode
         if nd:
             # Plain batched matmuls: for one query row per sequence they beat the CPU flash kernel
-            # several times over. Query heads are grouped by the KV head they share (GQA).
-            group = self.num_heads // self.num_kv_heads
-            qd = q[:nd].view(nd, self.num_kv_heads, group, self.head_dim).transpose(0, 1)  # [nkv, Bd, g, d]
-            kd = gather_rows(k_cache, meta.decode_blocks, meta.block_size).view(nkv, nd, -1, d)  # [nkv, Bd, K, d]
-            vd = gather_rows(v_cache, meta.decode_blocks, meta.block_size).view(nkv, nd, -1, d)
-            scores = torch.matmul(qd, kd.transpose(-1, -2)).float() * self.scale  # [nkv, Bd, g, K]
-            probs = torch.softmax(scores + meta.decode_bias, dim=-1).to(vd.dtype)
-            od = torch.matmul(probs, vd)  # [nkv, Bd, g, d]
-            out[:nd] = od.transpose(0, 1).reshape(nd, self.num_heads, self.head_dim)
+            # several times over. Query heads are grouped by the KV head they share (GQA); the
+            # batch of matmuls is (KV head, sequence).
+            group = nh // nkv
+            qd = q[:nd].view(nd, nkv, group, d).transpose(0, 1).reshape(nkv * nd, group, d)
+            kd = gather_rows(k_cache, meta.decode_blocks, meta.block_size).view(nkv * nd, -1, d)  # [nkv*Bd, K, d]
+            vd = gather_rows(v_cache, meta.decode_blocks, meta.block_size).view(nkv * nd, -1, d)
+            # scale * q.k + (0 or -inf on padding), one op; softmax in float32 as transformers does.
+            scores = torch.baddbmm(meta.decode_bias, qd, kd.transpose(1, 2), alpha=self.scale)
+            probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(vd.dtype)
+            od = torch.bmm(probs, vd).view(nkv, nd, group, d).transpose(0, 1).reshape(nd, nh * d)
+            if not meta.prefills:
+                return self.o_proj(od)
+        out = torch.empty_like(q)
+        if nd:
+            out[:nd] = od.view(nd, nh, d)
         for span in meta.prefills:
             qp = q[span.start:span.end].transpose(0, 1).unsqueeze(0)  # [1, nh, L, d]
             kp = gather_rows(k_cache, span.context_slots, 1).view(1, nkv, -1, d)  # [1, nkv, C, d]
