@@ -37,8 +37,8 @@ class AttentionMetadata:
     num_decode: int  # the first num_decode rows are single-token decodes
     decode_blocks: torch.Tensor | None  # [nkv * Bd * nb] per head, KV blocks to read, nb per decode row
     # (padding masked; see gather_rows)
-    decode_bias: torch.Tensor | None  # [nkv * Bd, 1, K] in the model's dtype, K = nb * block_size: 0 where
-    # visible, -inf on padding
+    decode_bias: torch.Tensor | None  # [nkv * Bd, 1, K], K = nb * block_size: 0 where visible, -inf on
+    # padding; its dtype is the one decode attention's matmuls run in
     prefills: list[PrefillSpan]
     block_size: int
 
@@ -102,10 +102,12 @@ class Attention(nn.Module):
             qd = q[:nd].view(nd, nkv, group, d).transpose(0, 1).reshape(nkv * nd, group, d)
             kd = gather_rows(k_cache, meta.decode_blocks, meta.block_size).view(nkv * nd, -1, d)  # [nkv*Bd, K, d]
             vd = gather_rows(v_cache, meta.decode_blocks, meta.block_size).view(nkv * nd, -1, d)
+            if meta.decode_bias.dtype != kd.dtype:  # small bf16 batches: float32 matmuls, see ModelRunner
+                qd, kd, vd = qd.to(meta.decode_bias.dtype), kd.to(meta.decode_bias.dtype), vd.to(meta.decode_bias.dtype)
             # scale * q.k + (0 or -inf on padding), one op; softmax in float32 as transformers does.
             scores = torch.baddbmm(meta.decode_bias, qd, kd.transpose(1, 2), alpha=self.scale)
             probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(vd.dtype)
-            od = torch.bmm(probs, vd).view(nkv, nd, group, d).transpose(0, 1).reshape(nd, nh * d)
+            od = torch.bmm(probs, vd).to(q.dtype).view(nkv, nd, group, d).transpose(0, 1).reshape(nd, nh * d)
             if not meta.prefills:
                 return self.o_proj(od)
         out = torch.empty_like(q)
