@@ -37,6 +37,23 @@ logger = logging.getLogger(__name__)
 __all__ = ["AsyncEngine", "RequestStream", "EngineStats"]
 
 
+INLINE_TOKENIZE_CHARS = 2048
+
+
+def _prompt_chars(prompt: Prompt) -> int:
+    """Rough size of a prompt, to decide whether tokenizing it could hold up the event loop."""
+    if isinstance(prompt, str):
+        return len(prompt)
+    if not isinstance(prompt, list):
+        return INLINE_TOKENIZE_CHARS
+    total = 0
+    for item in prompt:  # stops early: a 100k-message conversation must not be walked here
+        total += len(str(item.get("content", ""))) + 16 if isinstance(item, dict) else 1
+        if total >= INLINE_TOKENIZE_CHARS:
+            break
+    return total
+
+
 class RequestStream:
     """Async iterator over one request's output deltas; ends once every choice has finished."""
 
@@ -238,9 +255,9 @@ class AsyncEngine:
             raise ValueError(f"request id {request_id!r} is already in use")
         self._check_queue()
         prompts = self.prompts
-        if isinstance(prompt, str) and len(prompt) < 2048:
+        if _prompt_chars(prompt) < INLINE_TOKENIZE_CHARS:  # ~0.1 ms: cheaper than a thread hop
             token_ids = prompts.encode_prompt(prompt)
-        else:  # long prompts and chat templates: keep the event loop free
+        else:  # long prompts: keep the event loop free
             token_ids = await asyncio.to_thread(prompts.encode_prompt, prompt)
         prompts.check_prompt_length(len(token_ids))
         self._check_accepting()
