@@ -39,8 +39,8 @@ logger = logging.getLogger(__name__)
 
 CORE_ENTRY = ("import sys; from multiprocessing.connection import Connection; "
               "from rillet.engine.core_process import core_main; core_main(Connection(int(sys.argv[1])))")
-GATHER_QUIET_S = 0.002
-GATHER_MAX_S = 0.02
+GATHER_QUIET_S = 0.001
+GATHER_MAX_S = 0.005
 CoreSetup = Callable[[Any], None]  # runs on the LLMEngine once built (test hooks); must pickle
 
 
