@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import codecs
 import fcntl
-import importlib.util
 import os
 import pty
 import re
@@ -22,18 +21,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 
 
-def load_rillet_proc():
-    """tests/client/rillet_proc.py under one module name, so tests/client and tests/cli share its server."""
-    name = "rillet_tests_rillet_proc"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, REPO / "tests" / "client" / "rillet_proc.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-rillet_proc = load_rillet_proc()
+sys.path.insert(0, str(REPO / "tests"))
+from shared_rillet_proc import rillet_proc  # noqa: E402
 
 
 def cli_env() -> dict[str, str]:

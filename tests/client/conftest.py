@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 from pathlib import Path
 
@@ -10,22 +9,12 @@ import pytest
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # fake_openai
+sys.path.insert(0, str(HERE.parent))  # shared_rillet_proc
 
 from fake_openai import FakeServer  # noqa: E402
+from shared_rillet_proc import rillet_proc  # noqa: E402
 
 
-def load_rillet_proc():
-    """tests/client/rillet_proc.py under one module name, so tests/client and tests/cli share its server."""
-    name = "rillet_tests_rillet_proc"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, HERE / "rillet_proc.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-rillet_proc = load_rillet_proc()
 
 
 @pytest.fixture(scope="session")

@@ -28,20 +28,9 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 
 
-def _load_rillet_proc():
-    """tests/client/rillet_proc.py under the module name the other suites use (one shared server)."""
-    import importlib.util
+sys.path.insert(0, str(REPO / "tests"))
+from shared_rillet_proc import rillet_proc  # noqa: E402  (one shared server with the other suites)
 
-    name = "rillet_tests_rillet_proc"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, REPO / "tests" / "client" / "rillet_proc.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-rillet_proc = _load_rillet_proc()
 poll_until = rillet_proc.poll_until
 
 # The reliability tests' shared server (conftest.py's main_server). The tests import these from

@@ -14,6 +14,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/fakes.py
 
 from fakes import FakeEngine  # noqa: E402
+from shared_rillet_proc import rillet_proc  # noqa: E402  (shared with tests/client and tests/cli)
 
 from rillet.config import ServerConfig  # noqa: E402
 from rillet.server import create_app  # noqa: E402
@@ -68,20 +69,6 @@ async def wait_for(condition: Any, timeout_s: float = 5.0) -> None:
 # ---- real `rillet serve` subprocesses (tests/client/rillet_proc.py, shared with tests/client and tests/cli)
 
 
-def _load_rillet_proc():
-    import importlib.util
-
-    name = "rillet_tests_rillet_proc"  # the name tests/client/conftest.py uses: one shared server per session
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "client" /
-                                                      "rillet_proc.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-rillet_proc = _load_rillet_proc()
 
 
 @pytest.fixture(scope="session")
