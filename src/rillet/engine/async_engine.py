@@ -321,15 +321,10 @@ class AsyncEngine:
     def _on_core_message(self, message: tuple) -> None:
         """Process mode, on the reader thread: one message from the core."""
         kind = message[0]
-        if kind == "outputs":
+        if kind in ("outputs", "stopped"):
             _, outputs, stats, num_added = message
             with self._cv:
                 self._stats, self._num_acknowledged = stats, num_added
-            self._emit(outputs)
-        elif kind == "stopped":
-            _, outputs, stats = message
-            with self._cv:
-                self._stats = stats
             self._emit(outputs)
         elif kind == "dead":
             self._die(message[1], None)

@@ -10,7 +10,7 @@ Protocol over one `multiprocessing` pipe (pickled tuples):
   front end -> core: ("add", request_id, token_ids, params) | ("abort", request_id) | ("stop",)
   core -> front end: ("ready", CoreInfo) | ("failed", exception)            at start
                      ("outputs", [RequestOutput], EngineStats, num_added)   after each step
-                     ("stopped", [RequestOutput], EngineStats)              after "stop"
+                     ("stopped", [RequestOutput], EngineStats, num_added)   after "stop"
                      ("dead", reason)                                       the loop cannot go on
 The core ignores SIGINT/SIGTERM: the front end decides when it stops (graceful drain), and it
 exits by itself when the front end goes away (its pipe reaches EOF).
@@ -121,7 +121,7 @@ def _serve(engine: Any, conn: Any) -> None:
             elif kind == "stop":
                 for request_id in list(engine.requests):
                     outputs += engine.abort(request_id)
-                conn.send(("stopped", outputs, engine.stats()))
+                conn.send(("stopped", outputs, engine.stats(), num_added))
                 return
         outputs += engine.step()
         conn.send(("outputs", outputs, engine.stats(), num_added))

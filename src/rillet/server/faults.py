@@ -69,21 +69,24 @@ def install_in_core(llm_engine: Any) -> None:
     in whichever thread or process builds it (the environment is inherited)."""
     text = os.environ.get(ENV_VAR, "")
     if text:
-        spec = parse_fault_spec(text)
-        llm_engine.before_forward = spec.hook()
-        logger.warning("TEST HOOK ACTIVE: %s=%s; forward steps will fail on purpose", ENV_VAR, spec)
+        _install(llm_engine, parse_fault_spec(text))
 
 
 def install_from_env(engine: Any, environ: dict[str, str] | None = None) -> FaultSpec | None:
-    """Install the hook on a started AsyncEngine's LLMEngine if RILLET_FAULT_INJECT is set."""
+    """Install the hook on a started AsyncEngine's LLMEngine if RILLET_FAULT_INJECT is set (an
+    engine whose core runs in another process gets it through `core_setup` instead)."""
     text = (os.environ if environ is None else environ).get(ENV_VAR, "")
     if not text:
         return None
     spec = parse_fault_spec(text)
-    inner = getattr(engine, "engine", None)
+    inner = None if getattr(engine, "in_process", False) else getattr(engine, "engine", None)
     if inner is None or not hasattr(inner, "before_forward"):
-        logger.warning("%s=%s ignored: this engine has no before_forward hook", ENV_VAR, text)
+        logger.warning("%s=%s ignored: this engine has no before_forward hook here", ENV_VAR, text)
         return None
-    inner.before_forward = spec.hook()
-    logger.warning("TEST HOOK ACTIVE: %s=%s; forward steps will fail on purpose", ENV_VAR, spec)
+    _install(inner, spec)
     return spec
+
+
+def _install(llm_engine: Any, spec: FaultSpec) -> None:
+    llm_engine.before_forward = spec.hook()
+    logger.warning("TEST HOOK ACTIVE: %s=%s; forward steps will fail on purpose", ENV_VAR, spec)
