@@ -8,11 +8,11 @@ import torch
 
 from rillet.engine.block_manager import BlockManager
 from rillet.engine.scheduler import ScheduledBatch
-from rillet.models.llama import AttentionMetadata, CausalLM, PrefillSpan
+from rillet.models.llama import AttentionGroup, AttentionMetadata, CausalLM
 
 logger = logging.getLogger(__name__)
 
-SMALL_DECODE_ATTENTION = 512  # decode rows x context width up to which attention runs in float32
+MIN_ATTENTION_WIDTH = 16  # narrower softmax rows take a scalar path whose sums differ (see attend)
 
 
 def kv_bytes_per_token(model: CausalLM, dtype: torch.dtype) -> int:
@@ -34,25 +34,45 @@ class ModelRunner:
         self.kv_caches = [(torch.zeros(shape, dtype=dtype, device=device),
                            torch.zeros(shape, dtype=dtype, device=device)) for _ in model.layers]
 
-    def _context_slots(self, block_table: list[int], context: int) -> torch.Tensor:
-        """Cache slot of each of the first `context` positions of one sequence, for every head
-        (see gather_rows)."""
-        pos = torch.arange(context)
-        table = torch.tensor(block_table[:-(-context // self.block_size)], dtype=torch.long)
-        slots = table[pos // self.block_size] * self.block_size + pos % self.block_size
-        return self._per_head(slots, self.num_slots)
-
-    def _blocks(self, block_tables: list[list[int]], lengths: list[int]) -> tuple[torch.Tensor, int]:
-        """Flat [B * nb] block ids covering max(lengths) positions per row (padding: block 0, masked),
-        and the width nb * block_size they cover."""
-        num_blocks = -(-max(lengths) // self.block_size)
+    def _blocks(self, block_tables: list[list[int]], width: int) -> torch.Tensor:
+        """Flat per-head block ids, nb = width / block_size per sequence (padding: block 0, masked)."""
+        num_blocks = width // self.block_size
         flat = []
         for bt in block_tables:
             row = bt[:num_blocks]
             flat.extend(row)
             flat.extend([0] * (num_blocks - len(row)))
-        return self._per_head(torch.tensor(flat, dtype=torch.long), self.num_slots // self.block_size), \
-            num_blocks * self.block_size
+        return self._per_head(torch.tensor(flat, dtype=torch.long), self.num_slots // self.block_size)
+
+    def _group(self, first_row: int, lengths: list[int], contexts: list[int],
+               block_tables: list[list[int]]) -> AttentionGroup:
+        """Attention inputs of sequences feeding lengths[i] tokens that end at position contexts[i]."""
+        B, L = len(lengths), max(lengths)
+        width = max(max(contexts), MIN_ATTENTION_WIDTH)
+        width = -(-width // self.block_size) * self.block_size
+        # Position of each padded query; a padding query repeats its sequence's last real one.
+        offsets = torch.arange(L)
+        lens = torch.tensor(lengths)
+        ends = torch.tensor(contexts)
+        q_pos = ends[:, None] - lens[:, None] + torch.minimum(offsets[None, :], lens[:, None] - 1)  # [B, L]
+        query_rows = real_rows = None
+        if any(n != L for n in lengths):
+            starts = torch.tensor([0] + lengths[:-1]).cumsum(0) + first_row
+            query_rows = (starts[:, None] + q_pos - (ends[:, None] - lens[:, None])).flatten()
+            real_rows = (torch.arange(B)[:, None] * L + offsets[None, :])[offsets[None, :] < lens[:, None]]
+            query_rows, real_rows = query_rows.to(self.device), real_rows.to(self.device)
+        hidden = torch.arange(width)[None, None, :] > q_pos[:, :, None]  # [B, L, W]
+        bias = torch.zeros(hidden.shape, dtype=self.dtype).masked_fill_(hidden, -float("inf"))
+        group_size = self.model.num_heads // self.model.num_kv_heads
+        if L == 1:
+            bias = bias.repeat(self.model.num_kv_heads, 1, 1)  # [nkv*B, 1, W], broadcast over the group
+        else:  # one row per (query, head of the GQA group), like the queries in Attention
+            bias = bias[:, :, None, :].expand(B, L, group_size, width).reshape(B, L * group_size, width)
+            bias = bias.repeat(self.model.num_kv_heads, 1, 1)
+        return AttentionGroup(
+            num_seqs=B, query_len=L, first_row=first_row, query_rows=query_rows, real_rows=real_rows,
+            blocks=self._blocks(block_tables, width), bias=bias.to(self.device, non_blocking=True),
+        )
 
     def _per_head(self, rows: torch.Tensor, rows_per_head: int) -> torch.Tensor:
         """Row ids of one head -> the same rows of every head in the cache's [nkv * rows, ...] view."""
@@ -88,33 +108,17 @@ class ModelRunner:
                 logits_rows.append(len(input_ids) - 1)
                 sampling.append(i)
 
-        num_decode = len(decode_tables)
-        decode_blocks = decode_bias = None
-        if num_decode:
-            decode_blocks, width = self._blocks(decode_tables, decode_lengths)
-            lengths = torch.tensor(decode_lengths, device=self.device)
-            padding = torch.arange(width, device=self.device)[None, :] >= lengths[:, None]
-            # oneDNN's bf16 batched matmul has a high fixed cost: for a few short rows, casting the
-            # gathered K/V to float32 and using float32 matmuls is about twice as fast.
-            small = self.device.type == "cpu" and num_decode * width <= SMALL_DECODE_ATTENTION
-            attn_dtype = torch.float32 if small else self.dtype
-            decode_bias = torch.zeros(padding.shape, dtype=attn_dtype, device=self.device)
-            decode_bias = decode_bias.masked_fill_(padding, -float("inf")).repeat(self.model.num_kv_heads, 1)
-            decode_bias = decode_bias.unsqueeze(1)  # [nkv * Bd, 1, K], head-major like the gathered rows
-        prefills = []
-        for row0, row1, seq, context in prefill_specs:
-            slots = self._context_slots(seq.block_table, context)
-            L = row1 - row0
-            mask = None
-            if context != L:  # earlier chunks are cached: query i sees keys up to context - L + i
-                q_pos = torch.arange(context - L, context, device=self.device)
-                mask = torch.arange(context, device=self.device)[None, :] <= q_pos[:, None]
-            prefills.append(PrefillSpan(row0, row1, slots, mask))
-
+        groups = []
+        if decode_tables:
+            groups.append(self._group(0, [1] * len(decode_tables), decode_lengths, decode_tables))
+        if prefill_specs:
+            groups.append(self._group(
+                prefill_specs[0][0], [row1 - row0 for row0, row1, _, _ in prefill_specs],
+                [context for _, _, _, context in prefill_specs], [seq.block_table for _, _, seq, _ in prefill_specs],
+            ))
         meta = AttentionMetadata(
             slot_mapping=torch.tensor(slot_mapping, dtype=torch.long, device=self.device),
-            num_decode=num_decode, decode_blocks=decode_blocks, decode_bias=decode_bias, prefills=prefills,
-            block_size=self.block_size,
+            groups=groups, block_size=self.block_size,
         )
         ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
         pos = torch.tensor(positions, dtype=torch.long, device=self.device)

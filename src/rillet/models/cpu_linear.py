@@ -40,6 +40,33 @@ def packing_supported(dtype: torch.dtype, device: torch.device) -> bool:
             and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
 
 
+_single_row_probes: dict[tuple, bool] = {}
+
+
+def single_row_sums_differ(out_features: int, in_features: int, dtype: torch.dtype, batch_hint: int) -> bool:
+    """Whether oneDNN sums a one-row product in another order than a many-row one (for some shapes
+    it splits a single row's reduction across threads). A row's output must not depend on how many
+    rows share the matmul, or a request's tokens would depend on its batch mates.
+
+    Probed once per shape, on ones weights and inputs of ones mixed with +-2^25: how many ones
+    the big values absorb, hence the sum, depends on the order of the additions.
+    """
+    key = (out_features, in_features, dtype, batch_hint, torch.get_num_threads())
+    if key not in _single_row_probes:
+        weight = torch.ops.mkldnn._reorder_linear_weight(torch.ones(out_features, in_features, dtype=dtype),
+                                                         batch_hint)
+        generator = torch.Generator().manual_seed(0)
+        x = torch.ones(4, in_features)
+        for row in x:
+            big = torch.randperm(in_features, generator=generator)[:6]
+            row[big] = torch.tensor([2.0 ** 25, -2.0 ** 25] * 3)
+        x = x.to(dtype)
+        one = torch.cat([torch.ops.mkldnn._linear_pointwise(r[None], weight, None, "none", [], "") for r in x])
+        many = torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
+        _single_row_probes[key] = not torch.equal(one, many)
+    return _single_row_probes[key]
+
+
 class PackedLinear(nn.Module):
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, batch_hint: int):
         super().__init__()
@@ -47,10 +74,12 @@ class PackedLinear(nn.Module):
         self.out_features = weight.shape[0]
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), batch_hint)
         self.bias = None if bias is None else bias.detach()
+        self.min_rows = 2 if single_row_sums_differ(self.out_features, self.in_features, weight.dtype,
+                                                    batch_hint) else 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.shape[0]
-        padded = bucket_rows(rows) if x.dim() == 2 else rows
+        padded = max(bucket_rows(rows), self.min_rows) if x.dim() == 2 else rows
         if padded == rows:
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         x = torch.nn.functional.pad(x, (0, 0, 0, padded - rows))

@@ -22,24 +22,26 @@ SUPPORTED_ARCHITECTURES = {
 }
 
 
+PV_CHUNK = 512  # keys per probs @ V matmul; see attend
+
+
 @dataclass
-class PrefillSpan:
-    start: int  # first row of this sequence's tokens in the flat batch
-    end: int
-    context_slots: torch.Tensor  # [nkv * C] per head, KV slots of every position up to the last new token
-    # (see gather_rows)
-    causal_mask: torch.Tensor | None  # [L, C] bool, None when the chunk is the whole context
+class AttentionGroup:
+    """Sequences whose queries attend in one padded batched matmul: the step's decodes (one query
+    each) or its prefill chunks (padded to the longest). B sequences, L queries each, W key slots."""
+    num_seqs: int  # B
+    query_len: int  # L
+    first_row: int  # the group's tokens are rows first_row.. of the flat batch, sequence by sequence
+    query_rows: torch.Tensor | None  # [B * L] flat-batch row of each padded query; None: no padding
+    real_rows: torch.Tensor | None  # [tokens] position of each real query in the padded [B * L]
+    blocks: torch.Tensor  # [nkv * B * nb] per head, KV blocks to read (see gather_rows)
+    bias: torch.Tensor  # [nkv * B, L * group or 1, W]: 0 where a query sees a key, -inf elsewhere
 
 
 @dataclass
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] slot each new token's K/V is written to
-    num_decode: int  # the first num_decode rows are single-token decodes
-    decode_blocks: torch.Tensor | None  # [nkv * Bd * nb] per head, KV blocks to read, nb per decode row
-    # (padding masked; see gather_rows)
-    decode_bias: torch.Tensor | None  # [nkv * Bd, 1, K], K = nb * block_size: 0 where visible, -inf on
-    # padding; its dtype is the one decode attention's matmuls run in
-    prefills: list[PrefillSpan]
+    groups: list[AttentionGroup]
     block_size: int
 
 
@@ -89,40 +91,55 @@ class Attention(nn.Module):
         qk = torch.addcmul(qk * cos, qk.roll(d // 2, dims=-1), sin)
         q, k = qk[:, :nh], qk[:, nh:]
         # Caches are head-major, [nkv, S, d]: a gather of slots is then already laid out
-        # [nkv, B, K, d] for batched matmuls and SDPA, with no copy of the gathered keys.
+        # [nkv, B, K, d] for batched matmuls, with no copy of the gathered keys.
         k_cache.index_copy_(1, meta.slot_mapping, k.transpose(0, 1))
         v_cache.index_copy_(1, meta.slot_mapping, v.transpose(0, 1))
 
-        nd = meta.num_decode
-        if nd:
-            # Plain batched matmuls: for one query row per sequence they beat the CPU flash kernel
-            # several times over. Query heads are grouped by the KV head they share (GQA); the
-            # batch of matmuls is (KV head, sequence).
-            group = nh // nkv
-            qd = q[:nd].view(nd, nkv, group, d).transpose(0, 1).reshape(nkv * nd, group, d)
-            kd = gather_rows(k_cache, meta.decode_blocks, meta.block_size).view(nkv * nd, -1, d)  # [nkv*Bd, K, d]
-            vd = gather_rows(v_cache, meta.decode_blocks, meta.block_size).view(nkv * nd, -1, d)
-            if meta.decode_bias.dtype != kd.dtype:  # small bf16 batches: float32 matmuls, see ModelRunner
-                qd, kd, vd = qd.to(meta.decode_bias.dtype), kd.to(meta.decode_bias.dtype), vd.to(meta.decode_bias.dtype)
-            # scale * q.k + (0 or -inf on padding), one op; softmax in float32 as transformers does.
-            scores = torch.baddbmm(meta.decode_bias, qd, kd.transpose(1, 2), alpha=self.scale)
-            probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(vd.dtype)
-            od = torch.bmm(probs, vd).to(q.dtype).view(nkv, nd, group, d).transpose(0, 1).reshape(nd, nh * d)
-            if not meta.prefills:
-                return self.o_proj(od)
-        out = torch.empty_like(q)
-        if nd:
-            out[:nd] = od.view(nd, nh, d)
-        for span in meta.prefills:
-            qp = q[span.start:span.end].transpose(0, 1).unsqueeze(0)  # [1, nh, L, d]
-            kp = gather_rows(k_cache, span.context_slots, 1).view(1, nkv, -1, d)  # [1, nkv, C, d]
-            vp = gather_rows(v_cache, span.context_slots, 1).view(1, nkv, -1, d)
-            op = F.scaled_dot_product_attention(
-                qp, kp, vp, attn_mask=span.causal_mask, is_causal=span.causal_mask is None,
-                scale=self.scale, enable_gqa=True,
-            )
-            out[span.start:span.end] = op.squeeze(0).transpose(0, 1)
-        return self.o_proj(out.reshape(T, -1))
+        if len(meta.groups) == 1 and meta.groups[0].query_rows is None:
+            return self.o_proj(self._attend_group(q, k_cache, v_cache, meta.groups[0], meta.block_size))
+        out = torch.empty((T, nh * d), dtype=q.dtype, device=q.device)
+        for group in meta.groups:
+            o = self._attend_group(q, k_cache, v_cache, group, meta.block_size)
+            if group.real_rows is not None:
+                o = o.index_select(0, group.real_rows)
+            out[group.first_row:group.first_row + o.shape[0]] = o
+        return self.o_proj(out)
+
+    def _attend_group(self, q, k_cache, v_cache, group: AttentionGroup, block_size: int) -> torch.Tensor:
+        """Attention of one group's queries over their cached keys: [B * L, nh * d]. Query heads are
+        grouped by the KV head they share (GQA); the matmuls batch (KV head, sequence)."""
+        nh, nkv, d = self.num_heads, self.num_kv_heads, self.head_dim
+        B, L = group.num_seqs, group.query_len
+        if group.query_rows is None:
+            qg = q[group.first_row:group.first_row + B * L]
+        else:
+            qg = q.index_select(0, group.query_rows)
+        qg = qg.reshape(B, L, nkv, nh // nkv, d).permute(2, 0, 1, 3, 4).reshape(nkv * B, L * (nh // nkv), d)
+        kg = gather_rows(k_cache, group.blocks, block_size).view(nkv * B, -1, d)  # [nkv*B, W, d]
+        vg = gather_rows(v_cache, group.blocks, block_size).view(nkv * B, -1, d)
+        og = attend(qg, kg, vg, group.bias, self.scale)
+        return og.view(nkv, B, L, nh // nkv, d).permute(1, 2, 0, 3, 4).reshape(B * L, nh * d)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scale: float) -> torch.Tensor:
+    """softmax(scale * q k^T + bias) v for q [b, R, d], k and v [b, W, d].
+
+    Every query row, decode or prefill, goes through these same matmuls, and on the CPU their
+    result for a row does not depend on the other rows or on masked padding: a request's tokens
+    are then the same whatever its batch mates, however its prompt is chunked, and whether its
+    prefix came from the cache. The softmax runs in float32, as transformers does. probs @ V
+    sums over keys in fixed 512-key chunks because oneDNN blocks longer reductions by their
+    length (tested in tests/unit/test_invariant_kernels.py).
+    """
+    scores = torch.baddbmm(bias, q, k.transpose(1, 2), alpha=scale)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype)
+    width = k.shape[1]
+    if width <= PV_CHUNK:
+        return torch.bmm(probs, v)
+    out = torch.bmm(probs[:, :, :PV_CHUNK], v[:, :PV_CHUNK]).float()
+    for start in range(PV_CHUNK, width, PV_CHUNK):
+        out += torch.bmm(probs[:, :, start:start + PV_CHUNK], v[:, start:start + PV_CHUNK])
+    return out.to(v.dtype)
 
 
 def gather_rows(cache: torch.Tensor, rows: torch.Tensor, row_size: int) -> torch.Tensor:
@@ -181,6 +198,10 @@ class CausalLM(nn.Module):
         half = sin.shape[-1] // 2
         signed_sin = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)  # pairs with roll, see Attention
         self.cos_table, self.signed_sin_table = cos.to(device), signed_sin.to(device)
+
+    @property
+    def num_heads(self) -> int:
+        return self.layers[0].self_attn.num_heads
 
     @property
     def num_kv_heads(self) -> int:

@@ -1,0 +1,44 @@
+"""On the CPU in bfloat16, a request's tokens do not depend on what else the engine is doing:
+its batch mates, how its prompt is chunked, whether its prefix came from the cache, or whether
+a token was computed as a decode or as part of a prompt. Token for token, greedy."""
+
+import pytest
+
+from rillet import LLM, SamplingParams
+
+PROMPTS = [
+    "Write a short story about a lighthouse keeper.",
+    "Explain how a refrigerator works.",
+    "写一篇关于秋天的短文",
+    "List ten uses for an old bicycle.",
+    "Describe the water cycle step by step.",
+    "Why is the sky blue?",
+    "Tell me a joke about cats. " * 40,  # a prompt longer than the small step budget below
+]
+GREEDY = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+HEAD = 16  # generated tokens fed back as part of a continuation prompt
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """Each prompt alone on an engine with no prefix cache and the default step budget."""
+    llm = LLM(dtype="bfloat16", enable_prefix_caching=False)
+    return [llm.generate(prompt, GREEDY) for prompt in PROMPTS]
+
+
+def test_tokens_do_not_depend_on_batch_chunking_or_the_prefix_cache(reference):
+    llm = LLM(dtype="bfloat16", enable_prefix_caching=True, max_num_batched_tokens=48)
+    expected = [r.token_ids for r in reference]
+
+    cold = llm.generate(PROMPTS, GREEDY)  # all at once, long prompts split over several steps
+    assert [r.token_ids for r in cold] == expected
+    warm = llm.generate(PROMPTS[::-1], GREEDY)[::-1]  # prefixes now cached, other batch order
+    assert llm.engine.block_manager.num_cached_tokens_total > 0
+    assert [r.token_ids for r in warm] == expected
+
+    # Prompt + the first generated tokens as a new prompt: tokens that were decodes (and whose
+    # KV blocks are cached) are now prompt tokens; the rest of the answer must not change.
+    continuations = [r.prompt_token_ids + r.token_ids[:HEAD] for r in reference]
+    rest = SamplingParams(max_tokens=GREEDY.max_tokens - HEAD, temperature=0, ignore_eos=True)
+    assert [r.token_ids for r in llm.generate(continuations, rest)] == [t[HEAD:] for t in expected]
+    assert llm.engine.block_manager.num_used_blocks == 0
