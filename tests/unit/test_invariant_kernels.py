@@ -59,3 +59,53 @@ def test_attention_row_does_not_depend_on_batch_mates_or_padding(queries, contex
                    _bias([context], own, queries, group, nkv), 0.125)
     assert (width > PV_CHUNK) or (own <= PV_CHUNK)
     assert torch.equal(together[:, 0], alone)
+
+
+@pytest.fixture(scope="module")
+def paged_kernel():
+    from rillet.models import cpu_kernels
+
+    if not cpu_kernels.supports(9, 3, 64, torch.bfloat16, torch.device("cpu")):
+        pytest.fail("the CPU kernels did not build (needs a C compiler); see the warning logged")
+    return cpu_kernels.paged_decode_attention
+
+
+def _paged_case(contexts, nkv=3, group=3, d=64, block_size=16, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    num_blocks = sum(-(-c // block_size) for c in contexts) + 4
+    k_cache = torch.randn(nkv, num_blocks * block_size, d, generator=generator).bfloat16()
+    v_cache = torch.randn(nkv, num_blocks * block_size, d, generator=generator).bfloat16()
+    order = torch.randperm(num_blocks, generator=generator).tolist()  # blocks scattered over the cache
+    tables, start = [], 0
+    for c in contexts:
+        n = -(-c // block_size)
+        tables.append(order[start:start + n])
+        start += n
+    width = max(len(t) for t in tables)
+    block_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
+    # q rows strided as in the model: q is a slice of the q|k|v projection
+    q = torch.randn(len(contexts), nkv * group + 2 * nkv, d, generator=generator).bfloat16()[:, :nkv * group]
+    return q, k_cache, v_cache, block_tables, tables
+
+
+def test_paged_decode_kernel_matches_float32_attention(paged_kernel):
+    contexts, block_size, nkv, group, d = [1, 17, 300, 1100], 16, 3, 3, 64
+    q, k_cache, v_cache, block_tables, tables = _paged_case(contexts)
+    out = paged_kernel(q, k_cache, v_cache, block_tables, torch.tensor(contexts, dtype=torch.int32),
+                       block_size, d ** -0.5)
+    for b, (c, table) in enumerate(zip(contexts, tables)):
+        slots = torch.tensor([blk * block_size + i for blk in table for i in range(block_size)][:c])
+        k, v = k_cache[:, slots].float(), v_cache[:, slots].float()  # [nkv, c, d]
+        qb = q[b].float().view(nkv, group, d)
+        expected = torch.softmax(qb @ k.transpose(1, 2) * d ** -0.5, dim=-1) @ v
+        torch.testing.assert_close(out[b].float().view(nkv, group, d), expected, atol=2e-2, rtol=2e-2)
+
+
+def test_paged_decode_kernel_row_does_not_depend_on_batch_mates(paged_kernel):
+    contexts = [300, 5, 1100, 64, 513]
+    q, k_cache, v_cache, block_tables, _ = _paged_case(contexts, seed=1)
+    together = paged_kernel(q, k_cache, v_cache, block_tables, torch.tensor(contexts, dtype=torch.int32), 16, 0.125)
+    for b, c in enumerate(contexts):
+        alone = paged_kernel(q[b:b + 1], k_cache, v_cache, block_tables[b:b + 1, :-(-c // 16)].contiguous(),
+                             torch.tensor([c], dtype=torch.int32), 16, 0.125)
+        assert torch.equal(alone[0], together[b])

@@ -117,10 +117,12 @@ class BlockManager:
         self.num_cached_tokens_total += seq.num_computed_tokens
 
     def register_full_blocks(self, seq: Sequence) -> None:
-        """Make the blocks `seq` has completely computed findable by later sequences."""
+        """Make the prompt blocks `seq` has completely computed findable by later sequences. Blocks
+        of generated tokens are not shared: decodes run other kernels than prompts, so their KV
+        differs in the last bits from what a prompt holding those tokens would compute."""
         if not self.enable_prefix_caching:
             return
-        num_full = seq.num_computed_tokens // self.block_size
+        num_full = min(seq.num_computed_tokens, seq.num_prompt_tokens) // self.block_size
         if len(seq.block_hashes) >= num_full:
             return
         tokens = seq.all_token_ids()

@@ -7,6 +7,7 @@ import logging
 import torch
 
 from rillet.engine.block_manager import BlockManager
+from rillet.models import cpu_kernels
 from rillet.engine.scheduler import ScheduledBatch
 from rillet.models.llama import AttentionGroup, AttentionMetadata, CausalLM
 
@@ -31,6 +32,8 @@ class ModelRunner:
         shape = (model.num_kv_heads, num_slots, model.head_dim)  # head-major, see Attention
         # Zeroed so that padded (masked) reads never meet NaN garbage.
         self.num_slots = num_slots
+        self.paged_decode_kernel = cpu_kernels.supports(model.num_heads, model.num_kv_heads, model.head_dim,
+                                                        dtype, device)
         self.kv_caches = [(torch.zeros(shape, dtype=dtype, device=device),
                            torch.zeros(shape, dtype=dtype, device=device)) for _ in model.layers]
 
@@ -43,6 +46,18 @@ class ModelRunner:
             flat.extend(row)
             flat.extend([0] * (num_blocks - len(row)))
         return self._per_head(torch.tensor(flat, dtype=torch.long), self.num_slots // self.block_size)
+
+    def _kernel_decode_group(self, block_tables: list[list[int]], lengths: list[int]) -> AttentionGroup:
+        num_blocks = -(-max(lengths) // self.block_size)
+        flat = []
+        for table in block_tables:
+            row = table[:num_blocks]
+            flat.extend(row)
+            flat.extend([0] * (num_blocks - len(row)))
+        return AttentionGroup(num_seqs=len(lengths), query_len=1, first_row=0, query_rows=None, real_rows=None,
+                              blocks=None, bias=None,
+                              block_tables=torch.tensor(flat, dtype=torch.int32).view(len(lengths), num_blocks),
+                              context_lens=torch.tensor(lengths, dtype=torch.int32))
 
     def _group(self, first_row: int, lengths: list[int], contexts: list[int],
                block_tables: list[list[int]]) -> AttentionGroup:
@@ -83,8 +98,12 @@ class ModelRunner:
     def execute(self, batch: ScheduledBatch, block_manager: BlockManager) -> tuple[torch.Tensor, list[int]]:
         """Run one forward pass. Returns logits [R, V] for the R sequences that finish feeding all their
         tokens this step (in batch order) and their positions in `batch.seqs`."""
-        # Decodes (one new token) first, then prefill chunks.
-        order = sorted(range(len(batch.seqs)), key=lambda i: batch.num_new_tokens[i] != 1)
+        # Decodes (one sampled token) first, then prefill chunks. A one-token chunk of a prompt is a
+        # prefill: a prompt's KV is then computed the same way however it is chunked or cached.
+        def is_decode(i: int) -> bool:
+            return batch.num_new_tokens[i] == 1 and batch.seqs[i].num_computed_tokens >= batch.seqs[i].num_prompt_tokens
+
+        order = sorted(range(len(batch.seqs)), key=lambda i: not is_decode(i))
         input_ids: list[int] = []
         positions: list[int] = []
         slot_mapping: list[int] = []
@@ -99,7 +118,7 @@ class ModelRunner:
                 input_ids.append(seq.token_at(p))
                 positions.append(p)
                 slot_mapping.append(block_manager.slot(seq, p))
-            if n == 1:
+            if is_decode(i):
                 decode_tables.append(seq.block_table)
                 decode_lengths.append(start + 1)
             else:
@@ -109,7 +128,9 @@ class ModelRunner:
                 sampling.append(i)
 
         groups = []
-        if decode_tables:
+        if decode_tables and self.paged_decode_kernel:
+            groups.append(self._kernel_decode_group(decode_tables, decode_lengths))
+        elif decode_tables:
             groups.append(self._group(0, [1] * len(decode_tables), decode_lengths, decode_tables))
         if prefill_specs:
             groups.append(self._group(

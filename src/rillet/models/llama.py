@@ -34,8 +34,11 @@ class AttentionGroup:
     first_row: int  # the group's tokens are rows first_row.. of the flat batch, sequence by sequence
     query_rows: torch.Tensor | None  # [B * L] flat-batch row of each padded query; None: no padding
     real_rows: torch.Tensor | None  # [tokens] position of each real query in the padded [B * L]
-    blocks: torch.Tensor  # [nkv * B * nb] per head, KV blocks to read (see gather_rows)
-    bias: torch.Tensor  # [nkv * B, L * group or 1, W]: 0 where a query sees a key, -inf elsewhere
+    blocks: torch.Tensor | None  # [nkv * B * nb] per head, KV blocks to read (see gather_rows)
+    bias: torch.Tensor | None  # [nkv * B, L * group or 1, W]: 0 where a query sees a key, -inf elsewhere
+    # Set instead of blocks and bias for decodes on the CPU kernel (models/cpu_kernels.py):
+    block_tables: torch.Tensor | None = None  # [B, nb] int32
+    context_lens: torch.Tensor | None = None  # [B] int32
 
 
 @dataclass
@@ -110,6 +113,11 @@ class Attention(nn.Module):
         grouped by the KV head they share (GQA); the matmuls batch (KV head, sequence)."""
         nh, nkv, d = self.num_heads, self.num_kv_heads, self.head_dim
         B, L = group.num_seqs, group.query_len
+        if group.block_tables is not None:
+            from rillet.models.cpu_kernels import paged_decode_attention
+
+            return paged_decode_attention(q[group.first_row:group.first_row + B], k_cache, v_cache,
+                                          group.block_tables, group.context_lens, block_size, self.scale)
         if group.query_rows is None:
             qg = q[group.first_row:group.first_row + B * L]
         else:
