@@ -109,3 +109,22 @@ def test_paged_decode_kernel_row_does_not_depend_on_batch_mates(paged_kernel):
         alone = paged_kernel(q[b:b + 1], k_cache, v_cache, block_tables[b:b + 1, :-(-c // 16)].contiguous(),
                              torch.tensor([c], dtype=torch.int32), 16, 0.125)
         assert torch.equal(alone[0], together[b])
+
+
+def test_fused_add_rms_norm_matches_torch_and_each_row_stands_alone(paged_kernel):
+    from rillet.models.cpu_kernels import add_rms_norm
+
+    generator = torch.Generator().manual_seed(3)
+    residual = torch.randn(100, 576, generator=generator).bfloat16()
+    x = torch.randn(100, 576, generator=generator).bfloat16()
+    weight = torch.randn(576, generator=generator).bfloat16()
+    expected_residual = residual + x
+    expected = torch.nn.functional.rms_norm(expected_residual.float(), (576,), weight.float(), 1e-5)
+
+    fused_residual = residual.clone()
+    out = add_rms_norm(fused_residual, x, weight, 1e-5)  # 100 rows: split over threads
+    assert torch.equal(fused_residual, expected_residual)
+    torch.testing.assert_close(out.float(), expected, atol=2e-2, rtol=1e-2)
+    for row in (0, 37, 99):
+        alone_residual = residual[row:row + 1].clone()
+        assert torch.equal(add_rms_norm(alone_residual, x[row:row + 1].contiguous(), weight, 1e-5), out[row:row + 1])

@@ -34,6 +34,8 @@ class ModelRunner:
         self.num_slots = num_slots
         self.paged_decode_kernel = cpu_kernels.supports(model.num_heads, model.num_kv_heads, model.head_dim,
                                                         dtype, device)
+        if self.paged_decode_kernel:
+            model.use_cpu_kernels()
         self.kv_caches = [(torch.zeros(shape, dtype=dtype, device=device),
                            torch.zeros(shape, dtype=dtype, device=device)) for _ in model.layers]
 

@@ -178,10 +178,27 @@ class DecoderLayer(nn.Module):
         self.self_attn = Attention(config, family)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
+        self.fused_add_norm = False  # set by CausalLM.use_cpu_kernels
 
-    def forward(self, x, cos, sin, k_cache, v_cache, meta):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, k_cache, v_cache, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def add_norm(self, x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm):
+        """(norm(residual + x), residual + x); the first layer's residual is its input."""
+        if residual is None:
+            return norm(x), x
+        if self.fused_add_norm:
+            from rillet.models.cpu_kernels import add_rms_norm
+
+            return add_rms_norm(residual, x, norm.weight, norm.eps), residual  # residual updated in place
+        residual = residual + x
+        return norm(residual), residual
+
+    def forward(self, x, residual, cos, sin, k_cache, v_cache, meta):
+        """x: the previous layer's output (or the embeddings, with residual None). Returns this
+        layer's output and the residual stream before it, as vLLM's layers do, so that each
+        residual add can fuse with the norm after it."""
+        h, residual = self.add_norm(x, residual, self.input_layernorm)
+        h = self.self_attn(h, cos, sin, k_cache, v_cache, meta)
+        h, residual = self.add_norm(h, residual, self.post_attention_layernorm)
+        return self.mlp(h), residual
 
 
 class CausalLM(nn.Module):
@@ -224,14 +241,20 @@ class CausalLM(nn.Module):
         x = self.embed_tokens(input_ids)
         cos = self.cos_table[positions].to(x.dtype).unsqueeze(1)  # [T, 1, d]
         sin = self.signed_sin_table[positions].to(x.dtype).unsqueeze(1)
+        residual = None
         for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
-            x = layer(x, cos, sin, k_cache, v_cache, meta)
-        return self.norm(x)
+            x, residual = layer(x, residual, cos, sin, k_cache, v_cache, meta)
+        return self.layers[-1].add_norm(x, residual, self.norm)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.lm_head is not None:
             return self.lm_head(hidden).float()
         return F.linear(hidden, self.embed_tokens.weight).float()
+
+    def use_cpu_kernels(self) -> None:
+        """Fuse each residual add with the RMSNorm after it (bf16 on the CPU, kernels built)."""
+        for layer in self.layers:
+            layer.fused_add_norm = True
 
     def pack_for_cpu(self, batch_hint: int) -> None:
         """Pre-pack every projection (and the tied output head) for oneDNN; see cpu_linear."""
