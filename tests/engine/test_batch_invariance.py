@@ -19,10 +19,25 @@ GREEDY = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
 HEAD = 16  # generated tokens fed back as part of a continuation prompt
 
 
+@pytest.fixture(scope="module", params=["c-kernels", "torch-only"])
+def kernels(request):
+    """rillet's C kernels, or the torch path used where no C compiler is available."""
+    if request.param == "torch-only":
+        from rillet.models import cpu_kernels
+
+        patch = pytest.MonkeyPatch()
+        patch.setattr(cpu_kernels, "load", lambda: None)
+        yield request.param
+        patch.undo()
+    else:
+        yield request.param
+
+
 @pytest.fixture(scope="module")
-def reference():
+def reference(kernels):
     """Each prompt alone on an engine with no prefix cache and the default step budget."""
     llm = LLM(dtype="bfloat16", enable_prefix_caching=False)
+    assert llm.engine.runner.paged_decode_kernel == (kernels == "c-kernels")
     return [llm.generate(prompt, GREEDY) for prompt in PROMPTS]
 
 
