@@ -132,12 +132,12 @@ class Attention(nn.Module):
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scale: float) -> torch.Tensor:
     """softmax(scale * q k^T + bias) v for q [b, R, d], k and v [b, W, d].
 
-    Every query row, decode or prefill, goes through these same matmuls, and on the CPU their
-    result for a row does not depend on the other rows or on masked padding: a request's tokens
-    are then the same whatever its batch mates, however its prompt is chunked, and whether its
-    prefix came from the cache. The softmax runs in float32, as transformers does. probs @ V
-    sums over keys in fixed 512-key chunks because oneDNN blocks longer reductions by their
-    length (tested in tests/unit/test_invariant_kernels.py).
+    Every prompt row goes through these same matmuls (decode rows too, where rillet's C decode
+    kernel is not in use), and on the CPU their result for a row does not depend on the other
+    rows or on masked padding: a request's tokens are then the same whatever its batch mates,
+    however its prompt is chunked, and whether its prefix came from the cache. The softmax runs
+    in float32, as transformers does. probs @ V sums over keys in fixed 512-key chunks because
+    oneDNN blocks longer reductions by their length (tested in tests/unit/test_invariant_kernels.py).
     """
     scores = torch.baddbmm(bias, q, k.transpose(1, 2), alpha=scale)
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype)
