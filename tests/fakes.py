@@ -23,6 +23,8 @@ class FakeStats:
     kv_cache_usage: float = 0.0
     num_preemptions_total: int = 0
     num_aborted_total: int = 0
+    prefix_cache_queries_total: int = 0
+    prefix_cache_hits_total: int = 0
 
 
 class FakeTokenizer:

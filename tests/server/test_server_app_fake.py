@@ -141,7 +141,8 @@ async def test_metrics_names():
                  "rillet:time_to_first_token_seconds_bucket", "rillet:inter_token_latency_seconds_bucket",
                  "rillet:e2e_request_latency_seconds_count", "rillet:prompt_tokens_total",
                  "rillet:generation_tokens_total 12.0", "rillet:request_aborted_total",
-                 "rillet:num_preemptions_total", 'rillet:request_success_total{finished_reason="stop"} 1.0',
+                 "rillet:num_preemptions_total", "rillet:prefix_cache_queries_total", "rillet:prefix_cache_hits_total",
+                 'rillet:request_success_total{finished_reason="stop"} 1.0',
                  'rillet:request_success_total{finished_reason="length"} 1.0'):
         assert name in text, name
 

@@ -244,9 +244,12 @@ def f32_server():
         server.stop()
 
 
-def test_16_concurrent_greedy_streams_match_their_non_streaming_answers(f32_server):
+def test_16_concurrent_greedy_streams_match_their_non_streaming_answers(real_server):
+    """The default server (bfloat16 here, prefix caching on): each answer alone first, then all 16
+    streaming at once, their prompts now partly cached. Token for token the same (see the
+    README's "Batch invariance")."""
     async def main():
-        client = openai.AsyncOpenAI(base_url=f32_server.url + "/v1", api_key="none", max_retries=0, timeout=300)
+        client = openai.AsyncOpenAI(base_url=real_server.url + "/v1", api_key=KEY, max_retries=0, timeout=300)
         (card,) = (await client.models.list()).data
 
         async def full(prompt):
@@ -270,6 +273,8 @@ def test_16_concurrent_greedy_streams_match_their_non_streaming_answers(f32_serv
     for prompt, answer, (text, num_deltas) in zip(PROMPTS, answers, streams):
         assert text == answer, prompt
         assert num_deltas > 1
+    metrics = httpx.get(real_server.url + "/metrics").text
+    assert 0 < metric(metrics, "rillet:prefix_cache_hits_total") < metric(metrics, "rillet:prefix_cache_queries_total")
 
 
 def test_sigterm_drains_then_exits_0(f32_server):

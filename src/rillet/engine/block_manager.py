@@ -28,6 +28,7 @@ class BlockManager:
         self._block_of: dict[int, int] = {}  # prefix hash -> block
         self._evictable: OrderedDict[int, None] = OrderedDict()  # cached blocks with no reference
         self.num_cached_tokens_total = 0  # prompt tokens served from the cache
+        self.num_queried_tokens_total = 0  # prompt tokens of every admitted sequence
 
     @property
     def num_free_blocks(self) -> int:
@@ -115,6 +116,7 @@ class BlockManager:
             seq.block_hashes.append(prefix_hash)
         seq.num_computed_tokens = len(hits) * self.block_size
         self.num_cached_tokens_total += seq.num_computed_tokens
+        self.num_queried_tokens_total += seq.num_tokens
 
     def register_full_blocks(self, seq: Sequence) -> None:
         """Make the prompt blocks `seq` has completely computed findable by later sequences. Blocks

@@ -47,6 +47,8 @@ class EngineStats:
     num_preemptions_total: int
     num_aborted_total: int
     num_failed_total: int
+    prefix_cache_queries_total: int = 0  # prompt tokens looked up in the prefix cache
+    prefix_cache_hits_total: int = 0  # of those, tokens whose KV came from the cache
 
 
 def cpu_has_native_bf16() -> bool:
@@ -196,7 +198,7 @@ class LLMEngine:
         running_requests = {s.request_id for s in self.scheduler.running} - waiting_requests
         return EngineStats(len(running_requests), len(waiting_requests), bm.usage, bm.num_used_blocks,
                            bm.num_blocks, self.scheduler.num_preemptions_total, self.num_aborted_total,
-                           self.num_failed_total)
+                           self.num_failed_total, bm.num_queried_tokens_total, bm.num_cached_tokens_total)
 
     # ---- the step -------------------------------------------------------------------------
 

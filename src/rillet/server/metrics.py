@@ -42,6 +42,10 @@ class _EngineCollector(Collector):
                                   value=stats.num_preemptions_total)
         yield CounterMetricFamily("rillet:engine_aborted_requests", "Requests aborted inside the engine.",
                                   value=stats.num_aborted_total)
+        yield CounterMetricFamily("rillet:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
+                                  value=stats.prefix_cache_queries_total)
+        yield CounterMetricFamily("rillet:prefix_cache_hits", "Prompt tokens whose KV came from the prefix cache.",
+                                  value=stats.prefix_cache_hits_total)
 
 
 class Metrics:
