@@ -1,9 +1,10 @@
 """Prefix caching: a 10-turn conversation's time to first token, turn by turn.
 
 Each turn sends the whole history plus a new question, as chat clients do. Without prefix
-caching every turn recomputes the history, so TTFT grows with it; with caching only the new
-tokens are computed and TTFT stays flat. Both runs use the same engine settings, greedy,
-in one process, one after the other.
+caching every turn recomputes the history, so TTFT grows with it; with caching only the last
+answer (decoded, so its blocks are not shared) and the new question are computed and TTFT stays
+flat. Both runs use the same engine settings, greedy, in one process, one after the other, and
+the script checks that they give the same answers (`answers_equal` in the JSON).
 
     .venv/bin/python benchmarks/bench_prefix_cache.py [--turns 10] [--answer-tokens 48]
 """
@@ -46,7 +47,8 @@ def run_conversation(engine, turns: int, answer_tokens: int, system: str = SYSTE
                     ttft = time.perf_counter() - start
                 text += out.text
         rows.append({"turn": turn + 1, "prompt_tokens": len(prompt), "ttft_ms": ttft * 1e3,
-                     "cached_tokens": engine.block_manager.num_cached_tokens_total - cached_before})
+                     "cached_tokens": engine.block_manager.num_cached_tokens_total - cached_before,
+                     "answer": text})
         messages.append({"role": "assistant", "content": text})
     return rows
 
@@ -69,10 +71,13 @@ def main() -> None:
                                                                                args.answer_tokens)
         result["dtype"] = str(engine.dtype).removeprefix("torch.")
         del engine
+    result["answers_equal"] = [a["answer"] == b["answer"] for a, b in zip(result["without_cache"],
+                                                                         result["with_cache"])]
     print("| turn | prompt tokens | TTFT without cache (ms) | TTFT with cache (ms) | tokens reused |")
     print("|---:|---:|---:|---:|---:|")
     for a, b in zip(result["without_cache"], result["with_cache"]):
         print(f"| {a['turn']} | {a['prompt_tokens']} | {a['ttft_ms']:.0f} | {b['ttft_ms']:.0f} | {b['cached_tokens']} |")
+    print(f"answers equal with and without the cache: {sum(result['answers_equal'])} of {args.turns} turns")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
 
