@@ -7,8 +7,8 @@ import logging
 import torch
 
 from rillet.engine.block_manager import BlockManager
-from rillet.models import cpu_kernels
 from rillet.engine.scheduler import ScheduledBatch
+from rillet.models import cpu_kernels
 from rillet.models.llama import AttentionGroup, AttentionMetadata, CausalLM
 
 logger = logging.getLogger(__name__)
@@ -39,23 +39,24 @@ class ModelRunner:
         self.kv_caches = [(torch.zeros(shape, dtype=dtype, device=device),
                            torch.zeros(shape, dtype=dtype, device=device)) for _ in model.layers]
 
-    def _blocks(self, block_tables: list[list[int]], width: int) -> torch.Tensor:
-        """Flat per-head block ids, nb = width / block_size per sequence (padding: block 0, masked)."""
-        num_blocks = width // self.block_size
-        flat = []
-        for bt in block_tables:
-            row = bt[:num_blocks]
-            flat.extend(row)
-            flat.extend([0] * (num_blocks - len(row)))
-        return self._per_head(torch.tensor(flat, dtype=torch.long), self.num_slots // self.block_size)
-
-    def _kernel_decode_group(self, block_tables: list[list[int]], lengths: list[int]) -> AttentionGroup:
-        num_blocks = -(-max(lengths) // self.block_size)
+    @staticmethod
+    def _padded_tables(block_tables: list[list[int]], num_blocks: int) -> list[int]:
+        """The first num_blocks blocks of each table, flat, padded with block 0 (masked or unread)."""
         flat = []
         for table in block_tables:
             row = table[:num_blocks]
             flat.extend(row)
             flat.extend([0] * (num_blocks - len(row)))
+        return flat
+
+    def _blocks(self, block_tables: list[list[int]], width: int) -> torch.Tensor:
+        """Flat per-head block ids, nb = width / block_size per sequence."""
+        flat = self._padded_tables(block_tables, width // self.block_size)
+        return self._per_head(torch.tensor(flat, dtype=torch.long), self.num_slots // self.block_size)
+
+    def _kernel_decode_group(self, block_tables: list[list[int]], lengths: list[int]) -> AttentionGroup:
+        num_blocks = -(-max(lengths) // self.block_size)
+        flat = self._padded_tables(block_tables, num_blocks)
         return AttentionGroup(num_seqs=len(lengths), query_len=1, first_row=0, query_rows=None, real_rows=None,
                               blocks=None, bias=None,
                               block_tables=torch.tensor(flat, dtype=torch.int32).view(len(lengths), num_blocks),
