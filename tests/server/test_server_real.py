@@ -266,7 +266,11 @@ def test_16_concurrent_greedy_streams_match_their_non_streaming_answers(real_ser
 
         answers = [await full(p) for p in PROMPTS]  # each alone
         streams = await asyncio.gather(*[streamed(p) for p in PROMPTS])  # all at once
+        again = await client.chat.completions.create(model=card.id, messages=[{"role": "user", "content": PROMPTS[0]}],
+                                                     max_tokens=20, temperature=0)
         await client.close()
+        assert again.choices[0].message.content == answers[0]
+        assert 0 < again.usage.prompt_tokens_details.cached_tokens < again.usage.prompt_tokens
         return answers, streams
 
     answers, streams = asyncio.run(main())

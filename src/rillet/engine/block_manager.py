@@ -114,7 +114,7 @@ class BlockManager:
             self._refs[block] += 1
             seq.block_table.append(block)
             seq.block_hashes.append(prefix_hash)
-        seq.num_computed_tokens = len(hits) * self.block_size
+        seq.num_computed_tokens = seq.num_cached_tokens = len(hits) * self.block_size
         self.num_cached_tokens_total += seq.num_computed_tokens
         self.num_queried_tokens_total += seq.num_tokens
 

@@ -299,4 +299,5 @@ class LLMEngine:
             request_id=seq.request_id, index=seq.index, text=text, token_ids=token_ids,
             num_prompt_tokens=seq.num_prompt_tokens, num_output_tokens=seq.num_output_tokens,
             finish_reason=seq.finish_reason, stop_reason=seq.stop_reason, logprobs=logprobs, error=seq.error,
+            num_cached_tokens=seq.num_cached_tokens,
         )

@@ -98,6 +98,7 @@ class RequestHandle:
         self.arrival = arrival  # perf_counter at request arrival
         self.enqueued = enqueued  # perf_counter when add_request returned
         self.num_prompt_tokens = int(getattr(stream, "num_prompt_tokens", 0) or 0)
+        self.num_cached_tokens = 0
         self.finish_reasons: list[str | None] = [None] * n
         self.num_output_tokens = [0] * n
         self.first_token_at: float | None = None
@@ -127,6 +128,7 @@ class RequestHandle:
         metrics = self.serving.metrics
         if out.num_prompt_tokens:
             self.num_prompt_tokens = out.num_prompt_tokens
+        self.num_cached_tokens = max(self.num_cached_tokens, out.num_cached_tokens)
         num_new = len(out.token_ids)
         if num_new:
             if self.first_token_at is None:
@@ -148,10 +150,11 @@ class RequestHandle:
     def num_generated_tokens(self) -> int:
         return sum(self.num_output_tokens)
 
-    def usage(self) -> dict[str, int]:
+    def usage(self) -> dict:
         completion = self.num_generated_tokens
         return {"prompt_tokens": self.num_prompt_tokens, "completion_tokens": completion,
-                "total_tokens": self.num_prompt_tokens + completion}
+                "total_tokens": self.num_prompt_tokens + completion,
+                "prompt_tokens_details": {"cached_tokens": self.num_cached_tokens}}
 
     async def abort(self) -> None:
         if not self.finished:
