@@ -6,7 +6,7 @@ different order of additions in the last bit, so the linear layers are probed wi
 import pytest
 import torch
 
-from rillet.models.cpu_linear import PackedLinear, packing_supported
+from rillet.models.cpu_linear import PackedLinear, order_sensitive_rows, packing_supported
 from rillet.models.llama import PV_CHUNK, attend
 
 DEFAULT_MODEL_SHAPES = [(1728, 576), (576, 576), (3072, 576), (576, 1536), (49152, 576)]  # SmolLM2-135M
@@ -15,18 +15,10 @@ pytestmark = pytest.mark.skipif(not packing_supported(torch.bfloat16, torch.devi
                                 reason="oneDNN bf16 packing unavailable in this torch build")
 
 
-def order_sensitive_rows(rows: int, width: int) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(rows)
-    x = torch.ones(rows, width)
-    for row in x:
-        row[torch.randperm(width, generator=generator)[:6]] = torch.tensor([2.0 ** 25, -2.0 ** 25] * 3)
-    return x.bfloat16()
-
-
 @pytest.mark.parametrize("out_features,in_features", DEFAULT_MODEL_SHAPES)
 def test_packed_linear_row_does_not_depend_on_row_count(out_features, in_features):
     linear = PackedLinear(torch.ones(out_features, in_features, dtype=torch.bfloat16), None, batch_hint=32)
-    x = order_sensitive_rows(512, in_features)
+    x = order_sensitive_rows(512, in_features, torch.bfloat16, seed=512)
     with torch.inference_mode():
         reference = linear(x)[:4]
         for rows in (1, 2, 3, 7, 16, 32, 33, 100, 512):

@@ -81,12 +81,11 @@ class ModelRunner:
             query_rows, real_rows = query_rows.to(self.device), real_rows.to(self.device)
         hidden = torch.arange(width)[None, None, :] > q_pos[:, :, None]  # [B, L, W]
         bias = torch.zeros(hidden.shape, dtype=self.dtype).masked_fill_(hidden, -float("inf"))
-        group_size = self.model.num_heads // self.model.num_kv_heads
-        if L == 1:
-            bias = bias.repeat(self.model.num_kv_heads, 1, 1)  # [nkv*B, 1, W], broadcast over the group
-        else:  # one row per (query, head of the GQA group), like the queries in Attention
+        if L > 1:  # one row per (query, head of the GQA group), like the queries in Attention
+            group_size = self.model.num_heads // self.model.num_kv_heads
             bias = bias[:, :, None, :].expand(B, L, group_size, width).reshape(B, L * group_size, width)
-            bias = bias.repeat(self.model.num_kv_heads, 1, 1)
+        # else [B, 1, W], broadcast over the group
+        bias = bias.repeat(self.model.num_kv_heads, 1, 1)  # head-major, like the gathered keys
         return AttentionGroup(
             num_seqs=B, query_len=L, first_row=first_row, query_rows=query_rows, real_rows=real_rows,
             blocks=self._blocks(block_tables, width), bias=bias.to(self.device, non_blocking=True),
@@ -103,10 +102,9 @@ class ModelRunner:
         tokens this step (in batch order) and their positions in `batch.seqs`."""
         # Decodes (one sampled token) first, then prefill chunks. A one-token chunk of a prompt is a
         # prefill: a prompt's KV is then computed the same way however it is chunked or cached.
-        def is_decode(i: int) -> bool:
-            return batch.num_new_tokens[i] == 1 and batch.seqs[i].num_computed_tokens >= batch.seqs[i].num_prompt_tokens
-
-        order = sorted(range(len(batch.seqs)), key=lambda i: not is_decode(i))
+        is_decode = [n == 1 and seq.num_computed_tokens >= seq.num_prompt_tokens
+                     for seq, n in zip(batch.seqs, batch.num_new_tokens)]
+        order = sorted(range(len(batch.seqs)), key=lambda i: not is_decode[i])
         input_ids: list[int] = []
         positions: list[int] = []
         slot_mapping: list[int] = []
@@ -121,7 +119,7 @@ class ModelRunner:
                 input_ids.append(seq.token_at(p))
                 positions.append(p)
                 slot_mapping.append(block_manager.slot(seq, p))
-            if is_decode(i):
+            if is_decode[i]:
                 decode_tables.append(seq.block_table)
                 decode_lengths.append(start + 1)
             else:

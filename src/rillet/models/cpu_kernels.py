@@ -61,7 +61,7 @@ def load() -> ctypes.CDLL | None:
         return None
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
-        logger.warning("no C compiler found: decode attention uses the slower torch path")
+        logger.warning("no C compiler found: decode attention and norms use the slower torch path")
         return None
     from rillet.models.resolve import cache_root
 
@@ -74,8 +74,8 @@ def load() -> ctypes.CDLL | None:
         library = ctypes.CDLL(str(target))  # after torch: its libgomp (same soname) is reused
     except (OSError, subprocess.SubprocessError) as exc:
         detail = getattr(exc, "stderr", "") or exc
-        logger.warning("could not build rillet's CPU kernels (%s): decode attention uses the slower torch "
-                       "path", str(detail).strip()[:500])
+        logger.warning("could not build rillet's CPU kernels (%s): decode attention and norms use the "
+                       "slower torch path", str(detail).strip()[:500])
         return None
     fn = library.rillet_paged_decode_attention_bf16
     fn.restype = None

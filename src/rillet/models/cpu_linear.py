@@ -43,24 +43,29 @@ def packing_supported(dtype: torch.dtype, device: torch.device) -> bool:
 _single_row_probes: dict[tuple, bool] = {}
 
 
+def order_sensitive_rows(rows: int, width: int, dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
+    """[rows, width] of ones with +-2^25 at six random places per row. Against ones weights each
+    output counts the ones that survive being added next to 2^25, so it changes with the order of
+    the additions, where random inputs would differ in the last bit only rarely."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.ones(rows, width)
+    for row in x:
+        row[torch.randperm(width, generator=generator)[:6]] = torch.tensor([2.0 ** 25, -2.0 ** 25] * 3)
+    return x.to(dtype)
+
+
 def single_row_sums_differ(out_features: int, in_features: int, dtype: torch.dtype, batch_hint: int) -> bool:
     """Whether oneDNN sums a one-row product in another order than a many-row one (for some shapes
     it splits a single row's reduction across threads). A row's output must not depend on how many
     rows share the matmul, or a request's tokens would depend on its batch mates.
 
-    Probed once per shape, on ones weights and inputs of ones mixed with +-2^25: how many ones
-    the big values absorb, hence the sum, depends on the order of the additions.
+    Probed once per shape, on ones weights and `order_sensitive_rows`.
     """
     key = (out_features, in_features, dtype, batch_hint, torch.get_num_threads())
     if key not in _single_row_probes:
         weight = torch.ops.mkldnn._reorder_linear_weight(torch.ones(out_features, in_features, dtype=dtype),
                                                          batch_hint)
-        generator = torch.Generator().manual_seed(0)
-        x = torch.ones(4, in_features)
-        for row in x:
-            big = torch.randperm(in_features, generator=generator)[:6]
-            row[big] = torch.tensor([2.0 ** 25, -2.0 ** 25] * 3)
-        x = x.to(dtype)
+        x = order_sensitive_rows(4, in_features, dtype)
         one = torch.cat([torch.ops.mkldnn._linear_pointwise(r[None], weight, None, "none", [], "") for r in x])
         many = torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
         _single_row_probes[key] = not torch.equal(one, many)

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rillet.models.cpu_kernels import add_rms_norm, paged_decode_attention
+
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "mistral",
@@ -114,8 +116,6 @@ class Attention(nn.Module):
         nh, nkv, d = self.num_heads, self.num_kv_heads, self.head_dim
         B, L = group.num_seqs, group.query_len
         if group.block_tables is not None:
-            from rillet.models.cpu_kernels import paged_decode_attention
-
             return paged_decode_attention(q[group.first_row:group.first_row + B], k_cache, v_cache,
                                           group.block_tables, group.context_lens, block_size, self.scale)
         if group.query_rows is None:
@@ -185,8 +185,6 @@ class DecoderLayer(nn.Module):
         if residual is None:
             return norm(x), x
         if self.fused_add_norm:
-            from rillet.models.cpu_kernels import add_rms_norm
-
             return add_rms_norm(residual, x, norm.weight, norm.eps), residual  # residual updated in place
         residual = residual + x
         return norm(residual), residual

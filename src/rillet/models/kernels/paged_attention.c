@@ -242,14 +242,14 @@ void rillet_add_rms_norm_bf16(uint16_t *residual, const uint16_t *x, const uint1
         int i = 0;
         for (; i + LANES <= dim; i += LANES) {
             for (int l = 0; l < LANES; l++) {
-                const float v = bf16_to_f32(f32_to_bf16(bf16_to_f32(res[i + l]) + bf16_to_f32(xr[i + l])));
-                res[i + l] = f32_to_bf16(v);
+                res[i + l] = f32_to_bf16(bf16_to_f32(res[i + l]) + bf16_to_f32(xr[i + l]));
+                const float v = bf16_to_f32(res[i + l]);
                 lanes[l] += v * v;
             }
         }
         for (int l = 0; i < dim; i++, l++) {
-            const float v = bf16_to_f32(f32_to_bf16(bf16_to_f32(res[i]) + bf16_to_f32(xr[i])));
-            res[i] = f32_to_bf16(v);
+            res[i] = f32_to_bf16(bf16_to_f32(res[i]) + bf16_to_f32(xr[i]));
+            const float v = bf16_to_f32(res[i]);
             lanes[l] += v * v;
         }
         for (int width = LANES / 2; width > 0; width /= 2)
