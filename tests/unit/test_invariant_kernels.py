@@ -120,3 +120,47 @@ def test_fused_add_rms_norm_matches_torch_and_each_row_stands_alone(paged_kernel
     for row in (0, 37, 99):
         alone_residual = residual[row:row + 1].clone()
         assert torch.equal(add_rms_norm(alone_residual, x[row:row + 1].contiguous(), weight, 1e-5), out[row:row + 1])
+
+
+@pytest.fixture(scope="module")
+def kernel_linear():
+    from rillet.models import cpu_kernels
+    from rillet.models.cpu_linear import KernelLinear
+
+    if not cpu_kernels.linear_supported(torch.bfloat16, torch.device("cpu")):
+        pytest.fail("rillet's bf16 linear kernel is unavailable here (needs a C compiler and AVX512-BF16)")
+    return KernelLinear
+
+
+# The default model's shapes, plus an odd input width, a partial tile of outputs and a bias.
+@pytest.mark.parametrize("out_features,in_features,bias", [
+    *((n, k, False) for n, k in DEFAULT_MODEL_SHAPES), (100, 77, True), (8, 9, True)])
+def test_kernel_linear_row_does_not_depend_on_row_count(kernel_linear, out_features, in_features, bias):
+    linear = kernel_linear(torch.ones(out_features, in_features, dtype=torch.bfloat16),
+                           torch.ones(out_features, dtype=torch.bfloat16) if bias else None)
+    x = order_sensitive_rows(64, in_features, torch.bfloat16, seed=64)
+    reference = linear(x)[:4]
+    for rows in (1, 2, 3, 5, 6, 7, 13, 32, 64):
+        assert torch.equal(linear(x[:rows])[:4], reference[:rows]), rows
+
+
+@pytest.mark.parametrize("out_features,in_features", [(1728, 576), (100, 77), (8, 3)])
+@pytest.mark.parametrize("rows", [1, 7, 40])
+def test_kernel_linear_matches_float32_matmul(kernel_linear, out_features, in_features, rows):
+    generator = torch.Generator().manual_seed(rows + in_features)
+    weight = torch.randn(out_features, in_features, generator=generator).bfloat16()
+    bias = torch.randn(out_features, generator=generator).bfloat16()
+    x = torch.randn(rows, in_features, generator=generator).bfloat16()
+    out = kernel_linear(weight, bias)(x)
+    expected = (x.float() @ weight.float().T + bias.float()).bfloat16()
+    assert out.shape == (rows, out_features) and out.dtype == torch.bfloat16
+    # float32 sums in another order: equal up to one bf16 rounding step
+    torch.testing.assert_close(out.float(), expected.float(), atol=1e-3, rtol=8e-3)
+
+
+def test_kernel_linear_reads_strided_rows(kernel_linear):
+    generator = torch.Generator().manual_seed(5)
+    weight = torch.randn(64, 32, generator=generator).bfloat16()
+    wide = torch.randn(10, 96, generator=generator).bfloat16()
+    linear = kernel_linear(weight, None)
+    assert torch.equal(linear(wide[:, 32:64]), linear(wide[:, 32:64].contiguous()))

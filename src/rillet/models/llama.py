@@ -255,12 +255,12 @@ class CausalLM(nn.Module):
             layer.fused_add_norm = True
 
     def pack_for_cpu(self, batch_hint: int) -> None:
-        """Pre-pack every projection (and the tied output head) for oneDNN; see cpu_linear."""
-        from rillet.models.cpu_linear import PackedLinear, pack_linears
+        """Pre-pack every projection (and the tied output head); see cpu_linear."""
+        from rillet.models.cpu_linear import pack_linears, packed_linear
 
         pack_linears(self, batch_hint)
         if self.lm_head is None:
-            self.lm_head = PackedLinear(self.embed_tokens.weight, None, batch_hint)
+            self.lm_head = packed_linear(self.embed_tokens.weight, None, batch_hint)
 
 
 def rope_tables(config, max_positions: int) -> tuple[torch.Tensor, torch.Tensor]:
