@@ -8,7 +8,7 @@ import torch
 
 from rillet.engine.block_manager import BlockManager
 from rillet.engine.scheduler import ScheduledBatch
-from rillet.models import cpu_kernels
+from rillet.models import cpu_decode, cpu_kernels
 from rillet.models.llama import AttentionGroup, AttentionMetadata, CausalLM
 
 logger = logging.getLogger(__name__)
@@ -38,6 +38,10 @@ class ModelRunner:
             model.use_cpu_kernels()
         self.kv_caches = [(torch.zeros(shape, dtype=dtype, device=device),
                            torch.zeros(shape, dtype=dtype, device=device)) for _ in model.layers]
+        # Decode rows through every layer in one C call where the model allows (models/cpu_decode.py).
+        self.decode_forward = None
+        if self.paged_decode_kernel and cpu_decode.supported(model):
+            self.decode_forward = cpu_decode.DecodeForward(model, self.kv_caches, block_size)
 
     @staticmethod
     def _padded_tables(block_tables: list[list[int]], num_blocks: int) -> list[int]:
@@ -99,19 +103,50 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch, block_manager: BlockManager) -> tuple[torch.Tensor, list[int]]:
         """Run one forward pass. Returns logits [R, V] for the R sequences that finish feeding all their
-        tokens this step (in batch order) and their positions in `batch.seqs`."""
-        # Decodes (one sampled token) first, then prefill chunks. A one-token chunk of a prompt is a
-        # prefill: a prompt's KV is then computed the same way however it is chunked or cached.
+        tokens this step (decodes first, then prompts, each in batch order) and their positions in
+        `batch.seqs`."""
+        # A decode feeds its one sampled token. A one-token chunk of a prompt is a prefill: a prompt's
+        # KV is then computed the same way however it is chunked or cached.
         is_decode = [n == 1 and seq.num_computed_tokens >= seq.num_prompt_tokens
                      for seq, n in zip(batch.seqs, batch.num_new_tokens)]
-        order = sorted(range(len(batch.seqs)), key=lambda i: not is_decode[i])
+        decodes = [i for i, decode in enumerate(is_decode) if decode]
+        prefills = [i for i, decode in enumerate(is_decode) if not decode]
+        hidden_parts, sampling = [], []
+        if decodes and self.decode_forward is not None:
+            hidden_parts.append(self._decode_in_c([batch.seqs[i] for i in decodes], block_manager))
+            sampling += decodes
+            rest = prefills
+        else:
+            rest = decodes + prefills
+        if rest:
+            hidden, sampled = self._forward_torch(batch, rest, is_decode, block_manager)
+            hidden_parts.append(hidden)
+            sampling += sampled
+        if not sampling:
+            return torch.empty((0, 0), dtype=torch.float32, device=self.device), []
+        hidden = hidden_parts[0] if len(hidden_parts) == 1 else torch.cat(hidden_parts)
+        return self.model.compute_logits(hidden), sampling
+
+    def _decode_in_c(self, seqs: list, block_manager: BlockManager) -> torch.Tensor:
+        """Hidden states [len(seqs), H] of decode rows, all layers in rillet's C kernel."""
+        positions = [seq.num_computed_tokens for seq in seqs]
+        tokens = [seq.token_at(p) for seq, p in zip(seqs, positions)]
+        slots = [block_manager.slot(seq, p) for seq, p in zip(seqs, positions)]
+        group = self._kernel_decode_group([seq.block_table for seq in seqs], [p + 1 for p in positions])
+        return self.decode_forward(torch.tensor(tokens, dtype=torch.long), torch.tensor(positions, dtype=torch.long),
+                                   torch.tensor(slots, dtype=torch.long), group.block_tables, group.context_lens)
+
+    def _forward_torch(self, batch: ScheduledBatch, indices: list[int], is_decode: list[bool],
+                       block_manager: BlockManager) -> tuple[torch.Tensor, list[int]]:
+        """The torch model over the sequences batch.seqs[i] for i in `indices` (decodes first). Returns the
+        hidden states of the rows that sample and those sequences' positions in `batch.seqs`."""
         input_ids: list[int] = []
         positions: list[int] = []
         slot_mapping: list[int] = []
         decode_tables, decode_lengths = [], []
         prefill_specs = []  # (start, end, seq, context_len)
         logits_rows, sampling = [], []
-        for i in order:
+        for i in indices:
             seq, n = batch.seqs[i], batch.num_new_tokens[i]
             start = seq.num_computed_tokens
             row0 = len(input_ids)
@@ -146,6 +181,5 @@ class ModelRunner:
         pos = torch.tensor(positions, dtype=torch.long, device=self.device)
         hidden = self.model(ids, pos, self.kv_caches, meta)
         if not logits_rows:
-            return hidden.new_empty((0, 0), dtype=torch.float32), []
-        rows = torch.tensor(logits_rows, dtype=torch.long, device=self.device)
-        return self.model.compute_logits(hidden[rows]), sampling
+            return hidden[:0], []
+        return hidden[torch.tensor(logits_rows, dtype=torch.long, device=self.device)], sampling

@@ -30,7 +30,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 KERNELS = Path(__file__).parent / "kernels"
-SOURCES = (KERNELS / "paged_attention.c", KERNELS / "linear_bf16.c")
+SOURCES = (KERNELS / "paged_attention.c", KERNELS / "linear_bf16.c", KERNELS / "decode_forward.c")
 _library: ctypes.CDLL | None = None
 _tried = False
 
@@ -100,6 +100,10 @@ def load() -> ctypes.CDLL | None:
         fn.restype = None
         fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
                        ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int32]
+        fn = library.rillet_decode_forward_bf16
+        fn.restype = ctypes.c_int
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                       ctypes.c_int32, ctypes.c_void_p, ctypes.c_int32, ctypes.c_void_p, ctypes.c_int32]
     _library = library
     return library
 

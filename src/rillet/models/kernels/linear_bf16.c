@@ -17,8 +17,9 @@
    Built only where the compiler targets AVX512-BF16 (`rillet_linear_bf16_available`); elsewhere
    rillet keeps oneDNN's packed linear. Built and loaded by rillet/models/cpu_kernels.py. */
 
-#include <stdint.h>
+#include <omp.h>
 #include <stddef.h>
+#include <stdint.h>
 
 #define TILE 16     /* output features per tile: one zmm of float32 accumulators */
 #define MAX_TILES 4 /* tiles per register block */
@@ -125,33 +126,30 @@ static void dispatch(const uint16_t *w, int64_t tile_stride, const uint16_t *x, 
     }
 }
 
-/* x: [m, k] bf16, row stride x_stride; packed: from rillet_linear_pack_bf16; bias: [n] bf16 or
-   NULL; y: [m, n] bf16 contiguous. Threads split the tiles into contiguous ranges; each walks its
-   tiles MAX_TILES at a time and, within those, the rows MAX_ROWS at a time (the block's weights
-   stay in L1/L2 between row blocks). */
-void rillet_linear_bf16(const uint16_t *x, int64_t x_stride, const uint16_t *packed, const uint16_t *bias,
-                        uint16_t *y, int64_t m, int64_t n, int64_t k, int32_t num_threads) {
+/* The share of thread `id` of `count`: a contiguous range of tiles, walked MAX_TILES at a time
+   and, within those, the rows MAX_ROWS at a time (the block's weights stay in L1/L2 between row
+   blocks). No barrier. */
+void rillet_linear_bf16_part(const uint16_t *x, int64_t x_stride, const uint16_t *packed, const uint16_t *bias,
+                             uint16_t *y, int64_t m, int64_t n, int64_t k, int64_t id, int64_t count) {
     const int64_t tiles = (n + TILE - 1) / TILE;
     const int64_t tile_stride = ((k + 1) / 2) * 2 * TILE;
-    if (m <= 0 || n <= 0) return;
-#pragma omp parallel num_threads(num_threads) if (tiles > 1)
-    {
-#if defined(_OPENMP)
-        extern int omp_get_thread_num(void);
-        extern int omp_get_num_threads(void);
-        const int64_t id = omp_get_thread_num(), count = omp_get_num_threads();
-#else
-        const int64_t id = 0, count = 1;
-#endif
-        const int64_t first = tiles * id / count, last = tiles * (id + 1) / count;
-        for (int64_t t = first; t < last; t += MAX_TILES) {
-            const int nt = (int)(last - t < MAX_TILES ? last - t : MAX_TILES);
-            for (int64_t r = 0; r < m; r += MAX_ROWS) {
-                const int rows = (int)(m - r < MAX_ROWS ? m - r : MAX_ROWS);
-                dispatch(packed + t * tile_stride, tile_stride, x + r * x_stride, x_stride, k,
-                         bias == NULL ? NULL : bias + t * TILE, y + r * n + t * TILE, n, n - t * TILE, rows, nt);
-            }
+    const int64_t first = tiles * id / count, last = tiles * (id + 1) / count;
+    for (int64_t t = first; t < last; t += MAX_TILES) {
+        const int nt = (int)(last - t < MAX_TILES ? last - t : MAX_TILES);
+        for (int64_t r = 0; r < m; r += MAX_ROWS) {
+            const int rows = (int)(m - r < MAX_ROWS ? m - r : MAX_ROWS);
+            dispatch(packed + t * tile_stride, tile_stride, x + r * x_stride, x_stride, k,
+                     bias == NULL ? NULL : bias + t * TILE, y + r * n + t * TILE, n, n - t * TILE, rows, nt);
         }
     }
+}
+
+/* x: [m, k] bf16, row stride x_stride; packed: from rillet_linear_pack_bf16; bias: [n] bf16 or
+   NULL; y: [m, n] bf16 contiguous. */
+void rillet_linear_bf16(const uint16_t *x, int64_t x_stride, const uint16_t *packed, const uint16_t *bias,
+                        uint16_t *y, int64_t m, int64_t n, int64_t k, int32_t num_threads) {
+    if (m <= 0 || n <= 0) return;
+#pragma omp parallel num_threads(num_threads) if (n > TILE)
+    rillet_linear_bf16_part(x, x_stride, packed, bias, y, m, n, k, omp_get_thread_num(), omp_get_num_threads());
 }
 #endif

@@ -159,6 +159,67 @@ static inline void value_run(float *acc, const uint16_t *vp, const float *p, siz
 int rillet_max_head_dim(void) { return MAX_HEAD_DIM; }
 int rillet_max_group(void) { return MAX_GROUP; }
 
+/* The work of one thread in an enclosing parallel region (an orphaned `omp for`, which ends in a
+   barrier); rillet_paged_decode_attention_bf16 below documents the arguments. */
+void rillet_paged_attention_part(
+    const uint16_t *q, int64_t q_row_stride, const uint16_t *k_cache, const uint16_t *v_cache,
+    int64_t num_slots, const int32_t *block_tables, int32_t max_blocks, const int32_t *context_lens,
+    int32_t num_seqs, int32_t num_heads, int32_t num_kv_heads, int32_t head_dim, int32_t block_size,
+    float scale, uint16_t *out)
+{
+    const int group = num_heads / num_kv_heads;
+    const int d = head_dim;
+    float *scores = NULL;
+    size_t capacity = 0;
+#pragma omp for collapse(2) schedule(dynamic, 1)
+    for (int b = 0; b < num_seqs; b++) {
+        for (int h = 0; h < num_kv_heads; h++) {
+            const int ctx = context_lens[b];
+            const size_t need = (size_t)group * (size_t)ctx;
+            if (need > capacity) {
+                free(scores);
+                capacity = need;
+                scores = (float *)malloc(capacity * sizeof(float));
+            }
+            float qf[MAX_GROUP * MAX_HEAD_DIM];
+            float acc[MAX_GROUP * MAX_HEAD_DIM];
+            const uint16_t *qb = q + (int64_t)b * q_row_stride + (int64_t)h * group * d;
+            for (int i = 0; i < group * d; i++) qf[i] = bf16_to_f32(qb[i]);
+            const int32_t *table = block_tables + (int64_t)b * max_blocks;
+            const uint16_t *k_head = k_cache + (int64_t)h * num_slots * d;
+            const uint16_t *v_head = v_cache + (int64_t)h * num_slots * d;
+
+            /* Blocks are block_size contiguous slots: walk them block by block. */
+            for (int start = 0; start < ctx; start += block_size) {
+                const uint16_t *kp = k_head + (int64_t)table[start / block_size] * block_size * d;
+                const int n = ctx - start < block_size ? ctx - start : block_size;
+                for (int j = 0; j < n; j++)
+                    key_scores(qf, kp + (int64_t)j * d, group, d, scale, scores + start + j, (size_t)ctx);
+            }
+            float inv_sum[MAX_GROUP];
+            for (int g = 0; g < group; g++) {
+                float *s = scores + (size_t)g * ctx;
+                float m = s[0];
+#pragma omp simd reduction(max : m)
+                for (int pos = 1; pos < ctx; pos++) m = s[pos] > m ? s[pos] : m;  /* exact in any order */
+#pragma omp simd
+                for (int pos = 0; pos < ctx; pos++) s[pos] = exp_nonpositive(s[pos] - m);
+                inv_sum[g] = 1.0f / sum_lanes(s, ctx);
+            }
+            memset(acc, 0, sizeof(float) * (size_t)group * d);
+            for (int start = 0; start < ctx; start += block_size) {
+                const uint16_t *vp = v_head + (int64_t)table[start / block_size] * block_size * d;
+                const int n = ctx - start < block_size ? ctx - start : block_size;
+                value_run(acc, vp, scores + start, (size_t)ctx, n, group, d);
+            }
+            uint16_t *ob = out + (int64_t)b * num_heads * d + (int64_t)h * group * d;
+            for (int g = 0; g < group; g++)
+                for (int i = 0; i < d; i++) ob[g * d + i] = f32_to_bf16(acc[g * d + i] * inv_sum[g]);
+        }
+    }
+    free(scores);
+}
+
 /* q: row b of the step at q + b * q_row_stride, heads of head_dim contiguous (bf16).
    k_cache, v_cache: [num_kv_heads, num_slots, head_dim] bf16.
    block_tables: [num_seqs, max_blocks] int32; context_lens: [num_seqs] int32 (>= 1).
@@ -171,90 +232,41 @@ void rillet_paged_decode_attention_bf16(
     int32_t num_seqs, int32_t num_heads, int32_t num_kv_heads, int32_t head_dim, int32_t block_size,
     float scale, uint16_t *out, int32_t num_threads)
 {
-    const int group = num_heads / num_kv_heads;
-    const int d = head_dim;
 #pragma omp parallel num_threads(num_threads)
-    {
-        float *scores = NULL;
-        size_t capacity = 0;
-#pragma omp for collapse(2) schedule(dynamic, 1)
-        for (int b = 0; b < num_seqs; b++) {
-            for (int h = 0; h < num_kv_heads; h++) {
-                const int ctx = context_lens[b];
-                const size_t need = (size_t)group * (size_t)ctx;
-                if (need > capacity) {
-                    free(scores);
-                    capacity = need;
-                    scores = (float *)malloc(capacity * sizeof(float));
-                }
-                float qf[MAX_GROUP * MAX_HEAD_DIM];
-                float acc[MAX_GROUP * MAX_HEAD_DIM];
-                const uint16_t *qb = q + (int64_t)b * q_row_stride + (int64_t)h * group * d;
-                for (int i = 0; i < group * d; i++) qf[i] = bf16_to_f32(qb[i]);
-                const int32_t *table = block_tables + (int64_t)b * max_blocks;
-                const uint16_t *k_head = k_cache + (int64_t)h * num_slots * d;
-                const uint16_t *v_head = v_cache + (int64_t)h * num_slots * d;
-
-                /* Blocks are block_size contiguous slots: walk them block by block. */
-                for (int start = 0; start < ctx; start += block_size) {
-                    const uint16_t *kp = k_head + (int64_t)table[start / block_size] * block_size * d;
-                    const int n = ctx - start < block_size ? ctx - start : block_size;
-                    for (int j = 0; j < n; j++)
-                        key_scores(qf, kp + (int64_t)j * d, group, d, scale, scores + start + j, (size_t)ctx);
-                }
-                float inv_sum[MAX_GROUP];
-                for (int g = 0; g < group; g++) {
-                    float *s = scores + (size_t)g * ctx;
-                    float m = s[0];
-#pragma omp simd reduction(max : m)
-                    for (int pos = 1; pos < ctx; pos++) m = s[pos] > m ? s[pos] : m;  /* exact in any order */
-#pragma omp simd
-                    for (int pos = 0; pos < ctx; pos++) s[pos] = exp_nonpositive(s[pos] - m);
-                    inv_sum[g] = 1.0f / sum_lanes(s, ctx);
-                }
-                memset(acc, 0, sizeof(float) * (size_t)group * d);
-                for (int start = 0; start < ctx; start += block_size) {
-                    const uint16_t *vp = v_head + (int64_t)table[start / block_size] * block_size * d;
-                    const int n = ctx - start < block_size ? ctx - start : block_size;
-                    value_run(acc, vp, scores + start, (size_t)ctx, n, group, d);
-                }
-                uint16_t *ob = out + (int64_t)b * num_heads * d + (int64_t)h * group * d;
-                for (int g = 0; g < group; g++)
-                    for (int i = 0; i < d; i++) ob[g * d + i] = f32_to_bf16(acc[g * d + i] * inv_sum[g]);
-            }
-        }
-        free(scores);
-    }
+    rillet_paged_attention_part(q, q_row_stride, k_cache, v_cache, num_slots, block_tables, max_blocks,
+                                context_lens, num_seqs, num_heads, num_kv_heads, head_dim, block_size, scale, out);
 }
 
 /* residual += x (rounded to bf16, as a bf16 add in torch), then
    out = bf16(residual * rsqrt(mean(residual^2) + eps) * weight): the residual add and RMSNorm
    between a layer's blocks in one pass instead of about ten torch ops. Each row's sums run in a
-   fixed order. residual, x, out: [rows, dim] contiguous bf16; weight: [dim] bf16. */
+   fixed order. residual, x, out: [rows, dim] contiguous bf16; weight: [dim] bf16. For one row,
+   x NULL: no add (the first layer's norm of its input). */
+void rillet_add_rms_norm_row(uint16_t *res, const uint16_t *xr, const uint16_t *weight, uint16_t *o,
+                             int32_t dim, float eps) {
+    float lanes[LANES] = {0};
+    int i = 0;
+    for (; i + LANES <= dim; i += LANES) {
+        for (int l = 0; l < LANES; l++) {
+            if (xr != NULL) res[i + l] = f32_to_bf16(bf16_to_f32(res[i + l]) + bf16_to_f32(xr[i + l]));
+            const float v = bf16_to_f32(res[i + l]);
+            lanes[l] += v * v;
+        }
+    }
+    for (int l = 0; i < dim; i++, l++) {
+        if (xr != NULL) res[i] = f32_to_bf16(bf16_to_f32(res[i]) + bf16_to_f32(xr[i]));
+        const float v = bf16_to_f32(res[i]);
+        lanes[l] += v * v;
+    }
+    for (int width = LANES / 2; width > 0; width /= 2)
+        for (int l = 0; l < width; l++) lanes[l] += lanes[l + width];
+    const float inv_rms = 1.0f / sqrtf(lanes[0] / (float)dim + eps);
+    for (int j = 0; j < dim; j++) o[j] = f32_to_bf16(bf16_to_f32(res[j]) * inv_rms * bf16_to_f32(weight[j]));
+}
+
 void rillet_add_rms_norm_bf16(uint16_t *residual, const uint16_t *x, const uint16_t *weight, uint16_t *out,
                               int64_t rows, int32_t dim, float eps, int32_t num_threads) {
 #pragma omp parallel for num_threads(num_threads) schedule(static) if (rows >= 64)
-    for (int64_t r = 0; r < rows; r++) {
-        uint16_t *res = residual + r * dim;
-        const uint16_t *xr = x + r * dim;
-        uint16_t *o = out + r * dim;
-        float lanes[LANES] = {0};
-        int i = 0;
-        for (; i + LANES <= dim; i += LANES) {
-            for (int l = 0; l < LANES; l++) {
-                res[i + l] = f32_to_bf16(bf16_to_f32(res[i + l]) + bf16_to_f32(xr[i + l]));
-                const float v = bf16_to_f32(res[i + l]);
-                lanes[l] += v * v;
-            }
-        }
-        for (int l = 0; i < dim; i++, l++) {
-            res[i] = f32_to_bf16(bf16_to_f32(res[i]) + bf16_to_f32(xr[i]));
-            const float v = bf16_to_f32(res[i]);
-            lanes[l] += v * v;
-        }
-        for (int width = LANES / 2; width > 0; width /= 2)
-            for (int l = 0; l < width; l++) lanes[l] += lanes[l + width];
-        const float inv_rms = 1.0f / sqrtf(lanes[0] / (float)dim + eps);
-        for (int j = 0; j < dim; j++) o[j] = f32_to_bf16(bf16_to_f32(res[j]) * inv_rms * bf16_to_f32(weight[j]));
-    }
+    for (int64_t r = 0; r < rows; r++)
+        rillet_add_rms_norm_row(residual + r * dim, x + r * dim, weight, out + r * dim, dim, eps);
 }

@@ -1,0 +1,162 @@
+/* A whole decode step of a Llama-family model in one call, for bf16 on the CPU.
+
+   Decoding one token per sequence is about 300 small operations a step (30 layers of norm,
+   projections, rotary embedding, cache write, attention, activation). Dispatched one by one from
+   Python they cost more than their arithmetic at small batch sizes; here they run back to back
+   inside one OpenMP parallel region, with a barrier between dependent stages.
+
+   The arithmetic is rillet's own kernels (linear_bf16.c, paged_attention.c) plus row-wise
+   stages written below. Every stage treats each row on its own, in an order fixed by that row
+   alone, so a sequence's tokens do not depend on its batch mates. Prompt tokens take the torch
+   path (models/llama.py), whose rounding differs slightly: decode and prompt rows never share
+   KV-cache blocks that the prefix cache reuses (only prompt blocks are cached).
+
+   Built and loaded by rillet/models/cpu_kernels.py; driven by rillet/models/cpu_decode.py. */
+
+#include <math.h>
+#include <omp.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+
+void rillet_linear_bf16_part(const uint16_t *x, int64_t x_stride, const uint16_t *packed, const uint16_t *bias,
+                             uint16_t *y, int64_t m, int64_t n, int64_t k, int64_t id, int64_t count);
+void rillet_paged_attention_part(
+    const uint16_t *q, int64_t q_row_stride, const uint16_t *k_cache, const uint16_t *v_cache,
+    int64_t num_slots, const int32_t *block_tables, int32_t max_blocks, const int32_t *context_lens,
+    int32_t num_seqs, int32_t num_heads, int32_t num_kv_heads, int32_t head_dim, int32_t block_size,
+    float scale, uint16_t *out);
+void rillet_add_rms_norm_row(uint16_t *res, const uint16_t *xr, const uint16_t *weight, uint16_t *o,
+                             int32_t dim, float eps);
+
+/* Mirrored by ctypes structures in rillet/models/cpu_decode.py: keep the two in step. */
+typedef struct {
+    const uint16_t *input_norm, *post_attention_norm;          /* [hidden] */
+    const uint16_t *qkv, *qkv_bias, *o, *gate_up, *down;     /* packed weights; bias [q+2kv] or NULL */
+    const uint16_t *q_norm, *k_norm;                         /* [head_dim] (Qwen3) or NULL */
+    uint16_t *k_cache, *v_cache;                             /* [num_kv_heads, num_slots, head_dim] */
+} rillet_layer;
+
+typedef struct {
+    int32_t num_layers, hidden, num_heads, num_kv_heads, head_dim, intermediate, block_size;
+    float eps, scale;
+    int64_t num_slots;
+    const uint16_t *embed;       /* [vocab, hidden] */
+    const uint16_t *final_norm;  /* [hidden] */
+    const float *cos, *sin;      /* [positions, head_dim]; sin signed for the half rotation below */
+    const rillet_layer *layers;
+} rillet_model;
+
+static inline float bf16f(uint16_t h) {
+    union { uint32_t u; float f; } v;
+    v.u = (uint32_t)h << 16;
+    return v.f;
+}
+
+static inline uint16_t f32bf(float f) {  /* round to nearest even, as torch does */
+    union { uint32_t u; float f; } v;
+    v.f = f;
+    if ((v.u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((v.u >> 16) | 0x40u);
+    v.u += 0x7fffu + ((v.u >> 16) & 1u);
+    return (uint16_t)(v.u >> 16);
+}
+
+/* One head of d features in place: optional RMSNorm (Qwen3's q/k norm), then the rotary
+   embedding out[i] = x[i] cos[i] + x[(i + d/2) % d] sin_signed[i], in float32, rounded once. */
+static void norm_rope_head(uint16_t *x, const uint16_t *norm, float eps, const float *cos, const float *sin, int d) {
+    float v[512];
+    for (int i = 0; i < d; i++) v[i] = bf16f(x[i]);
+    if (norm != NULL) {
+        float sum = 0.0f;
+        for (int i = 0; i < d; i++) sum += v[i] * v[i];
+        const float inv = 1.0f / sqrtf(sum / (float)d + eps);
+        for (int i = 0; i < d; i++) v[i] = bf16f(f32bf(v[i] * inv)) * bf16f(norm[i]);
+    }
+    const int half = d / 2;
+    for (int i = 0; i < d; i++) x[i] = f32bf(v[i] * cos[i] + v[(i + half) % d] * sin[i]);
+}
+
+static inline float silu(float g) { return g / (1.0f + expf(-g)); }
+
+static inline void barrier(void) {
+#pragma omp barrier
+}
+
+/* tokens, positions, slots: [rows] int64 (slot = where the token's K/V go); block_tables
+   [rows, max_blocks] int32 and context_lens [rows] int32 (position + 1) as for the attention
+   kernel. out: [rows, hidden] bf16, the final norm's output (the logits' input). */
+int rillet_decode_forward_bf16(const rillet_model *m, const int64_t *tokens, const int64_t *positions,
+                               const int64_t *slots, const int32_t *block_tables, int32_t max_blocks,
+                               const int32_t *context_lens, int32_t rows, uint16_t *out, int32_t num_threads) {
+    const int64_t H = m->hidden, d = m->head_dim, nh = m->num_heads, nkv = m->num_kv_heads, I = m->intermediate;
+    const int64_t qkv_width = (nh + 2 * nkv) * d;
+    if (d > 512) return -1;
+    /* Scratch: the residual stream, a stage's input and output, and the wide activations. */
+    const size_t widest = (size_t)(qkv_width > 2 * I ? qkv_width : 2 * I);
+    uint16_t *buffer = (uint16_t *)malloc(sizeof(uint16_t) * (size_t)rows * (3 * (size_t)H + widest + (size_t)I + (size_t)nh * d));
+    if (buffer == NULL) return -2;
+    uint16_t *residual = buffer, *normed = residual + rows * H, *x = normed + rows * H;
+    uint16_t *wide = x + rows * H, *act = wide + rows * widest, *attn = act + rows * I;
+
+#pragma omp parallel num_threads(num_threads)
+    {
+        const int64_t id = omp_get_thread_num(), count = omp_get_num_threads();
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < rows; r++) {
+            memcpy(residual + r * H, m->embed + tokens[r] * H, sizeof(uint16_t) * H);
+            rillet_add_rms_norm_row(residual + r * H, NULL, m->layers[0].input_norm, normed + r * H, (int32_t)H, m->eps);
+        }
+        for (int l = 0; l < m->num_layers; l++) {
+            const rillet_layer *layer = &m->layers[l];
+            if (l > 0) {
+#pragma omp for schedule(static)
+                for (int64_t r = 0; r < rows; r++)
+                    rillet_add_rms_norm_row(residual + r * H, x + r * H, layer->input_norm, normed + r * H, (int32_t)H, m->eps);
+            }
+            rillet_linear_bf16_part(normed, H, layer->qkv, layer->qkv_bias, wide, rows, qkv_width, H, id, count);
+            barrier();
+            /* q and k heads: norm + rotary; then k and v into the cache at the token's slot. */
+#pragma omp for schedule(static)
+            for (int64_t task = 0; task < rows * (nh + nkv); task++) {
+                const int64_t r = task / (nh + nkv), head = task % (nh + nkv);
+                uint16_t *row = wide + r * qkv_width;
+                const float *cos = m->cos + positions[r] * d, *sin = m->sin + positions[r] * d;
+                norm_rope_head(row + head * d, head < nh ? layer->q_norm : layer->k_norm, m->eps, cos, sin, (int)d);
+                if (head >= nh) {
+                    const int64_t h = head - nh;
+                    memcpy(layer->k_cache + (h * m->num_slots + slots[r]) * d, row + head * d, sizeof(uint16_t) * d);
+                    memcpy(layer->v_cache + (h * m->num_slots + slots[r]) * d, row + (nh + nkv + h) * d,
+                           sizeof(uint16_t) * d);
+                }
+            }
+            rillet_paged_attention_part(wide, qkv_width, layer->k_cache, layer->v_cache, m->num_slots, block_tables,
+                                        max_blocks, context_lens, rows, (int32_t)nh, (int32_t)nkv, (int32_t)d,
+                                        m->block_size, m->scale, attn);
+            rillet_linear_bf16_part(attn, nh * d, layer->o, NULL, x, rows, H, nh * d, id, count);
+            barrier();
+#pragma omp for schedule(static)
+            for (int64_t r = 0; r < rows; r++)
+                rillet_add_rms_norm_row(residual + r * H, x + r * H, layer->post_attention_norm, normed + r * H,
+                                        (int32_t)H, m->eps);
+            rillet_linear_bf16_part(normed, H, layer->gate_up, NULL, wide, rows, 2 * I, H, id, count);
+            barrier();
+#pragma omp for schedule(static)
+            for (int64_t r = 0; r < rows; r++) {
+                const uint16_t *gate = wide + r * 2 * I, *up = gate + I;
+                uint16_t *a = act + r * I;
+                for (int64_t i = 0; i < I; i++) a[i] = f32bf(silu(bf16f(gate[i])) * bf16f(up[i]));
+            }
+            rillet_linear_bf16_part(act, I, layer->down, NULL, x, rows, H, I, id, count);
+            barrier();
+        }
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < rows; r++)
+            rillet_add_rms_norm_row(residual + r * H, x + r * H, m->final_norm, out + r * H, (int32_t)H, m->eps);
+    }
+    free(buffer);
+    return 0;
+}
+
+#endif
