@@ -1,0 +1,98 @@
+"""Every supported architecture, on a small random-weight checkpoint saved the way the hub ships it
+(config.json + safetensors + the default model's tokenizer):
+
+- float32: rillet's greedy tokens equal transformers' `generate`, token for token;
+- bfloat16: the C decode kernel (all layers in one call, models/cpu_decode.py) and the torch path
+  give the same next-token logits up to bf16 rounding, for a batch of sequences at different
+  positions. This covers the parts only some families have: Qwen2's q/k/v bias, Qwen3's q/k norm.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from rillet import LLM, SamplingParams
+from rillet.models.resolve import resolve_model
+
+FAMILIES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": None}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 32}),
+}
+PROMPTS = ["The river flows", "Count: one, two, three,", "你好，世界"]
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def checkpoint(request, tmp_path_factory):
+    import transformers
+
+    family = request.param
+    config_name, model_name, extra = FAMILIES[family]
+    tokenizer_dir = resolve_model(None).path
+    config = getattr(transformers, config_name)(
+        vocab_size=49152, hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5, tie_word_embeddings=False,
+        bos_token_id=1, eos_token_id=2, **extra)
+    torch.manual_seed(sum(map(ord, family)))
+    model = getattr(transformers, model_name)(config).eval()
+    with torch.no_grad():  # larger than the default init, so the layers matter to the logits
+        for name, param in model.named_parameters():
+            if name.endswith("bias"):
+                param.normal_(0, 0.5)
+            elif param.dim() == 2:
+                param.normal_(0, 0.08)
+    path = tmp_path_factory.mktemp(family)
+    model.save_pretrained(path, safe_serialization=True)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if (tokenizer_dir / name).exists():
+            shutil.copy(tokenizer_dir / name, path / name)
+    return family, path, model
+
+
+def test_float32_greedy_matches_transformers(checkpoint):
+    family, path, reference = checkpoint
+    llm = LLM(model=str(path), dtype="float32", max_model_len=256, kv_cache_gib=0.02)
+    results = llm.generate(PROMPTS, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))
+    for prompt, result in zip(PROMPTS, results):
+        ids = llm.engine.tokenizer(prompt, return_tensors="pt").input_ids
+        expected = reference.generate(ids, max_new_tokens=12, do_sample=False, min_new_tokens=12)[0, ids.shape[1]:]
+        assert result.token_ids == expected.tolist(), (family, prompt)
+
+
+def test_bfloat16_decode_kernel_matches_torch_path(checkpoint):
+    family, path, _ = checkpoint
+    llm = LLM(model=str(path), dtype="bfloat16", max_model_len=256, kv_cache_gib=0.02)
+    engine = llm.engine
+    if engine.runner.decode_forward is None:
+        pytest.fail("the C decode kernel is not in use for this model (needs a C compiler and AVX512-BF16)")
+    captured = []
+    execute = engine.runner.execute
+
+    def capture(batch, block_manager):
+        logits, sampling = execute(batch, block_manager)
+        captured.append(logits.clone())
+        return logits, sampling
+
+    engine.runner.execute = capture
+    params = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True)
+    for i, prompt in enumerate(PROMPTS):  # prompts of different lengths: rows at different positions
+        engine.add_request(f"r{i}", prompt, params)
+    while engine.has_unfinished():
+        engine.step()
+    kernel_logits = captured[-1]  # the decode step: one token per sequence
+
+    captured.clear()
+    engine.runner.decode_forward = None  # the same step on the torch path
+    for i, prompt in enumerate(PROMPTS):
+        engine.add_request(f"t{i}", prompt, params)
+    while engine.has_unfinished():
+        engine.step()
+    torch_logits = captured[-1]
+    assert kernel_logits.shape == torch_logits.shape == (len(PROMPTS), 49152)
+    scale = torch_logits.abs().max()
+    assert (kernel_logits - torch_logits).abs().max() < 0.03 * scale, family
+    assert torch.equal(kernel_logits.argmax(-1), torch_logits.argmax(-1)), family
