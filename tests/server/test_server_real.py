@@ -206,7 +206,9 @@ def test_overload_is_429_with_retry_after_and_queue_timeout_503():
         async def main():
             async with httpx.AsyncClient(base_url=server.url, timeout=300) as client:
                 body = {"prompt": "Once upon a time", "max_tokens": 100, "ignore_eos": True}
-                first = asyncio.create_task(client.post("/v1/completions", json=body))
+                # The running request must outlast the 0.5 s queue timeout by far (at ~6 ms a
+                # token, 100 tokens did not always).
+                first = asyncio.create_task(client.post("/v1/completions", json={**body, "max_tokens": 1000}))
                 await asyncio.to_thread(rillet_proc.poll_until, lambda: metric(
                     server.metrics(), "rillet:num_requests_running") == 1, 60, "the first request to run")
                 rest = await asyncio.gather(*[client.post("/v1/completions", json=body) for _ in range(5)])
