@@ -122,5 +122,17 @@ def serve(server_config: ServerConfig | None = None, engine_config: EngineConfig
         sock = config.bind_socket()
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, server_config.send_buffer_bytes)
         sockets = [sock]
-    asyncio.run(server.serve(sockets=sockets))
+    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+        runner.run(server.serve(sockets=sockets))
     return server.exit_code
+
+
+def _loop_factory() -> Any:
+    """uvloop's event loop where installed (a dependency except on Windows): it and httptools
+    (which uvicorn picks by itself) cut the server's CPU per streamed token by about a tenth,
+    and on a small machine that CPU comes out of the engine's share."""
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop

@@ -3,7 +3,8 @@
    Decoding one token per sequence is about 300 small operations a step (30 layers of norm,
    projections, rotary embedding, cache write, attention, activation). Dispatched one by one from
    Python they cost more than their arithmetic at small batch sizes; here they run back to back
-   inside one OpenMP parallel region, with a barrier between dependent stages.
+   inside one OpenMP parallel region, with a barrier between dependent stages (the implicit one
+   at the end of each stage's `omp for`).
 
    The arithmetic is rillet's own kernels (linear_bf16.c, paged_attention.c) plus row-wise
    stages written below. Every stage treats each row on its own, in an order fixed by that row
@@ -22,7 +23,7 @@
 #if defined(__AVX512BF16__) && defined(__AVX512BW__)
 
 void rillet_linear_bf16_part(const uint16_t *x, int64_t x_stride, const uint16_t *packed, const uint16_t *bias,
-                             uint16_t *y, int64_t m, int64_t n, int64_t k, int64_t id, int64_t count);
+                             uint16_t *y, int64_t m, int64_t n, int64_t k);
 void rillet_paged_attention_part(
     const uint16_t *q, int64_t q_row_stride, const uint16_t *k_cache, const uint16_t *v_cache,
     int64_t num_slots, const int32_t *block_tables, int32_t max_blocks, const int32_t *context_lens,
@@ -80,10 +81,6 @@ static void norm_rope_head(uint16_t *x, const uint16_t *norm, float eps, const f
 
 static inline float silu(float g) { return g / (1.0f + expf(-g)); }
 
-static inline void barrier(void) {
-#pragma omp barrier
-}
-
 /* tokens, positions, slots: [rows] int64 (slot = where the token's K/V go); block_tables
    [rows, max_blocks] int32 and context_lens [rows] int32 (position + 1) as for the attention
    kernel. out: [rows, hidden] bf16, the final norm's output (the logits' input). */
@@ -102,7 +99,6 @@ int rillet_decode_forward_bf16(const rillet_model *m, const int64_t *tokens, con
 
 #pragma omp parallel num_threads(num_threads)
     {
-        const int64_t id = omp_get_thread_num(), count = omp_get_num_threads();
 #pragma omp for schedule(static)
         for (int64_t r = 0; r < rows; r++) {
             memcpy(residual + r * H, m->embed + tokens[r] * H, sizeof(uint16_t) * H);
@@ -115,8 +111,7 @@ int rillet_decode_forward_bf16(const rillet_model *m, const int64_t *tokens, con
                 for (int64_t r = 0; r < rows; r++)
                     rillet_add_rms_norm_row(residual + r * H, x + r * H, layer->input_norm, normed + r * H, (int32_t)H, m->eps);
             }
-            rillet_linear_bf16_part(normed, H, layer->qkv, layer->qkv_bias, wide, rows, qkv_width, H, id, count);
-            barrier();
+            rillet_linear_bf16_part(normed, H, layer->qkv, layer->qkv_bias, wide, rows, qkv_width, H);
             /* q and k heads: norm + rotary; then k and v into the cache at the token's slot. */
 #pragma omp for schedule(static)
             for (int64_t task = 0; task < rows * (nh + nkv); task++) {
@@ -134,22 +129,19 @@ int rillet_decode_forward_bf16(const rillet_model *m, const int64_t *tokens, con
             rillet_paged_attention_part(wide, qkv_width, layer->k_cache, layer->v_cache, m->num_slots, block_tables,
                                         max_blocks, context_lens, rows, (int32_t)nh, (int32_t)nkv, (int32_t)d,
                                         m->block_size, m->scale, attn);
-            rillet_linear_bf16_part(attn, nh * d, layer->o, NULL, x, rows, H, nh * d, id, count);
-            barrier();
+            rillet_linear_bf16_part(attn, nh * d, layer->o, NULL, x, rows, H, nh * d);
 #pragma omp for schedule(static)
             for (int64_t r = 0; r < rows; r++)
                 rillet_add_rms_norm_row(residual + r * H, x + r * H, layer->post_attention_norm, normed + r * H,
                                         (int32_t)H, m->eps);
-            rillet_linear_bf16_part(normed, H, layer->gate_up, NULL, wide, rows, 2 * I, H, id, count);
-            barrier();
+            rillet_linear_bf16_part(normed, H, layer->gate_up, NULL, wide, rows, 2 * I, H);
 #pragma omp for schedule(static)
             for (int64_t r = 0; r < rows; r++) {
                 const uint16_t *gate = wide + r * 2 * I, *up = gate + I;
                 uint16_t *a = act + r * I;
                 for (int64_t i = 0; i < I; i++) a[i] = f32bf(silu(bf16f(gate[i])) * bf16f(up[i]));
             }
-            rillet_linear_bf16_part(act, I, layer->down, NULL, x, rows, H, I, id, count);
-            barrier();
+            rillet_linear_bf16_part(act, I, layer->down, NULL, x, rows, H, I);
         }
 #pragma omp for schedule(static)
         for (int64_t r = 0; r < rows; r++)

@@ -17,7 +17,6 @@
    Built only where the compiler targets AVX512-BF16 (`rillet_linear_bf16_available`); elsewhere
    rillet keeps oneDNN's packed linear. Built and loaded by rillet/models/cpu_kernels.py. */
 
-#include <omp.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -126,16 +125,20 @@ static void dispatch(const uint16_t *w, int64_t tile_stride, const uint16_t *x, 
     }
 }
 
-/* The share of thread `id` of `count`: a contiguous range of tiles, walked MAX_TILES at a time
-   and, within those, the rows MAX_ROWS at a time (the block's weights stay in L1/L2 between row
-   blocks). No barrier. */
+/* The calling thread's share, inside a parallel region (an orphaned `omp for`, ending in a
+   barrier): blocks of MAX_TILES tiles handed out one at a time, each walked MAX_ROWS rows at a
+   time (the block's weights stay in L1/L2 between row blocks). Handed out dynamically because on
+   a machine whose cores also serve HTTP, a thread the OS pauses for a moment would otherwise hold
+   up the other at the next barrier; which thread computes a block never changes its result. */
 void rillet_linear_bf16_part(const uint16_t *x, int64_t x_stride, const uint16_t *packed, const uint16_t *bias,
-                             uint16_t *y, int64_t m, int64_t n, int64_t k, int64_t id, int64_t count) {
+                             uint16_t *y, int64_t m, int64_t n, int64_t k) {
     const int64_t tiles = (n + TILE - 1) / TILE;
     const int64_t tile_stride = ((k + 1) / 2) * 2 * TILE;
-    const int64_t first = tiles * id / count, last = tiles * (id + 1) / count;
-    for (int64_t t = first; t < last; t += MAX_TILES) {
-        const int nt = (int)(last - t < MAX_TILES ? last - t : MAX_TILES);
+    const int64_t blocks = (tiles + MAX_TILES - 1) / MAX_TILES;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t b = 0; b < blocks; b++) {
+        const int64_t t = b * MAX_TILES;
+        const int nt = (int)(tiles - t < MAX_TILES ? tiles - t : MAX_TILES);
         for (int64_t r = 0; r < m; r += MAX_ROWS) {
             const int rows = (int)(m - r < MAX_ROWS ? m - r : MAX_ROWS);
             dispatch(packed + t * tile_stride, tile_stride, x + r * x_stride, x_stride, k,
@@ -150,6 +153,6 @@ void rillet_linear_bf16(const uint16_t *x, int64_t x_stride, const uint16_t *pac
                         uint16_t *y, int64_t m, int64_t n, int64_t k, int32_t num_threads) {
     if (m <= 0 || n <= 0) return;
 #pragma omp parallel num_threads(num_threads) if (n > TILE)
-    rillet_linear_bf16_part(x, x_stride, packed, bias, y, m, n, k, omp_get_thread_num(), omp_get_num_threads());
+    rillet_linear_bf16_part(x, x_stride, packed, bias, y, m, n, k);
 }
 #endif
