@@ -54,3 +54,11 @@ def test_hub_id_without_network_fails_with_a_clear_message(monkeypatch, tmp_path
 def test_missing_local_path_is_named():
     with pytest.raises(ModelNotFoundError, match="neither a model directory nor a .gguf"):
         resolve_model("./no/such/model")
+
+
+def test_float16_on_the_cpu_runs_where_onednn_cannot_pack_it():
+    # oneDNN packs float16 linears only on CPUs with AVX512-FP16 / AVX-NE-CONVERT; elsewhere
+    # rillet must fall back to plain linears, not fail at load.
+    llm = LLM(dtype="float16", max_model_len=256, kv_cache_gib=0.05)
+    result = llm.generate("The capital of France is", SamplingParams(max_tokens=4, temperature=0))
+    assert len(result.token_ids) == 4 and result.finish_reason == "length"

@@ -127,10 +127,13 @@ def linear_supported(dtype: torch.dtype, device: torch.device) -> bool:
 
 def pack_linear_weight(weight: torch.Tensor) -> torch.Tensor:
     """nn.Linear's [out, in] bf16 weight in the kernel's tiled layout (see linear_bf16.c)."""
+    library = load()
+    if library is None or not library.rillet_linear_bf16_available():
+        raise RuntimeError("rillet's bf16 linear kernel is unavailable here (see linear_supported)")
     weight = weight.detach().contiguous()
     n, k = weight.shape
-    packed = torch.empty(_library.rillet_linear_packed_size(n, k), dtype=torch.bfloat16)
-    _library.rillet_linear_pack_bf16(weight.data_ptr(), packed.data_ptr(), n, k)
+    packed = torch.empty(library.rillet_linear_packed_size(n, k), dtype=torch.bfloat16)
+    library.rillet_linear_pack_bf16(weight.data_ptr(), packed.data_ptr(), n, k)
     return packed
 
 

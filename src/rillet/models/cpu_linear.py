@@ -38,11 +38,24 @@ def bucket_rows(rows: int) -> int:
     return -(-rows // step) * step
 
 
+_packing_probes: dict[torch.dtype, bool] = {}
+
+
 def packing_supported(dtype: torch.dtype, device: torch.device) -> bool:
-    return (device.type == "cpu" and dtype in (torch.bfloat16, torch.float16)
+    """Whether oneDNN can pre-pack linears of this dtype here. Probed once per dtype: float16
+    packing needs AVX512-FP16 or AVX-NE-CONVERT, which many CPUs lack (plain nn.Linear then)."""
+    if not (device.type == "cpu" and dtype in (torch.bfloat16, torch.float16)
             and torch.backends.mkldnn.is_available()
             and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
-            and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+            and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
+        return False
+    if dtype not in _packing_probes:
+        try:
+            torch.ops.mkldnn._reorder_linear_weight(torch.ones(16, 16, dtype=dtype), 1)
+            _packing_probes[dtype] = True
+        except RuntimeError:
+            _packing_probes[dtype] = False
+    return _packing_probes[dtype]
 
 
 _single_row_probes: dict[tuple, bool] = {}
