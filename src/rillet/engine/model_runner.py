@@ -58,13 +58,17 @@ class ModelRunner:
         flat = self._padded_tables(block_tables, width // self.block_size)
         return self._per_head(torch.tensor(flat, dtype=torch.long), self.num_slots // self.block_size)
 
-    def _kernel_decode_group(self, block_tables: list[list[int]], lengths: list[int]) -> AttentionGroup:
+    def _decode_tables(self, block_tables: list[list[int]], lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The C decode kernels' inputs: block tables [B, nb] and context lengths [B], int32."""
         num_blocks = -(-max(lengths) // self.block_size)
         flat = self._padded_tables(block_tables, num_blocks)
+        return (torch.tensor(flat, dtype=torch.int32).view(len(lengths), num_blocks),
+                torch.tensor(lengths, dtype=torch.int32))
+
+    def _kernel_decode_group(self, block_tables: list[list[int]], lengths: list[int]) -> AttentionGroup:
+        tables, context_lens = self._decode_tables(block_tables, lengths)
         return AttentionGroup(num_seqs=len(lengths), query_len=1, first_row=0, query_rows=None, real_rows=None,
-                              blocks=None, bias=None,
-                              block_tables=torch.tensor(flat, dtype=torch.int32).view(len(lengths), num_blocks),
-                              context_lens=torch.tensor(lengths, dtype=torch.int32))
+                              blocks=None, bias=None, block_tables=tables, context_lens=context_lens)
 
     def _group(self, first_row: int, lengths: list[int], contexts: list[int],
                block_tables: list[list[int]]) -> AttentionGroup:
@@ -132,9 +136,9 @@ class ModelRunner:
         positions = [seq.num_computed_tokens for seq in seqs]
         tokens = [seq.token_at(p) for seq, p in zip(seqs, positions)]
         slots = [block_manager.slot(seq, p) for seq, p in zip(seqs, positions)]
-        group = self._kernel_decode_group([seq.block_table for seq in seqs], [p + 1 for p in positions])
+        tables, context_lens = self._decode_tables([seq.block_table for seq in seqs], [p + 1 for p in positions])
         return self.decode_forward(torch.tensor(tokens, dtype=torch.long), torch.tensor(positions, dtype=torch.long),
-                                   torch.tensor(slots, dtype=torch.long), group.block_tables, group.context_lens)
+                                   torch.tensor(slots, dtype=torch.long), tables, context_lens)
 
     def _forward_torch(self, batch: ScheduledBatch, indices: list[int], is_decode: list[bool],
                        block_manager: BlockManager) -> tuple[torch.Tensor, list[int]]:

@@ -36,7 +36,7 @@ def _ptr(tensor: torch.Tensor | None) -> int | None:
 
 def supported(model: CausalLM) -> bool:
     """Whether this model, as loaded and packed, can decode through the C forward."""
-    if cpu_kernels.load() is None or not cpu_kernels.linear_supported(torch.bfloat16, torch.device("cpu")):
+    if not cpu_kernels.linear_supported(torch.bfloat16, torch.device("cpu")):
         return False
     if model.embed_tokens.weight.dtype != torch.bfloat16 or model.head_dim > 512:
         return False

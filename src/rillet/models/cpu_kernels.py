@@ -31,6 +31,7 @@ logger = logging.getLogger(__name__)
 
 KERNELS = Path(__file__).parent / "kernels"
 SOURCES = (KERNELS / "paged_attention.c", KERNELS / "linear_bf16.c", KERNELS / "decode_forward.c")
+HEADERS = (KERNELS / "rillet_kernels.h",)
 _library: ctypes.CDLL | None = None
 _tried = False
 
@@ -69,7 +70,8 @@ def load() -> ctypes.CDLL | None:
         return None
     from rillet.models.resolve import cache_root
 
-    key = hashlib.sha256(b"".join(source.read_bytes() for source in SOURCES) + compiler.encode() + _cpu_signature().encode()
+    text = b"".join(path.read_bytes() for path in SOURCES + HEADERS)
+    key = hashlib.sha256(text + compiler.encode() + _cpu_signature().encode()
                          + torch.__version__.encode()).hexdigest()[:16]
     target = cache_root() / "kernels" / f"rillet_cpu_{key}.so"
     try:

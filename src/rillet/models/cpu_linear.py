@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from rillet.models import cpu_kernels
+
 # ideep's primitive-cache bound (LRU_CACHE_CAPACITY) is set in rillet/__init__.py: it is read
 # when torch loads, before this module runs.
 
@@ -114,23 +116,17 @@ class KernelLinear(nn.Module):
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
-        from rillet.models import cpu_kernels
-
         self.in_features = weight.shape[1]
         self.out_features = weight.shape[0]
         self.packed = cpu_kernels.pack_linear_weight(weight.to(torch.bfloat16))
         self.bias = None if bias is None else bias.detach().to(torch.bfloat16).contiguous()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from rillet.models import cpu_kernels
-
         return cpu_kernels.linear(x, self.packed, self.bias, self.out_features)
 
 
 def packed_linear(weight: torch.Tensor, bias: torch.Tensor | None, batch_hint: int) -> nn.Module:
     """The fastest pre-packed linear for this weight here: rillet's kernel or oneDNN's."""
-    from rillet.models import cpu_kernels
-
     if cpu_kernels.linear_supported(weight.dtype, weight.device):
         return KernelLinear(weight, bias)
     return PackedLinear(weight, bias, batch_hint)

@@ -15,22 +15,13 @@
    Built and loaded by rillet/models/cpu_kernels.py; driven by rillet/models/cpu_decode.py. */
 
 #include <math.h>
-#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
-#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+#include "rillet_kernels.h"
 
-void rillet_linear_bf16_part(const uint16_t *x, int64_t x_stride, const uint16_t *packed, const uint16_t *bias,
-                             uint16_t *y, int64_t m, int64_t n, int64_t k);
-void rillet_paged_attention_part(
-    const uint16_t *q, int64_t q_row_stride, const uint16_t *k_cache, const uint16_t *v_cache,
-    int64_t num_slots, const int32_t *block_tables, int32_t max_blocks, const int32_t *context_lens,
-    int32_t num_seqs, int32_t num_heads, int32_t num_kv_heads, int32_t head_dim, int32_t block_size,
-    float scale, uint16_t *out);
-void rillet_add_rms_norm_row(uint16_t *res, const uint16_t *xr, const uint16_t *weight, uint16_t *o,
-                             int32_t dim, float eps);
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
 
 /* Mirrored by ctypes structures in rillet/models/cpu_decode.py: keep the two in step. */
 typedef struct {
@@ -50,33 +41,19 @@ typedef struct {
     const rillet_layer *layers;
 } rillet_model;
 
-static inline float bf16f(uint16_t h) {
-    union { uint32_t u; float f; } v;
-    v.u = (uint32_t)h << 16;
-    return v.f;
-}
-
-static inline uint16_t f32bf(float f) {  /* round to nearest even, as torch does */
-    union { uint32_t u; float f; } v;
-    v.f = f;
-    if ((v.u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((v.u >> 16) | 0x40u);
-    v.u += 0x7fffu + ((v.u >> 16) & 1u);
-    return (uint16_t)(v.u >> 16);
-}
-
 /* One head of d features in place: optional RMSNorm (Qwen3's q/k norm), then the rotary
    embedding out[i] = x[i] cos[i] + x[(i + d/2) % d] sin_signed[i], in float32, rounded once. */
 static void norm_rope_head(uint16_t *x, const uint16_t *norm, float eps, const float *cos, const float *sin, int d) {
     float v[512];
-    for (int i = 0; i < d; i++) v[i] = bf16f(x[i]);
+    for (int i = 0; i < d; i++) v[i] = bf16_to_f32(x[i]);
     if (norm != NULL) {
         float sum = 0.0f;
         for (int i = 0; i < d; i++) sum += v[i] * v[i];
         const float inv = 1.0f / sqrtf(sum / (float)d + eps);
-        for (int i = 0; i < d; i++) v[i] = bf16f(f32bf(v[i] * inv)) * bf16f(norm[i]);
+        for (int i = 0; i < d; i++) v[i] = bf16_to_f32(f32_to_bf16(v[i] * inv)) * bf16_to_f32(norm[i]);
     }
     const int half = d / 2;
-    for (int i = 0; i < d; i++) x[i] = f32bf(v[i] * cos[i] + v[(i + half) % d] * sin[i]);
+    for (int i = 0; i < d; i++) x[i] = f32_to_bf16(v[i] * cos[i] + v[(i + half) % d] * sin[i]);
 }
 
 static inline float silu(float g) { return g / (1.0f + expf(-g)); }
@@ -139,7 +116,8 @@ int rillet_decode_forward_bf16(const rillet_model *m, const int64_t *tokens, con
             for (int64_t r = 0; r < rows; r++) {
                 const uint16_t *gate = wide + r * 2 * I, *up = gate + I;
                 uint16_t *a = act + r * I;
-                for (int64_t i = 0; i < I; i++) a[i] = f32bf(silu(bf16f(gate[i])) * bf16f(up[i]));
+                for (int64_t i = 0; i < I; i++)
+                    a[i] = f32_to_bf16(silu(bf16_to_f32(gate[i])) * bf16_to_f32(up[i]));
             }
             rillet_linear_bf16_part(act, I, layer->down, NULL, x, rows, H, I);
         }

@@ -20,6 +20,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "rillet_kernels.h"
+
 #define TILE 16     /* output features per tile: one zmm of float32 accumulators */
 #define MAX_TILES 4 /* tiles per register block */
 #define MAX_ROWS 6  /* rows per register block: MAX_ROWS * MAX_TILES accumulators */

@@ -15,26 +15,14 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "rillet_kernels.h"
+
 #define LANES 16
 #define MAX_HEAD_DIM 256
 #define MAX_GROUP 16
 
 /* acc[g * d + i] += p[g * stride + j] * v[j][i] for the n contiguous rows v of one block. */
 static inline void value_run(float *acc, const uint16_t *vp, const float *p, size_t stride, int n, int group, int d);
-
-static inline float bf16_to_f32(uint16_t h) {
-    union { uint32_t u; float f; } v;
-    v.u = (uint32_t)h << 16;
-    return v.f;
-}
-
-static inline uint16_t f32_to_bf16(float f) {  /* round to nearest even, as torch does */
-    union { uint32_t u; float f; } v;
-    v.f = f;
-    if ((v.u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((v.u >> 16) | 0x40u);  /* NaN */
-    v.u += 0x7fffu + ((v.u >> 16) & 1u);
-    return (uint16_t)(v.u >> 16);
-}
 
 /* exp(x) for x <= 0 (softmax after subtracting the max): 2^(x log2 e), a degree-6 polynomial for
    the fraction (relative error ~2e-7). Unlike libm's expf it vectorizes, and it is the same on
