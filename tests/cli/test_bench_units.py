@@ -65,3 +65,53 @@ def test_reports_render_and_round_trip(tmp_path):
     (tmp_path / "bad.json").write_text(json.dumps({"nope": 1}))
     with pytest.raises(ValueError):
         report.load_result(tmp_path / "bad.json")
+
+
+def _fake_level(**_: object) -> dict:
+    return loadgen.summarize([RequestRecord(ok=True, ttft=0.1, e2e=0.3, chunk_times=[0.1, 0.3], output_tokens=2)],
+                             1.0, concurrency=1, max_tokens=2)
+
+
+@pytest.mark.parametrize("compare", [False, True])
+def test_plot_without_matplotlib_is_refused_before_any_request(monkeypatch, tmp_path, capsys, compare):
+    """Issue 14: `rillet bench --plot` after `make serve` (no matplotlib) ran the whole benchmark, then
+    ended in a ModuleNotFoundError traceback. Now it stops before sending anything, naming the extra."""
+    from rillet.cli import main
+
+    sent = []
+
+    async def run_level(url, **kwargs):
+        sent.append(url)
+        return _fake_level()
+
+    monkeypatch.setattr(loadgen, "run_level", run_level)
+    monkeypatch.setitem(__import__("sys").modules, "matplotlib", None)  # import matplotlib -> ImportError
+    result = tmp_path / "a.json"
+    report.write_json(report.make_result([_fake_level()], label="a"), result)
+    argv = (["bench", "--compare", str(result)] if compare else
+            ["bench", "--url", "http://127.0.0.1:9", "--model", "m", "--concurrency", "1", "--requests", "1",
+             "--no-progress"])
+    rc = main(argv + ["--plot", str(tmp_path / "p.png")])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert "matplotlib" in err and "pip install 'rillet[bench]'" in err and "Traceback" not in err
+    assert sent == []
+    assert not (tmp_path / "p.png").exists()
+
+
+def test_output_paths_in_missing_directories_are_refused_up_front(monkeypatch, tmp_path, capsys):
+    from rillet.cli import main
+
+    sent = []
+
+    async def run_level(url, **kwargs):
+        sent.append(url)
+        return _fake_level()
+
+    monkeypatch.setattr(loadgen, "run_level", run_level)
+    rc = main(["bench", "--url", "http://127.0.0.1:9", "--model", "m", "--concurrency", "1", "--requests", "1",
+               "--no-progress", "--json", str(tmp_path / "missing" / "a.json")])
+    assert rc == 2 and "--json" in capsys.readouterr().err and sent == []
+    rc = main(["bench", "--url", "http://127.0.0.1:9", "--model", "m", "--concurrency", "1", "--requests", "1",
+               "--no-progress", "--json", str(tmp_path / "a.json")])
+    assert rc == 0 and sent == ["http://127.0.0.1:9"] and (tmp_path / "a.json").exists()

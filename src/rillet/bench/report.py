@@ -124,6 +124,18 @@ def _labels(results: Sequence[tuple[str, dict]]) -> list[str]:
     return labels
 
 
+PLOT_EXTRA_HINT = "pip install 'rillet[bench]'"
+
+
+def plot_available() -> str | None:
+    """None if --plot can work here, else why not (matplotlib is the optional extra `bench`)."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError as exc:
+        return f"--plot needs matplotlib, which is not installed ({exc}); install it with: {PLOT_EXTRA_HINT}"
+    return None
+
+
 def plot(results: Sequence[tuple[str, dict]], path: str | Path) -> None:
     """Output-token throughput and TTFT (p50, p99) against concurrency, one line per result."""
     import matplotlib

@@ -57,12 +57,29 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--timeout", type=float, default=600.0, help="per-request timeout in seconds")
     parser.add_argument("--label", help="name of this run in --compare tables and plots")
     parser.add_argument("--json", metavar="FILE", help="write the results as JSON")
-    parser.add_argument("--plot", metavar="FILE.png", help="plot throughput and TTFT against concurrency")
+    parser.add_argument("--plot", metavar="FILE.png", help="plot throughput and TTFT against concurrency (needs matplotlib: "
+                             "pip install 'rillet[bench]')")
     parser.add_argument("--compare", nargs="+", metavar="RESULT.json",
                         help="print a side-by-side table of earlier --json results (and --plot them) and exit")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(func=run)
     return parser
+
+
+def _check_outputs(args: argparse.Namespace) -> str | None:
+    """Refuse, before any request is sent, what would otherwise fail after the whole run."""
+    from pathlib import Path
+
+    from rillet.bench import report
+
+    if args.plot:
+        why = report.plot_available()
+        if why:
+            return why
+    for flag, path in (("--json", args.json), ("--plot", args.plot)):
+        if path and not Path(path).expanduser().resolve().parent.is_dir():
+            return f"{flag} {path}: the directory {Path(path).parent} does not exist"
+    return None
 
 
 def _compare(args: argparse.Namespace) -> int:
@@ -80,6 +97,10 @@ def run(args: argparse.Namespace) -> int:
     from rillet.bench import loadgen, report
     from rillet.client import RilletError
 
+    problem = _check_outputs(args)
+    if problem:
+        print(f"rillet bench: error: {problem}", file=sys.stderr)
+        return 2
     if args.compare:
         return _compare(args)
     if not args.url:
