@@ -22,6 +22,7 @@ install: $(VENV)/.installed
 $(VENV)/.test-installed: $(VENV)/.installed
 	$(BIN)/python -m pip install -q -e '.[test]'
 	bash scripts/install-browser.sh
+	bash scripts/install-cross.sh
 	touch $@
 
 test-deps: $(VENV)/.test-installed
