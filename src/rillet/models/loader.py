@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from rillet.models.config_check import check_supported
 from rillet.models.llama import CausalLM, family_of
 
 logger = logging.getLogger(__name__)
@@ -60,6 +61,7 @@ def load_model(path: Path, dtype: torch.dtype, device: torch.device, max_positio
     config = AutoConfig.from_pretrained(path, local_files_only=True)
     family = family_of(config)
     max_pos = int(getattr(config, "max_position_embeddings", 0) or max_positions)
+    max_pos = check_supported(config, max_pos)  # refuses unimplemented math; caps for a sliding window
     with torch.device("meta"):
         model = CausalLM(config, family)
     model = model.to_empty(device=device).to(dtype)
