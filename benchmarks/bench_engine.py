@@ -1,9 +1,11 @@
 """Engine throughput: rillet's in-process engine against the seed design, same run, same weights.
 
 For each concurrency level C (default 1, 8, 32), C clients keep one request each in flight
-until max(C, --min-requests) requests have finished; every request is a chat prompt
-forced to exactly --max-tokens output tokens (ignore_eos, greedy). Measured per level:
-aggregate output tokens/s, TTFT, time per output token.
+until max(C, --min-requests 16) requests have finished (so the 1-stream level too measures 16
+requests); every request is a chat prompt forced to exactly --max-tokens output tokens
+(ignore_eos, greedy). Measured per level: aggregate output tokens/s, TTFT, time per output
+token. Both systems warm up on WARMUP_PROMPTS, none of which is a measured prompt, so no
+warm-up leaves a measured prompt in rillet's prefix cache.
 
 - seed:   benchmarks/baselines/seed_engine.py -- one Thread(target=model.generate) with a
           TextIteratorStreamer per request (the article's design), plain transformers model.
@@ -14,6 +16,7 @@ Bars (issue 2): at 32 concurrent, rillet >= 15x seed output tokens/s; single str
     python benchmarks/bench_engine.py                 # full size (slow: the seed at 32 takes minutes)
     python benchmarks/bench_engine.py --quick         # smoke: levels 1,4, 16 tokens
     python benchmarks/bench_engine.py --seed-concurrency 1,8   # skip the slowest seed level
+    python benchmarks/bench_engine.py --rillet-isa avx2        # AVX2 stand-in (torch held to AVX2 too)
 
 Writes benchmarks/results/bench_engine.json (bench_engine.quick.json with --quick) and prints
 a text table and a Markdown table for the README.
@@ -35,9 +38,13 @@ from benchmarks.common import (  # noqa: E402
     busy_machine_warning,
     PROMPTS,
     RESULTS_DIR,
+    WARMUP_PROMPTS,
     Record,
+    add_isa_argument,
+    apply_isa,
     fmt,
     fmt_ratio,
+    header_line,
     log,
     machine_info,
     markdown_table,
@@ -70,7 +77,7 @@ def bench_seed(args: argparse.Namespace, levels: list[int]) -> dict[int, dict]:
 
     log(f"seed: loading model ({args.dtype})")
     engine = SeedEngine(args.model, args.dtype, streamer_timeout=None)
-    consume(engine, prompt_cycle(1)[0], min(8, args.max_tokens))  # warm-up
+    consume(engine, prompt_cycle(1, WARMUP_PROMPTS)[0], min(8, args.max_tokens))  # warm-up, not a measured prompt
     results = {}
     for c in levels:
         n = num_requests_for(c, args.min_requests)
@@ -154,7 +161,7 @@ async def _bench_rillet(args: argparse.Namespace, levels: list[int]) -> dict[int
     engine = await start_rillet_engine(args.model, args.dtype, max_num_seqs)
     try:
         await run_rillet_level(engine, concurrency=min(4, max(levels)), num_requests=min(4, max(levels)),
-                               max_tokens=min(8, args.max_tokens), tag="warmup")
+                               max_tokens=min(8, args.max_tokens), prompts=WARMUP_PROMPTS, tag="warmup")
         results = {}
         for c in levels:
             n = num_requests_for(c, args.min_requests)
@@ -268,10 +275,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="levels to run the seed at (default: the same; its 32 level takes minutes)")
     parser.add_argument("--max-tokens", type=int, default=None, help="forced output tokens per request (default 128)")
     parser.add_argument("--min-requests", type=int, default=None,
-                        help="requests per level are max(concurrency, this) (default 4)")
+                        help="requests per level are max(concurrency, this) (default 16; --quick 1)")
     parser.add_argument("--skip-seed", action="store_true")
     parser.add_argument("--skip-rillet", action="store_true")
     parser.add_argument("--quick", action="store_true", help="smoke run: levels 1,4; 16 tokens; 1 request minimum")
+    add_isa_argument(parser)
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/bench_engine.json)")
     parser.add_argument("--plot", type=Path, nargs="?", const=Path("auto"), default=None,
                         help="also draw tokens/s vs concurrency (PNG; default path: next to the JSON)")
@@ -279,12 +287,14 @@ def main(argv: list[str] | None = None) -> int:
 
     levels = args.concurrency or ([1, 4] if args.quick else [1, 8, 32])
     args.max_tokens = args.max_tokens or (16 if args.quick else 128)
-    args.min_requests = args.min_requests or (1 if args.quick else 4)
+    args.min_requests = args.min_requests or (1 if args.quick else 16)
+    isa_env = apply_isa(args.rillet_isa)
     seed_levels = [] if args.skip_seed else (args.seed_concurrency or levels)
     rillet_levels = [] if args.skip_rillet else levels
     out = args.out or RESULTS_DIR / ("bench_engine.quick.json" if args.quick else "bench_engine.json")
 
-    info = machine_info(args.dtype)
+    info = machine_info(args.dtype, args.rillet_isa)
+    header = header_line(info)
     warning = busy_machine_warning(info)
     if warning:
         log(f"warning: {warning}")
@@ -304,7 +314,9 @@ def main(argv: list[str] | None = None) -> int:
         "settings": {"levels": levels, "seed_levels": seed_levels, "max_tokens": args.max_tokens,
                      "min_requests": args.min_requests, "ignore_eos": True, "temperature": 0.0,
                      "dtype": args.dtype, "model": args.model or "default (SmolLM2-135M-Instruct)",
-                     "quick": args.quick, "prompts": list(PROMPTS)},
+                     "quick": args.quick, "prompts": list(PROMPTS), "warmup_prompts": list(WARMUP_PROMPTS),
+                     "rillet_isa": args.rillet_isa, "isa_env": isa_env},
+        "header": header,
         "bars": {str(c): f"rillet >= {b:g}x seed output tokens/s" for c, b in BARS.items()},
         "summary": rows,
         "greedy_parity": parity,
@@ -317,9 +329,11 @@ def main(argv: list[str] | None = None) -> int:
     write_json(out, payload)
 
     print(f"\nbench_engine: {info['cpu_model']} ({info['cpu_cores']} cores), torch {info['torch']}, "
-          f"{args.dtype}, {args.max_tokens} forced tokens/request\n")
+          f"{args.dtype}, {args.max_tokens} forced tokens/request, max(C, {args.min_requests}) requests per level\n")
+    print(header)
     print(text)
     print("\nMarkdown:\n")
+    print(header + "\n")
     print(markdown)
     if args.plot is not None:
         png = out.with_suffix(".png") if str(args.plot) == "auto" else args.plot

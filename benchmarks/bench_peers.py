@@ -1,37 +1,61 @@
-"""Peer benchmark (issue 7): streaming chat over HTTP, rillet against vLLM and other servers.
+"""Peer benchmark (issues 7, 13): streaming chat over HTTP, rillet against vLLM and llama.cpp.
 
-Strictly one server at a time (peers would fight over the cores): each is started here on a
-free loopback port, warmed up, measured at every concurrency level, asked for one greedy
-sample answer, and stopped (its whole process group) before the next one starts.
+Every peer in its best configuration for this CPU, in the same run, strictly one server at a
+time (peers would fight over the cores): each is started here on a free loopback port, warmed
+up, measured at every concurrency level, asked for one greedy sample answer, and stopped (its
+whole process group) before the next one starts.
 
-1. ``rillet serve``          this repository, with this script's interpreter (the project venv);
+1. ``rillet serve``          this repository, with this script's interpreter (the project venv),
+                             ``--dtype auto`` (its own best: the GGUF's Q4_1 blocks as they are,
+                             bf16 activations) unless --dtype says otherwise;
 2. vLLM                      its OpenAI server (``python -m vllm.entrypoints.openai.api_server``)
                              from a SEPARATE virtual environment: --vllm-python (default
                              /opt/vllm-venv/bin/python when it exists; skipped with a note
-                             otherwise). vLLM is never imported here and never a dependency of
-                             rillet; see benchmarks/README.md for how to make that venv;
-3. llama-cpp-python          ``python -m llama_cpp.server`` on the GGUF itself, when
-                             --llamacpp-python points at an interpreter that has it (skipped
-                             with a note otherwise);
+                             otherwise), on the GGUF converted to a Hugging Face directory by
+                             ``rillet.models.resolve``, in ITS best dtype for this CPU, chosen
+                             independently of rillet's (--vllm-dtype best: bfloat16 where the CPU
+                             has native bf16, AVX512-BF16 or AMX, float32 otherwise), its compute
+                             threads on every core (--vllm-cores all: VLLM_CPU_OMP_THREADS_BIND=
+                             0-<n-1>, VLLM_CPU_NUM_OF_RESERVED_CPU=0; "auto", vLLM's own default,
+                             stays available, and with --vllm-cores all,auto each level is
+                             compared with the faster). vLLM is never imported here;
+3. llama-cpp-python          ``python -m llama_cpp.server`` on the same GGUF, ``--n_threads <cores>
+                             --interrupt_requests False``, from --llamacpp-python (default
+                             /opt/llamacpp-venv/bin/python when it exists). The JSON records its
+                             build (``llama_print_system_info()``: AVX, AVX2, AVX512 ...);
 4. the seed server           benchmarks/baselines/seed_server.py, only with --with-seed.
 
-Work per level C: C streams kept in flight until max(--min-requests, C x --rounds) streaming
-chat requests are done (greedy), each forced to --max-tokens output tokens: rillet, vLLM and the
-seed with ``ignore_eos``; llama.cpp with a -100 logit bias on the end-of-generation tokens plus
-``min_tokens``. rillet and vLLM load the same weights: the default GGUF dequantised once by
-``rillet.models.resolve`` (a plain Hugging Face directory) in the same dtype (--dtype).
-The load generator is ``rillet.bench.loadgen.run_level``, run in this process (same cores).
+ISA stand-ins: ``--rillet-isa avx2`` runs rillet's AVX2 kernels (RILLET_CPU_ISA=avx2) with
+torch and oneDNN held to AVX2 as well (ATEN_CPU_CAPABILITY=avx2, ONEDNN_MAX_CPU_ISA=AVX2): an
+AVX-512 machine standing in for an AVX2-only one. ``--peers-isa`` (default ``same``: what
+--rillet-isa says) does the same for vLLM, which then also loads its AVX2 kernels
+(benchmarks/peers/isa_standin/sitecustomize.py) and runs float32 (its best without native
+bf16). llama.cpp runs what its build has; the JSON and a warning say when its build does not
+match the run's ISA.
+
+Work per level C: C streams kept in flight until max(--min-requests 16, C x --rounds) streaming
+chat requests are done (so the 1-stream level measures 16 too), greedy, each forced to
+--max-tokens output tokens: rillet, vLLM and the seed with ``ignore_eos``; llama.cpp with a -100
+logit bias on the end-of-generation tokens plus ``min_tokens``. Each server first warms up on
+WARMUP_PROMPTS (benchmarks/common.py), none of which is measured, so no warm-up leaves a
+measured prompt in a prefix cache. The load generator is ``rillet.bench.loadgen.run_level``,
+run in this process (same cores).
 
 Metrics: output tokens/s, TTFT p50/p99, inter-token latency p50/p99 (plus TPOT in the JSON).
-Bars (issue 7): at 16 and 32 streams rillet >= 1.2x vLLM's output tokens/s with a TTFT p50 no
-worse than vLLM's; at 1 stream rillet >= vLLM's output tokens/s. With several vLLM variants
-(--vllm-cores auto,all) each level is compared with the best of them.
+Bars (issue 13), chosen by the ISA rillet runs:
+- AVX2 (native or --rillet-isa avx2): at 1 stream rillet >= 1.5x llama.cpp's output tokens/s;
+  at 16 streams rillet >= 3x vLLM's with a TTFT p50 no worse than vLLM's;
+- AVX512 on a CPU with native bf16: at 16 and 32 streams rillet >= 1.5x vLLM's; at 1 stream
+  rillet >= llama.cpp's.
+Each bar is printed met / MISSED / not measured.
 
     .venv/bin/python benchmarks/bench_peers.py                 # 1, 16, 32 streams x 128 tokens
+    .venv/bin/python benchmarks/bench_peers.py --rillet-isa avx2   # the AVX2 stand-in comparison
     .venv/bin/python benchmarks/bench_peers.py --quick         # smoke: 1, 2 streams x 16 tokens
 
-Writes benchmarks/results/bench_peers.json (bench_peers.quick.json with --quick) and prints a
-text table and a Markdown table with the ratios. Server logs go to benchmarks/results/logs/.
+Writes benchmarks/results/bench_peers.json (bench_peers.quick.json with --quick) and prints
+a text table and a Markdown table, each headed by the CPU, the ISA and the commit, then the
+bars. Server logs go to benchmarks/results/logs/.
 """
 
 from __future__ import annotations
@@ -40,6 +64,7 @@ import argparse
 import asyncio
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -49,13 +74,19 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # repo root: `benchmarks` importable
 
 from benchmarks.common import (  # noqa: E402
+    ISA_ENV,
     PROMPTS,
     RESULTS_DIR,
+    WARMUP_PROMPTS,
+    add_isa_argument,
     busy_machine_warning,
     default_gguf_path,
     fmt,
     fmt_ratio,
     free_port,
+    has_native_bf16,
+    header_line,
+    isa_env,
     log,
     machine_info,
     markdown_table,
@@ -67,21 +98,66 @@ from benchmarks.common import (  # noqa: E402
 )
 
 SEED_SERVER = Path(__file__).resolve().parent / "baselines" / "seed_server.py"
+ISA_STANDIN_DIR = Path(__file__).resolve().parent / "peers" / "isa_standin"
 DEFAULT_VLLM_PYTHON = Path("/opt/vllm-venv/bin/python")
+DEFAULT_LLAMACPP_PYTHON = Path("/opt/llamacpp-venv/bin/python")
 SERVED_NAME = "smollm2"
-BAR_THROUGHPUT = 1.2  # rillet / vLLM output tokens/s at the multi-stream levels
-BAR_LEVELS = (16, 32)  # levels held to BAR_THROUGHPUT and the TTFT bar
 # vLLM's CPU backend by default ("auto") binds one compute thread to each physical core but the ones it
-# reserves for its API-server and engine-core processes (on this 2-core machine: compute on core 0, core 1
+# reserves for its API-server and engine-core processes (on a 2-core machine: compute on core 0, core 1
 # reserved). "all" binds its compute threads to every core this process may use, reserving none.
-VLLM_CORE_CHOICES = ("auto", "all")
+VLLM_CORE_CHOICES = ("all", "auto")
+
+# Issue 13's bars, by the ISA rillet runs: (level, peer, minimum rillet/peer output tokens/s,
+# whether rillet's TTFT p50 must also be no worse than the peer's).
+BARS = {
+    "avx2": [(1, "llama.cpp", 1.5, False), (16, "vLLM", 3.0, True)],
+    "avx512-bf16": [(1, "llama.cpp", 1.0, False), (16, "vLLM", 1.5, False), (32, "vLLM", 1.5, False)],
+}
+
+
+def cpu_list() -> list[int]:
+    return sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+
+
+def cpu_spec(cpus: list[int]) -> str:
+    """'0-<n-1>' for a contiguous range, else a comma list (VLLM_CPU_OMP_THREADS_BIND's two forms)."""
+    if len(cpus) > 1 and cpus == list(range(cpus[0], cpus[-1] + 1)):
+        return f"{cpus[0]}-{cpus[-1]}"
+    return ",".join(map(str, cpus))
 
 
 def vllm_cores_env(cores: str) -> dict[str, str]:
     if cores == "auto":
         return {}
-    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
-    return {"VLLM_CPU_OMP_THREADS_BIND": ",".join(map(str, cpus)), "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
+    return {"VLLM_CPU_OMP_THREADS_BIND": cpu_spec(cpu_list()), "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
+
+
+def peers_isa_of(args: argparse.Namespace) -> str | None:
+    """The ISA the peers are held to: None for their native best."""
+    if args.peers_isa == "same":
+        return args.rillet_isa if args.rillet_isa in ISA_ENV else None
+    return None if args.peers_isa == "native" else args.peers_isa
+
+
+def vllm_standin_env(isa: str | None) -> dict[str, str]:
+    """torch/oneDNN held to `isa`, and vLLM's own kernel choice too (peers/isa_standin/sitecustomize.py)."""
+    if isa not in ISA_ENV:
+        return {}
+    path = os.pathsep.join(p for p in (str(ISA_STANDIN_DIR), os.environ.get("PYTHONPATH", "")) if p)
+    return {**ISA_ENV[isa], "RILLET_BENCH_MAX_ISA": isa, "PYTHONPATH": path}
+
+
+def best_vllm_dtype(peers_isa: str | None) -> str:
+    """vLLM's best dtype on this CPU, whatever rillet runs: bf16 only where the CPU computes in it natively."""
+    return "bfloat16" if peers_isa is None and has_native_bf16() else "float32"
+
+
+def bars_kind(run_isa: str | None) -> str | None:
+    if run_isa == "avx2":
+        return "avx2"
+    if run_isa == "avx512" and has_native_bf16():
+        return "avx512-bf16"
+    return None
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -124,6 +200,37 @@ def python_version_of(python: Path, distribution: str) -> str | None:
     return done.stdout.strip() or None if done.returncode == 0 else None
 
 
+def llamacpp_build_info(python: Path) -> dict:
+    """Which llama.cpp build the venv has: its `llama_print_system_info()` and the SIMD flags it was built with."""
+    code = "import llama_cpp, sys; sys.stdout.write(llama_cpp.llama_print_system_info().decode(errors='replace'))"
+    try:
+        done = subprocess.run([str(python), "-c", code], capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.SubprocessError) as exc:
+        return {"error": f"{type(exc).__name__}: {exc}"}
+    if done.returncode != 0:
+        return {"error": done.stderr.strip()[-500:]}
+    text = done.stdout.strip()
+    flags = sorted({m.group(1) for m in re.finditer(r"([A-Z][A-Z0-9_]*)\s*=\s*1\b", text)})
+    simd = [f for f in flags if f.startswith(("AVX", "FMA", "F16C", "SSE", "NEON", "ARM_FMA", "AMX", "SVE", "DOTPROD"))]
+    return {"system_info": text, "flags": flags, "simd": simd, "avx2": "AVX2" in flags,
+            "avx512": any(f.startswith("AVX512") for f in flags)}
+
+
+def llamacpp_build_mismatch(build: dict, run_isa: str | None) -> str | None:
+    """A warning when llama.cpp's build does not match the ISA the run compares at."""
+    if "flags" not in build:
+        return None
+    if run_isa == "avx2" and build["avx512"]:
+        return ("llama.cpp's build uses AVX-512 but this is an AVX2 comparison: it is not standing in for an "
+                "AVX2-only CPU (build it with CMAKE_ARGS=\"-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON "
+                "-DGGML_F16C=ON\", see benchmarks/README.md)")
+    if run_isa == "avx512" and not build["avx512"]:
+        return ("llama.cpp's build has no AVX-512 but this CPU has it: llama.cpp is not at its best here and "
+                "the comparison with it flatters rillet (give --llamacpp-python a native build, "
+                "-DGGML_NATIVE=ON, see benchmarks/README.md)")
+    return None
+
+
 def kill_group(pgid: int) -> None:
     """Stop whatever is left of a server's process group (vLLM's engine-core and worker processes)."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
@@ -157,7 +264,7 @@ def serve(cmd: list[str], url: str, log_path: Path, timeout_s: float, env: dict 
 
 async def sample_answer(url: str, max_tokens: int, params: dict) -> dict:
     """One greedy non-streaming answer to the first prompt: both sides load the same weights, so
-    rillet's and vLLM's should read the same (until bf16 rounding makes them diverge)."""
+    rillet's and vLLM's should read the same (until rounding differences make them diverge)."""
     import httpx
 
     body = {"model": SERVED_NAME, "messages": [{"role": "user", "content": PROMPTS[1]}], "max_tokens": max_tokens,
@@ -178,27 +285,44 @@ def measure(args: argparse.Namespace, url: str, label: str, levels: list[int], e
             ignore_eos: bool = True) -> dict:
     from rillet.bench.loadgen import run_level
 
-    def level(concurrency: int, num_requests: int, max_tokens: int) -> dict:
+    def level(concurrency: int, num_requests: int, max_tokens: int, prompts) -> dict:
         return asyncio.run(run_level(url, model=None, concurrency=concurrency, num_requests=num_requests,
                                      max_tokens=max_tokens, api="openai", ignore_eos=ignore_eos,
-                                     prompts=list(PROMPTS), temperature=0.0, extra_params=extra_params,
+                                     prompts=list(prompts), temperature=0.0, extra_params=extra_params,
                                      timeout=args.request_timeout))
 
     warm = min(4, max(levels))
-    log(f"{label}: warm-up ({warm} streams x {min(8, args.max_tokens)} tokens)")
-    level(warm, warm, min(8, args.max_tokens))
+    log(f"{label}: warm-up ({warm} streams x {min(8, args.max_tokens)} tokens, warm-up prompts only)")
+    level(warm, warm, min(8, args.max_tokens), WARMUP_PROMPTS)
     out: dict = {"levels": {}}
     for c in levels:
         n = max(args.min_requests, c * args.rounds)
         log(f"{label}: {c} streams, {n} requests x {args.max_tokens} tokens")
-        r = level(c, n, args.max_tokens)
+        r = level(c, n, args.max_tokens, PROMPTS)
         log(f"{label}: {c} streams: {fmt(r['output_token_throughput'])} tok/s, "
             f"TTFT p50 {fmt(r['ttft_ms']['p50'], 0)} ms, "
             f"ITL p50 {fmt(r['itl_ms']['p50'], 1)} ms, failed {r['failed']}, "
-            f"{r['mean_output_tokens']} tokens/request ({r['tokens_counted_from']})")
+            f"{r['mean_output_tokens']} tokens/request ({r.get('tokens_counted_from')})")
         out["levels"][str(c)] = r
     if args.sample_tokens:
         out["sample"] = asyncio.run(sample_answer(url, args.sample_tokens, {"ignore_eos": True} if ignore_eos else {}))
+    return out
+
+
+def rillet_backend(url: str, log_path: Path) -> dict:
+    """How rillet says it ran: the `engine ready` log line and /metrics' rillet:engine_backend_info labels."""
+    import httpx
+
+    out: dict = {}
+    with contextlib.suppress(OSError):
+        ready = [line.strip() for line in log_path.read_text(errors="replace").splitlines() if "engine ready" in line]
+        if ready:
+            out["engine_ready"] = ready[-1][-400:]
+    with contextlib.suppress(Exception):
+        text = httpx.get(url + "/metrics", timeout=10).text
+        for line in text.splitlines():
+            if line.startswith("rillet:engine_backend_info{"):
+                out["backend_info"] = dict(re.findall(r'(\w+)="([^"]*)"', line))
     return out
 
 
@@ -213,39 +337,54 @@ def bench_rillet(args: argparse.Namespace) -> dict:
            "--max-num-seqs", str(max(32, max(args.concurrency))), *args.rillet_arg]
     if args.model:
         cmd += ["--model", args.model]
-    log(f"rillet serve: starting on port {port}")
-    with serve(cmd, url, args.log_dir / "peers_rillet.log", args.start_timeout) as startup_s:
+    env = isa_env(args.rillet_isa)
+    log(f"rillet serve: starting on port {port}" + (f" ({' '.join(f'{k}={v}' for k, v in env.items())})" if env else ""))
+    log_path = args.log_dir / "peers_rillet.log"
+    with serve(cmd, url, log_path, args.start_timeout, env=env) as startup_s:
         log(f"rillet serve: ready after {startup_s} s")
         result = measure(args, url, "rillet", args.concurrency)
+        backend = rillet_backend(url, log_path)
     from importlib.metadata import version
 
-    result.update(system="rillet", version=version("rillet"), startup_s=startup_s, command=" ".join(cmd[1:]))
+    result.update(system="rillet", version=version("rillet"), startup_s=startup_s, env=env,
+                  command=" ".join(cmd[1:]), **backend)
+    isa_seen = (backend.get("backend_info") or {}).get("cpu_isa")
+    if args.rillet_isa and isa_seen and isa_seen != args.rillet_isa:
+        result["warning"] = f"asked for --rillet-isa {args.rillet_isa}, the server reports cpu_isa={isa_seen}"
+        log(f"rillet serve: warning: {result['warning']}")
+    log(f"rillet serve: {backend.get('engine_ready') or 'no engine-ready line'}")
     return result
 
 
-def bench_vllm(args: argparse.Namespace, python: Path, cores: str, model_dir: Path) -> dict:
+def bench_vllm(args: argparse.Namespace, python: Path, cores: str, model_dir: Path, dtype: str,
+               peers_isa: str | None) -> dict:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     cmd = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
-           "--served-model-name", SERVED_NAME, "--dtype", args.dtype, "--max-model-len", str(args.max_model_len),
+           "--served-model-name", SERVED_NAME, "--dtype", dtype, "--max-model-len", str(args.max_model_len),
            "--host", "127.0.0.1", "--port", str(port), *args.vllm_arg]
-    env = {"VLLM_CPU_KVCACHE_SPACE": str(args.vllm_kv_gib), **vllm_cores_env(cores), **parse_env(args.vllm_env)}
-    name = "vllm" if cores == "auto" else f"vllm ({cores} cores)"
-    log(f"{name}: starting on port {port} (python {python}, {' '.join(f'{k}={v}' for k, v in env.items())})")
+    env = {"VLLM_CPU_KVCACHE_SPACE": str(args.vllm_kv_gib), **vllm_cores_env(cores), **vllm_standin_env(peers_isa),
+           **parse_env(args.vllm_env)}
+    name = vllm_name(cores)
+    log(f"{name}: starting on port {port} (python {python}, {dtype}, {' '.join(f'{k}={v}' for k, v in env.items())})")
     log_path = args.log_dir / f"peers_vllm_{cores}.log"
     with serve(cmd, url, log_path, args.start_timeout, env=env) as startup_s:
         log(f"{name}: ready after {startup_s} s")
         result = measure(args, url, name, args.concurrency)
     result.update(system=name, version=python_version_of(python, "vllm-cpu") or python_version_of(python, "vllm"),
-                  torch=python_version_of(python, "torch"), startup_s=startup_s, env=env,
-                  command=" ".join(cmd[1:]), vllm_log_notes=vllm_log_notes(log_path))
+                  torch=python_version_of(python, "torch"), startup_s=startup_s, dtype=dtype, cores=cores,
+                  isa=peers_isa or "native", env=env, command=" ".join(cmd[1:]), vllm_log_notes=vllm_log_notes(log_path))
     return result
 
 
+def vllm_name(cores: str) -> str:
+    return "vllm" if cores == "all" else f"vllm ({cores} cores)"
+
+
 def vllm_log_notes(path: Path) -> list[str]:
-    """The lines of vLLM's log that say how it ran: architecture, dtype, thread binding, KV cache."""
+    """The lines of vLLM's log that say how it ran: architecture, dtype, kernels, thread binding, KV cache."""
     keys = ("Resolved architecture", "OpenMP thread binding", "core ids=", "reserved_cpus", "Reducing Torch threads",
-            "KV cache size", "Maximum concurrency", "init engine", "Supported tasks")
+            "KV cache size", "Maximum concurrency", "init engine", "Supported tasks", "Failed to import", "dtype=")
     try:
         lines = path.read_text(errors="replace").splitlines()
     except OSError:
@@ -272,20 +411,22 @@ def llamacpp_eog_params(args: argparse.Namespace, model_dir: Path) -> dict:
     return {"logit_bias": {str(i): -100 for i in sorted(ids)}, "min_tokens": args.max_tokens}
 
 
-def bench_llamacpp(args: argparse.Namespace, python: Path, gguf: Path, model_dir: Path) -> dict:
+def bench_llamacpp(args: argparse.Namespace, python: Path, gguf: Path, model_dir: Path, build: dict) -> dict:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    threads = os.cpu_count() or 1
+    threads = args.llamacpp_threads or len(cpu_list())
     cmd = [str(python), "-m", "llama_cpp.server", "--model", str(gguf), "--model_alias", SERVED_NAME,
            "--host", "127.0.0.1", "--port", str(port), "--n_ctx", str(args.max_model_len),
-           "--n_threads", str(threads), "--n_threads_batch", str(threads), *args.llamacpp_arg]
+           "--n_threads", str(threads), "--n_threads_batch", str(threads), "--interrupt_requests", "False",
+           *args.llamacpp_arg]
     params = llamacpp_eog_params(args, model_dir)
-    log(f"llama.cpp: starting on port {port} (python {python}); forcing length with {params}")
+    log(f"llama.cpp: starting on port {port} (python {python}, build {' '.join(build.get('simd', [])) or '?'}); "
+        f"forcing length with {params}")
     with serve(cmd, url, args.log_dir / "peers_llamacpp.log", args.start_timeout) as startup_s:
         log(f"llama.cpp: ready after {startup_s} s")
         result = measure(args, url, "llama.cpp", args.concurrency, extra_params=params, ignore_eos=False)
     result.update(system="llama.cpp", version=python_version_of(python, "llama_cpp_python"), startup_s=startup_s,
-                  command=" ".join(cmd[1:]), forced_length=params)
+                  command=" ".join(cmd[1:]), forced_length=params, build=build, gguf=str(gguf))
     return result
 
 
@@ -296,62 +437,104 @@ def bench_seed(args: argparse.Namespace) -> dict:
            "--streamer-timeout", "0"]
     if args.model:
         cmd += ["--model", args.model]
+    env = isa_env(args.rillet_isa) if args.rillet_isa in ISA_ENV else {}
     log(f"seed server: starting on port {port}")
-    with serve(cmd, url, args.log_dir / "peers_seed.log", args.start_timeout) as startup_s:
+    with serve(cmd, url, args.log_dir / "peers_seed.log", args.start_timeout, env=env) as startup_s:
         log(f"seed server: ready after {startup_s} s")
         result = measure(args, url, "seed", args.seed_concurrency or args.concurrency)
-    result.update(system="seed server", startup_s=startup_s, command=" ".join(cmd[1:]))
+    result.update(system="seed server", startup_s=startup_s, env=env, command=" ".join(cmd[1:]))
     return result
 
 
 # ----------------------------------------------------------------------------- report
 
 
-def comparisons(results: dict[str, dict], levels: list[int]) -> dict:
+def best_peer(results: dict[str, dict], peer: str, c: int) -> tuple[str, dict] | None:
+    """The peer's fastest variant at level c: ("vllm", level result), or None where it was not measured."""
+    prefix = "vllm" if peer == "vLLM" else "llama.cpp"
+    candidates = [(k, v["levels"][str(c)]) for k, v in results.items()
+                  if k.startswith(prefix) and "levels" in v and str(c) in v["levels"]]
+    if not candidates:
+        return None
+    return max(candidates, key=lambda kv: kv[1]["output_token_throughput"] or 0.0)
+
+
+def comparisons(results: dict[str, dict], levels: list[int], kind: str | None) -> dict:
+    """Ratios of rillet to the best vLLM and to llama.cpp at every level, and issue 13's bars for `kind`."""
     rillet = results.get("rillet")
-    vllms = {k: v for k, v in results.items() if k.startswith("vllm") and "levels" in v}
-    out: dict = {"bar_throughput": BAR_THROUGHPUT, "bar_levels": list(BAR_LEVELS), "levels": {}, "meets_bars": None}
-    if not rillet or "levels" not in rillet or not vllms:
+    out: dict = {"bars_for": kind, "levels": {}, "bars": [], "meets_bars": None}
+    if not rillet or "levels" not in rillet:
         return out
-    verdicts = []
     for c in levels:
         r = rillet["levels"].get(str(c))
-        candidates = [(k, v["levels"][str(c)]) for k, v in vllms.items() if str(c) in v["levels"]]
-        if not r or not candidates:
+        if not r:
             continue
-        best_name, best = max(candidates, key=lambda kv: kv[1]["output_token_throughput"] or 0.0)
-        tps = ratio(r["output_token_throughput"], best["output_token_throughput"])
-        ttft = ratio(r["ttft_ms"]["p50"], best["ttft_ms"]["p50"])  # rillet / vLLM: <= 1 is no worse
-        entry = {"vs": best_name, "throughput_ratio": tps, "ttft_p50_ratio": ttft, "bar": None, "meets_bar": None}
-        if c == 1:
-            entry["bar"] = "rillet tok/s >= vLLM's"
-            entry["meets_bar"] = None if tps is None else tps >= 1.0
-        elif c in BAR_LEVELS:
-            entry["bar"] = f"rillet tok/s >= {BAR_THROUGHPUT:g}x vLLM's and TTFT p50 <= vLLM's"
-            entry["meets_bar"] = None if tps is None or ttft is None else (tps >= BAR_THROUGHPUT and ttft <= 1.0)
-        if entry["meets_bar"] is not None:
-            verdicts.append(entry["meets_bar"])
+        entry = {}
+        for peer in ("vLLM", "llama.cpp"):
+            best = best_peer(results, peer, c)
+            if best:
+                name, p = best
+                entry[peer] = {"vs": name, "throughput_ratio": ratio(r["output_token_throughput"],
+                                                                     p["output_token_throughput"]),
+                               "ttft_p50_ratio": ratio(r["ttft_ms"]["p50"], p["ttft_ms"]["p50"]),  # <= 1: no worse
+                               "rillet": {"tok_s": r["output_token_throughput"], "ttft_p50_ms": r["ttft_ms"]["p50"]},
+                               "peer": {"tok_s": p["output_token_throughput"], "ttft_p50_ms": p["ttft_ms"]["p50"]}}
         out["levels"][str(c)] = entry
-    out["meets_bars"] = all(verdicts) if verdicts else None
+    verdicts = []
+    for c, peer, need, ttft_too in BARS.get(kind or "", []):
+        text = (f"{c} stream{'s' if c > 1 else ''}: rillet >= {need:g}x {peer} output tok/s"
+                + (f" with TTFT p50 no worse than {peer}'s" if ttft_too else ""))
+        cmp_ = (out["levels"].get(str(c)) or {}).get(peer)
+        met = None  # judged on the unrounded numbers: 1.496x does not meet a 1.5x bar
+        if cmp_ and cmp_["rillet"]["tok_s"] is not None and cmp_["peer"]["tok_s"]:
+            met = cmp_["rillet"]["tok_s"] >= need * cmp_["peer"]["tok_s"]
+            if ttft_too:
+                mine, theirs = cmp_["rillet"]["ttft_p50_ms"], cmp_["peer"]["ttft_p50_ms"]
+                met = None if mine is None or theirs is None else met and mine <= theirs
+        bar = {"level": c, "peer": peer, "min_throughput_ratio": need, "ttft_no_worse": ttft_too, "bar": text,
+               "vs": cmp_["vs"] if cmp_ else None, "throughput_ratio": cmp_["throughput_ratio"] if cmp_ else None,
+               "ttft_p50_ratio": cmp_["ttft_p50_ratio"] if cmp_ else None, "met": met}
+        out["bars"].append(bar)
+        if met is not None:
+            verdicts.append(met)
+    measured_all = out["bars"] and all(b["met"] is not None for b in out["bars"])
+    out["meets_bars"] = (all(verdicts) if measured_all else (False if False in verdicts else None)) if out["bars"] else None
     return out
 
 
 def render(results: dict[str, dict], comp: dict) -> tuple[str, str]:
-    headers = ["system", "streams", "output tok/s", "vs vLLM", "TTFT p50 ms", "TTFT p99 ms", "TTFT vs vLLM",
-               "ITL p50 ms", "ITL p99 ms", "failed"]
+    headers = ["system", "streams", "output tok/s", "vs vLLM", "vs llama.cpp", "TTFT p50 ms", "TTFT p99 ms",
+               "TTFT vs vLLM", "ITL p50 ms", "ITL p99 ms", "failed"]
     rows = []
     for name, res in results.items():
         for c, r in res.get("levels", {}).items():
-            vs = ttft_vs = "-"
-            cmp_ = comp["levels"].get(c)
-            if name == "rillet" and cmp_:
-                mark = "" if cmp_["meets_bar"] is None else (" ok" if cmp_["meets_bar"] else " MISSED")
-                vs = fmt_ratio(cmp_["throughput_ratio"]) + mark
-                ttft_vs = fmt_ratio(cmp_["ttft_p50_ratio"])
-            rows.append([name, c, fmt(r["output_token_throughput"]), vs, fmt(r["ttft_ms"]["p50"], 0),
+            vs_vllm = vs_llama = ttft_vs = "-"
+            cmp_ = comp["levels"].get(c) or {}
+            if name == "rillet":
+                if "vLLM" in cmp_:
+                    vs_vllm = fmt_ratio(cmp_["vLLM"]["throughput_ratio"])
+                    ttft_vs = fmt_ratio(cmp_["vLLM"]["ttft_p50_ratio"])
+                if "llama.cpp" in cmp_:
+                    vs_llama = fmt_ratio(cmp_["llama.cpp"]["throughput_ratio"])
+            rows.append([name, c, fmt(r["output_token_throughput"]), vs_vllm, vs_llama, fmt(r["ttft_ms"]["p50"], 0),
                          fmt(r["ttft_ms"]["p99"], 0), ttft_vs, fmt(r["itl_ms"]["p50"], 1), fmt(r["itl_ms"]["p99"], 1),
                          str(r["failed"])])
     return text_table(headers, rows), markdown_table(headers, rows)
+
+
+def render_bars(comp: dict) -> str:
+    if not comp["bars"]:
+        return ("Bars (issue 13): none for this run (rillet's ISA is neither AVX2 nor AVX-512 with native bf16)"
+                if comp["bars_for"] is None else "Bars (issue 13): none")
+    lines = [f"Bars (issue 13, {comp['bars_for']} run; against each peer's fastest variant at the level):"]
+    for b in comp["bars"]:
+        verdict = "not measured" if b["met"] is None else ("met" if b["met"] else "MISSED")
+        got = ("" if b["throughput_ratio"] is None else f": {fmt_ratio(b['throughput_ratio'])} vs {b['vs']}"
+               + ("" if not b["ttft_no_worse"] else f", TTFT p50 {fmt_ratio(b['ttft_p50_ratio'])} of theirs"))
+        lines.append(f"- {b['bar']}{got} -> {verdict}")
+    overall = comp["meets_bars"]
+    lines.append("- all bars: " + ("met" if overall else "MISSED" if overall is False else "not all measured"))
+    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------- main
@@ -364,35 +547,51 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tokens", type=int, default=None, help="forced output tokens per request (default 128)")
     parser.add_argument("--rounds", type=int, default=None,
                         help="requests per stream at each level (default 2; --quick 1)")
-    parser.add_argument("--min-requests", type=int, default=None, help="fewest requests at a level (default 4)")
+    parser.add_argument("--min-requests", type=int, default=None,
+                        help="fewest requests measured at a level, 1 stream included (default 16; --quick 2)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 1, 2 streams x 16 tokens, few requests")
-    parser.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16", "float16"),
-                        help="dtype of rillet, vLLM and the seed (default bfloat16)")
+    parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                        help="rillet's (and the seed's) --dtype (default auto: rillet's own best; with the default "
+                             "GGUF its Q4_1 blocks run as they are with bf16 activations)")
+    add_isa_argument(parser)
+    parser.add_argument("--peers-isa", default="same", choices=("same", "native", "avx2"),
+                        help="hold vLLM to this ISA: same (default): what --rillet-isa says (avx2: "
+                             "ATEN_CPU_CAPABILITY=avx2, ONEDNN_MAX_CPU_ISA=AVX2, vLLM's AVX2 kernels, float32); "
+                             "native: its best on this CPU whatever rillet runs. llama.cpp runs its build")
     parser.add_argument("--model", default=None,
                         help="model for rillet and the seed (default: the embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--max-model-len", type=int, default=2048, help="context of vLLM and llama.cpp (default 2048)")
     parser.add_argument("--skip-rillet", action="store_true")
     parser.add_argument("--skip-vllm", action="store_true")
+    parser.add_argument("--skip-llamacpp", action="store_true")
     parser.add_argument("--vllm-python", type=Path, default=None,
                         help=f"interpreter of a venv with vllm-cpu (default {DEFAULT_VLLM_PYTHON} when it exists)")
     parser.add_argument("--vllm-model", type=Path, default=None,
                         help="Hugging Face directory for vLLM (default: rillet's converted directory of --model)")
-    parser.add_argument("--vllm-cores", default="auto",
-                        help="comma list of vLLM thread bindings to run: auto (vLLM's default: one core reserved "
-                             "for its frontend on a small machine), all (compute threads on every core)")
+    parser.add_argument("--vllm-dtype", default="best", choices=("best", "float32", "bfloat16", "float16"),
+                        help="vLLM's --dtype, chosen apart from rillet's: best (default) = bfloat16 where the CPU "
+                             "has native bf16 (AVX512-BF16/AMX) and the run is not an AVX2 stand-in, else float32")
+    parser.add_argument("--vllm-cores", default="all",
+                        help="comma list of vLLM thread bindings to run: all (default: compute threads on every "
+                             "core, VLLM_CPU_OMP_THREADS_BIND=0-<n-1>, none reserved), auto (vLLM's own default: "
+                             "on a small machine one core reserved for its frontend); with several, each level "
+                             "is compared with the fastest")
     parser.add_argument("--vllm-kv-gib", type=int, default=2, help="VLLM_CPU_KVCACHE_SPACE (default 2)")
     parser.add_argument("--vllm-env", action="append", default=[], help="KEY=VALUE for vLLM's environment (repeatable)")
     parser.add_argument("--vllm-arg", action="append", default=[], help="extra vLLM server argument (repeatable)")
     parser.add_argument("--llamacpp-python", type=Path, default=None,
-                        help="interpreter of a venv with llama-cpp-python[server] (skipped when not given)")
+                        help="interpreter of a venv with llama-cpp-python[server] "
+                             f"(default {DEFAULT_LLAMACPP_PYTHON} when it exists)")
     parser.add_argument("--llamacpp-gguf", type=Path, default=None,
-                        help="GGUF for llama.cpp (default: the embedded one)")
+                        help="GGUF for llama.cpp (default: the one rillet serves)")
+    parser.add_argument("--llamacpp-threads", type=int, default=None,
+                        help="llama.cpp --n_threads / --n_threads_batch (default: every core this process may use)")
     parser.add_argument("--llamacpp-arg", action="append", default=[], help="extra llama_cpp.server argument")
     parser.add_argument("--with-seed", action="store_true", help="also run benchmarks/baselines/seed_server.py")
     parser.add_argument("--seed-concurrency", type=parse_levels, default=None,
                         help="levels for the seed only (it is slow at 32 x 128)")
     parser.add_argument("--rillet-arg", action="append", default=[],
-                        help="extra `rillet serve` argument (repeatable), e.g. --rillet-arg=--num-threads=2")
+                        help="extra `rillet serve` argument (repeatable), e.g. --rillet-arg=--quantization=none")
     parser.add_argument("--sample-tokens", type=int, default=32, help="tokens of the greedy sample answer (0: none)")
     parser.add_argument("--start-timeout", type=float, default=900.0, help="seconds a server may take to start")
     parser.add_argument("--request-timeout", type=float, default=900.0, help="seconds one request may take")
@@ -403,7 +602,7 @@ def main(argv: list[str] | None = None) -> int:
     args.concurrency = args.concurrency or ([1, 2] if args.quick else [1, 16, 32])
     args.max_tokens = args.max_tokens or (16 if args.quick else 128)
     args.rounds = args.rounds or (1 if args.quick else 2)
-    args.min_requests = args.min_requests or (2 if args.quick else 4)
+    args.min_requests = args.min_requests or (2 if args.quick else 16)
     args.log_dir = RESULTS_DIR / "logs"
     args.log_dir.mkdir(parents=True, exist_ok=True)
     out = args.out or RESULTS_DIR / ("bench_peers.quick.json" if args.quick else "bench_peers.json")
@@ -411,10 +610,21 @@ def main(argv: list[str] | None = None) -> int:
     if unknown := [c for c in vllm_cores if c not in VLLM_CORE_CHOICES]:
         parser.error(f"--vllm-cores: unknown {unknown}; choose from {', '.join(VLLM_CORE_CHOICES)}")
 
-    info = machine_info(args.dtype)
-    warning = busy_machine_warning(info)
-    if warning:
-        log(f"warning: {warning}")
+    info = machine_info(args.dtype, args.rillet_isa)
+    if err := info["rillet_cpu_isa"].get("error"):
+        parser.error(f"--rillet-isa {args.rillet_isa}: {err}")
+    run_isa = info["rillet_cpu_isa"].get("selected")
+    peers_isa = peers_isa_of(args)
+    kind = bars_kind(run_isa)
+    vllm_dtype = best_vllm_dtype(peers_isa) if args.vllm_dtype == "best" else args.vllm_dtype
+    warnings: list[str] = []
+    if warning := busy_machine_warning(info):
+        warnings.append(warning)
+    if peers_isa != (args.rillet_isa if args.rillet_isa in ISA_ENV else None):
+        warnings.append(f"rillet runs {run_isa} but vLLM is held to {peers_isa or 'its native best'}: "
+                        "the two do not stand on the same instruction set")
+    for w in warnings:
+        log(f"warning: {w}")
     model_dir, model_name = resolve_model_dir(args.model)
     notes: list[str] = []
     results: dict[str, dict] = {}
@@ -441,18 +651,25 @@ def main(argv: list[str] | None = None) -> int:
     else:
         vllm_model = args.vllm_model or model_dir
         for cores in vllm_cores:
-            name = "vllm" if cores == "auto" else f"vllm ({cores} cores)"
-            attempt(name, bench_vllm, args, vllm_python, cores, vllm_model)
+            attempt(vllm_name(cores), bench_vllm, args, vllm_python, cores, vllm_model, vllm_dtype, peers_isa)
 
-    if args.llamacpp_python is None:
-        notes.append("llama.cpp: skipped: no --llamacpp-python (a venv with llama-cpp-python[server]; "
-                     "PyPI has only its source, which builds llama.cpp)")
-    elif not python_has(args.llamacpp_python, "llama_cpp"):
-        notes.append(f"llama.cpp: skipped: {args.llamacpp_python} cannot import llama_cpp")
+    llamacpp_python = args.llamacpp_python or (DEFAULT_LLAMACPP_PYTHON if DEFAULT_LLAMACPP_PYTHON.exists() else None)
+    llamacpp_build: dict = {}
+    if args.skip_llamacpp:
+        notes.append("llama.cpp: skipped (--skip-llamacpp)")
+    elif llamacpp_python is None:
+        notes.append(f"llama.cpp: skipped: no {DEFAULT_LLAMACPP_PYTHON} and no --llamacpp-python (a venv with "
+                     "llama-cpp-python[server]; see benchmarks/README.md)")
+    elif not python_has(llamacpp_python, "llama_cpp"):
+        notes.append(f"llama.cpp: skipped: {llamacpp_python} cannot import llama_cpp")
     else:
+        llamacpp_build = llamacpp_build_info(llamacpp_python)
+        if mismatch := llamacpp_build_mismatch(llamacpp_build, run_isa):
+            warnings.append(mismatch)
+            log(f"warning: {mismatch}")
         gguf = args.llamacpp_gguf or (Path(args.model) if args.model and args.model.endswith(".gguf")
                                       else default_gguf_path())
-        attempt("llama.cpp", bench_llamacpp, args, args.llamacpp_python, gguf, model_dir)
+        attempt("llama.cpp", bench_llamacpp, args, llamacpp_python, gguf, model_dir, llamacpp_build)
 
     if args.with_seed:
         attempt("seed server", bench_seed, args)
@@ -460,53 +677,74 @@ def main(argv: list[str] | None = None) -> int:
         log(note)
 
     measured = {k: v for k, v in results.items() if "levels" in v}
-    comp = comparisons(measured, args.concurrency)
+    comp = comparisons(measured, args.concurrency, kind)
     text, markdown = render(measured, comp)
+    peers_note = (f"rillet {'forced' if args.rillet_isa else 'native'}"
+                  + (", torch/oneDNN held to it" if args.rillet_isa in ISA_ENV else "")
+                  + (f"; vLLM {peers_isa + ' stand-in' if peers_isa else 'native'} {vllm_dtype}"
+                     if any(k.startswith("vllm") for k in results) else "")
+                  + (f"; llama.cpp build {'/'.join(s for s in llamacpp_build.get('simd', []) if s.startswith('AVX'))}"
+                     if llamacpp_build.get("simd") else ""))
+    header = header_line(info, run_isa, peers_note)
     payload = {
         "benchmark": "bench_peers",
-        "description": "Streaming chat over loopback HTTP, one server at a time: rillet serve vs vLLM "
-                       "(separate venv) and optionally llama-cpp-python and the seed server; forced-length "
-                       "greedy requests through rillet.bench.loadgen.",
+        "description": "Streaming chat over loopback HTTP, one server at a time, each peer in its best configuration "
+                       "for the CPU: rillet serve vs vLLM (separate venv) and llama-cpp-python (separate venv), "
+                       "optionally the seed server; forced-length greedy requests through rillet.bench.loadgen, "
+                       "warm-up on prompts that are never measured.",
+        "header": header,
         "machine": info,
         "settings": {"concurrency": args.concurrency, "max_tokens": args.max_tokens, "rounds": args.rounds,
-                     "min_requests": args.min_requests, "dtype": args.dtype, "temperature": 0.0,
+                     "min_requests": args.min_requests, "rillet_dtype": args.dtype, "vllm_dtype": vllm_dtype,
+                     "rillet_isa": run_isa, "rillet_isa_forced": args.rillet_isa, "rillet_isa_env": isa_env(args.rillet_isa),
+                     "peers_isa": peers_isa or "native", "vllm_isa_env": vllm_standin_env(peers_isa),
+                     "bars_for": kind, "temperature": 0.0,
                      "model": args.model or f"default ({model_name})", "model_dir": str(model_dir),
-                     "vllm_cores": vllm_cores, "quick": args.quick, "prompts": list(PROMPTS)},
+                     "vllm_cores": vllm_cores, "vllm_python": str(vllm_python) if vllm_python else None,
+                     "llamacpp_python": str(llamacpp_python) if llamacpp_python else None,
+                     "llamacpp_build": llamacpp_build or None, "quick": args.quick,
+                     "prompts": list(PROMPTS), "warmup_prompts": list(WARMUP_PROMPTS)},
         "comparisons": comp,
         "results": results,
         "notes": notes,
         "wall_s": round(time.perf_counter() - started, 1),
     }
-    payload["warnings"] = [warning] if warning else []
+    payload["warnings"] = warnings
     payload["machine"]["load_average_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
     write_json(out, payload)
 
-    print(f"\nbench_peers: {info['cpu_model']} ({info['cpu_cores']} cores), {args.dtype}, levels "
-          f"{','.join(map(str, args.concurrency))}, {args.max_tokens} forced tokens, "
-          f"max({args.min_requests}, {args.rounds} x streams) requests per level\n")
+    print(f"\nbench_peers: {info['cpu_model']} ({info['cpu_cores']} cores), rillet --dtype {args.dtype}, "
+          f"vLLM --dtype {vllm_dtype}, levels {','.join(map(str, args.concurrency))}, {args.max_tokens} forced "
+          f"tokens, max({args.min_requests}, {args.rounds} x streams) requests per level\n")
     for name, res in results.items():
         if "levels" in res:
             print(f"- {name} {res.get('version') or ''}: ready after {res['startup_s']} s")
         else:
             print(f"- {name}: FAILED: {res['error'].splitlines()[0][:300]}")
+    if results.get("rillet", {}).get("engine_ready"):
+        print(f"- rillet: {results['rillet']['engine_ready'].split('engine ready: ', 1)[-1]}")
+    if llamacpp_build.get("simd"):
+        print(f"- llama.cpp build: {' '.join(llamacpp_build['simd'])}")
     for note in notes:
         print(f"- {note}")
     print()
+    print(header)
     print(text)
+    print()
+    print(render_bars(comp))
     print("\nMarkdown:\n")
+    print(header + "\n")
     print(markdown)
-    if comp["levels"]:
-        print(f"\nBars (vs the best vLLM variant per level): rillet >= {BAR_THROUGHPUT:g}x vLLM tok/s with TTFT p50 "
-              f"no worse at {', '.join(map(str, BAR_LEVELS))} streams; >= 1x at 1 stream: "
-              + ("met" if comp["meets_bars"] else "MISSED" if comp["meets_bars"] is False else "not measured"))
+    print()
+    print(render_bars(comp))
     samples = {k: v["sample"] for k, v in measured.items() if v.get("sample")}
     if samples:
         print("\nGreedy sample answers (same weights, so they should read alike):")
         for name, s in samples.items():
             print(f"- {name}: {s.get('text', s.get('error'))!r}")
     print(f"\nJSON: {out}")
-    if warning:
-        print(f"\nwarning: {warning}", file=sys.stderr)
+    for w in warnings:
+        print(f"\nwarning: {w}", file=sys.stderr)
     failed = sum(r["failed"] for v in measured.values() for r in v["levels"].values())
     broken = [k for k, v in results.items() if "error" in v]
     if failed or broken:

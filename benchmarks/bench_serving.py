@@ -9,9 +9,11 @@ One after another (never two at once), each measured with the same load generato
 3. the seed server             benchmarks/baselines/seed_server.py (FastAPI StreamingResponse over
                                TextIteratorStreamer, one generate thread per request), subprocess.
 
-Work: --concurrency streams (default 16) kept in flight until --num-requests (default: the
-same) streaming chat requests are done, each forced to --max-tokens (default 128) output
-tokens (ignore_eos, greedy). Metrics: output tokens/s, TTFT p50/p99, inter-token latency
+Work: --concurrency streams (default 16) kept in flight until --num-requests (default:
+max(concurrency, --min-requests 16)) streaming chat requests are done, each forced to
+--max-tokens (default 128) output tokens (ignore_eos, greedy). Each system first warms up on
+WARMUP_PROMPTS, none of which is measured, so TTFT is never that of a prompt the warm-up left
+in rillet's prefix cache. Metrics: output tokens/s, TTFT p50/p99, inter-token latency
 (gaps between streamed chunks) p50/p99, time per output token p50/p99.
 
 Bars (issue 3): rillet >= 15x seed output tokens/s at 16 streams; rillet TTFT p50 <= 1/4 of
@@ -19,6 +21,7 @@ the seed's; HTTP overhead (1 - rillet HTTP tok/s / in-process tok/s) <= 10%.
 
     python benchmarks/bench_serving.py             # full size
     python benchmarks/bench_serving.py --quick     # smoke: 4 streams x 16 tokens
+    python benchmarks/bench_serving.py --rillet-isa avx2   # AVX2 stand-in (torch held to AVX2 too)
 
 Writes benchmarks/results/bench_serving.json (bench_serving.quick.json with --quick) and prints
 a text table and a Markdown table for the README. Server logs go to benchmarks/results/logs/.
@@ -39,9 +42,13 @@ from benchmarks.common import (  # noqa: E402
     busy_machine_warning,
     PROMPTS,
     RESULTS_DIR,
+    WARMUP_PROMPTS,
+    add_isa_argument,
+    apply_isa,
     fmt,
     fmt_ratio,
     free_port,
+    header_line,
     log,
     machine_info,
     markdown_table,
@@ -66,7 +73,7 @@ def max_num_seqs(args: argparse.Namespace) -> int:
 def run_http(args: argparse.Namespace, url: str, label: str) -> dict:
     log(f"{label}: warm-up")
     asyncio.run(run_http_level(url, model=None, concurrency=2, num_requests=2, max_tokens=min(8, args.max_tokens),
-                               api=args.api, loadgen=args.loadgen))
+                               api=args.api, prompts=WARMUP_PROMPTS, loadgen=args.loadgen))
     log(f"{label}: {args.concurrency} streams, {args.num_requests} requests x {args.max_tokens} tokens ({args.api})")
     result = asyncio.run(run_http_level(url, model=None, concurrency=args.concurrency, num_requests=args.num_requests,
                                         max_tokens=args.max_tokens, api=args.api, ignore_eos=True, prompts=PROMPTS,
@@ -115,7 +122,7 @@ def bench_rillet_inprocess(args: argparse.Namespace) -> dict:
         engine = await start_rillet_engine(args.model, args.dtype, max_num_seqs(args))
         try:
             await run_rillet_level(engine, concurrency=2, num_requests=2, max_tokens=min(8, args.max_tokens),
-                                   tag="warmup")
+                                   prompts=WARMUP_PROMPTS, tag="warmup")
             log(f"rillet in-process: {args.concurrency} streams, {args.num_requests} requests x {args.max_tokens} tokens")
             return await run_rillet_level(engine, concurrency=args.concurrency, num_requests=args.num_requests,
                                           max_tokens=args.max_tokens, prompts=PROMPTS)
@@ -189,7 +196,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default=None, help="Hugging Face directory or .gguf (default: SmolLM2-135M-Instruct)")
     parser.add_argument("--dtype", default="bfloat16", choices=("auto", "float32", "bfloat16", "float16"))
     parser.add_argument("--concurrency", type=int, default=None, help="streams in flight (default 16)")
-    parser.add_argument("--num-requests", type=int, default=None, help="requests per system (default: --concurrency)")
+    parser.add_argument("--num-requests", type=int, default=None,
+                        help="requests per system (default: max(--concurrency, --min-requests))")
+    parser.add_argument("--min-requests", type=int, default=None,
+                        help="fewest requests measured per system (default 16; --quick: --concurrency)")
     parser.add_argument("--max-tokens", type=int, default=None, help="forced output tokens per request (default 128)")
     parser.add_argument("--api", default="openai", choices=("openai", "ollama"),
                         help="openai: /v1/chat/completions SSE; ollama: /api/chat NDJSON")
@@ -202,18 +212,22 @@ def main(argv: list[str] | None = None) -> int:
                         help="extra argument for `rillet serve` (repeatable), e.g. --rillet-arg=--num-threads=2")
     parser.add_argument("--start-timeout", type=float, default=600.0, help="seconds a server may take to start")
     parser.add_argument("--quick", action="store_true", help="smoke run: 4 streams x 16 tokens")
+    add_isa_argument(parser)
     parser.add_argument("--out", type=Path, default=None,
                         help="JSON path (default benchmarks/results/bench_serving.json)")
     args = parser.parse_args(argv)
 
     args.concurrency = args.concurrency or (4 if args.quick else 16)
-    args.num_requests = args.num_requests or args.concurrency
+    args.min_requests = args.min_requests or (args.concurrency if args.quick else 16)
+    args.num_requests = args.num_requests or max(args.concurrency, args.min_requests)
+    isa_env = apply_isa(args.rillet_isa)
     args.max_tokens = args.max_tokens or (16 if args.quick else 128)
     args.log_dir = RESULTS_DIR / "logs"
     args.log_dir.mkdir(parents=True, exist_ok=True)
     out = args.out or RESULTS_DIR / ("bench_serving.quick.json" if args.quick else "bench_serving.json")
 
-    info = machine_info(args.dtype)
+    info = machine_info(args.dtype, args.rillet_isa)
+    header = header_line(info)
     warning = busy_machine_warning(info)
     if warning:
         log(f"warning: {warning}")
@@ -236,7 +250,10 @@ def main(argv: list[str] | None = None) -> int:
         "settings": {"concurrency": args.concurrency, "num_requests": args.num_requests,
                      "max_tokens": args.max_tokens, "api": args.api, "ignore_eos": True, "temperature": 0.0,
                      "dtype": args.dtype, "model": args.model or "default (SmolLM2-135M-Instruct)",
-                     "loadgen": args.loadgen, "quick": args.quick, "prompts": list(PROMPTS)},
+                     "loadgen": args.loadgen, "quick": args.quick, "prompts": list(PROMPTS),
+                     "warmup_prompts": list(WARMUP_PROMPTS), "min_requests": args.min_requests,
+                     "rillet_isa": args.rillet_isa, "isa_env": isa_env},
+        "header": header,
         "comparisons": comp,
         "results": results,
         "wall_s": round(time.perf_counter() - started, 1),
@@ -247,10 +264,12 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"\nbench_serving: {info['cpu_model']} ({info['cpu_cores']} cores), torch {info['torch']}, {args.dtype}, "
           f"{args.concurrency} streams, {args.num_requests} requests x {args.max_tokens} forced tokens, {args.api} API\n")
+    print(header)
     print(text)
     print()
     print(render_comparisons(comp))
     print("\nMarkdown:\n")
+    print(header + "\n")
     print(markdown)
     print()
     print(render_comparisons(comp))

@@ -52,6 +52,20 @@ PROMPTS: tuple[str, ...] = (
     "Explain why the sky is blue in a few paragraphs.",
 )
 
+# Warm-up prompts: none of them is, or starts like, a measured prompt (PROMPTS above, or
+# rillet.bench.loadgen's defaults), so a warm-up leaves no prompt prefix in a server's prefix
+# cache that the measured requests could reuse (beyond the chat template's shared system part,
+# which every real request shares too): TTFT measures a cold prompt (issue 14 item 3).
+WARMUP_PROMPTS: tuple[str, ...] = (
+    "Name three rivers in South America and one fact about each.",
+    "How do bees make honey? Answer in two sentences.",
+    "Translate 'good morning, how are you?' into French and Spanish.",
+    "What is the difference between weather and climate?",
+)
+
+
+assert not {w[:16] for w in WARMUP_PROMPTS} & {m[:16] for m in PROMPTS}, "warm-up prompts must not prefix measured ones"
+
 
 def chat_messages(prompt: str | list[dict]) -> list[dict]:
     if isinstance(prompt, str):
@@ -63,6 +77,11 @@ def prompt_cycle(n: int, prompts: Sequence[str | list[dict]] | None = None) -> l
     """n chat message lists, cycling through the prompts."""
     source = list(prompts or PROMPTS)
     return [chat_messages(source[i % len(source)]) for i in range(n)]
+
+
+def warmup_cycle(n: int) -> list[list[dict]]:
+    """n chat message lists from WARMUP_PROMPTS, never a measured prompt."""
+    return prompt_cycle(n, WARMUP_PROMPTS)
 
 
 # ----------------------------------------------------------------------------- model
@@ -217,16 +236,103 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def machine_info(dtype: str | None = None) -> dict:
+# The instruction-set flags that decide which kernels a CPU runs (rillet's, torch's, oneDNN's, ggml's).
+X86_ISA_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_bf16")
+ARM_ISA_FLAGS = ("asimd", "asimddp", "bf16", "i8mm", "sve")
+# --rillet-isa / --peers-isa stand-ins: the environment that also keeps torch (ATen's kernel dispatch)
+# and oneDNN (its JIT) at that level, so an AVX-512 machine runs like one without AVX-512.
+ISA_ENV = {
+    "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"},
+    "generic": {"ATEN_CPU_CAPABILITY": "default", "ONEDNN_MAX_CPU_ISA": "SSE41"},
+}
+
+
+def cpu_flags() -> frozenset[str]:
+    try:
+        from rillet.models.cpu_isa import cpu_flags as rillet_cpu_flags
+    except ImportError:
+        rillet_cpu_flags = None
+    if rillet_cpu_flags is not None:
+        return rillet_cpu_flags()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() in ("flags", "Features"):
+                return frozenset(value.split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def isa_flags() -> dict[str, bool]:
+    """The flags that matter on this CPU's architecture, present or not."""
+    arch = platform.machine().lower()
+    names = ARM_ISA_FLAGS if arch in ("aarch64", "arm64") else X86_ISA_FLAGS
+    flags = cpu_flags()
+    return {name: name in flags for name in names}
+
+
+def has_native_bf16() -> bool:
+    try:
+        from rillet.models.cpu_isa import has_native_bf16 as rillet_has_native_bf16
+    except ImportError:
+        return cpu_supports_bf16()
+    return rillet_has_native_bf16()
+
+
+def rillet_isa(forced: str | None = None) -> dict:
+    """Which CPU kernel variant rillet runs: `forced` (a --rillet-isa), else RILLET_CPU_ISA, else the best."""
+    forced = forced or os.environ.get("RILLET_CPU_ISA") or None
+    try:
+        from rillet.models import cpu_isa
+    except ImportError:
+        return {"selected": forced, "forced": forced, "supported": None}
+    try:
+        if forced:
+            lacking = cpu_isa.missing(forced)
+            selected = None if lacking else forced
+            error = f"this CPU lacks {' '.join(lacking)}" if lacking else None
+        else:
+            selected, error = cpu_isa.selected(), None
+    except ValueError as exc:
+        selected, error = None, str(exc)
+    out = {"selected": selected, "forced": forced, "supported": cpu_isa.supported_isas()}
+    if error:
+        out["error"] = error
+    return out
+
+
+def git_commit() -> tuple[str | None, bool | None]:
+    """(short commit, whether the tree differs from it: tracked changes or untracked, not ignored, files)."""
+    def git(*cmd: str) -> str | None:
+        try:
+            done = subprocess.run(["git", *cmd], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout if done.returncode == 0 else None
+
+    commit = (git("rev-parse", "--short", "HEAD") or "").strip() or None
+    status = git("status", "--porcelain")
+    return commit, (None if status is None else bool(status.strip()))
+
+
+def machine_info(dtype: str | None = None, isa: str | None = None) -> dict:
+    """Where and on what a result was measured. `isa`: the kernel variant the run forces on rillet."""
     import torch
     import transformers
 
+    commit, dirty = git_commit()
     info = {
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "cpu_model": cpu_model(),
+        "cpu_arch": platform.machine(),
         "cpu_cores": os.cpu_count(),
         "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "bf16_cpu": cpu_supports_bf16(),
+        "cpu_isa_flags": isa_flags(),
+        "bf16_cpu": has_native_bf16(),
+        "rillet_cpu_isa": rillet_isa(isa),
+        "isa_env": {k: os.environ[k] for k in ("RILLET_CPU_ISA", "ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")
+                    if k in os.environ},
         "torch_threads": torch.get_num_threads(),
         "platform": platform.platform(),
         "python": platform.python_version(),
@@ -234,13 +340,47 @@ def machine_info(dtype: str | None = None) -> dict:
         "transformers": transformers.__version__,
         "dtype": dtype,
         "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        "git_commit": None if commit is None else commit + ("+dirty" if dirty else ""),
+        "git_dirty": dirty,
     }
-    try:
-        info["git_commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT,
-                                            capture_output=True, text=True, timeout=5).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        info["git_commit"] = None
     return info
+
+
+def isa_env(isa: str | None) -> dict[str, str]:
+    """Environment that runs rillet's `isa` kernels and holds torch and oneDNN to the same level."""
+    if not isa:
+        return {}
+    return {"RILLET_CPU_ISA": isa, **ISA_ENV.get(isa, {})}
+
+
+def add_isa_argument(parser: Any) -> None:
+    parser.add_argument("--rillet-isa", default=None, choices=("avx512", "avx2", "neon", "generic"),
+                        help="run rillet's CPU kernels of this variant (RILLET_CPU_ISA); avx2 also sets "
+                             "ATEN_CPU_CAPABILITY=avx2 and ONEDNN_MAX_CPU_ISA=AVX2 so torch's own ops stay "
+                             "on AVX2 too: an AVX-512 machine standing in for an AVX2-only one "
+                             "(default: the best variant this CPU runs)")
+
+
+def apply_isa(isa: str | None) -> dict[str, str]:
+    """Set isa_env(isa) in this process's environment (before torch is imported: ATen reads
+    ATEN_CPU_CAPABILITY once); the engine process and servers started from here inherit it."""
+    env = isa_env(isa)
+    if env and "torch" in sys.modules:
+        log("warning: torch was imported before --rillet-isa took effect; its own kernels may not follow it")
+    os.environ.update(env)
+    return env
+
+
+def header_line(info: dict, isa: str | None = None, note: str | None = None) -> str:
+    """The line every table begins with: the CPU, the ISA the run used, the commit."""
+    flags = [name for name, present in (info.get("cpu_isa_flags") or {}).items() if present]
+    rillet = info.get("rillet_cpu_isa") or {}
+    used = isa or rillet.get("selected") or "?"
+    how = note or ("forced" + (", torch/oneDNN held to it" if used in ISA_ENV else "") if rillet.get("forced")
+                   else "native")
+    return (f"CPU: {info.get('cpu_model')} ({info.get('cpu_cores')} cores, {info.get('cpu_arch')}: "
+            f"{' '.join(flags) or 'no SIMD flags found'}); ISA: {used} ({how}); "
+            f"commit {info.get('git_commit') or 'unknown'}")
 
 
 def busy_machine_warning(info: dict) -> str | None:
