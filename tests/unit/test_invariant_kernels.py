@@ -6,15 +6,30 @@ different order of additions in the last bit, so the linear layers are probed wi
 import pytest
 import torch
 
-from rillet.models.cpu_linear import PackedLinear, order_sensitive_rows, packing_supported
+from rillet.models import cpu_kernels
+from rillet.models.cpu_linear import KernelLinear, PackedLinear, onednn_packing_supported, order_sensitive_rows
 from rillet.models.llama import PV_CHUNK, attend
 
 DEFAULT_MODEL_SHAPES = [(1728, 576), (576, 576), (3072, 576), (576, 1536), (49152, 576)]  # SmolLM2-135M
 
-pytestmark = pytest.mark.skipif(not packing_supported(torch.bfloat16, torch.device("cpu")),
-                                reason="oneDNN bf16 packing unavailable in this torch build")
+needs_onednn = pytest.mark.skipif(not onednn_packing_supported(torch.bfloat16, torch.device("cpu")),
+                                  reason="oneDNN bf16 packing unavailable in this torch build")
 
 
+@pytest.fixture(scope="module", params=cpu_kernels.available_isas())
+def kernels(request):
+    """Every kernel variant this CPU runs (e.g. avx512, avx2 and generic on an AVX-512 machine)."""
+    if cpu_kernels.disabled():
+        pytest.skip("RILLET_CPU_KERNELS=0")
+    if cpu_kernels._compiler() is None:
+        pytest.skip("no C compiler: rillet's CPU kernels cannot be built here")
+    built = cpu_kernels.load(request.param)
+    if built is None:
+        pytest.fail(f"the {request.param} CPU kernels did not build; see the warning logged")
+    return built
+
+
+@needs_onednn
 @pytest.mark.parametrize("out_features,in_features", DEFAULT_MODEL_SHAPES)
 def test_packed_linear_row_does_not_depend_on_row_count(out_features, in_features):
     linear = PackedLinear(torch.ones(out_features, in_features, dtype=torch.bfloat16), None, batch_hint=32)
@@ -34,6 +49,7 @@ def _bias(contexts: list[int], width: int, queries: int, group: int, num_kv_head
     return bias.repeat(num_kv_heads, 1, 1)
 
 
+@needs_onednn
 @pytest.mark.parametrize("queries", [1, 5, 40])
 @pytest.mark.parametrize("context", [48, 200, 496, 700, 1100])
 def test_attention_row_does_not_depend_on_batch_mates_or_padding(queries, context):
@@ -51,15 +67,6 @@ def test_attention_row_does_not_depend_on_batch_mates_or_padding(queries, contex
                    _bias([context], own, queries, group, nkv), 0.125)
     assert (width > PV_CHUNK) or (own <= PV_CHUNK)
     assert torch.equal(together[:, 0], alone)
-
-
-@pytest.fixture(scope="module")
-def paged_kernel():
-    from rillet.models import cpu_kernels
-
-    if not cpu_kernels.supports(9, 3, 64, torch.bfloat16, torch.device("cpu")):
-        pytest.fail("the CPU kernels did not build (needs a C compiler); see the warning logged")
-    return cpu_kernels.paged_decode_attention
 
 
 def _paged_case(contexts, nkv=3, group=3, d=64, block_size=16, seed=0):
@@ -80,11 +87,13 @@ def _paged_case(contexts, nkv=3, group=3, d=64, block_size=16, seed=0):
     return q, k_cache, v_cache, block_tables, tables
 
 
-def test_paged_decode_kernel_matches_float32_attention(paged_kernel):
-    contexts, block_size, nkv, group, d = [1, 17, 300, 1100], 16, 3, 3, 64
-    q, k_cache, v_cache, block_tables, tables = _paged_case(contexts)
-    out = paged_kernel(q, k_cache, v_cache, block_tables, torch.tensor(contexts, dtype=torch.int32),
-                       block_size, d ** -0.5)
+@pytest.mark.parametrize("nkv,group,d", [(3, 3, 64), (2, 1, 64), (1, 4, 64), (2, 2, 128), (1, 3, 128), (2, 7, 128),
+                                          (2, 2, 72), (1, 2, 8), (1, 5, 256)])
+def test_paged_decode_kernel_matches_float32_attention(kernels, nkv, group, d):
+    contexts, block_size = [1, 17, 300, 1100], 16
+    q, k_cache, v_cache, block_tables, tables = _paged_case(contexts, nkv=nkv, group=group, d=d)
+    out = kernels.paged_decode_attention(q, k_cache, v_cache, block_tables, torch.tensor(contexts, dtype=torch.int32),
+                                         block_size, d ** -0.5)
     for b, (c, table) in enumerate(zip(contexts, tables)):
         slots = torch.tensor([blk * block_size + i for blk in table for i in range(block_size)][:c])
         k, v = k_cache[:, slots].float(), v_cache[:, slots].float()  # [nkv, c, d]
@@ -93,19 +102,21 @@ def test_paged_decode_kernel_matches_float32_attention(paged_kernel):
         torch.testing.assert_close(out[b].float().view(nkv, group, d), expected, atol=2e-2, rtol=2e-2)
 
 
-def test_paged_decode_kernel_row_does_not_depend_on_batch_mates(paged_kernel):
+@pytest.mark.parametrize("nkv,group,d", [(3, 3, 64), (2, 2, 128), (2, 3, 72)])
+def test_paged_decode_kernel_row_does_not_depend_on_batch_mates(kernels, nkv, group, d):
     contexts = [300, 5, 1100, 64, 513]
-    q, k_cache, v_cache, block_tables, _ = _paged_case(contexts, seed=1)
-    together = paged_kernel(q, k_cache, v_cache, block_tables, torch.tensor(contexts, dtype=torch.int32), 16, 0.125)
+    q, k_cache, v_cache, block_tables, _ = _paged_case(contexts, nkv=nkv, group=group, d=d, seed=1)
+    together = kernels.paged_decode_attention(q, k_cache, v_cache, block_tables,
+                                              torch.tensor(contexts, dtype=torch.int32), 16, 0.125)
     for b, c in enumerate(contexts):
-        alone = paged_kernel(q[b:b + 1], k_cache, v_cache, block_tables[b:b + 1, :-(-c // 16)].contiguous(),
-                             torch.tensor([c], dtype=torch.int32), 16, 0.125)
+        alone = kernels.paged_decode_attention(q[b:b + 1], k_cache, v_cache,
+                                               block_tables[b:b + 1, :-(-c // 16)].contiguous(),
+                                               torch.tensor([c], dtype=torch.int32), 16, 0.125)
         assert torch.equal(alone[0], together[b])
 
 
-def test_fused_add_rms_norm_matches_torch_and_each_row_stands_alone(paged_kernel):
-    from rillet.models.cpu_kernels import add_rms_norm
-
+def test_fused_add_rms_norm_matches_torch_and_each_row_stands_alone(kernels):
+    add_rms_norm = kernels.add_rms_norm
     generator = torch.Generator().manual_seed(3)
     residual = torch.randn(100, 576, generator=generator).bfloat16()
     x = torch.randn(100, 576, generator=generator).bfloat16()
@@ -123,13 +134,8 @@ def test_fused_add_rms_norm_matches_torch_and_each_row_stands_alone(paged_kernel
 
 
 @pytest.fixture(scope="module")
-def kernel_linear():
-    from rillet.models import cpu_kernels
-    from rillet.models.cpu_linear import KernelLinear
-
-    if not cpu_kernels.linear_supported(torch.bfloat16, torch.device("cpu")):
-        pytest.fail("rillet's bf16 linear kernel is unavailable here (needs a C compiler and AVX512-BF16)")
-    return KernelLinear
+def kernel_linear(kernels):
+    return lambda weight, bias: KernelLinear(weight, bias, kernels)
 
 
 # The default model's shapes, plus an odd input width, a partial tile of outputs and a bias.
@@ -164,3 +170,46 @@ def test_kernel_linear_reads_strided_rows(kernel_linear):
     wide = torch.randn(10, 96, generator=generator).bfloat16()
     linear = kernel_linear(weight, None)
     assert torch.equal(linear(wide[:, 32:64]), linear(wide[:, 32:64].contiguous()))
+
+
+def test_float32_paths_agree_bit_for_bit_and_bf16_dot_products_closely(kernels):
+    """AVX2, NEON and plain C round the same products in the same order (bf16 x bf16 is exact in
+    float32, so FMA or not makes no difference): their results are identical. AVX512-BF16's dot
+    product rounds differently, within a bf16 step."""
+    generator = torch.Generator().manual_seed(11)
+    weight = torch.randn(200, 333, generator=generator).bfloat16()
+    bias = torch.randn(200, generator=generator).bfloat16()
+    x = torch.randn(9, 333, generator=generator).bfloat16()
+    out = KernelLinear(weight, bias, kernels)(x)
+    generic = KernelLinear(weight, bias, cpu_kernels.load("generic"))(x)
+    if kernels.features["bf16_dot"]:
+        torch.testing.assert_close(out.float(), generic.float(), atol=1e-2, rtol=8e-3)
+    else:
+        assert torch.equal(out, generic)
+
+
+@pytest.mark.parametrize("fmt", ["q8", "q4"])
+def test_quantized_kernel_linear_matches_dequantized_matmul(kernels, fmt):
+    from rillet.models.quantize import QBLOCK, QuantizedWeight
+
+    if fmt not in kernels.formats:
+        pytest.skip(f"{fmt} is not built into these kernels (kernels/linear_quant.c absent)")
+    generator = torch.Generator().manual_seed(7)
+    n, k = 96, 4 * QBLOCK
+    if fmt == "q8":
+        values = torch.randint(-127, 128, (n, k), generator=generator, dtype=torch.int8)
+        mins = None
+    else:
+        values = torch.randint(0, 16, (n, k), generator=generator, dtype=torch.uint8)
+        mins = -8 * torch.rand(n, k // QBLOCK, generator=generator) / 100
+    weight = QuantizedWeight(fmt, values, torch.rand(n, k // QBLOCK, generator=generator) / 100, mins)
+    bias = torch.randn(n, generator=generator).bfloat16()
+    x = torch.randn(5, k, generator=generator).bfloat16()
+    linear = KernelLinear.from_quantized(weight, bias, kernels)
+    expected = x.float() @ weight.dequantize().T + bias.float()
+    out = linear(x)
+    assert out.shape == (5, n) and out.dtype == torch.bfloat16
+    # activations are quantized to int8 per block: ~1% of the row's scale
+    torch.testing.assert_close(out.float(), expected, atol=0.05 * expected.abs().max().item(), rtol=0.02)
+    for rows in (1, 2, 3):
+        assert torch.equal(linear(x[:rows]), out[:rows])

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from rillet.models.cpu_linear import EXACT_ROWS, PackedLinear, bucket_rows, packing_supported
+from rillet.models.cpu_linear import EXACT_ROWS, PackedLinear, bucket_rows, onednn_packing_supported
 
 
 def test_decode_sizes_stay_exact_and_larger_ones_pad_by_at_most_an_eighth():
@@ -20,7 +20,7 @@ def test_a_512_token_budget_needs_few_shapes():
 
 
 def test_padded_rows_do_not_change_the_real_rows():
-    if not packing_supported(torch.bfloat16, torch.device("cpu")):
+    if not onednn_packing_supported(torch.bfloat16, torch.device("cpu")):
         pytest.skip("this CPU build has no oneDNN packing: the model uses plain nn.Linear there")
     torch.manual_seed(0)
     weight, bias = torch.randn(96, 64, dtype=torch.bfloat16), torch.randn(96, dtype=torch.bfloat16)

@@ -52,12 +52,9 @@ class EngineStats:
 
 
 def cpu_has_native_bf16() -> bool:
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    from rillet.models.cpu_isa import has_native_bf16
+
+    return has_native_bf16()
 
 
 def resolve_device(name: str) -> torch.device:

@@ -35,13 +35,26 @@ class ModelRunner:
         self.paged_decode_kernel = cpu_kernels.supports(model.num_heads, model.num_kv_heads, model.head_dim,
                                                         dtype, device)
         if self.paged_decode_kernel:
-            model.use_cpu_kernels()
+            model.use_cpu_kernels(cpu_kernels.load())
         self.kv_caches = [(torch.zeros(shape, dtype=dtype, device=device),
                            torch.zeros(shape, dtype=dtype, device=device)) for _ in model.layers]
         # Decode rows through every layer in one C call where the model allows (models/cpu_decode.py).
         self.decode_forward = None
         if self.paged_decode_kernel and cpu_decode.supported(model):
             self.decode_forward = cpu_decode.DecodeForward(model, self.kv_caches, block_size)
+        if device.type == "cpu":
+            logger.info("%s", self.describe_kernels())
+
+    def describe_kernels(self) -> str:
+        """E.g. 'CPU kernels: avx2 (avx2 fma f16c), weights bf16, decode step in C'."""
+        if not self.paged_decode_kernel:
+            why = "disabled or not built" if self.dtype == torch.bfloat16 else str(self.dtype).removeprefix("torch.")
+            return f"CPU kernels: off ({why}), torch path"
+        kernels = cpu_kernels.load()
+        flags = " ".join(flag.removeprefix("-m") for flag in kernels.flags if flag.startswith("-m"))
+        formats = sorted({getattr(m, "format", None) for m in self.model.modules()} - {None}) or ["torch"]
+        step = "decode step in C" if self.decode_forward is not None else "decode attention in C"
+        return f"CPU kernels: {kernels.isa} ({flags or 'no ISA flags'}), weights {'/'.join(formats)}, {step}"
 
     @staticmethod
     def _padded_tables(block_tables: list[list[int]], num_blocks: int) -> list[int]:

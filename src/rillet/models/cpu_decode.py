@@ -1,7 +1,8 @@
 """The decode rows of a step, all layers in one call to rillet's C kernel (kernels/decode_forward.c).
 
-Used for bf16 on a CPU with AVX512-BF16, once every projection runs on rillet's linear kernel.
-Prompt rows keep the torch path in models/llama.py. The structures below mirror the C ones.
+Used for bf16 activations wherever rillet's kernels built (any instruction set), once every
+projection runs on rillet's linear kernel (any weight format). Prompt rows keep the torch path in
+models/llama.py. The structures below mirror the C ones.
 """
 
 from __future__ import annotations
@@ -15,10 +16,12 @@ from rillet.models.cpu_linear import KernelLinear
 from rillet.models.llama import CausalLM
 
 
+LINEARS = ("qkv", "o", "gate_up", "down")
+
+
 class _Layer(ctypes.Structure):
     _fields_ = [(name, ctypes.c_void_p) for name in (
-        "input_norm", "post_attention_norm", "qkv", "qkv_bias", "o", "gate_up", "down", "q_norm", "k_norm",
-        "k_cache", "v_cache")]
+        "input_norm", "post_attention_norm", *LINEARS, "q_norm", "k_norm", "k_cache", "v_cache")]
 
 
 class _Model(ctypes.Structure):
@@ -34,20 +37,21 @@ def _ptr(tensor: torch.Tensor | None) -> int | None:
     return None if tensor is None else tensor.data_ptr()
 
 
+def _linears(layer) -> tuple:
+    attn, mlp = layer.self_attn, layer.mlp
+    return attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj
+
+
 def supported(model: CausalLM) -> bool:
-    """Whether this model, as loaded and packed, can decode through the C forward."""
-    if not cpu_kernels.linear_supported(torch.bfloat16, torch.device("cpu")):
+    """Whether this model, as loaded and packed, can decode through the C forward: the kernels
+    built, bf16 activations, and every projection a KernelLinear of the selected kernels."""
+    kernels = cpu_kernels.load()
+    if kernels is None or model.embed_tokens.weight.dtype != torch.bfloat16:
         return False
-    if model.embed_tokens.weight.dtype != torch.bfloat16 or model.head_dim > 512:
+    if not kernels.supports_attention(model.num_heads, model.num_kv_heads, model.head_dim):
         return False
-    for layer in model.layers:
-        attn, mlp = layer.self_attn, layer.mlp
-        linears = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
-        if not all(isinstance(linear, KernelLinear) for linear in linears):
-            return False
-        if any(linear.bias is not None for linear in linears[1:]):
-            return False
-    return True
+    return all(isinstance(linear, KernelLinear) and linear.kernels is kernels
+               for layer in model.layers for linear in _linears(layer))
 
 
 class DecodeForward:
@@ -55,14 +59,15 @@ class DecodeForward:
 
     def __init__(self, model: CausalLM, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], block_size: int):
         config = model.config
-        self._keep = []  # tensors the C structure points into
+        self._keep = []  # what the C structure points into
         layers = (_Layer * len(model.layers))()
         for entry, layer, (k_cache, v_cache) in zip(layers, model.layers, kv_caches):
-            attn, mlp = layer.self_attn, layer.mlp
+            attn = layer.self_attn
+            for name, linear in zip(LINEARS, _linears(layer)):
+                self._keep.append(linear)  # owns its packed weight, bias and rillet_weight
+                setattr(entry, name, ctypes.addressof(linear.weight_struct))
             tensors = dict(
                 input_norm=layer.input_layernorm.weight, post_attention_norm=layer.post_attention_layernorm.weight,
-                qkv=attn.qkv_proj.packed, qkv_bias=attn.qkv_proj.bias, o=attn.o_proj.packed,
-                gate_up=mlp.gate_up_proj.packed, down=mlp.down_proj.packed,
                 q_norm=attn.q_norm.weight if attn.q_norm is not None else None,
                 k_norm=attn.k_norm.weight if attn.k_norm is not None else None,
                 k_cache=k_cache, v_cache=v_cache,
@@ -86,7 +91,7 @@ class DecodeForward:
             final_norm=_ptr(model.norm.weight.detach()), cos=_ptr(cos), sin=_ptr(sin),
             layers=ctypes.cast(layers, ctypes.c_void_p),
         )
-        self._fn = cpu_kernels.load().rillet_decode_forward_bf16
+        self._fn = _linears(model.layers[0])[0].kernels.lib.rillet_decode_forward
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
                  block_tables: torch.Tensor, context_lens: torch.Tensor) -> torch.Tensor:

@@ -1,8 +1,9 @@
-"""Pre-packed linear layers for bfloat16/float16 on the CPU.
+"""Pre-packed linear layers for bfloat16/float16 (and quantized weights) on the CPU.
 
-In bfloat16, where the CPU has AVX512-BF16, the projections run on rillet's own kernel
-(`KernelLinear`, kernels/linear_bf16.c): faster than oneDNN at every batch size measured here,
-and its result for a row never depends on the other rows. Elsewhere they run on oneDNN
+In bfloat16, wherever rillet's C kernels built (any instruction set), the projections run on
+rillet's own kernel (`KernelLinear`, kernels/linear.c): faster than oneDNN at every batch size
+measured here, and its result for a row never depends on the other rows. Quantized weights
+(q8/q4, models/quantize.py) run there too. float16, or no kernels, runs on oneDNN
 (`PackedLinear`), for the reason below.
 
 PyTorch's default CPU path for a low-precision `F.linear` re-orders the weight into oneDNN's
@@ -17,6 +18,7 @@ import torch
 from torch import nn
 
 from rillet.models import cpu_kernels
+from rillet.models.quantize import QuantizedWeight
 
 # ideep's primitive-cache bound (LRU_CACHE_CAPACITY) is set in rillet/__init__.py: it is read
 # when torch loads, before this module runs.
@@ -44,6 +46,11 @@ _packing_probes: dict[torch.dtype, bool] = {}
 
 
 def packing_supported(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether linears of this dtype get pre-packed here: rillet's kernel or oneDNN's."""
+    return cpu_kernels.linear_supported(dtype, device) or onednn_packing_supported(dtype, device)
+
+
+def onednn_packing_supported(dtype: torch.dtype, device: torch.device) -> bool:
     """Whether oneDNN can pre-pack linears of this dtype here. Probed once per dtype: float16
     packing needs AVX512-FP16 or AVX-NE-CONVERT, which many CPUs lack (plain nn.Linear then)."""
     if not (device.type == "cpu" and dtype in (torch.bfloat16, torch.float16)
@@ -112,21 +119,46 @@ class PackedLinear(nn.Module):
 
 
 class KernelLinear(nn.Module):
-    """A bf16 linear on rillet's C kernel, its weight packed once (models/cpu_kernels.py)."""
+    """A linear on rillet's C kernel, its weight packed once: bf16 (from a bf16 or float weight)
+    or a QuantizedWeight. `weight_struct` (a rillet_weight pointing into `packed` and `bias`) is
+    what models/cpu_decode.py hands to the C decode step."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+    def __init__(self, weight: torch.Tensor | QuantizedWeight, bias: torch.Tensor | None,
+                 kernels: cpu_kernels.Kernels | None = None):
         super().__init__()
-        self.in_features = weight.shape[1]
-        self.out_features = weight.shape[0]
-        self.packed = cpu_kernels.pack_linear_weight(weight.to(torch.bfloat16))
+        kernels = kernels or cpu_kernels.load()
+        if kernels is None:
+            raise RuntimeError("rillet's CPU kernels are unavailable here (see cpu_kernels.linear_supported)")
+        self.kernels = kernels
+        self.out_features, self.in_features = weight.shape
+        if isinstance(weight, QuantizedWeight):
+            self.format = weight.format
+            self.packed = kernels.pack(weight.format, weight.values, weight.scales, weight.mins)
+        else:
+            self.format = "bf16"
+            self.packed = kernels.pack("bf16", weight)
         self.bias = None if bias is None else bias.detach().to(torch.bfloat16).contiguous()
+        self.weight_struct = cpu_kernels.RilletWeight(
+            format=cpu_kernels.FORMATS[self.format], n=self.out_features, k=self.in_features,
+            packed=self.packed.data_ptr(), bias=None if self.bias is None else self.bias.data_ptr())
+
+    @classmethod
+    def from_quantized(cls, weight: QuantizedWeight, bias: torch.Tensor | None,
+                       kernels: cpu_kernels.Kernels | None = None) -> "KernelLinear":
+        return cls(weight, bias, kernels)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features}, {self.out_features}, format={self.format}, isa={self.kernels.isa}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return cpu_kernels.linear(x, self.packed, self.bias, self.out_features)
+        if x.dim() == 2:
+            return self.kernels.linear(self.weight_struct, x)
+        return self.kernels.linear(self.weight_struct, x.reshape(-1, x.shape[-1])).view(*x.shape[:-1], -1)
 
 
 def packed_linear(weight: torch.Tensor, bias: torch.Tensor | None, batch_hint: int) -> nn.Module:
-    """The fastest pre-packed linear for this weight here: rillet's kernel or oneDNN's."""
+    """The fastest pre-packed linear for this weight here: rillet's kernel (bf16, any ISA where
+    the kernels built) or oneDNN's (float16, or no kernels)."""
     if cpu_kernels.linear_supported(weight.dtype, weight.device):
         return KernelLinear(weight, bias)
     return PackedLinear(weight, bias, batch_hint)

@@ -14,7 +14,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rillet.models.cpu_kernels import add_rms_norm, paged_decode_attention
 
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
@@ -84,6 +83,7 @@ class Attention(nn.Module):
         else:
             self.q_norm = self.k_norm = None
         self.scale = self.head_dim ** -0.5
+        self.kernels = None  # rillet's CPU kernels (cpu_kernels.Kernels), set by CausalLM.use_cpu_kernels
 
     def forward(self, x, cos, sin, k_cache, v_cache, meta: AttentionMetadata):
         T = x.shape[0]
@@ -116,8 +116,9 @@ class Attention(nn.Module):
         nh, nkv, d = self.num_heads, self.num_kv_heads, self.head_dim
         B, L = group.num_seqs, group.query_len
         if group.block_tables is not None:
-            return paged_decode_attention(q[group.first_row:group.first_row + B], k_cache, v_cache,
-                                          group.block_tables, group.context_lens, block_size, self.scale)
+            return self.kernels.paged_decode_attention(q[group.first_row:group.first_row + B], k_cache, v_cache,
+                                                       group.block_tables, group.context_lens, block_size,
+                                                       self.scale)
         if group.query_rows is None:
             qg = q[group.first_row:group.first_row + B * L]
         else:
@@ -178,14 +179,14 @@ class DecoderLayer(nn.Module):
         self.self_attn = Attention(config, family)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
-        self.fused_add_norm = False  # set by CausalLM.use_cpu_kernels
+        self.kernels = None  # fuses each residual add with its norm where set (CausalLM.use_cpu_kernels)
 
     def add_norm(self, x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm):
         """(norm(residual + x), residual + x); the first layer's residual is its input."""
         if residual is None:
             return norm(x), x
-        if self.fused_add_norm:
-            return add_rms_norm(residual, x, norm.weight, norm.eps), residual  # residual updated in place
+        if self.kernels is not None:
+            return self.kernels.add_rms_norm(residual, x, norm.weight, norm.eps), residual  # residual updated in place
         residual = residual + x
         return norm(residual), residual
 
@@ -249,10 +250,11 @@ class CausalLM(nn.Module):
             return self.lm_head(hidden).float()
         return F.linear(hidden, self.embed_tokens.weight).float()
 
-    def use_cpu_kernels(self) -> None:
-        """Fuse each residual add with the RMSNorm after it (bf16 on the CPU, kernels built)."""
+    def use_cpu_kernels(self, kernels) -> None:
+        """Decode attention and the residual add + RMSNorm on rillet's C kernels (a
+        cpu_kernels.Kernels; bf16 on the CPU)."""
         for layer in self.layers:
-            layer.fused_add_norm = True
+            layer.kernels = layer.self_attn.kernels = kernels
 
     def pack_for_cpu(self, batch_hint: int) -> None:
         """Pre-pack every projection (and the tied output head); see cpu_linear."""

@@ -6,7 +6,9 @@
    inside one OpenMP parallel region, with a barrier between dependent stages (the implicit one
    at the end of each stage's `omp for`).
 
-   The arithmetic is rillet's own kernels (linear_bf16.c, paged_attention.c) plus row-wise
+   Built into every instruction-set variant; the projections may be of any weight format
+   (rillet_weight: bf16, q8, q4). The arithmetic is rillet's own kernels (linear.c,
+   paged_attention.c) plus row-wise
    stages written below. Every stage treats each row on its own, in an order fixed by that row
    alone, so a sequence's tokens do not depend on its batch mates. Prompt tokens take the torch
    path (models/llama.py), whose rounding differs slightly: decode and prompt rows never share
@@ -21,12 +23,10 @@
 
 #include "rillet_kernels.h"
 
-#if defined(__AVX512BF16__) && defined(__AVX512BW__)
-
 /* Mirrored by ctypes structures in rillet/models/cpu_decode.py: keep the two in step. */
 typedef struct {
     const uint16_t *input_norm, *post_attention_norm;          /* [hidden] */
-    const uint16_t *qkv, *qkv_bias, *o, *gate_up, *down;     /* packed weights; bias [q+2kv] or NULL */
+    const rillet_weight *qkv, *o, *gate_up, *down;           /* packed, with their biases */
     const uint16_t *q_norm, *k_norm;                         /* [head_dim] (Qwen3) or NULL */
     uint16_t *k_cache, *v_cache;                             /* [num_kv_heads, num_slots, head_dim] */
 } rillet_layer;
@@ -61,16 +61,30 @@ static inline float silu(float g) { return g / (1.0f + expf(-g)); }
 /* tokens, positions, slots: [rows] int64 (slot = where the token's K/V go); block_tables
    [rows, max_blocks] int32 and context_lens [rows] int32 (position + 1) as for the attention
    kernel. out: [rows, hidden] bf16, the final norm's output (the logits' input). */
-int rillet_decode_forward_bf16(const rillet_model *m, const int64_t *tokens, const int64_t *positions,
+int rillet_decode_forward(const rillet_model *m, const int64_t *tokens, const int64_t *positions,
                                const int64_t *slots, const int32_t *block_tables, int32_t max_blocks,
                                const int32_t *context_lens, int32_t rows, uint16_t *out, int32_t num_threads) {
     const int64_t H = m->hidden, d = m->head_dim, nh = m->num_heads, nkv = m->num_kv_heads, I = m->intermediate;
     const int64_t qkv_width = (nh + 2 * nkv) * d;
     if (d > 512) return -1;
+    /* The linears' shared scratch (quantized activations), the largest any of them needs. */
+    int64_t scratch_bytes = 0;
+    for (int l = 0; l < m->num_layers; l++) {
+        const rillet_weight *ws[4] = {m->layers[l].qkv, m->layers[l].o, m->layers[l].gate_up, m->layers[l].down};
+        for (int i = 0; i < 4; i++) {
+            const int64_t b = rillet_linear_scratch_bytes(ws[i], rows);
+            scratch_bytes = b > scratch_bytes ? b : scratch_bytes;
+        }
+    }
+    void *scratch = scratch_bytes > 0 ? aligned_alloc(64, (size_t)scratch_bytes) : NULL;
+    if (scratch_bytes > 0 && scratch == NULL) return -2;
     /* Scratch: the residual stream, a stage's input and output, and the wide activations. */
     const size_t widest = (size_t)(qkv_width > 2 * I ? qkv_width : 2 * I);
     uint16_t *buffer = (uint16_t *)malloc(sizeof(uint16_t) * (size_t)rows * (3 * (size_t)H + widest + (size_t)I + (size_t)nh * d));
-    if (buffer == NULL) return -2;
+    if (buffer == NULL) {
+        free(scratch);
+        return -2;
+    }
     uint16_t *residual = buffer, *normed = residual + rows * H, *x = normed + rows * H;
     uint16_t *wide = x + rows * H, *act = wide + rows * widest, *attn = act + rows * I;
 
@@ -88,7 +102,7 @@ int rillet_decode_forward_bf16(const rillet_model *m, const int64_t *tokens, con
                 for (int64_t r = 0; r < rows; r++)
                     rillet_add_rms_norm_row(residual + r * H, x + r * H, layer->input_norm, normed + r * H, (int32_t)H, m->eps);
             }
-            rillet_linear_bf16_part(normed, H, layer->qkv, layer->qkv_bias, wide, rows, qkv_width, H);
+            rillet_linear_part(layer->qkv, normed, H, wide, rows, scratch);
             /* q and k heads: norm + rotary; then k and v into the cache at the token's slot. */
 #pragma omp for schedule(static)
             for (int64_t task = 0; task < rows * (nh + nkv); task++) {
@@ -106,12 +120,12 @@ int rillet_decode_forward_bf16(const rillet_model *m, const int64_t *tokens, con
             rillet_paged_attention_part(wide, qkv_width, layer->k_cache, layer->v_cache, m->num_slots, block_tables,
                                         max_blocks, context_lens, rows, (int32_t)nh, (int32_t)nkv, (int32_t)d,
                                         m->block_size, m->scale, attn);
-            rillet_linear_bf16_part(attn, nh * d, layer->o, NULL, x, rows, H, nh * d);
+            rillet_linear_part(layer->o, attn, nh * d, x, rows, scratch);
 #pragma omp for schedule(static)
             for (int64_t r = 0; r < rows; r++)
                 rillet_add_rms_norm_row(residual + r * H, x + r * H, layer->post_attention_norm, normed + r * H,
                                         (int32_t)H, m->eps);
-            rillet_linear_bf16_part(normed, H, layer->gate_up, NULL, wide, rows, 2 * I, H);
+            rillet_linear_part(layer->gate_up, normed, H, wide, rows, scratch);
 #pragma omp for schedule(static)
             for (int64_t r = 0; r < rows; r++) {
                 const uint16_t *gate = wide + r * 2 * I, *up = gate + I;
@@ -119,14 +133,13 @@ int rillet_decode_forward_bf16(const rillet_model *m, const int64_t *tokens, con
                 for (int64_t i = 0; i < I; i++)
                     a[i] = f32_to_bf16(silu(bf16_to_f32(gate[i])) * bf16_to_f32(up[i]));
             }
-            rillet_linear_bf16_part(act, I, layer->down, NULL, x, rows, H, I);
+            rillet_linear_part(layer->down, act, I, x, rows, scratch);
         }
 #pragma omp for schedule(static)
         for (int64_t r = 0; r < rows; r++)
             rillet_add_rms_norm_row(residual + r * H, x + r * H, m->final_norm, out + r * H, (int32_t)H, m->eps);
     }
     free(buffer);
+    free(scratch);
     return 0;
 }
-
-#endif

@@ -4,8 +4,8 @@
    keeps them (no gathered copy), in float32. Work is split over (sequence, KV head) pairs on
    torch's own OpenMP pool (this library links the libgomp torch has already loaded).
 
-   Every sum runs in an order fixed by the sequence's own context length: 16 float lanes, then
-   the lanes added in one fixed order. A sequence's result therefore does not depend on its
+   Every sum runs in an order fixed by the sequence's own context length: 16 or 8 float lanes,
+   then the lanes added in one fixed order. A sequence's result therefore does not depend on its
    batch mates, however many threads share the work.
 
    Built and loaded by rillet/models/cpu_kernels.py. */
@@ -17,21 +17,19 @@
 
 #include "rillet_kernels.h"
 
-#define LANES 16
+#define LANES 16  /* partial sums of softmax denominators and norms */
 #define MAX_HEAD_DIM 256
 #define MAX_GROUP 16
 
-/* acc[g * d + i] += p[g * stride + j] * v[j][i] for the n contiguous rows v of one block. */
-static inline void value_run(float *acc, const uint16_t *vp, const float *p, size_t stride, int n, int group, int d);
-
 /* exp(x) for x <= 0 (softmax after subtracting the max): 2^(x log2 e), a degree-6 polynomial for
-   the fraction (relative error ~2e-7). Unlike libm's expf it vectorizes, and it is the same on
-   every row. */
+   the fraction (relative error ~2e-7). Unlike libm's expf it vectorizes (floor by truncation:
+   t <= 0 here), and it is the same on every row. */
 static inline float exp_nonpositive(float x) {
     x = x < -87.0f ? -87.0f : x;
     const float t = x * 1.44269504088896341f;
-    const float whole = floorf(t);
-    const float f = t - whole;
+    const int32_t truncated = (int32_t)t;
+    const int32_t whole = truncated - (t < (float)truncated);
+    const float f = t - (float)whole;
     float p = 1.535336188319500e-4f;
     p = p * f + 1.339887440266574e-3f;
     p = p * f + 9.618437357674640e-3f;
@@ -40,7 +38,7 @@ static inline float exp_nonpositive(float x) {
     p = p * f + 6.931472028550421e-1f;
     p = p * f + 1.0f;
     union { uint32_t u; float f; } scale;
-    scale.u = (uint32_t)((int32_t)whole + 127) << 23;
+    scale.u = (uint32_t)(whole + 127) << 23;
     return p * scale.f;
 }
 
@@ -56,6 +54,12 @@ static inline float sum_lanes(const float *x, int n) {
     return lanes[0];
 }
 
+/* Two kernels per instruction set, for head_dim d a multiple of 8:
+     key_scores: scores[g * stride] = scale * q_g . k for the group's queries against one key row;
+     value_run:  acc[g * d + i] += p[g * stride + j] * v[j][i] for the n contiguous rows of a block.
+   Each dot product sums in 16 (AVX-512, d a multiple of 16) or 8 lanes, then adds the lanes in a
+   fixed tree; each acc element adds its rows in order. Neither depends on other sequences. */
+
 #if defined(__AVX512F__)
 #include <immintrin.h>
 
@@ -64,75 +68,183 @@ static inline __m512 load_bf16x16(const uint16_t *p) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
-/* scores[g * stride] = scale * q_g . k for the group's queries against one key row. */
-static inline void key_scores(const float *qf, const uint16_t *kp, int group, int d, float scale,
-                              float *scores, size_t stride) {
-    __m512 k[MAX_HEAD_DIM / LANES];
-    for (int c = 0; c < d / LANES; c++) k[c] = load_bf16x16(kp + c * LANES);
+static inline void key_scores16(const float *qf, const uint16_t *kp, int group, int d, float scale,
+                                float *scores, size_t stride) {
+    __m512 k[MAX_HEAD_DIM / 16];
+    for (int c = 0; c < d / 16; c++) k[c] = load_bf16x16(kp + c * 16);
     for (int g = 0; g < group; g++) {
         const float *qg = qf + g * d;
         __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(qg), k[0]);
-        for (int c = 1; c < d / LANES; c++) acc = _mm512_fmadd_ps(_mm512_loadu_ps(qg + c * LANES), k[c], acc);
+        for (int c = 1; c < d / 16; c++) acc = _mm512_fmadd_ps(_mm512_loadu_ps(qg + c * 16), k[c], acc);
         scores[g * stride] = _mm512_reduce_add_ps(acc) * scale;
     }
 }
-/* acc[g * d + i] += p[g * stride + j] * v[j][i] for the n contiguous rows v of one block, with the
-   accumulators held in registers (GROUP and D are constants at every call site). */
-static inline __attribute__((always_inline)) void value_run_fixed(
+
+/* value_run with the accumulators in registers (GROUP and D constants at every call site). */
+static inline __attribute__((always_inline)) void value_run_fixed16(
     float *acc, const uint16_t *vp, const float *p, size_t stride, int n, const int GROUP, const int D) {
-    __m512 a[GROUP * (D / LANES)];
-    for (int r = 0; r < GROUP * (D / LANES); r++) a[r] = _mm512_loadu_ps(acc + r * LANES);
+    __m512 a[GROUP * (D / 16)];
+    for (int r = 0; r < GROUP * (D / 16); r++) a[r] = _mm512_loadu_ps(acc + r * 16);
     for (int j = 0; j < n; j++) {
-        __m512 v[D / LANES];
-        for (int c = 0; c < D / LANES; c++) v[c] = load_bf16x16(vp + (size_t)j * D + c * LANES);
+        __m512 v[D / 16];
+        for (int c = 0; c < D / 16; c++) v[c] = load_bf16x16(vp + (size_t)j * D + c * 16);
         for (int g = 0; g < GROUP; g++) {
             const __m512 pg = _mm512_set1_ps(p[g * stride + j]);
-            for (int c = 0; c < D / LANES; c++) a[g * (D / LANES) + c] = _mm512_fmadd_ps(pg, v[c], a[g * (D / LANES) + c]);
+            for (int c = 0; c < D / 16; c++) a[g * (D / 16) + c] = _mm512_fmadd_ps(pg, v[c], a[g * (D / 16) + c]);
         }
     }
-    for (int r = 0; r < GROUP * (D / LANES); r++) _mm512_storeu_ps(acc + r * LANES, a[r]);
+    for (int r = 0; r < GROUP * (D / 16); r++) _mm512_storeu_ps(acc + r * 16, a[r]);
 }
 
-static inline int value_run_registers(float *acc, const uint16_t *vp, const float *p, size_t stride, int n,
-                                      int group, int d) {
+static inline int value_run16(float *acc, const uint16_t *vp, const float *p, size_t stride, int n, int group, int d) {
     if (d == 64) {
         switch (group) {
-            case 1: value_run_fixed(acc, vp, p, stride, n, 1, 64); return 1;
-            case 2: value_run_fixed(acc, vp, p, stride, n, 2, 64); return 1;
-            case 3: value_run_fixed(acc, vp, p, stride, n, 3, 64); return 1;
-            case 4: value_run_fixed(acc, vp, p, stride, n, 4, 64); return 1;
+            case 1: value_run_fixed16(acc, vp, p, stride, n, 1, 64); return 1;
+            case 2: value_run_fixed16(acc, vp, p, stride, n, 2, 64); return 1;
+            case 3: value_run_fixed16(acc, vp, p, stride, n, 3, 64); return 1;
+            case 4: value_run_fixed16(acc, vp, p, stride, n, 4, 64); return 1;
         }
     } else if (d == 128) {
         switch (group) {
-            case 1: value_run_fixed(acc, vp, p, stride, n, 1, 128); return 1;
-            case 2: value_run_fixed(acc, vp, p, stride, n, 2, 128); return 1;
+            case 1: value_run_fixed16(acc, vp, p, stride, n, 1, 128); return 1;
+            case 2: value_run_fixed16(acc, vp, p, stride, n, 2, 128); return 1;
         }
     }
     return 0;
 }
-#else
-static inline int value_run_registers(float *acc, const uint16_t *vp, const float *p, size_t stride, int n,
-                                      int group, int d) {
-    return 0;
+#endif
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define HAVE_SIMD8 1
+
+static inline __m256 load_bf16x8(const uint16_t *p) {
+    const __m128i h = _mm_loadu_si128((const __m128i *)p);
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
 }
 
-static inline void key_scores(const float *qf, const uint16_t *kp, int group, int d, float scale,
-                              float *scores, size_t stride) {
-    float row[MAX_HEAD_DIM];
-    for (int i = 0; i < d; i++) row[i] = bf16_to_f32(kp[i]);
+/* Lanes 0..7 added as (l, l+4), then (l, l+2), then (0, 1). */
+static inline float reduce8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+    return _mm_cvtss_f32(s);
+}
+
+static inline void key_scores8(const float *qf, const uint16_t *kp, int group, int d, float scale,
+                               float *scores, size_t stride) {
+    float kf[MAX_HEAD_DIM];
+    for (int c = 0; c < d / 8; c++) _mm256_storeu_ps(kf + c * 8, load_bf16x8(kp + c * 8));
     for (int g = 0; g < group; g++) {
-        float lanes[LANES] = {0};
-        for (int i = 0; i < d; i += LANES)
-            for (int l = 0; l < LANES; l++) lanes[l] += qf[g * d + i + l] * row[i + l];
-        for (int width = LANES / 2; width > 0; width /= 2)
+        const float *qg = qf + g * d;
+        __m256 acc = _mm256_mul_ps(_mm256_loadu_ps(qg), _mm256_loadu_ps(kf));
+        for (int c = 1; c < d / 8; c++)
+            acc = _mm256_fmadd_ps(_mm256_loadu_ps(qg + c * 8), _mm256_loadu_ps(kf + c * 8), acc);
+        scores[g * stride] = reduce8(acc) * scale;
+    }
+}
+
+/* GB queries x CH 8-wide chunks of acc in registers for the block's n rows. */
+static inline __attribute__((always_inline)) void value_tile8(
+    float *acc, const uint16_t *vp, const float *p, size_t stride, int n, int d, const int GB, const int CH) {
+    __m256 a[3][4];
+    for (int g = 0; g < GB; g++)
+        for (int c = 0; c < CH; c++) a[g][c] = _mm256_loadu_ps(acc + g * d + c * 8);
+    for (int j = 0; j < n; j++) {
+        __m256 v[4];
+        for (int c = 0; c < CH; c++) v[c] = load_bf16x8(vp + (size_t)j * d + c * 8);
+        for (int g = 0; g < GB; g++) {
+            const __m256 pg = _mm256_set1_ps(p[g * stride + j]);
+            for (int c = 0; c < CH; c++) a[g][c] = _mm256_fmadd_ps(pg, v[c], a[g][c]);
+        }
+    }
+    for (int g = 0; g < GB; g++)
+        for (int c = 0; c < CH; c++) _mm256_storeu_ps(acc + g * d + c * 8, a[g][c]);
+}
+
+#define TILE8(G, C) value_tile8(acc + g * d + c * 8, vp + c * 8, p + g * stride, stride, n, d, G, C)
+
+static inline void value_run8(float *acc, const uint16_t *vp, const float *p, size_t stride, int n, int group, int d) {
+    for (int g = 0; g < group; g += 3) {
+        const int gb = group - g < 3 ? group - g : 3;
+        for (int c = 0; c < d / 8; c += 4) {
+            const int ch = d / 8 - c < 4 ? d / 8 - c : 4;
+            switch (gb * 4 + ch) {
+                case 1 * 4 + 1: TILE8(1, 1); break;
+                case 1 * 4 + 2: TILE8(1, 2); break;
+                case 1 * 4 + 3: TILE8(1, 3); break;
+                case 1 * 4 + 4: TILE8(1, 4); break;
+                case 2 * 4 + 1: TILE8(2, 1); break;
+                case 2 * 4 + 2: TILE8(2, 2); break;
+                case 2 * 4 + 3: TILE8(2, 3); break;
+                case 2 * 4 + 4: TILE8(2, 4); break;
+                case 3 * 4 + 1: TILE8(3, 1); break;
+                case 3 * 4 + 2: TILE8(3, 2); break;
+                case 3 * 4 + 3: TILE8(3, 3); break;
+                default: TILE8(3, 4); break;
+            }
+        }
+    }
+}
+
+#elif defined(__ARM_NEON) && defined(__aarch64__)
+#include <arm_neon.h>
+#define HAVE_SIMD8 1
+
+static inline float32x4_t load_bf16x4(const uint16_t *p) {
+    return vreinterpretq_f32_u32(vshll_n_u16(vld1_u16(p), 16));
+}
+
+static inline void key_scores8(const float *qf, const uint16_t *kp, int group, int d, float scale,
+                               float *scores, size_t stride) {
+    float kf[MAX_HEAD_DIM];
+    for (int c = 0; c < d / 4; c++) vst1q_f32(kf + c * 4, load_bf16x4(kp + c * 4));
+    for (int g = 0; g < group; g++) {
+        const float *qg = qf + g * d;
+        float32x4_t lo = vmulq_f32(vld1q_f32(qg), vld1q_f32(kf));
+        float32x4_t hi = vmulq_f32(vld1q_f32(qg + 4), vld1q_f32(kf + 4));
+        for (int c = 8; c < d; c += 8) {
+            lo = vfmaq_f32(lo, vld1q_f32(qg + c), vld1q_f32(kf + c));
+            hi = vfmaq_f32(hi, vld1q_f32(qg + c + 4), vld1q_f32(kf + c + 4));
+        }
+        const float32x4_t s = vaddq_f32(lo, hi);                    /* lanes (l, l+4) */
+        const float32x2_t t = vadd_f32(vget_low_f32(s), vget_high_f32(s));  /* (l, l+2) */
+        scores[g * stride] = (vget_lane_f32(t, 0) + vget_lane_f32(t, 1)) * scale;
+    }
+}
+
+static inline void value_run8(float *acc, const uint16_t *vp, const float *p, size_t stride, int n, int group, int d) {
+    for (int j = 0; j < n; j++)
+        for (int c = 0; c < d; c += 8) {
+            const float32x4_t v0 = load_bf16x4(vp + (size_t)j * d + c), v1 = load_bf16x4(vp + (size_t)j * d + c + 4);
+            for (int g = 0; g < group; g++) {
+                float *a = acc + g * d + c;
+                const float pg = p[g * stride + j];
+                vst1q_f32(a, vfmaq_n_f32(vld1q_f32(a), v0, pg));
+                vst1q_f32(a + 4, vfmaq_n_f32(vld1q_f32(a + 4), v1, pg));
+            }
+        }
+}
+#endif
+
+#ifndef HAVE_SIMD8
+/* Plain C, the same 8 lanes and tree as the SIMD paths (the compiler may vectorize it). */
+static inline void key_scores8(const float *qf, const uint16_t *kp, int group, int d, float scale,
+                               float *scores, size_t stride) {
+    float kf[MAX_HEAD_DIM];
+    for (int i = 0; i < d; i++) kf[i] = bf16_to_f32(kp[i]);
+    for (int g = 0; g < group; g++) {
+        float lanes[8];
+        for (int l = 0; l < 8; l++) lanes[l] = qf[g * d + l] * kf[l];
+        for (int i = 8; i < d; i += 8)
+            for (int l = 0; l < 8; l++) lanes[l] += qf[g * d + i + l] * kf[i + l];
+        for (int width = 4; width > 0; width /= 2)
             for (int l = 0; l < width; l++) lanes[l] += lanes[l + width];
         scores[g * stride] = lanes[0] * scale;
     }
 }
-#endif
 
-static inline void value_run(float *acc, const uint16_t *vp, const float *p, size_t stride, int n, int group, int d) {
-    if (value_run_registers(acc, vp, p, stride, n, group, d)) return;
+static inline void value_run8(float *acc, const uint16_t *vp, const float *p, size_t stride, int n, int group, int d) {
     float row[MAX_HEAD_DIM];
     for (int j = 0; j < n; j++) {
         for (int i = 0; i < d; i++) row[i] = bf16_to_f32(vp[(size_t)j * d + i]);
@@ -142,6 +254,25 @@ static inline void value_run(float *acc, const uint16_t *vp, const float *p, siz
             for (int i = 0; i < d; i++) a[i] += pg * row[i];
         }
     }
+}
+#endif
+
+static inline void key_scores(const float *qf, const uint16_t *kp, int group, int d, float scale,
+                              float *scores, size_t stride) {
+#if defined(__AVX512F__)
+    if (d % 16 == 0) {
+        key_scores16(qf, kp, group, d, scale, scores, stride);
+        return;
+    }
+#endif
+    key_scores8(qf, kp, group, d, scale, scores, stride);
+}
+
+static inline void value_run(float *acc, const uint16_t *vp, const float *p, size_t stride, int n, int group, int d) {
+#if defined(__AVX512F__)
+    if (d % 16 == 0 && value_run16(acc, vp, p, stride, n, group, d)) return;
+#endif
+    value_run8(acc, vp, p, stride, n, group, d);
 }
 
 int rillet_max_head_dim(void) { return MAX_HEAD_DIM; }
@@ -212,7 +343,7 @@ void rillet_paged_attention_part(
    k_cache, v_cache: [num_kv_heads, num_slots, head_dim] bf16.
    block_tables: [num_seqs, max_blocks] int32; context_lens: [num_seqs] int32 (>= 1).
    out: [num_seqs, num_heads * head_dim] bf16. num_threads: torch's (the pool is shared).
-   head_dim must be a multiple of LANES and at most MAX_HEAD_DIM; num_heads / num_kv_heads at
+   head_dim must be a multiple of 8 and at most MAX_HEAD_DIM; num_heads / num_kv_heads at
    most MAX_GROUP (checked by the caller). */
 void rillet_paged_decode_attention_bf16(
     const uint16_t *q, int64_t q_row_stride, const uint16_t *k_cache, const uint16_t *v_cache,
