@@ -44,8 +44,15 @@ class EngineConfig:
     model: str | None = option(None, "Model: a local Hugging Face directory, a .gguf file, or a hub id. "
                                "Default: the embedded SmolLM2-135M-Instruct.")
     served_model_name: str | None = option(None, "Name the APIs report for the model (default: derived from --model).")
-    dtype: str = option("auto", "Weight and activation dtype. auto: bfloat16 where the CPU or GPU supports it, "
-                        "else float32.", choices=("auto", "float32", "bfloat16", "float16"))
+    dtype: str = option("auto", "Activation (and unquantized weight) dtype. auto: bfloat16 on a GPU that "
+                        "supports it and on any CPU where rillet's C kernels build, else float32.",
+                        choices=("auto", "float32", "bfloat16", "float16"))
+    quantization: str = option("auto", "Weight format on the CPU. auto: a GGUF file's quantized blocks run as they "
+                               "are (Q4_0/Q4_1/Q4_K as 4-bit, Q8_0/Q6_K as int8) with bfloat16 activations, "
+                               "other checkpoints in --dtype. int8 / q4: quantize the linear weights at load "
+                               "(int8 per 32 inputs; 4-bit with a scale and min per 32, the output head in "
+                               "int8). none: every weight in --dtype.",
+                               choices=("auto", "none", "int8", "q4"))
     device: str = option("auto", "Where to run: auto (cuda when available), cpu, cuda or cuda:N.")
     max_model_len: int | None = option(None, "Longest prompt + output in tokens (default: the model's, capped at 8192).",
                                        min=16, max=1_048_576)

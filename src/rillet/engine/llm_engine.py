@@ -8,10 +8,9 @@ live sequence and returns the new output deltas. `AsyncEngine` drives `step()` f
 from __future__ import annotations
 
 import logging
-import os
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
@@ -26,7 +25,9 @@ from rillet.engine.prompts import Prompt, PromptEncoder
 from rillet.engine.sampler import Sampler
 from rillet.engine.scheduler import ScheduledBatch, Scheduler
 from rillet.engine.sequence import Sequence
+from rillet.models.backend import select_backend
 from rillet.models.loader import load_model
+from rillet.models.quantized import quantize_model
 from rillet.models.resolve import resolve_model
 from rillet.sampling_params import SamplingParams
 
@@ -49,29 +50,7 @@ class EngineStats:
     num_failed_total: int
     prefix_cache_queries_total: int = 0  # prompt tokens looked up in the prefix cache
     prefix_cache_hits_total: int = 0  # of those, tokens whose KV came from the cache
-
-
-def cpu_has_native_bf16() -> bool:
-    from rillet.models.cpu_isa import has_native_bf16
-
-    return has_native_bf16()
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device cuda was asked for but torch sees no CUDA GPU")
-    return device
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name != "auto":
-        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+    backend: dict[str, str] = field(default_factory=dict)  # device, dtype, weights, cpu_isa (Backend.describe)
 
 
 class LLMEngine:
@@ -80,9 +59,9 @@ class LLMEngine:
         self.config = config
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
-        self.device = resolve_device(config.device)
-        self.dtype = resolve_dtype(config.dtype, self.device)
         resolved = resolve_model(config.model)
+        self.backend = select_backend(config.dtype, config.quantization, config.device, gguf=resolved.gguf is not None)
+        self.device, self.dtype = self.backend.device, self.backend.dtype
         self.model_path = resolved.path
         self.model_name = config.served_model_name or resolved.name
 
@@ -95,9 +74,10 @@ class LLMEngine:
         if self.max_model_len > probe_len:  # rope tables must cover every position
             loaded.model.set_rope_positions(self.max_model_len)
         self.model = loaded.model
-        from rillet.models.cpu_linear import packing_supported
-        if packing_supported(self.dtype, self.device):
-            self.model.pack_for_cpu(batch_hint=config.max_num_seqs)
+        if self.backend.quantized:
+            quantize_model(self.model, self.backend, resolved.gguf)
+        if self.device.type == "cpu" and self.dtype != torch.float32:
+            self.model.pack_for_cpu(batch_hint=config.max_num_seqs)  # float32 keeps torch's own linears
         self.tokenizer = loaded.tokenizer
         self.eos_token_ids = set(loaded.eos_token_ids)
         self.vocab_size = loaded.config.vocab_size
@@ -115,9 +95,10 @@ class LLMEngine:
         self._consecutive_failures = 0
         # Test hook: called with the scheduled batch before each forward pass; may raise.
         self.before_forward: Callable[[ScheduledBatch], None] | None = None
-        logger.info("engine ready: model %s on %s (%s), max_model_len %d, %d KV blocks of %d tokens",
-                    self.model_name, self.device, str(self.dtype).removeprefix("torch."), self.max_model_len,
-                    num_blocks, config.block_size)
+        backend = self.backend.describe()
+        logger.info("engine ready: model %s on %s (activations %s, weights %s, CPU kernels %s), max_model_len %d, "
+                    "%d KV blocks of %d tokens", self.model_name, backend["device"], backend["dtype"],
+                    backend["weights"], backend["cpu_isa"], self.max_model_len, num_blocks, config.block_size)
 
     def _num_kv_blocks(self) -> int:
         c = self.config
@@ -167,6 +148,22 @@ class LLMEngine:
             self.scheduler.add(seq)
         return seqs
 
+    def score(self, token_ids: list[int]) -> torch.Tensor:
+        """Log-probabilities [len - 1] of each token after the first given the ones before it, in one
+        prompt pass (perplexity; see rillet.bench.quality). Only while no request is running."""
+        if self.has_unfinished():
+            raise RuntimeError("score() needs an idle engine")
+        if not 2 <= len(token_ids) <= self.max_model_len:
+            raise ValueError(f"score() takes 2 to {self.max_model_len} tokens, got {len(token_ids)}")
+        seq = Sequence("score", 0, list(token_ids), SamplingParams(max_tokens=1))
+        if not self.block_manager.can_grow(seq, len(token_ids)):
+            raise ValueError("score(): the KV cache has no room for these tokens")
+        self.block_manager.grow(seq, len(token_ids))  # fresh blocks, never registered in the prefix cache
+        try:
+            return self.runner.score(token_ids, seq.block_table)
+        finally:
+            self.block_manager.free(seq)
+
     def check_prompt_length(self, num_tokens: int) -> None:
         self.prompts.check_prompt_length(num_tokens)
 
@@ -195,7 +192,8 @@ class LLMEngine:
         running_requests = {s.request_id for s in self.scheduler.running} - waiting_requests
         return EngineStats(len(running_requests), len(waiting_requests), bm.usage, bm.num_used_blocks,
                            bm.num_blocks, self.scheduler.num_preemptions_total, self.num_aborted_total,
-                           self.num_failed_total, bm.num_queried_tokens_total, bm.num_cached_tokens_total)
+                           self.num_failed_total, bm.num_queried_tokens_total, bm.num_cached_tokens_total,
+                           self.backend.describe())
 
     # ---- the step -------------------------------------------------------------------------
 

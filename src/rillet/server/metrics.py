@@ -44,6 +44,11 @@ class _EngineCollector(Collector):
                                   value=stats.num_aborted_total)
         yield CounterMetricFamily("rillet:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
                                   value=stats.prefix_cache_queries_total)
+        if stats.backend:  # an info metric, as Prometheus spells them: the labels carry the facts
+            info = GaugeMetricFamily("rillet:engine_backend_info", "How the model runs: device, activation dtype, "
+                                     "weight format and the CPU kernels' instruction set.", labels=sorted(stats.backend))
+            info.add_metric([stats.backend[k] for k in sorted(stats.backend)], 1)
+            yield info
         yield CounterMetricFamily("rillet:prefix_cache_hits", "Prompt tokens whose KV came from the prefix cache.",
                                   value=stats.prefix_cache_hits_total)
 

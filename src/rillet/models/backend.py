@@ -1,0 +1,101 @@
+"""Where and how the model runs, decided once: device, activation dtype, weight format, CPU kernels.
+
+The engine above reads the decision (`Backend`) and never asks the hardware again.
+
+Weight formats (`Backend.weights`):
+- "float32" / "bfloat16" / "float16": every weight in that dtype;
+- "q8": linear weights as int8 with a scale per 32 inputs (`--quantization int8`);
+- "q4": linear weights as 4-bit with a scale and min per 32 inputs (`--quantization q4`);
+- "gguf": a GGUF file's quantized blocks run as they are (Q4_0/Q4_1/Q4_K as q4, Q8_0/Q6_K as
+  q8), without a detour through float.
+The quantized formats run on rillet's C kernels with bfloat16 activations, on every CPU those
+kernels build for (AVX-512, AVX2, NEON, plain C).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+QUANTIZATIONS = ("auto", "none", "int8", "q4")
+
+
+@dataclass(frozen=True)
+class Backend:
+    device: torch.device
+    dtype: torch.dtype  # activations, and the weights that stay in float
+    weights: str  # "float32" | "bfloat16" | "float16" | "q8" | "q4" | "gguf"
+    cpu_isa: str | None  # the C kernels' instruction-set variant; None: torch ops only
+
+    @property
+    def quantized(self) -> bool:
+        return self.weights in ("q8", "q4", "gguf")
+
+    @property
+    def quantize_to(self) -> str | None:
+        """The format float checkpoints are quantized to at load (None: they are not)."""
+        return self.weights if self.weights in ("q8", "q4") else None
+
+    def describe(self) -> dict[str, str]:
+        return {"device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
+                "weights": self.weights, "cpu_isa": self.cpu_isa or "none"}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device cuda was asked for but torch sees no CUDA GPU")
+    return device
+
+
+def _cpu_kernel_isa() -> str | None:
+    from rillet.models import cpu_kernels
+
+    kernels = cpu_kernels.load()
+    return None if kernels is None else kernels.isa
+
+
+def select_backend(dtype: str = "auto", quantization: str = "auto", device: str = "auto",
+                   gguf: bool = False) -> Backend:
+    """The backend for these options on this machine. Raises ValueError for a combination that
+    cannot run here (say, int8 weights on a GPU), naming the option to change."""
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, got {quantization!r}")
+    dev = resolve_device(device)
+    if dev.type != "cpu":
+        if quantization in ("int8", "q4"):
+            raise ValueError(f"--quantization {quantization} runs on the CPU kernels only; use --device cpu "
+                             "or --quantization none")
+        if dtype == "auto":
+            act = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        else:
+            act = DTYPES[dtype]
+        return Backend(dev, act, str(act).removeprefix("torch."), None)
+
+    isa = _cpu_kernel_isa()
+    if dtype == "auto":
+        # bf16 halves the bytes every decode step streams; with rillet's kernels it runs on any
+        # ISA (widened to float32 in registers). Without them only native bf16 pays.
+        from rillet.models.cpu_isa import has_native_bf16
+
+        act = torch.bfloat16 if isa is not None or has_native_bf16() else torch.float32
+    else:
+        act = DTYPES[dtype]
+    if quantization in ("int8", "q4"):
+        if isa is None:
+            raise ValueError(f"--quantization {quantization} needs rillet's CPU kernels, which did not build "
+                             "here (a C compiler is needed; see the warning logged)")
+        if act != torch.bfloat16:
+            raise ValueError(f"--quantization {quantization} runs with bfloat16 activations; use --dtype auto "
+                             f"or bfloat16, not {dtype}")
+        return Backend(dev, act, "q8" if quantization == "int8" else "q4", isa)
+    if quantization == "auto" and gguf and isa is not None and act == torch.bfloat16:
+        return Backend(dev, act, "gguf", isa)
+    return Backend(dev, act, str(act).removeprefix("torch."), isa)
