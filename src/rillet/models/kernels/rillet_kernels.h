@@ -35,6 +35,10 @@ static inline uint16_t f32_to_bf16(float f) {  /* round to nearest even, as torc
    RILLET_WEIGHT_Q4:   4-bit values q in [0, 15], a scale s and a min m per RILLET_QBLOCK inputs
                        of an output: w = s * q + m (Q4_1; Q4_0 is m = -8 s; Q4_K's sub-blocks).
 
+   Packing stores each scale and min as float16 (rounded to nearest even): exact for GGUF's
+   Q4_0/Q4_1/Q8_0, which carry float16 already, and a relative 2^-11 for others, far below the
+   4- and 8-bit steps themselves. A reference must round them the same way.
+
    Q8 and Q4 multiply against activations quantized on the fly per row and per RILLET_QBLOCK
    inputs to int8 (xq = round(x / dx), dx = max|x| / 127, with sum(xq) kept for Q4's min term),
    as llama.cpp does, so the inner loops are integer dot products (VNNI, AVX2 maddubs, NEON
