@@ -541,6 +541,55 @@ done0:
     free_weights(&w);
 }
 
+/* Integer paths at their limits: Q8 weights all +-127 and Q4 all 0 or 15, against activation
+   blocks of one magnitude (every xq = +-127), signs aligned with output 0's (every product of a
+   block +127 * 127 for it: int16 pair sums of maddubs reach 32258), against it, all positive and
+   alternating. Same reference and bound as check_linear_shape; m = 0 must write nothing. */
+static void check_linear_extremes(int32_t format) {
+    char name[128], detail[512] = "";
+    snprintf(name, sizeof name, "linear %s extreme values (all |q| max, all |xq| = 127; m=0 writes nothing)", format_name(format));
+    if (!selected(name)) return;
+    if (!have_public_linear() || !(rillet_quant_packed_bytes && rillet_quant_pack)) {
+        missing(name, "rillet_weight_packed_bytes / rillet_weight_pack / rillet_linear / rillet_quant_pack");
+        return;
+    }
+    const int64_t n = 19, k = 1536, m = 4, nb = k / RILLET_QBLOCK;
+    weights w = make_weights(format, n, k, 0, 1);
+    for (int64_t i = 0; i < n * k; i++) {
+        if (format == RILLET_WEIGHT_Q8) w.q8[i] = next_u64() & 1 ? 127 : -127;
+        else w.q4[i] = i < k || next_u64() & 1 ? 15 : 0;  /* output 0: all 15 */
+    }
+    if (format == RILLET_WEIGHT_Q4)
+        for (int64_t i = 0; i < n * nb; i++) w.mins[i] = 0;  /* the dot alone, no cancellation */
+    uint16_t *x = (uint16_t *)xmalloc(sizeof(uint16_t) * (size_t)(m * k));
+    for (int64_t j = 0; j < k; j++) {
+        const double sign = format == RILLET_WEIGHT_Q8 ? (w.q8[j] > 0 ? 1.0 : -1.0) : 1.0;
+        const double scale = ldexp(1.0, (int)(j / RILLET_QBLOCK % 5) - 2);
+        x[0 * k + j] = bf(sign * scale), x[1 * k + j] = bf(-sign * scale);
+        x[2 * k + j] = bf(scale), x[3 * k + j] = bf(j % 2 ? scale : -scale);
+    }
+    const int64_t bytes = rillet_weight_packed_bytes(format, n, k);
+    void *packed = guarded((size_t)(bytes > 0 ? bytes : 0), 64);
+    int ok = bytes > 0 && rillet_weight_pack(format, values_of(&w), w.scales, w.mins, n, k, packed) == 0;
+    if (!ok) snprintf(detail, sizeof detail, "packing failed (bytes %lld)", (long long)bytes);
+    const rillet_weight rw = {format, 0, n, k, packed, NULL};
+    double *ref = (double *)xmalloc(sizeof(double) * (size_t)(m * n)), *tol = (double *)xmalloc(sizeof(double) * (size_t)(m * n));
+    uint16_t *y = y_alloc(m * n);
+    if (ok) {
+        rillet_linear(&rw, x, k, y, 0, 2);
+        if (!y_sentinels_intact(y, 0) || y[0] != Y_SENTINEL)
+            ok = 0, snprintf(detail, sizeof detail, "m=0 wrote to y");
+    }
+    if (ok) {
+        reference_linear(&w, x, k, m, ref, tol);
+        rillet_linear(&rw, x, k, y, m, 2);
+        ok = compare(y, ref, tol, m, n, detail, sizeof detail);
+    }
+    report(ok, name, detail);
+    free(x), free(packed), free(ref), free(tol), y_free(y);
+    free_weights(&w);
+}
+
 /* rillet_weight_pack refuses what it cannot take (the header: -1). */
 static void check_pack_refusals(void) {
     const char *name = "linear pack refuses unknown format and k not a multiple of 32 (q8, q4)";
@@ -646,7 +695,7 @@ static void attention_part_call(const attention_case *c, const uint16_t *q, cons
    every slot no sequence reads (unused blocks, the tail of a last block) and unused table
    entries' blocks hold NaN, and q's gaps (q_stride > num_heads * head_dim) too. */
 static attention_case make_attention(int32_t d, int32_t group, int32_t nkv, int32_t block_size, const int32_t *ctx,
-                                     int32_t num_seqs, int strided_q) {
+                                     int32_t num_seqs, int strided_q, double q_range) {
     attention_case c;
     memset(&c, 0, sizeof c);
     c.num_seqs = num_seqs, c.num_heads = group * nkv, c.num_kv_heads = nkv, c.head_dim = d, c.block_size = block_size;
@@ -663,7 +712,7 @@ static attention_case make_attention(int32_t d, int32_t group, int32_t nkv, int3
     c.q = (uint16_t *)xmalloc(sizeof(uint16_t) * (size_t)(num_seqs * c.q_stride));
     for (int64_t i = 0; i < num_seqs * c.q_stride; i++) c.q[i] = BF16_NAN;
     for (int b = 0; b < num_seqs; b++)
-        for (int64_t i = 0; i < (int64_t)c.num_heads * d; i++) c.q[b * c.q_stride + i] = bf(uniform(-4, 4));
+        for (int64_t i = 0; i < (int64_t)c.num_heads * d; i++) c.q[b * c.q_stride + i] = bf(uniform(-q_range, q_range));
     const size_t cache = (size_t)nkv * (size_t)c.num_slots * (size_t)d;
     c.k_cache = (uint16_t *)xmalloc(sizeof(uint16_t) * cache);
     c.v_cache = (uint16_t *)xmalloc(sizeof(uint16_t) * cache);
@@ -750,19 +799,20 @@ static void reference_attention(const attention_case *c, double *ref, double *to
 
 /* Accuracy of the whole batch; each sequence alone bit-identical to its row in the batch;
    1, 2, 3 threads bit-identical; the public wrapper (where defined) bit-identical to the part. */
-static void check_attention(int32_t d, int32_t group, int32_t nkv, int32_t block_size, const int32_t *ctx, int32_t num_seqs,
-                            int strided_q) {
+static void check_attention_q(int32_t d, int32_t group, int32_t nkv, int32_t block_size, const int32_t *ctx,
+                              int32_t num_seqs, int strided_q, double q_range) {
     char name[200], detail[600] = "", ctxs[96] = "";
     for (int i = 0, at = 0; i < num_seqs && at < (int)sizeof ctxs - 8; i++)
         at += snprintf(ctxs + at, sizeof ctxs - (size_t)at, "%s%d", i ? "," : "", ctx[i]);
-    snprintf(name, sizeof name, "paged_attention d=%d group=%d kv_heads=%d block=%d contexts=%s %s", d, group, nkv,
-             block_size, ctxs, strided_q ? "strided-q" : "contiguous-q");
+    snprintf(name, sizeof name, "paged_attention d=%d group=%d kv_heads=%d block=%d contexts=%s %s%s", d, group, nkv,
+             block_size, ctxs, strided_q ? "strided-q" : "contiguous-q",
+             q_range > 4 ? " peaked softmax (q in +-256: score gaps past exp underflow)" : "");
     if (!selected(name)) return;
     if (!rillet_paged_attention_part) {
         missing(name, "rillet_paged_attention_part");
         return;
     }
-    attention_case c = make_attention(d, group, nkv, block_size, ctx, num_seqs, strided_q);
+    attention_case c = make_attention(d, group, nkv, block_size, ctx, num_seqs, strided_q, q_range);
     const int64_t width = (int64_t)c.num_heads * d, count = (int64_t)num_seqs * width;
     double *ref = (double *)xmalloc(sizeof(double) * (size_t)count), *tol = (double *)xmalloc(sizeof(double) * (size_t)count);
     reference_attention(&c, ref, tol);
@@ -797,6 +847,11 @@ static void check_attention(int32_t d, int32_t group, int32_t nkv, int32_t block
     report(ok, name, detail);
     y_free(full), y_free(out), free(ref), free(tol);
     free_attention(&c);
+}
+
+static void check_attention(int32_t d, int32_t group, int32_t nkv, int32_t block_size, const int32_t *ctx, int32_t num_seqs,
+                            int strided_q) {
+    check_attention_q(d, group, nkv, block_size, ctx, num_seqs, strided_q, 4.0);
 }
 
 /* ---- Residual add + RMSNorm ---------------------------------------------------------------- */
@@ -922,10 +977,13 @@ int main(int argc, char **argv) {
     check_linear_shape(RILLET_WEIGHT_Q8, 40, 576, 1, 1, 0);
     check_linear_shape(RILLET_WEIGHT_Q4, 40, 576, 1, 1, 0);
     check_pack_refusals();
+    check_linear_extremes(RILLET_WEIGHT_Q8);
+    check_linear_extremes(RILLET_WEIGHT_Q4);
     check_quantize_rows(576);
     check_quantize_rows(64);
 
-    /* Attention: head_dim 64 and 128, GQA groups 1-4, scattered blocks, contexts 1-300. */
+    /* Attention: head_dim 64 and 128, GQA groups 1-4, scattered blocks, contexts 1-300, block
+       sizes 16, 32, 7 and 1. */
     static const int32_t ctx_a[] = {1, 16, 17, 300, 129}, ctx_b[] = {300, 2, 63, 64, 65, 200};
     for (int d = 64; d <= 128; d *= 2)
         for (int32_t group = 1; group <= 4; group++)
@@ -933,6 +991,13 @@ int main(int argc, char **argv) {
     check_attention(64, 3, 3, 32, ctx_b, 6, 1);
     check_attention(128, 2, 1, 7, ctx_a, 5, 0);
     check_attention(64, 1, 1, 1, ctx_b + 1, 2, 0);
+    /* The edges paged_attention.c documents: head_dim a multiple of 8 up to 256, groups up to 16. */
+    static const int32_t ctx_c[] = {1, 40, 97};
+    check_attention(8, 2, 2, 16, ctx_c, 3, 1);
+    check_attention(40, 3, 1, 16, ctx_c, 3, 0);
+    check_attention(256, 1, 2, 16, ctx_c, 3, 1);
+    check_attention(64, 16, 1, 16, ctx_c, 3, 0);
+    check_attention_q(64, 2, 2, 16, ctx_a, 5, 0, 256.0);
 
     /* Residual add + RMSNorm. */
     static const int32_t dims[] = {1, 17, 64, 576, 1536};
