@@ -6,7 +6,8 @@ dot products) cross-compiled with Debian's aarch64-linux-gnu-gcc and run under q
 
 Every build runs the same checks against a double-precision reference (see the harness's
 comment for the tolerances); a build passes when the harness exits 0 with `N passed, 0 failed`.
-All builds and runs happen concurrently in one fixture (about 30 s on 2 cores).
+The builds and runs happen concurrently in one fixture: about 35 s of CPU time in all,
+mostly compiling (so under 30 s on 2 idle cores; a loaded machine takes longer).
 
 By hand: K=src/rillet/models/kernels; cc -O2 -fopenmp -I$K tests/kernels/check_kernels.c $K/*.c -lm
 """
