@@ -5,7 +5,8 @@ until max(C, --min-requests 16) requests have finished (so the 1-stream level to
 requests); every request is a chat prompt forced to exactly --max-tokens output tokens
 (ignore_eos, greedy). Measured per level: aggregate output tokens/s, TTFT, time per output
 token. Both systems warm up on WARMUP_PROMPTS, none of which is a measured prompt, so no
-warm-up leaves a measured prompt in rillet's prefix cache.
+warm-up leaves a measured prompt in rillet's prefix cache; each measured prompt is a new one too
+(PROMPTS cycled, each opening with its own "[C.i]" tag; --repeat-prompts: verbatim).
 
 - seed:   benchmarks/baselines/seed_engine.py -- one Thread(target=model.generate) with a
           TextIteratorStreamer per request (the article's design), plain transformers model.
@@ -41,6 +42,7 @@ from benchmarks.common import (  # noqa: E402
     WARMUP_PROMPTS,
     Record,
     add_isa_argument,
+    add_prompt_argument,
     apply_isa,
     fmt,
     fmt_ratio,
@@ -48,6 +50,7 @@ from benchmarks.common import (  # noqa: E402
     log,
     machine_info,
     markdown_table,
+    measured_prompts,
     prompt_cycle,
     ratio,
     summarize,
@@ -82,7 +85,8 @@ def bench_seed(args: argparse.Namespace, levels: list[int]) -> dict[int, dict]:
     for c in levels:
         n = num_requests_for(c, args.min_requests)
         log(f"seed: concurrency {c}, {n} requests x {args.max_tokens} tokens")
-        result = run_concurrent(engine, concurrency=c, num_requests=n, max_tokens=args.max_tokens, prompts=PROMPTS)
+        result = run_concurrent(engine, concurrency=c, num_requests=n, max_tokens=args.max_tokens,
+                                prompts=measured_prompts(n, c, distinct=not args.repeat_prompts))
         log(f"seed: concurrency {c}: {fmt(result['output_token_throughput'])} tok/s, "
             f"TTFT p50 {fmt(result['ttft_ms']['p50'], 0)} ms, failed {result['failed']}")
         results[c] = result
@@ -167,7 +171,7 @@ async def _bench_rillet(args: argparse.Namespace, levels: list[int]) -> dict[int
             n = num_requests_for(c, args.min_requests)
             log(f"rillet: concurrency {c}, {n} requests x {args.max_tokens} tokens")
             result = await run_rillet_level(engine, concurrency=c, num_requests=n, max_tokens=args.max_tokens,
-                                            prompts=PROMPTS)
+                                            prompts=measured_prompts(n, c, distinct=not args.repeat_prompts))
             log(f"rillet: concurrency {c}: {fmt(result['output_token_throughput'])} tok/s, "
                 f"TTFT p50 {fmt(result['ttft_ms']['p50'], 0)} ms, failed {result['failed']}")
             results[c] = result
@@ -280,6 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-rillet", action="store_true")
     parser.add_argument("--quick", action="store_true", help="smoke run: levels 1,4; 16 tokens; 1 request minimum")
     add_isa_argument(parser)
+    add_prompt_argument(parser)
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/bench_engine.json)")
     parser.add_argument("--plot", type=Path, nargs="?", const=Path("auto"), default=None,
                         help="also draw tokens/s vs concurrency (PNG; default path: next to the JSON)")
@@ -315,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
                      "min_requests": args.min_requests, "ignore_eos": True, "temperature": 0.0,
                      "dtype": args.dtype, "model": args.model or "default (SmolLM2-135M-Instruct)",
                      "quick": args.quick, "prompts": list(PROMPTS), "warmup_prompts": list(WARMUP_PROMPTS),
-                     "rillet_isa": args.rillet_isa, "isa_env": isa_env},
+                     "distinct_prompts": not args.repeat_prompts, "rillet_isa": args.rillet_isa, "isa_env": isa_env},
         "header": header,
         "bars": {str(c): f"rillet >= {b:g}x seed output tokens/s" for c, b in BARS.items()},
         "summary": rows,

@@ -35,7 +35,8 @@ match the run's ISA.
 
 Work per level C: C streams kept in flight until max(--min-requests 16, C x --rounds) streaming
 chat requests are done (so the 1-stream level measures 16 too), greedy, each forced to
---max-tokens output tokens: rillet, vLLM and the seed with ``ignore_eos``; llama.cpp with a -100
+--max-tokens output tokens, each prompt a new one (PROMPTS cycled, each opening with its own
+"[level.i]" tag; --repeat-prompts: verbatim): rillet, vLLM and the seed with ``ignore_eos``; llama.cpp with a -100
 logit bias on the end-of-generation tokens plus ``min_tokens``. Each server first warms up on
 WARMUP_PROMPTS (benchmarks/common.py), none of which is measured, so no warm-up leaves a
 measured prompt in a prefix cache. The load generator is ``rillet.bench.loadgen.run_level``,
@@ -79,6 +80,7 @@ from benchmarks.common import (  # noqa: E402
     RESULTS_DIR,
     WARMUP_PROMPTS,
     add_isa_argument,
+    add_prompt_argument,
     busy_machine_warning,
     default_gguf_path,
     fmt,
@@ -90,6 +92,7 @@ from benchmarks.common import (  # noqa: E402
     log,
     machine_info,
     markdown_table,
+    measured_prompts,
     ratio,
     resolve_model_dir,
     server_process,
@@ -211,7 +214,9 @@ def llamacpp_build_info(python: Path) -> dict:
         return {"error": done.stderr.strip()[-500:]}
     text = done.stdout.strip()
     flags = sorted({m.group(1) for m in re.finditer(r"([A-Z][A-Z0-9_]*)\s*=\s*1\b", text)})
-    simd = [f for f in flags if f.startswith(("AVX", "FMA", "F16C", "SSE", "NEON", "ARM_FMA", "AMX", "SVE", "DOTPROD"))]
+    simd_prefixes = ("AVX", "FMA", "F16C", "SSE", "SSSE", "BMI", "NEON", "ARM_FMA", "AMX", "SVE", "DOTPROD",
+                     "MATMUL_INT8")
+    simd = [f for f in flags if f.startswith(simd_prefixes)]
     return {"system_info": text, "flags": flags, "simd": simd, "avx2": "AVX2" in flags,
             "avx512": any(f.startswith("AVX512") for f in flags)}
 
@@ -286,10 +291,26 @@ def measure(args: argparse.Namespace, url: str, label: str, levels: list[int], e
     from rillet.bench.loadgen import run_level
 
     def level(concurrency: int, num_requests: int, max_tokens: int, prompts) -> dict:
-        return asyncio.run(run_level(url, model=None, concurrency=concurrency, num_requests=num_requests,
-                                     max_tokens=max_tokens, api="openai", ignore_eos=ignore_eos,
-                                     prompts=list(prompts), temperature=0.0, extra_params=extra_params,
-                                     timeout=args.request_timeout))
+        forced = []
+
+        def count_forced(record) -> None:
+            # A server that reports no usage while streaming (llama-cpp-python) is counted by its chunks,
+            # and a chunk can hold several tokens (it holds back a partial UTF-8 character: CJK text), which
+            # would under-count it. Its length is forced (min_tokens = max_tokens, end tokens banned), so a
+            # request that ends for "length" generated exactly max_tokens tokens.
+            if (not ignore_eos and record.ok and not record.tokens_from_usage and record.finish_reason == "length"
+                    and (extra_params or {}).get("min_tokens", 0) >= max_tokens):
+                forced.append(record.output_tokens)
+                record.output_tokens = max_tokens
+
+        result = asyncio.run(run_level(url, model=None, concurrency=concurrency, num_requests=num_requests,
+                                       max_tokens=max_tokens, api="openai", ignore_eos=ignore_eos,
+                                       prompts=list(prompts), temperature=0.0, extra_params=extra_params,
+                                       timeout=args.request_timeout, on_request_done=count_forced))
+        if forced:
+            result["tokens_counted_from"] = "forced length (finish_reason length, min_tokens = max_tokens)"
+            result["chunks_per_request"] = forced
+        return result
 
     warm = min(4, max(levels))
     log(f"{label}: warm-up ({warm} streams x {min(8, args.max_tokens)} tokens, warm-up prompts only)")
@@ -298,7 +319,7 @@ def measure(args: argparse.Namespace, url: str, label: str, levels: list[int], e
     for c in levels:
         n = max(args.min_requests, c * args.rounds)
         log(f"{label}: {c} streams, {n} requests x {args.max_tokens} tokens")
-        r = level(c, n, args.max_tokens, PROMPTS)
+        r = level(c, n, args.max_tokens, measured_prompts(n, c, distinct=not args.repeat_prompts))
         log(f"{label}: {c} streams: {fmt(r['output_token_throughput'])} tok/s, "
             f"TTFT p50 {fmt(r['ttft_ms']['p50'], 0)} ms, "
             f"ITL p50 {fmt(r['itl_ms']['p50'], 1)} ms, failed {r['failed']}, "
@@ -554,6 +575,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="rillet's (and the seed's) --dtype (default auto: rillet's own best; with the default "
                              "GGUF its Q4_1 blocks run as they are with bf16 activations)")
     add_isa_argument(parser)
+    add_prompt_argument(parser)
     parser.add_argument("--peers-isa", default="same", choices=("same", "native", "avx2"),
                         help="hold vLLM to this ISA: same (default): what --rillet-isa says (avx2: "
                              "ATEN_CPU_CAPABILITY=avx2, ONEDNN_MAX_CPU_ISA=AVX2, vLLM's AVX2 kernels, float32); "
@@ -703,7 +725,8 @@ def main(argv: list[str] | None = None) -> int:
                      "vllm_cores": vllm_cores, "vllm_python": str(vllm_python) if vllm_python else None,
                      "llamacpp_python": str(llamacpp_python) if llamacpp_python else None,
                      "llamacpp_build": llamacpp_build or None, "quick": args.quick,
-                     "prompts": list(PROMPTS), "warmup_prompts": list(WARMUP_PROMPTS)},
+                     "prompts": list(PROMPTS), "distinct_prompts": not args.repeat_prompts,
+                     "warmup_prompts": list(WARMUP_PROMPTS)},
         "comparisons": comp,
         "results": results,
         "notes": notes,

@@ -13,7 +13,8 @@ Work: --concurrency streams (default 16) kept in flight until --num-requests (de
 max(concurrency, --min-requests 16)) streaming chat requests are done, each forced to
 --max-tokens (default 128) output tokens (ignore_eos, greedy). Each system first warms up on
 WARMUP_PROMPTS, none of which is measured, so TTFT is never that of a prompt the warm-up left
-in rillet's prefix cache. Metrics: output tokens/s, TTFT p50/p99, inter-token latency
+in rillet's prefix cache; each measured prompt is a new one too (PROMPTS cycled, each opening
+with its own "[C.i]" tag; --repeat-prompts: verbatim). Metrics: output tokens/s, TTFT p50/p99, inter-token latency
 (gaps between streamed chunks) p50/p99, time per output token p50/p99.
 
 Bars (issue 3): rillet >= 15x seed output tokens/s at 16 streams; rillet TTFT p50 <= 1/4 of
@@ -44,6 +45,7 @@ from benchmarks.common import (  # noqa: E402
     RESULTS_DIR,
     WARMUP_PROMPTS,
     add_isa_argument,
+    add_prompt_argument,
     apply_isa,
     fmt,
     fmt_ratio,
@@ -52,6 +54,7 @@ from benchmarks.common import (  # noqa: E402
     log,
     machine_info,
     markdown_table,
+    measured_prompts,
     ratio,
     run_http_level,
     server_process,
@@ -76,7 +79,9 @@ def run_http(args: argparse.Namespace, url: str, label: str) -> dict:
                                api=args.api, prompts=WARMUP_PROMPTS, loadgen=args.loadgen))
     log(f"{label}: {args.concurrency} streams, {args.num_requests} requests x {args.max_tokens} tokens ({args.api})")
     result = asyncio.run(run_http_level(url, model=None, concurrency=args.concurrency, num_requests=args.num_requests,
-                                        max_tokens=args.max_tokens, api=args.api, ignore_eos=True, prompts=PROMPTS,
+                                        max_tokens=args.max_tokens, api=args.api, ignore_eos=True,
+                                        prompts=measured_prompts(args.num_requests, args.concurrency,
+                                                                 distinct=not args.repeat_prompts),
                                         loadgen=args.loadgen))
     log(f"{label}: {fmt(result['output_token_throughput'])} tok/s, TTFT p50 {fmt(result['ttft_ms']['p50'], 0)} ms, "
         f"failed {result['failed']}")
@@ -125,7 +130,9 @@ def bench_rillet_inprocess(args: argparse.Namespace) -> dict:
                                    prompts=WARMUP_PROMPTS, tag="warmup")
             log(f"rillet in-process: {args.concurrency} streams, {args.num_requests} requests x {args.max_tokens} tokens")
             return await run_rillet_level(engine, concurrency=args.concurrency, num_requests=args.num_requests,
-                                          max_tokens=args.max_tokens, prompts=PROMPTS)
+                                          max_tokens=args.max_tokens,
+                                          prompts=measured_prompts(args.num_requests, args.concurrency,
+                                                                   distinct=not args.repeat_prompts))
         finally:
             await engine.shutdown()
 
@@ -213,6 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--start-timeout", type=float, default=600.0, help="seconds a server may take to start")
     parser.add_argument("--quick", action="store_true", help="smoke run: 4 streams x 16 tokens")
     add_isa_argument(parser)
+    add_prompt_argument(parser)
     parser.add_argument("--out", type=Path, default=None,
                         help="JSON path (default benchmarks/results/bench_serving.json)")
     args = parser.parse_args(argv)
@@ -251,6 +259,7 @@ def main(argv: list[str] | None = None) -> int:
                      "max_tokens": args.max_tokens, "api": args.api, "ignore_eos": True, "temperature": 0.0,
                      "dtype": args.dtype, "model": args.model or "default (SmolLM2-135M-Instruct)",
                      "loadgen": args.loadgen, "quick": args.quick, "prompts": list(PROMPTS),
+                     "distinct_prompts": not args.repeat_prompts,
                      "warmup_prompts": list(WARMUP_PROMPTS), "min_requests": args.min_requests,
                      "rillet_isa": args.rillet_isa, "isa_env": isa_env},
         "header": header,

@@ -79,6 +79,22 @@ def prompt_cycle(n: int, prompts: Sequence[str | list[dict]] | None = None) -> l
     return [chat_messages(source[i % len(source)]) for i in range(n)]
 
 
+def measured_prompts(n: int, level: int | str, *, distinct: bool = True) -> list[str]:
+    """The n prompts one level measures: PROMPTS cycled. With `distinct` (the default of every
+    script) each opens with its own tag, "[16.3] ...", so no measured prompt is one a prefix cache
+    has already seen (not an earlier level's, not an earlier request's of this level: only eight
+    prompts cycle), and TTFT is that of a new prompt. The chat template's shared system part
+    still hits the cache, as it does for real traffic. Every system gets the same prompts."""
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(n)]
+    return [f"[{level}.{i}] {p}" for i, p in enumerate(prompts)] if distinct else prompts
+
+
+def add_prompt_argument(parser: Any) -> None:
+    parser.add_argument("--repeat-prompts", action="store_true",
+                        help="measure the same eight prompts verbatim at every level (a prefix cache then serves "
+                             "repeats and flatters TTFT); default: each measured prompt opens with its own tag")
+
+
 def warmup_cycle(n: int) -> list[list[dict]]:
     """n chat message lists from WARMUP_PROMPTS, never a measured prompt."""
     return prompt_cycle(n, WARMUP_PROMPTS)
