@@ -215,9 +215,9 @@ typedef struct {
 
 static const char *format_name(int32_t f) { return f == RILLET_WEIGHT_BF16 ? "bf16" : f == RILLET_WEIGHT_Q8 ? "q8" : "q4"; }
 
-/* v rounded to the nearest value float16 represents (normal range; ties to even): the scales
-   and mins of most checks are such values, so that those checks hold for a build that packs them
-   as float16 too and test the arithmetic; check_quant_scale_precision tests the header's float. */
+/* v rounded to the nearest value float16 represents (normal range; ties to even): packing stores
+   scales and mins so (rillet_kernels.h), and the reference rounds them the same way. Most checks
+   use such values already; the "float32 scales" ones check that the rounding is the only change. */
 static float f16_exact(double v) {
     if (v == 0.0) return 0.0f;
     int e;
@@ -270,8 +270,8 @@ static void free_weights(weights *w) {
 static double weight_value(const weights *w, int64_t o, int64_t j) {
     const int64_t b = o * (w->k / RILLET_QBLOCK) + j / RILLET_QBLOCK;
     if (w->format == RILLET_WEIGHT_BF16) return fb(w->w_bf16[o * w->k + j]);
-    if (w->format == RILLET_WEIGHT_Q8) return (double)w->scales[b] * w->q8[o * w->k + j];
-    return (double)w->scales[b] * w->q4[o * w->k + j] + (double)w->mins[b];
+    if (w->format == RILLET_WEIGHT_Q8) return (double)f16_exact(w->scales[b]) * w->q8[o * w->k + j];
+    return (double)f16_exact(w->scales[b]) * w->q4[o * w->k + j] + (double)f16_exact(w->mins[b]);
 }
 
 /* Activations: uniform, each RILLET_QBLOCK block scaled by 2^[-3, 3] (so blocks differ in dx),
@@ -345,7 +345,7 @@ static void reference_linear(const weights *w, const uint16_t *x, int64_t xs, in
                 double a = 0.0, ties = 0.0;
                 for (int64_t b = 0; b < nb; b++) {
                     const double d = dx[r * nb + b];
-                    const double s = w->scales[o * nb + b], mn = w->mins ? w->mins[o * nb + b] : 0.0;
+                    const double s = f16_exact(w->scales[o * nb + b]), mn = w->mins ? f16_exact(w->mins[o * nb + b]) : 0.0;
                     int64_t dot = 0, sum = 0;
                     for (int64_t j = b * RILLET_QBLOCK; j < (b + 1) * RILLET_QBLOCK; j++) {
                         const int32_t q = w->format == RILLET_WEIGHT_Q8 ? w->q8[o * k + j] : w->q4[o * k + j];
@@ -417,7 +417,7 @@ static void check_linear_shape(int32_t format, int64_t n, int64_t k, int with_bi
     snprintf(name, sizeof name, "linear %s n=%lld k=%lld %s %s%s", format_name(format), (long long)n, (long long)k,
              with_bias ? "bias" : "no-bias", strided ? "strided-x" : "contiguous-x",
              format == RILLET_WEIGHT_BF16 ? "" : f16_scales ? " (scales float16-exact)"
-                                                            : " float32 scales (header: one float scale per block)");
+                                                            : " float32 scales (packed as float16, as the header states)");
     if (!selected(name)) return;
     if (!have_public_linear()) {
         missing(name, "rillet_weight_packed_bytes / rillet_weight_pack / rillet_linear");

@@ -37,9 +37,8 @@ BUILDS = [*cpu_isa.VARIANTS, NO_OPENMP, *AARCH64]
 # 0.3 s run take 6 s. The wait policy changes no result.
 RUN_ENV = {**os.environ, "OMP_WAIT_POLICY": "passive"}
 SUMMARY = re.compile(r"^(\d+) passed, (\d+) failed$", re.M)
-# Checks of a known, reported deviation, run apart (test_quant_scales_are_float32) so that the
-# rest stays a clean gate: linear_quant.c packs Q8/Q4 scales and mins as float16 (its comment:
-# "as llama.cpp"), rillet_kernels.h promises one float scale per block.
+# Checks with scales float16 cannot represent, run apart (test_quant_scales_round_to_float16):
+# packing rounds them to float16 (rillet_kernels.h), the reference the same way.
 KNOWN = "float32 scales"
 
 
@@ -142,7 +141,7 @@ def _build_and_run(name: str, workdir: Path) -> Outcome:
 
 @pytest.fixture(scope="module")
 def outcomes(request, tmp_path_factory) -> dict[str, Outcome]:
-    """Every build the session selected (all of them when only test_quant_scales_are_float32 is),
+    """Every build the session selected (all of them when only test_quant_scales_round_to_float16 is),
     built and run concurrently."""
     selected = [item.callspec.params["build"] for item in request.session.items
                 if item.path == request.path and "build" in getattr(getattr(item, "callspec", None), "params", {})]
@@ -173,11 +172,9 @@ def test_kernel_checks_pass(outcomes, build):
 
 
 @pytest.mark.timeout(600)
-@pytest.mark.xfail(reason="linear_quant.c packs Q8/Q4 scales and mins as float16, rillet_kernels.h says float: "
-                          "until one of the two changes, outputs miss the header's reference by up to the "
-                          "float16 rounding of each block's scale and min", strict=False)
-def test_quant_scales_are_float32(outcomes):
-    """The header's Q8/Q4 contract with scales that float16 does not represent, on every build that ran."""
+def test_quant_scales_round_to_float16(outcomes):
+    """Q8/Q4 with scales that float16 does not represent: packing rounds them to float16, as
+    rillet_kernels.h states, and nothing else changes, on every build that ran."""
     ran = {build: outcome for build, outcome in outcomes.items() if not outcome.skip and not outcome.error}
     if not ran:
         pytest.skip("no build of the harness ran here")
