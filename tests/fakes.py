@@ -9,8 +9,9 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
-from rillet.engine.errors import EngineDeadError, EngineNotReadyError, PromptTooLongError, QueueFullError
+from rillet.engine.errors import EngineDeadError, EngineNotReadyError, QueueFullError
 from rillet.engine.outputs import RequestOutput, TokenLogprob
+from rillet.engine.prompts import PromptEncoder
 from rillet.sampling_params import SamplingParams
 
 __all__ = ["FakeEngine", "FakeStats", "FakeTokenizer", "split_tokens"]
@@ -25,6 +26,9 @@ class FakeStats:
     num_aborted_total: int = 0
     prefix_cache_queries_total: int = 0
     prefix_cache_hits_total: int = 0
+
+
+FAKE_VOCAB_SIZE = 1000  # FakeTokenizer's ids are hashes mod 1000
 
 
 class FakeTokenizer:
@@ -114,6 +118,7 @@ class FakeEngine:
         self.waiting = 0
         self.aborted_total = 0
         self.tokenizer = FakeTokenizer()
+        self.vocab_size = FAKE_VOCAB_SIZE
 
     # ---- lifecycle
     @property
@@ -177,10 +182,13 @@ class FakeEngine:
             for m in prompt:
                 if not isinstance(m.get("content"), str) or m.get("role") not in ("system", "user", "assistant"):
                     raise ValueError(f"bad message {m!r}")
+        # the real engine's checks (engine/prompts.py): token ids in the vocabulary, prompt + max_tokens
+        # within max_model_len
+        checks = PromptEncoder(self.tokenizer, self.vocab_size, self._max_model_len)
+        checks.check_token_ids(params)
         num_prompt = self.num_tokens(prompt)
-        if num_prompt >= self._max_model_len:
-            raise PromptTooLongError(f"the prompt has {num_prompt} tokens but the context holds "
-                                     f"{self._max_model_len} (max_model_len), leaving no room for output")
+        chat = isinstance(prompt, list) and prompt and isinstance(prompt[0], dict)
+        checks.check_prompt_length(num_prompt, params.max_tokens, what="messages" if chat else "prompt")
         if self.max_waiting is not None and self.waiting >= self.max_waiting and self.running >= self._max_num_seqs:
             raise QueueFullError(f"{self.max_waiting} requests are already waiting; retry later")
         request_id = request_id or uuid.uuid4().hex

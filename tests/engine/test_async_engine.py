@@ -113,7 +113,7 @@ def test_queue_full_is_refused_at_once_and_waiting_too_long_is_an_error(env):
     lt, engine = env  # max_num_seqs=2, max_waiting=2, queue_timeout_s=2
 
     async def main():
-        long = SamplingParams(max_tokens=1000, ignore_eos=True)
+        long = SamplingParams(max_tokens=900, ignore_eos=True)  # prompt + max_tokens within the 1024 context
         streams = [await engine.add_request(chat(f"Story {i}"), long) for i in range(4)]  # 2 run, 2 queue
         with pytest.raises(QueueFullError):
             await engine.add_request(chat("one too many"), long)
@@ -143,6 +143,37 @@ def test_bad_requests_are_rejected_before_queueing(env):
     with pytest.raises(ValueError, match="empty"):
         lt.run(engine.add_request("", SamplingParams()))
     assert engine.stats().num_waiting == 0
+
+
+def test_max_tokens_beyond_the_context_and_foreign_token_ids_are_refused(env):
+    """Issue 14: prompt + max_tokens past max_model_len is refused with the numbers (it was clamped
+    silently); logit_bias keys and stop_token_ids outside the vocabulary are refused (they were ignored)."""
+    lt, engine = env
+    n = len(engine.prompts.encode_prompt("The capital of France is"))
+    room = engine.max_model_len - n
+    with pytest.raises(PromptTooLongError, match=f"maximum context length is {engine.max_model_len} tokens") as info:
+        lt.run(engine.add_request("The capital of France is", SamplingParams(max_tokens=room + 1)))
+    err = info.value
+    assert (err.max_model_len, err.num_prompt_tokens, err.max_tokens) == (engine.max_model_len, n, room + 1)
+    assert f"({n} in the prompt, {room + 1} in the completion)" in str(err)
+    with pytest.raises(PromptTooLongError, match="in the messages"):
+        lt.run(engine.add_request([{"role": "user", "content": "hi"}], SamplingParams(max_tokens=10**9)))
+    vocab = engine.prompts.vocab_size
+    with pytest.raises(ValueError, match=rf"logit_bias .*outside the vocabulary \(0..{vocab - 1}\): {vocab}"):
+        lt.run(engine.add_request("hi", SamplingParams(logit_bias={vocab: 5.0})))
+    with pytest.raises(ValueError, match="stop_token_ids .*outside the vocabulary"):
+        lt.run(engine.add_request("hi", SamplingParams(stop_token_ids=[2, 10**12])))
+    assert engine.stats().num_waiting == 0
+
+    async def exactly_the_room_left():
+        stream = await engine.add_request("The capital of France is", SamplingParams(max_tokens=room, temperature=0,
+                                                                                     logit_bias={vocab - 1: 1.0}))
+        await stream.abort()
+        async for _ in stream:
+            pass
+
+    lt.run(exactly_the_room_left())
+    lt.run(wait_idle(engine))
 
 
 @pytest.mark.parametrize("mode", list(MODES))

@@ -78,6 +78,21 @@ CORPUS: list[tuple[str, str, bytes, int, str]] = [
     ("top_logprobs = -1", "/v1/chat/completions", chat(logprobs=True, top_logprobs=-1), 400, "top_logprobs"),
     ("top_logprobs without logprobs", "/v1/chat/completions", chat(top_logprobs=3), 400, "requires logprobs"),
     ("completions logprobs = 100", "/v1/completions", comp(logprobs=100), 400, "logprobs"),
+    # issue 14: beyond the context, or outside the vocabulary: refused with the limit, as OpenAI and vLLM do
+    ("max_tokens past the context", "/v1/completions", comp(prompt=[42] * (CONTEXT - 6), max_tokens=10**9),
+     400, f"maximum context length is {CONTEXT} tokens. However, you requested {CONTEXT - 6 + 10**9} tokens "
+          f"({CONTEXT - 6} in the prompt, {10**9} in the completion)"),
+    ("max_completion_tokens past the context", "/v1/chat/completions", chat(max_completion_tokens=CONTEXT),
+     400, "in the messages"),
+    ("num_predict past the context, Ollama", "/api/chat",
+     json.dumps({"messages": USER, "options": {"num_predict": 10**9}}).encode(), 400, "maximum context length"),
+    ("logit_bias past the vocabulary", "/v1/chat/completions", chat(logit_bias={"49152": 5}), 400,
+     "logit_bias holds token ids outside the vocabulary (0..49151)"),
+    ("logit_bias of a 30-digit id", "/v1/completions", comp(logit_bias={"1" + "0" * 30: -100}), 400,
+     "outside the vocabulary"),
+    ("stop_token_ids past the vocabulary", "/v1/completions", comp(stop_token_ids=[2, 10**12]), 400,
+     "stop_token_ids holds token ids outside the vocabulary"),
+    ("negative num_ctx, Ollama", "/api/generate", b'{"prompt": "x", "options": {"num_ctx": -5}}', 400, "num_ctx"),
     ("unknown model", "/v1/chat/completions", chat(model="gpt-9"), 404, "does not exist"),
     ("unknown model, Ollama", "/api/generate", b'{"model": "llama9", "prompt": "x"}', 404, "does not exist"),
 ]
@@ -146,17 +161,17 @@ def test_hostile_corpus_gets_clear_4xx_while_streams_run(main_server):
             for name, chunked in (("10 MB body", False), ("10 MB chunked body, no length", True)):
                 res = await upload(server.url, "/v1/completions", 10 << 20, headers, chunked=chunked)
                 seen.append((name, "/v1/completions", 413, "larger than", res))
-            # max_tokens past the context is clamped to the room left (not refused): the answer stops
-            # at the context with finish_reason "length" (tests/server covers this with the fake engine too)
-            clamp = await rh.http_request(server.url, "/v1/completions",
-                                          comp(prompt=[42] * (CONTEXT - 6), max_tokens=10**9, ignore_eos=True),
-                                          headers=headers)
+            # without max_tokens the answer runs up to the context (exactly the room left is accepted
+            # too: tests/server covers it with the fake engine)
+            unbounded = await rh.http_request(server.url, "/v1/completions",
+                                              json.dumps({"prompt": [42] * (CONTEXT - 6), "ignore_eos": True}).encode(),
+                                              headers=headers)
         finally:
             finished.set()
             await runner
-        return seen, clamp, streams
+        return seen, unbounded, streams
 
-    seen, clamp, streams = asyncio.run(main())
+    seen, unbounded, streams = asyncio.run(main())
     failures = []
     for name, path, status, fragment, res in seen:
         took = (res.t_head or time.perf_counter()) - res.t_sent
@@ -169,8 +184,8 @@ def test_hostile_corpus_gets_clear_4xx_while_streams_run(main_server):
         if took > 30:
             failures.append(f"{name}: answered after {took:.1f}s")
     assert not failures, "\n".join(failures)
-    assert clamp.status == 200 and clamp.finish_reason == "length", clamp.body
-    usage = clamp.body["usage"]
+    assert unbounded.status == 200 and unbounded.finish_reason == "length", unbounded.body
+    usage = unbounded.body["usage"]
     assert usage["prompt_tokens"] + usage["completion_tokens"] == CONTEXT, usage
     assert len(streams) >= 2
     for s in streams:

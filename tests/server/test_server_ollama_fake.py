@@ -106,3 +106,68 @@ async def test_tags_version_show_ps():
         assert show["model_info"]["llama.context_length"] == 512
         assert (await client.post("/api/show", json={"model": "x"})).status_code == 404
         assert (await client.get("/api/ps")).json()["models"][0]["name"] == "fake-model"
+
+
+def assert_ollama_400(r, fragment: str = "") -> str:
+    """A 400 in Ollama's shape: {"error": "..."} and nothing else."""
+    assert r.status_code == 400, (r.status_code, r.text)
+    body = r.json()
+    assert set(body) == {"error"} and isinstance(body["error"], str), body
+    assert fragment.lower() in body["error"].lower(), body
+    return body["error"]
+
+
+async def test_num_predict_beyond_the_context_is_400_with_the_numbers():
+    """Issue 14: num_predict past the context was clamped (200, holding a slot) instead of refused."""
+    engine = FakeEngine(max_model_len=32)
+    async with running_app(engine) as (client, _, _):
+        messages = [{"role": "user", "content": "word " * 10}]
+        num_prompt = engine.num_tokens(messages)
+        for stream in (True, False):
+            r = await client.post("/api/chat", json={"messages": messages, "stream": stream,
+                                                     "options": {"num_predict": 1000}})
+            assert_ollama_400(r, f"maximum context length is 32 tokens. However, you requested {num_prompt + 1000} "
+                                 f"tokens ({num_prompt} in the messages, 1000 in the completion)")
+            r = await client.post("/api/generate", json={"prompt": "word " * 10, "raw": True, "stream": stream,
+                                                         "options": {"num_predict": 10**12}})
+            assert_ollama_400(r, "in the prompt")
+        assert engine.params == {}
+        for num_predict in (-1, -2, 32 - num_prompt):  # up to the context, or exactly the room left
+            r = await client.post("/api/chat", json={"messages": messages, "stream": False,
+                                                     "options": {"num_predict": num_predict}})
+            assert r.status_code == 200, r.text
+
+
+@pytest.mark.parametrize("options, fragment", [
+    ({"num_predict": 0}, "num_predict"),
+    ({"num_ctx": -1}, "num_ctx"),
+    ({"num_ctx": "big"}, "num_ctx"),
+    ({"top_k": -2}, "top_k"),
+    ({"top_p": 1.5}, "top_p"),
+    ({"min_p": -1}, "min_p"),
+    ({"temperature": -1}, "temperature"),
+    ({"seed": 2**64}, "seed"),
+    ({"repeat_penalty": 0}, "repeat_penalty"),
+    ({"frequency_penalty": 3}, "frequency_penalty"),
+    ({"presence_penalty": -3}, "presence_penalty"),
+    ({"stop": ["x"] * 65}, "stop"),
+    ({"num_predict": 10**30}, "maximum context length"),
+])
+async def test_out_of_range_options_are_400_in_ollama_shape(options, fragment):
+    engine = FakeEngine(max_model_len=64)
+    async with running_app(engine) as (client, _, _):
+        for path, body in (("/api/chat", {"messages": [{"role": "user", "content": "hi"}]}),
+                           ("/api/generate", {"prompt": "hi"})):
+            assert_ollama_400(await client.post(path, json={**body, "options": options}), fragment)
+        assert engine.params == {}
+
+
+async def test_num_ctx_and_seed_follow_ollama():
+    """num_ctx past the server's context is served within it (Ollama caps it to the model's); seed -1
+    is Ollama's "random"."""
+    engine = FakeEngine(max_model_len=64)
+    async with running_app(engine) as (client, _, _):
+        for options, seed in (({"num_ctx": 10**9, "seed": -1}, None), ({"num_ctx": 0, "seed": 7}, 7), ({}, None)):
+            r = await client.post("/api/generate", json={"prompt": "hi", "stream": False, "options": options})
+            assert r.status_code == 200, r.text
+            assert list(engine.params.values())[-1].seed == seed

@@ -183,19 +183,139 @@ async def test_unknown_model_404_and_missing_model_ok():
         assert r.status_code == 404
 
 
-async def test_prompt_too_long_400_and_max_tokens_clamped():
+def assert_openai_400(r, param=None, fragment=""):
+    """A 400 in OpenAI's error shape; `param` and a piece of the message checked where given."""
+    assert r.status_code == 400, (r.status_code, r.text)
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}, error
+    assert error["type"] == "invalid_request_error"
+    if param is not None:
+        assert error["param"] == param, error
+    assert fragment.lower() in error["message"].lower(), error
+    return error
+
+
+async def test_prompt_too_long_400_and_max_tokens_beyond_the_context_400_with_the_numbers():
+    """Issue 14: prompt + max_tokens beyond the context was silently clamped (200, holding a slot).
+    OpenAI and vLLM answer 400 stating the limit; so does rillet, and nothing is queued."""
     engine = FakeEngine(max_model_len=32)
     async with running_app(engine) as (client, _, _):
         r = await client.post("/v1/completions", json={"prompt": "word " * 40})
-        assert r.status_code == 400
-        assert r.json()["error"]["code"] == "context_length_exceeded"
-        # prompt fits, prompt + max_tokens does not: generation stops at the context ("length")
+        assert assert_openai_400(r, "prompt")["code"] == "context_length_exceeded"
         r = await client.post("/v1/completions", json={"prompt": "word " * 28, "max_tokens": 100,
                                                        "ignore_eos": True})
+        error = assert_openai_400(r, "prompt", "This model's maximum context length is 32 tokens. However, you "
+                                               "requested 128 tokens (28 in the prompt, 100 in the completion)")
+        assert error["code"] == "context_length_exceeded"
+        # chat: max_tokens, and max_completion_tokens, counted against the templated messages
+        chat = {"messages": [{"role": "user", "content": "word " * 20}]}
+        num_prompt = engine.num_tokens([{"role": "user", "content": "word " * 20}])
+        for field in ("max_tokens", "max_completion_tokens"):
+            r = await client.post("/v1/chat/completions", json={**chat, field: 10**9})
+            error = assert_openai_400(r, "messages", f"you requested {num_prompt + 10**9} tokens ({num_prompt} in "
+                                                     f"the messages, {10**9} in the completion)")
+            assert error["code"] == "context_length_exceeded"
+        r = await client.post("/v1/chat/completions", json={**chat, "max_tokens": 32 - num_prompt + 1, "stream": True})
+        assert_openai_400(r, "messages", "maximum context length is 32")  # before the stream starts
+        assert engine.params == {}  # none of them reached the engine's queue
+        # exactly the room left: accepted
+        r = await client.post("/v1/completions", json={"prompt": "word " * 28, "max_tokens": 4, "ignore_eos": True})
+        assert r.status_code == 200, r.text
+        # no max_tokens: up to the context, which ends the answer ("length")
+        r = await client.post("/v1/completions", json={"prompt": "word " * 28, "ignore_eos": True})
         assert r.status_code == 200, r.text
         body = r.json()
         assert body["choices"][0]["finish_reason"] == "length"
         assert body["usage"]["prompt_tokens"] + body["usage"]["completion_tokens"] == 32
+
+
+async def test_token_ids_outside_the_vocabulary_are_400():
+    """Issue 14: logit_bias keys past the vocabulary were accepted (and silently ignored by the sampler)."""
+    engine = FakeEngine()  # vocabulary 0..999
+    async with running_app(engine) as (client, _, _):
+        for path, body in (("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}),
+                           ("/v1/completions", {"prompt": "hi"})):
+            for bias in ({"1000": 5}, {"5": 1, "99999999999999999999999": -100}):
+                r = await client.post(path, json={**body, "logit_bias": bias})
+                assert_openai_400(r, "logit_bias", "outside the vocabulary (0..999)")
+            r = await client.post(path, json={**body, "stop_token_ids": [2, 10**12]})
+            assert_openai_400(r, "stop_token_ids", "outside the vocabulary (0..999)")
+            r = await client.post(path, json={**body, "logit_bias": {"-1": 5}})
+            assert_openai_400(r, "logit_bias", "token ids >= 0")
+            r = await client.post(path, json={**body, "logit_bias": {"999": 100}, "stop_token_ids": [0, 999]})
+            assert r.status_code == 200, r.text
+
+
+CHAT = {"messages": [{"role": "user", "content": "hi"}]}
+COMP = {"prompt": "hi"}
+
+# Every numeric and id-like field of both OpenAI routes, out of range: (route body, field values, param)
+HOSTILE_OPENAI = [
+    (CHAT, {"max_tokens": 0}, "max_tokens"),
+    (CHAT, {"max_tokens": -1}, "max_tokens"),
+    (CHAT, {"max_completion_tokens": 0}, "max_completion_tokens"),
+    (COMP, {"max_tokens": 10**30}, "prompt"),  # beyond the context: context_length_exceeded
+    (CHAT, {"max_completion_tokens": 10**30}, "messages"),
+    (CHAT, {"n": 0}, "n"),
+    (COMP, {"n": 17}, "n"),
+    (CHAT, {"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    (CHAT, {"logprobs": True, "top_logprobs": -1}, "top_logprobs"),
+    (CHAT, {"top_logprobs": 2}, "top_logprobs"),
+    (COMP, {"logprobs": 21}, "logprobs"),
+    (COMP, {"logprobs": -1}, "logprobs"),
+    (CHAT, {"logit_bias": {"1": 101}}, "logit_bias"),
+    (CHAT, {"logit_bias": {"x": 1}}, "logit_bias"),
+    (COMP, {"logit_bias": {"1000": 1}}, "logit_bias"),
+    (CHAT, {"seed": 2**63, "temperature": 1}, "seed"),
+    (CHAT, {"seed": -(2**63) - 1}, "seed"),
+    (COMP, {"stop": ["x"] * 65}, "stop"),
+    (COMP, {"stop": ["y" * 1025]}, "stop"),
+    (COMP, {"stop": ""}, "stop"),
+    (COMP, {"stop_token_ids": [-1]}, "stop_token_ids"),
+    (COMP, {"stop_token_ids": [1000]}, "stop_token_ids"),
+    (CHAT, {"temperature": -0.1}, "temperature"),
+    (CHAT, {"temperature": 101}, "temperature"),
+    (CHAT, {"top_p": 0}, "top_p"),
+    (CHAT, {"top_p": 1.01}, "top_p"),
+    (CHAT, {"top_k": -2}, "top_k"),
+    (CHAT, {"min_p": -0.1}, "min_p"),
+    (CHAT, {"min_p": 1.1}, "min_p"),
+    (CHAT, {"repetition_penalty": 0}, "repetition_penalty"),
+    (CHAT, {"repetition_penalty": 10.5}, "repetition_penalty"),
+    (CHAT, {"frequency_penalty": 2.1}, "frequency_penalty"),
+    (CHAT, {"presence_penalty": -2.1}, "presence_penalty"),
+    (COMP, {"best_of": 3}, "best_of"),
+]
+
+
+@pytest.mark.parametrize("body, fields, param", HOSTILE_OPENAI,
+                         ids=[f"{'chat' if 'messages' in b else 'comp'}-{next(iter(f))}={next(iter(f.values()))!r}"[:60]
+                              for b, f, _ in HOSTILE_OPENAI])
+async def test_out_of_range_fields_are_400_in_openai_shape(body, fields, param):
+    engine = FakeEngine(max_model_len=64)
+    async with running_app(engine) as (client, _, _):
+        path = "/v1/chat/completions" if "messages" in body else "/v1/completions"
+        for stream in (False, True):
+            r = await client.post(path, json={**body, **fields, "stream": stream})
+            error = assert_openai_400(r, param)
+            assert error["message"].lower().startswith(param) or param in ("prompt", "messages"), error
+        assert engine.params == {}
+
+
+async def test_refused_requests_do_not_disturb_running_streams():
+    engine = FakeEngine(max_model_len=64, token_delay_s=0.01)
+    async with running_app(engine) as (client, _, _):
+        streams = [asyncio.ensure_future(client.post("/v1/chat/completions", json={**CHAT, "stream": True}))
+                   for _ in range(3)]
+        await wait_for(lambda: engine.running == 3)
+        for body, fields, param in HOSTILE_OPENAI:
+            path = "/v1/chat/completions" if "messages" in body else "/v1/completions"
+            assert_openai_400(await client.post(path, json={**body, **fields}), param)
+        for r in await asyncio.gather(*streams):
+            assert r.status_code == 200
+            events = sse_events(r.text)
+            assert events[-1] == "[DONE]"
+            assert "".join(e["choices"][0]["delta"].get("content", "") for e in events[:-1]) == REPLY
 
 
 async def test_engine_error_mid_stream_is_a_terminal_error_event():

@@ -246,8 +246,9 @@ class AsyncEngine:
 
     async def add_request(self, prompt: Prompt, params: SamplingParams,
                           request_id: str | None = None) -> RequestStream:
-        """Validate and queue a request. Raises ValueError (bad prompt or parameters),
-        PromptTooLongError, QueueFullError, EngineDeadError or EngineNotReadyError."""
+        """Validate and queue a request. Raises ValueError (bad prompt or parameters, token ids
+        outside the vocabulary), PromptTooLongError (the prompt, or the prompt plus max_tokens, does
+        not fit in max_model_len), QueueFullError, EngineDeadError or EngineNotReadyError."""
         self._check_accepting()
         params.validate()
         request_id = request_id or uuid.uuid4().hex
@@ -255,11 +256,13 @@ class AsyncEngine:
             raise ValueError(f"request id {request_id!r} is already in use")
         self._check_queue()
         prompts = self.prompts
+        prompts.check_token_ids(params)
         if _prompt_chars(prompt) < INLINE_TOKENIZE_CHARS:  # ~0.1 ms: cheaper than a thread hop
             token_ids = prompts.encode_prompt(prompt)
         else:  # long prompts: keep the event loop free
             token_ids = await asyncio.to_thread(prompts.encode_prompt, prompt)
-        prompts.check_prompt_length(len(token_ids))
+        chat = isinstance(prompt, list) and bool(prompt) and isinstance(prompt[0], dict)
+        prompts.check_prompt_length(len(token_ids), params.max_tokens, what="messages" if chat else "prompt")
         self._check_accepting()
         self._check_queue()  # again: other requests may have been queued while this one was tokenized
         stream = RequestStream(self, request_id, len(token_ids), params.n)

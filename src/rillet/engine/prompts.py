@@ -51,9 +51,28 @@ class PromptEncoder:
             raise ValueError(f"the model's chat template rejected these messages: {exc}") from None
         return self.tokenizer.encode(text, add_special_tokens=False)
 
-    def check_prompt_length(self, num_tokens: int) -> None:
+    def check_prompt_length(self, num_tokens: int, max_tokens: int | None = None, *, what: str = "prompt") -> None:
+        """PromptTooLongError if the prompt leaves no room for output, or if the prompt plus
+        `max_tokens` (None: up to the context) exceeds max_model_len, stating the numbers as vLLM
+        and OpenAI do. `what` names the prompt in the message: "prompt" or "messages"."""
         if num_tokens >= self.max_model_len:
             raise PromptTooLongError(
                 f"the prompt has {num_tokens} tokens but the context holds {self.max_model_len} "
-                f"(max_model_len), leaving no room for output"
-            )
+                f"(max_model_len), leaving no room for output",
+                max_model_len=self.max_model_len, num_prompt_tokens=num_tokens)
+        if max_tokens is not None and num_tokens + max_tokens > self.max_model_len:
+            raise PromptTooLongError(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
+                f"{num_tokens + max_tokens} tokens ({num_tokens} in the {what}, {max_tokens} in the completion). "
+                f"Please reduce the length of the {what} or completion.",
+                max_model_len=self.max_model_len, num_prompt_tokens=num_tokens, max_tokens=max_tokens)
+
+    def check_token_ids(self, params: Any) -> None:
+        """ValueError naming the field for a logit_bias key or stop_token_id outside the vocabulary
+        (OpenAI and vLLM refuse them; the sampler could only ignore them)."""
+        for field, ids in (("logit_bias", params.logit_bias), ("stop_token_ids", params.stop_token_ids)):
+            bad = sorted(t for t in ids if not 0 <= t < self.vocab_size)
+            if bad:
+                shown = ", ".join(map(str, bad[:5])) + (", ..." if len(bad) > 5 else "")
+                raise ValueError(f"{field} holds token ids outside the vocabulary (0..{self.vocab_size - 1}): "
+                                 f"{shown}")

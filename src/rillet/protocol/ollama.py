@@ -37,8 +37,9 @@ class Options(_Request):
     top_k: int | None = None
     min_p: float | None = None
     num_predict: int | None = None  # -1 (or absent): up to the context
+    num_ctx: int | None = None  # accepted: rillet serves every request within its own max_model_len
     stop: list[str] | str | None = None
-    seed: int | None = None
+    seed: int | None = None  # -1: unseeded (Ollama's default)
     repeat_penalty: float | None = None
     frequency_penalty: float | None = None
     presence_penalty: float | None = None

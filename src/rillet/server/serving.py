@@ -355,22 +355,17 @@ class Serving:
 
     async def submit(self, prompt: Any, params: SamplingParams, *, prefix: str, arrival: float,
                      prompt_param: str = "messages") -> RequestHandle:
-        """add_request with admission control and max_tokens clamping; raises APIError."""
+        """add_request with admission control; raises APIError (400 for a prompt, or prompt plus
+        max_tokens, that does not fit in the context, stating the numbers)."""
         if self.state.draining:
             self.metrics.request_rejected.labels("draining").inc()
             raise APIError(503, "the server is shutting down", code="server_shutting_down")
         _check_unicode(prompt, prompt_param)
         request_id = _new_id(prefix)
         try:
-            try:
-                stream = await self.engine.add_request(prompt, params, request_id)
-            except PromptTooLongError:
-                if params.max_tokens is None:
-                    raise
-                # prompt + max_tokens overflows the context: clamp max_tokens to the room left
-                # (max_tokens=None); if the prompt alone does not fit, this raises again -> 400.
-                params = dataclasses.replace(params, max_tokens=None)
-                stream = await self.engine.add_request(prompt, params, request_id)
+            # prompt + max_tokens beyond the context is refused (400 with the numbers), as OpenAI and
+            # vLLM do: clamping it answered 200 and held a slot for a length nobody asked for.
+            stream = await self.engine.add_request(prompt, params, request_id)
         except PromptTooLongError as exc:
             raise APIError(400, str(exc), param=prompt_param, code="context_length_exceeded") from None
         except QueueFullError as exc:
@@ -384,8 +379,10 @@ class Serving:
         except EngineDeadError as exc:
             self.metrics.request_rejected.labels("engine_dead").inc()
             raise APIError(503, str(exc) or "the engine has stopped", code="engine_dead") from None
-        except ValueError as exc:
-            raise APIError(400, str(exc), param=prompt_param) from None
+        except ValueError as exc:  # a bad prompt, or a parameter only the engine can check (token ids)
+            message = str(exc)
+            first = message.split(" ", 1)[0]
+            raise APIError(400, message, param=first if first in _SAMPLING_FIELDS else prompt_param) from None
         handle = RequestHandle(self, stream, request_id, params.n, arrival, time.perf_counter())
         self.state.add(handle)
         logger.debug("[%s] engine request %s: %d prompt tokens", request_id_var.get(), request_id,
@@ -597,6 +594,10 @@ class Serving:
             num_predict = None  # -1 (and -2): up to the context
         if num_predict == 0:
             raise APIError(400, "num_predict must be >= 1 (or -1 for up to the context)", param="num_predict")
+        if o.num_ctx is not None and o.num_ctx < 0:
+            # Ollama caps a num_ctx above the model's context to it; rillet serves within max_model_len
+            raise APIError(400, f"num_ctx must be >= 0, got {o.num_ctx}", param="num_ctx")
+        seed = None if o.seed == -1 else o.seed  # Ollama's -1: a random seed
         # Ollama's runtime defaults: temperature 0.8, top_k 40, top_p 0.9
         return make_sampling_params(
             {"max_tokens": "num_predict", "repetition_penalty": "repeat_penalty"},
@@ -604,7 +605,7 @@ class Serving:
             temperature=0.8 if o.temperature is None else o.temperature,
             top_p=0.9 if o.top_p is None else o.top_p,
             top_k=40 if o.top_k is None else o.top_k,
-            min_p=o.min_p, seed=o.seed, stop=o.stop, repetition_penalty=o.repeat_penalty,
+            min_p=o.min_p, seed=seed, stop=o.stop, repetition_penalty=o.repeat_penalty,
             frequency_penalty=o.frequency_penalty, presence_penalty=o.presence_penalty,
         )
 
