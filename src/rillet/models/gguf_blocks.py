@@ -78,7 +78,10 @@ def convert_blocks(data: np.ndarray, qtype: T, shape: tuple[int, ...], name: str
             return _CONVERTERS[qtype](raw)
     logger.info("GGUF tensor %s: type %s has no direct rillet form; dequantizing it to float32",
                 name, qtype.name)
-    return torch.from_numpy(np.ascontiguousarray(gguf_dequantize(np.asarray(data), qtype)).reshape(shape))
+    raw = np.asarray(data)
+    if raw.dtype == np.uint8:  # one row of blocks per output, as gguf.GGUFReader hands them out
+        raw = raw.reshape(int(np.prod(shape[:-1], dtype=np.int64)) if len(shape) > 1 else 1, -1)
+    return torch.from_numpy(np.ascontiguousarray(gguf_dequantize(raw, qtype)).reshape(shape))
 
 
 def _f16(raw: np.ndarray, offset: int) -> np.ndarray:

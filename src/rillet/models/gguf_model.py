@@ -187,13 +187,16 @@ def gguf_weights(header: "GgufHeader", config) -> dict[str, Weight]:
 def unpermute_rows(weight: Weight, n_head: int) -> Weight:
     """Undo llama.cpp's rotary row permutation of attn_q / attn_k (n_head: heads of that tensor)."""
     rows = weight.shape[0]
-    # transformers: w.reshape(n_head, dim, 2, ...).swapaxes(2, 1): HF row h*2*dim + j*dim + i is
-    # GGUF row h*2*dim + 2*i + j
-    perm = torch.arange(rows).reshape(n_head, rows // n_head // 2, 2).transpose(1, 2).reshape(-1)
+
+    def rows_back(t: torch.Tensor) -> torch.Tensor:
+        # transformers' reverse permute: w.reshape(n_head, dim, 2, ...).swapaxes(2, 1), so HF row
+        # h*2*dim + j*dim + i is GGUF row h*2*dim + 2*i + j
+        return t.reshape(n_head, rows // n_head // 2, 2, *t.shape[1:]).transpose(1, 2).reshape(t.shape)
+
     if isinstance(weight, QuantizedWeight):
-        return QuantizedWeight(weight.format, weight.values[perm], weight.scales[perm],
-                               None if weight.mins is None else weight.mins[perm])
-    return weight[perm]
+        return QuantizedWeight(weight.format, rows_back(weight.values), rows_back(weight.scales),
+                               None if weight.mins is None else rows_back(weight.mins))
+    return rows_back(weight)
 
 
 def _form(weight: Weight) -> str:
