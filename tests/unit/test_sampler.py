@@ -57,3 +57,111 @@ def test_a_seeded_row_draws_the_same_tokens_whatever_its_batch_mates():
     alone = run(0)
     assert run(5) == alone and run(17) == alone
     assert len(set(alone)) > 3  # it does sample
+
+
+# ---- behaviour of top_k, min_p and the penalties (not only their plumbing)
+
+N_DRAWS = 20000
+
+
+def draw(logits_row, n=N_DRAWS, seed=3, make=None, **params):
+    """Token counts of n seeded draws from one row of logits (one row per draw, one step)."""
+    V = logits_row.shape[-1]
+    if make is None:
+        shared = SamplingParams(**params)  # one object for the batch: building 20,000 costs seconds
+        batch = [Sequence(f"r{i}", 0, [1, 2, 3], shared) for i in range(n)]
+    else:
+        batch = make(n)
+    tokens = Sampler(V, torch.device("cpu"), seed=seed)(logits_row.expand(n, -1).clone(), batch).token_ids
+    return torch.bincount(torch.tensor(tokens), minlength=V).double()
+
+
+def assert_frequencies(counts, expected):
+    """Each token's frequency within 4.5 binomial standard deviations of its expected probability."""
+    n = counts.sum().item()
+    for token, p in enumerate(expected.tolist()):
+        f = counts[token].item() / n
+        if p == 0.0:
+            assert counts[token] == 0, f"token {token} (probability 0) drawn {int(counts[token])} times"
+        else:
+            assert abs(f - p) < 4.5 * math.sqrt(p * (1 - p) / n) + 1e-9, (token, p, f)
+
+
+LOGITS = torch.tensor([2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, -2.0])
+
+
+def test_top_k_draws_only_the_k_most_likely_at_their_renormalised_probabilities():
+    for k, temperature in ((1, 1.0), (2, 1.0), (3, 0.7), (5, 1.3)):
+        probs = torch.softmax(LOGITS / temperature, dim=-1)
+        expected = torch.zeros_like(probs)
+        expected[:k] = probs[:k] / probs[:k].sum()  # LOGITS are sorted: the first k are the most likely
+        counts = draw(LOGITS, top_k=k, temperature=temperature)
+        assert set(counts.nonzero().flatten().tolist()) == set(range(k)), k
+        assert_frequencies(counts, expected)
+    # a shuffled vocabulary: the k most likely wherever they are
+    order = torch.randperm(8, generator=torch.Generator().manual_seed(1))
+    counts = draw(LOGITS[order], top_k=2)
+    assert set(counts.nonzero().flatten().tolist()) == {int((order == 0).nonzero()), int((order == 1).nonzero())}
+
+
+def test_min_p_cuts_tokens_below_min_p_times_the_top_probability():
+    probs = torch.softmax(LOGITS, dim=-1)
+    for min_p in (0.1, 0.3, 0.5):
+        kept = probs >= min_p * probs.max()  # vLLM: p < min_p * p_max is removed
+        expected = torch.where(kept, probs, 0.0)
+        expected /= expected.sum()
+        counts = draw(LOGITS, min_p=min_p)
+        assert set(counts.nonzero().flatten().tolist()) == set(kept.nonzero().flatten().tolist()), min_p
+        assert_frequencies(counts, expected)
+    # with temperature the cut is on the tempered distribution (temperature first, as vLLM)
+    tempered = torch.softmax(LOGITS / 2.0, dim=-1)
+    kept = tempered >= 0.5 * tempered.max()
+    counts = draw(LOGITS, min_p=0.5, temperature=2.0)
+    assert set(counts.nonzero().flatten().tolist()) == set(kept.nonzero().flatten().tolist())
+
+
+def _seq(prompt, output, **params):
+    seq = Sequence("r", 0, list(prompt), SamplingParams(**params))
+    seq.output_token_ids = list(output)
+    return seq
+
+
+def test_penalties_change_the_logits_as_vllm_defines_them():
+    V = 8
+    logits = torch.tensor([[2.0, -1.0, 0.5, 1.0, 0.0, 3.0, -2.0, 1.5]])
+    sampler = Sampler(V, torch.device("cpu"))
+
+    def apply(seq):
+        return sampler._apply_biases_and_penalties(logits.clone(), [seq])[0]
+
+    # repetition: every token of the prompt and the output; positive logits divided, negative multiplied
+    out = apply(_seq([0, 1], [2, 2], repetition_penalty=2.0))
+    assert out.tolist() == [1.0, -2.0, 0.25, 1.0, 0.0, 3.0, -2.0, 1.5]
+    # frequency: minus penalty x count, presence: minus penalty once; output tokens only, not the prompt
+    out = apply(_seq([0, 5], [2, 2, 2, 3], frequency_penalty=0.5))
+    assert out.tolist() == [2.0, -1.0, 0.5 - 1.5, 1.0 - 0.5, 0.0, 3.0, -2.0, 1.5]
+    out = apply(_seq([0, 5], [2, 2, 2, 3], presence_penalty=0.75))
+    assert out.tolist() == [2.0, -1.0, 0.5 - 0.75, 1.0 - 0.75, 0.0, 3.0, -2.0, 1.5]
+    # negative penalties reward instead (OpenAI allows [-2, 2])
+    out = apply(_seq([0], [3], frequency_penalty=-1.0, presence_penalty=-0.5))
+    assert out[3].item() == 1.0 + 1.5
+
+
+def test_a_penalised_token_is_drawn_less_often_as_its_probability_falls():
+    logits = torch.tensor([1.0, 1.0, 1.0, 1.0])  # uniform before penalties
+    cases = [
+        (dict(repetition_penalty=3.0), [1.0 / 3.0, 1.0, 1.0, 1.0]),  # token 0 seen (in the output)
+        (dict(frequency_penalty=0.4), [1.0 - 3 * 0.4, 1.0, 1.0, 1.0]),  # token 0 three times
+        (dict(presence_penalty=1.0), [0.0, 1.0, 1.0, 1.0]),
+    ]
+    for params, penalised in cases:
+        expected = torch.softmax(torch.tensor(penalised), dim=-1)
+        assert expected[0] < 0.25 - 0.05  # it does fall, from 1/4
+        # 4,000 draws: the penalties are applied row by row, a 20,000-row batch takes seconds
+        counts = draw(logits, n=4000, make=lambda n: [_seq([2], [0, 0, 0], temperature=1.0, **params)
+                                                      for _ in range(n)])
+        assert counts[0] / counts.sum() < 0.25 - 0.04, params
+        # prompt token 2 is not penalised by frequency/presence; repetition penalises it too
+        if "repetition_penalty" in params:
+            expected = torch.softmax(torch.tensor([1 / 3, 1.0, 1 / 3, 1.0]), dim=-1)
+        assert_frequencies(counts, expected)

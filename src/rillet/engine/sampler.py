@@ -1,7 +1,9 @@
 """Turn logits into tokens for a whole batch at once, each row with its own parameters.
 
 Seeded rows draw from their own torch.Generator (seeded once per sequence and advanced one
-draw per step), so their tokens depend only on their seed and step, never on batch mates.
+draw per step), so their draws depend only on their seed and step, never on batch mates. Their
+tokens also depend on the logits, which are batch-invariant only where the forward pass is (the
+CPU in bfloat16; not float32, not CUDA: see README, "Batch invariance").
 Sampling inverts each row's cumulative distribution at one uniform draw, so a step costs one
 random number per row, not one per vocabulary entry.
 """
