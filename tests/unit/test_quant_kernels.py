@@ -259,7 +259,7 @@ def test_linear_matches_reference(lib, fmt, n, k, with_bias):
 
 
 @pytest.mark.parametrize("fmt", [Q8, Q4], ids=["q8", "q4"])
-@pytest.mark.parametrize("n,k", [(40, 1536), (1000, 576), (61, 64)])
+@pytest.mark.parametrize("n,k", [(40, 1536), (1000, 576), (61, 64), (23, 96), (8, 32)])
 def test_row_does_not_depend_on_batch(lib, fmt, n, k):
     values, scales, mins = make_weight(fmt, n, k, seed=3)
     packed = lib.pack(fmt, values, scales, mins)
@@ -306,3 +306,31 @@ def test_packed_bytes_and_bad_shapes(lib):
     assert lib.c_quant_packed_bytes(Q4, 17, 64) == 2 * 2 * (16 * 16 + 64)
     assert lib.c_quant_packed_bytes(Q4, 16, 48) == -1
     assert lib.c_quant_packed_bytes(0, 16, 32) == -1
+
+
+_SIMD_CHECK_TARGETS = {  # name: (compiler, flags, runner prefix)
+    "avx512-vnni": ("cc", _OWN_FLAGS["avx512"] + ["-mavx512vnni"], []),
+    "avx2": ("cc", _OWN_FLAGS["avx2"], []),
+    "neon-dotprod": ("aarch64-linux-gnu-gcc", ["-march=armv8.2-a+dotprod"], ["qemu-aarch64", "-L", "/usr/aarch64-linux-gnu"]),
+    "neon": ("aarch64-linux-gnu-gcc", ["-march=armv8-a"], ["qemu-aarch64", "-L", "/usr/aarch64-linux-gnu"]),
+}
+
+
+@pytest.mark.parametrize("target", list(_SIMD_CHECK_TARGETS))
+def test_simd_path_equals_plain_c_in_one_binary(target):
+    """tests/kernels/check_quant_simd.c: the SIMD path against the plain C one, natively for x86
+    and under qemu-user for aarch64 (NEON with and without sdot)."""
+    compiler, flags, runner = _SIMD_CHECK_TARGETS[target]
+    if shutil.which(compiler) is None or (runner and shutil.which(runner[0]) is None):
+        pytest.skip(f"needs {compiler}{' and ' + runner[0] if runner else ''}")
+    if not runner:
+        lacking = cpu_isa.missing("avx512" if target.startswith("avx512") else target)
+        if lacking or (target == "avx512-vnni" and "avx512_vnni" not in cpu_isa.cpu_flags()):
+            pytest.skip(f"needs what this machine lacks: {', '.join(lacking) or 'avx512_vnni'}")
+    binary = _build_dir() / f"check_quant_{target}"
+    source = Path(__file__).parents[1] / "kernels" / "check_quant_simd.c"
+    subprocess.run([compiler, "-O2", "-fopenmp", *flags, f"-I{KERNELS}", str(source), str(KERNELS / "linear_quant.c"),
+                    "-lm", "-o", str(binary)], check=True, capture_output=True, text=True)
+    done = subprocess.run([*runner, str(binary)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1].endswith("0 failed")

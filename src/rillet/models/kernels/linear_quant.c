@@ -33,7 +33,10 @@
 #define QT 16             /* outputs per tile */
 #define QB RILLET_QBLOCK  /* inputs per block */
 
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512F__) && defined(__FMA__) && defined(__F16C__)
+/* RILLET_QUANT_PLAIN_C: the plain C path whatever the target (tests/kernels/check_quant_simd.c
+   builds it next to the SIMD one to compare them). */
+#if defined(RILLET_QUANT_PLAIN_C)
+#elif defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512F__) && defined(__FMA__) && defined(__F16C__)
 #define RQ_VNNI 1
 #elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #define RQ_AVX2 1
@@ -256,8 +259,12 @@ static inline void store8_bf16(__m256 v, const uint16_t *bias, uint16_t *y, int 
 #if defined(RQ_VNNI)
 
 #define TILES_PER_TASK 4 /* tiles one `omp for` iteration covers */
+#ifndef MAX_NT
 #define MAX_NT 2         /* tiles per register block */
+#endif
+#ifndef MAX_ROWS
 #define MAX_ROWS 4       /* rows per register block */
+#endif
 
 static inline __attribute__((always_inline)) void micro(
     const int FMT, const uint8_t *w, int64_t tile_bytes, int64_t nb, const int8_t *xq, int64_t k,
@@ -266,26 +273,31 @@ static inline __attribute__((always_inline)) void micro(
 {
     const int64_t qbytes = FMT == RILLET_WEIGHT_Q8 ? 512 : 256, mbytes = FMT == RILLET_WEIGHT_Q8 ? 32 : 64;
     const uint8_t *meta = w + nb * qbytes;
-    __m512 tot[MAX_ROWS][MAX_NT];
+    __m512 tot[MAX_ROWS][4];
     for (int r = 0; r < ROWS; r++)
         for (int t = 0; t < NT; t++) tot[r][t] = _mm512_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *qb = w + b * qbytes;
         const int8_t *xb = xq + b * QB;
-        __m512i acc[MAX_ROWS][MAX_NT];
+        __m512i acc[MAX_ROWS][4], acc2[MAX_ROWS][4]; /* two dependency chains, summed after */
+        for (int r = 0; r < ROWS; r++)
+            for (int t = 0; t < NT; t++) acc2[r][t] = _mm512_setzero_si512();
         if (FMT == RILLET_WEIGHT_Q8) {
             for (int r = 0; r < ROWS; r++) {
                 const __m512i init = _mm512_set1_epi32(-128 * xsum[r * nb + b]);
                 for (int t = 0; t < NT; t++) acc[r][t] = init;
             }
             for (int g = 0; g < 8; g++) {
-                __m512i wv[MAX_NT];
+                __m512i wv[4];
                 for (int t = 0; t < NT; t++) wv[t] = _mm512_loadu_si512((const void *)(qb + t * tile_bytes + g * 64));
                 for (int r = 0; r < ROWS; r++) {
                     int32_t x4;
                     memcpy(&x4, xb + r * k + 4 * g, 4);
                     const __m512i xv = _mm512_set1_epi32(x4);
-                    for (int t = 0; t < NT; t++) acc[r][t] = _mm512_dpbusd_epi32(acc[r][t], wv[t], xv);
+                    for (int t = 0; t < NT; t++) {
+                        if (g & 1) acc2[r][t] = _mm512_dpbusd_epi32(acc2[r][t], wv[t], xv);
+                        else acc[r][t] = _mm512_dpbusd_epi32(acc[r][t], wv[t], xv);
+                    }
                 }
             }
         } else {
@@ -293,7 +305,7 @@ static inline __attribute__((always_inline)) void micro(
             for (int r = 0; r < ROWS; r++)
                 for (int t = 0; t < NT; t++) acc[r][t] = _mm512_setzero_si512();
             for (int g = 0; g < 4; g++) {
-                __m512i lo[MAX_NT], hi[MAX_NT];
+                __m512i lo[4], hi[4];
                 for (int t = 0; t < NT; t++) {
                     const __m512i v = _mm512_loadu_si512((const void *)(qb + t * tile_bytes + g * 64));
                     lo[t] = _mm512_and_si512(v, low);
@@ -306,12 +318,12 @@ static inline __attribute__((always_inline)) void micro(
                     const __m512i vl = _mm512_set1_epi32(xl), vh = _mm512_set1_epi32(xh);
                     for (int t = 0; t < NT; t++) {
                         acc[r][t] = _mm512_dpbusd_epi32(acc[r][t], lo[t], vl);
-                        acc[r][t] = _mm512_dpbusd_epi32(acc[r][t], hi[t], vh);
+                        acc2[r][t] = _mm512_dpbusd_epi32(acc2[r][t], hi[t], vh);
                     }
                 }
             }
         }
-        __m512 s[MAX_NT], mn[MAX_NT];
+        __m512 s[4], mn[4];
         for (int t = 0; t < NT; t++) {
             const uint8_t *mt = meta + t * tile_bytes + b * mbytes;
             s[t] = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)mt));
@@ -321,7 +333,7 @@ static inline __attribute__((always_inline)) void micro(
             const __m512 dx = _mm512_set1_ps(xs[r * nb + b]);
             const __m512 sx = _mm512_set1_ps((float)xsum[r * nb + b]);
             for (int t = 0; t < NT; t++) {
-                __m512 v = _mm512_mul_ps(s[t], _mm512_cvtepi32_ps(acc[r][t]));
+                __m512 v = _mm512_mul_ps(s[t], _mm512_cvtepi32_ps(_mm512_add_epi32(acc[r][t], acc2[r][t])));
                 if (FMT == RILLET_WEIGHT_Q4) v = _mm512_fmadd_ps(mn[t], sx, v);
                 tot[r][t] = _mm512_fmadd_ps(dx, v, tot[r][t]);
             }
@@ -343,8 +355,12 @@ static inline __attribute__((always_inline)) void micro(
 
 /* AVX2 works on half tiles (8 outputs, one ymm): NH halves x ROWS rows per register block. */
 #define TILES_PER_TASK 4
+#ifndef MAX_NH
 #define MAX_NH 2
+#endif
+#ifndef MAX_ROWS
 #define MAX_ROWS 4
+#endif
 
 static inline __attribute__((always_inline)) void micro_halves(
     const int FMT, const uint8_t *w, int64_t tile_bytes, int64_t nb, const int8_t *xq, int64_t k,
@@ -352,41 +368,45 @@ static inline __attribute__((always_inline)) void micro_halves(
     int h0, const int ROWS, const int NH)
 {
     const int64_t qbytes = FMT == RILLET_WEIGHT_Q8 ? 512 : 256, mbytes = FMT == RILLET_WEIGHT_Q8 ? 32 : 64;
-    const uint8_t *qbase[MAX_NH], *mbase[MAX_NH];
+    const uint8_t *qbase[4], *mbase[4];
     for (int h = 0; h < NH; h++) {
         qbase[h] = w + ((h0 + h) / 2) * tile_bytes + ((h0 + h) % 2) * 32;
         mbase[h] = w + ((h0 + h) / 2) * tile_bytes + nb * qbytes + ((h0 + h) % 2) * 16;
     }
     const __m256i ones16 = _mm256_set1_epi16(1);
-    __m256 tot[MAX_ROWS][MAX_NH];
+    __m256 tot[MAX_ROWS][4];
     for (int r = 0; r < ROWS; r++)
         for (int h = 0; h < NH; h++) tot[r][h] = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
         const int8_t *xb = xq + b * QB;
-        __m256i acc[MAX_ROWS][MAX_NH]; /* Q8: int32 dots; Q4: int16 pair sums */
+        __m256i acc[MAX_ROWS][4]; /* Q8: int32 dots; Q4: int16 pair sums */
         for (int r = 0; r < ROWS; r++)
             for (int h = 0; h < NH; h++) acc[r][h] = _mm256_setzero_si256();
         if (FMT == RILLET_WEIGHT_Q8) {
-            for (int g = 0; g < 8; g++) {
-                __m256i wv[MAX_NH], aw[MAX_NH];
+            for (int g = 0; g < 8; g += 2) { /* two groups a step: a shorter add chain */
+                __m256i w0[4], a0[4], w1[4], a1[4];
                 for (int h = 0; h < NH; h++) {
-                    wv[h] = _mm256_loadu_si256((const __m256i *)(qbase[h] + b * qbytes + g * 64));
-                    aw[h] = _mm256_abs_epi8(wv[h]);
+                    w0[h] = _mm256_loadu_si256((const __m256i *)(qbase[h] + b * qbytes + g * 64));
+                    w1[h] = _mm256_loadu_si256((const __m256i *)(qbase[h] + b * qbytes + g * 64 + 64));
+                    a0[h] = _mm256_abs_epi8(w0[h]);
+                    a1[h] = _mm256_abs_epi8(w1[h]);
                 }
                 for (int r = 0; r < ROWS; r++) {
-                    int32_t x4;
-                    memcpy(&x4, xb + r * k + 4 * g, 4);
-                    const __m256i xv = _mm256_set1_epi32(x4);
+                    int32_t x0, x1;
+                    memcpy(&x0, xb + r * k + 4 * g, 4);
+                    memcpy(&x1, xb + r * k + 4 * g + 4, 4);
+                    const __m256i v0 = _mm256_set1_epi32(x0), v1 = _mm256_set1_epi32(x1);
                     for (int h = 0; h < NH; h++) {
-                        const __m256i p = _mm256_maddubs_epi16(aw[h], _mm256_sign_epi8(xv, wv[h]));
-                        acc[r][h] = _mm256_add_epi32(acc[r][h], _mm256_madd_epi16(p, ones16));
+                        const __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(a0[h], _mm256_sign_epi8(v0, w0[h])), ones16);
+                        const __m256i p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(a1[h], _mm256_sign_epi8(v1, w1[h])), ones16);
+                        acc[r][h] = _mm256_add_epi32(acc[r][h], _mm256_add_epi32(p0, p1));
                     }
                 }
             }
         } else {
             const __m256i low = _mm256_set1_epi8(0x0f);
             for (int g = 0; g < 4; g++) {
-                __m256i lo[MAX_NH], hi[MAX_NH];
+                __m256i lo[4], hi[4];
                 for (int h = 0; h < NH; h++) {
                     const __m256i v = _mm256_loadu_si256((const __m256i *)(qbase[h] + b * qbytes + g * 64));
                     lo[h] = _mm256_and_si256(v, low);
@@ -397,14 +417,13 @@ static inline __attribute__((always_inline)) void micro_halves(
                     memcpy(&xl, xb + r * k + 4 * g, 4);
                     memcpy(&xh, xb + r * k + 16 + 4 * g, 4);
                     const __m256i vl = _mm256_set1_epi32(xl), vh = _mm256_set1_epi32(xh);
-                    for (int h = 0; h < NH; h++) {
-                        acc[r][h] = _mm256_add_epi16(acc[r][h], _mm256_maddubs_epi16(lo[h], vl));
-                        acc[r][h] = _mm256_add_epi16(acc[r][h], _mm256_maddubs_epi16(hi[h], vh));
-                    }
+                    for (int h = 0; h < NH; h++)
+                        acc[r][h] = _mm256_add_epi16(acc[r][h], _mm256_add_epi16(_mm256_maddubs_epi16(lo[h], vl),
+                                                                                 _mm256_maddubs_epi16(hi[h], vh)));
                 }
             }
         }
-        __m256 s[MAX_NH], mn[MAX_NH];
+        __m256 s[4], mn[4];
         for (int h = 0; h < NH; h++) {
             const uint8_t *mt = mbase[h] + b * mbytes;
             s[h] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)mt));
@@ -636,37 +655,44 @@ static inline void micro(
 
 #if defined(RQ_AVX2)
 #define RQ_CALL(FMT, R, U) micro_halves(FMT, w, tile_bytes, nb, xq, k, xs, xsum, bias, y, n, n_left, h0, R, U)
-#define RQ_UNITS_MAX (2 * TILES_PER_TASK) /* halves per task */
 #define RQ_UNIT 8
 #define RQ_MAX_UNITS MAX_NH
+#ifndef UNITS_M1
+#define UNITS_M1 4 /* one row: more independent chains per weight stream */
+#endif
+#define RQ_UNITS_M1 UNITS_M1
 #else
 #define RQ_CALL(FMT, R, U) micro(FMT, w, tile_bytes, nb, xq, k, xs, xsum, bias, y, n, n_left, R, U)
 #define RQ_UNIT QT
 #define RQ_MAX_UNITS MAX_NT
+#ifndef UNITS_M1
+#define UNITS_M1 MAX_NT
+#endif
+#define RQ_UNITS_M1 UNITS_M1
 #endif
 
-#if RQ_MAX_UNITS == 1
-#define RQ_UNITS(FMT, R) RQ_CALL(FMT, R, 1)
-#else
-#define RQ_UNITS(FMT, R) if (units == 1) RQ_CALL(FMT, R, 1); else RQ_CALL(FMT, R, 2)
+#if MAX_ROWS > 6 || RQ_MAX_UNITS > 4 || RQ_UNITS_M1 > 4
+#error "the dispatch below covers up to 6 rows and 4 units"
 #endif
 
-#if MAX_ROWS == 3
-#define RQ_ROWS(FMT)                              \
-    switch (rows) {                               \
-        case 1: RQ_UNITS(FMT, 1); break;         \
-        case 2: RQ_UNITS(FMT, 2); break;         \
-        default: RQ_UNITS(FMT, 3); break;        \
+#define RQ_UNITS_CAP (RQ_MAX_UNITS > RQ_UNITS_M1 ? RQ_MAX_UNITS : RQ_UNITS_M1)
+#define RQ_UNITS(FMT, R)                                  \
+    switch (units) {                                      \
+        case 1: RQ_CALL(FMT, R, 1); break;               \
+        case 2: RQ_CALL(FMT, R, (RQ_UNITS_CAP < 2 ? 1 : 2)); break; \
+        case 3: RQ_CALL(FMT, R, (RQ_UNITS_CAP < 3 ? 1 : 3)); break; \
+        default: RQ_CALL(FMT, R, RQ_UNITS_CAP); break;   \
     }
-#else
-#define RQ_ROWS(FMT)                              \
-    switch (rows) {                               \
-        case 1: RQ_UNITS(FMT, 1); break;         \
-        case 2: RQ_UNITS(FMT, 2); break;         \
-        case 3: RQ_UNITS(FMT, 3); break;         \
-        default: RQ_UNITS(FMT, 4); break;        \
+
+#define RQ_ROWS(FMT)                                      \
+    switch (rows) {                                       \
+        case 1: RQ_UNITS(FMT, 1); break;                 \
+        case 2: RQ_UNITS(FMT, (MAX_ROWS < 2 ? 1 : 2)); break; \
+        case 3: RQ_UNITS(FMT, (MAX_ROWS < 3 ? 1 : 3)); break; \
+        case 4: RQ_UNITS(FMT, (MAX_ROWS < 4 ? 1 : 4)); break; \
+        case 5: RQ_UNITS(FMT, (MAX_ROWS < 5 ? 1 : 5)); break; \
+        default: RQ_UNITS(FMT, MAX_ROWS); break;         \
     }
-#endif
 
 static void run_q8(const uint8_t *w, int64_t tile_bytes, int64_t nb, const int8_t *xq, int64_t k, const float *xs,
                    const int32_t *xsum, const uint16_t *bias, uint16_t *y, int64_t n, int64_t n_left, int rows,
@@ -701,8 +727,9 @@ void rillet_linear_quant_part(int32_t format, const void *packed, const uint16_t
         const int64_t u_begin = task * TILES_PER_TASK * units_per_tile;
         int64_t u_end = u_begin + TILES_PER_TASK * units_per_tile;
         if (u_end > units_total) u_end = units_total;
-        for (int64_t u = u_begin; u < u_end; u += RQ_MAX_UNITS) {
-            const int units = (int)(u_end - u < RQ_MAX_UNITS ? u_end - u : RQ_MAX_UNITS);
+        const int64_t step = m == 1 ? RQ_UNITS_M1 : RQ_MAX_UNITS;
+        for (int64_t u = u_begin; u < u_end; u += step) {
+            const int units = (int)(u_end - u < step ? u_end - u : step);
             /* unit u starts at tile u / units_per_tile, half u % units_per_tile (AVX2) */
             const uint8_t *w = (const uint8_t *)packed + (u / units_per_tile) * tile_bytes;
             const int64_t col = u * RQ_UNIT;
