@@ -161,6 +161,30 @@ def test_preemption_recomputes_and_gives_the_same_greedy_text():
     assert small.block_manager.num_used_blocks == 0
 
 
+def test_float32_preempted_requests_give_the_greedy_tokens_of_an_unpressured_engine():
+    """A preempted request is recomputed through the prompt path (its generated tokens included).
+    In float32 that gives the tokens it would have given without memory pressure: every request
+    of a batch that preempts matches the same batch on an engine with room for all of them."""
+    prompts = [(f"p{i}", chat(f"Name the colour number {i}."),
+                SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)) for i in range(4)]
+    roomy = LLMEngine(dtype="float32", max_model_len=128, kv_cache_gib=0.05, block_size=16)
+    reference = run_to_completion(roomy, prompts)
+    assert roomy.stats().num_preemptions_total == 0
+    del roomy
+    # room for 1.3 sequences of 128 tokens (46,080 bytes of float32 K and V a token): 4 x ~75 do not fit
+    tiny = LLMEngine(dtype="float32", max_model_len=128, kv_cache_gib=1.3 * 128 * 46080 / (1 << 30), block_size=16)
+    for rid, prompt, params in prompts:
+        tiny.add_request(rid, prompt, params)
+    seqs = {rid: tiny.requests[rid][0] for rid, _, _ in prompts}
+    together = run_to_completion(tiny, [])
+    assert tiny.stats().num_preemptions_total > 0
+    preempted = [rid for rid, seq in seqs.items() if seq.num_preemptions]
+    assert preempted, "no request was preempted"
+    for rid, _, _ in prompts:
+        assert texts_and_tokens(together[rid])[1] == texts_and_tokens(reference[rid])[1], (rid, preempted)
+    assert tiny.block_manager.num_used_blocks == 0
+
+
 def test_n_choices_logprobs_and_logit_bias(engine_fp32):
     outs = run_to_completion(engine_fp32, [("n", chat("Pick a fruit."),
                                             SamplingParams(max_tokens=8, temperature=1.0, n=3, seed=7,
