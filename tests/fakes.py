@@ -26,6 +26,7 @@ class FakeStats:
     num_aborted_total: int = 0
     prefix_cache_queries_total: int = 0
     prefix_cache_hits_total: int = 0
+    backend: dict | None = None  # the real EngineStats' description of how the model runs (metrics skip None)
 
 
 FAKE_VOCAB_SIZE = 1000  # FakeTokenizer's ids are hashes mod 1000
