@@ -88,6 +88,9 @@ def read_gguf_weights(path: str | Path, *, tokenizer: bool = True, cache_dir: st
     """
     path = Path(path)
     config, tok = gguf_config_and_tokenizer(path, tokenizer=tokenizer, cache_dir=cache_dir)
+    from rillet.models.llama import family_of
+
+    family_of(config)  # a clear error for an architecture rillet does not run (gemma, phi, ...)
     return config, tok, gguf_weights(read_gguf_header(path), config)
 
 
