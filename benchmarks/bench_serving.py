@@ -235,6 +235,8 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or RESULTS_DIR / ("bench_serving.quick.json" if args.quick else "bench_serving.json")
 
     info = machine_info(args.dtype, args.rillet_isa)
+    if err := info["rillet_cpu_isa"].get("error"):
+        parser.error(f"--rillet-isa {args.rillet_isa}: {err}")
     header = header_line(info)
     warning = busy_machine_warning(info)
     if warning:

@@ -307,7 +307,7 @@ def rillet_isa(forced: str | None = None) -> dict:
         if forced:
             lacking = cpu_isa.missing(forced)
             selected = None if lacking else forced
-            error = f"this CPU lacks {' '.join(lacking)}" if lacking else None
+            error = f"not on this CPU: it needs {' '.join(lacking)}" if lacking else None
         else:
             selected, error = cpu_isa.selected(), None
     except ValueError as exc:
