@@ -24,6 +24,7 @@ SUPPORTED_ARCHITECTURES = {
 
 
 PV_CHUNK = 512  # keys per probs @ V matmul; see attend
+PV_CHUNK_FLOAT32 = 128  # the same for attend_float32
 
 
 @dataclass
@@ -126,7 +127,12 @@ class Attention(nn.Module):
         qg = qg.reshape(B, L, nkv, nh // nkv, d).permute(2, 0, 1, 3, 4).reshape(nkv * B, L * (nh // nkv), d)
         kg = gather_rows(k_cache, group.blocks, block_size).view(nkv * B, -1, d)  # [nkv*B, W, d]
         vg = gather_rows(v_cache, group.blocks, block_size).view(nkv * B, -1, d)
-        og = attend(qg, kg, vg, group.bias, self.scale)
+        if self.kernels is not None and not self.kernels.features["bf16_dot"] and qg.dtype == torch.bfloat16:
+            # Without bf16 dot products (AVX2, NEON) oneDNN emulates bf16 matmuls at a fraction of
+            # float32's speed: prompt attention runs in float32 there (its linears stay on the kernels).
+            og = attend_float32(qg, kg, vg, group.bias, self.scale)
+        else:
+            og = attend(qg, kg, vg, group.bias, self.scale)
         return og.view(nkv, B, L, nh // nkv, d).permute(1, 2, 0, 3, 4).reshape(B * L, nh * d)
 
 
@@ -149,6 +155,25 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor
     for start in range(PV_CHUNK, width, PV_CHUNK):
         out += torch.bmm(probs[:, :, start:start + PV_CHUNK], v[:, start:start + PV_CHUNK])
     return out.to(v.dtype)
+
+
+def attend_float32(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scale: float
+                   ) -> torch.Tensor:
+    """`attend` for bf16 tensors on a CPU without bf16 dot products (AVX2, NEON), where oneDNN's
+    emulated bf16 matmuls run at a fraction of float32's speed: the matmuls run in float32.
+
+    Batch invariance holds as in `attend`, by other means: float32 softmax rows of different
+    widths take different vectorised paths, so the scores are rounded to bf16 first (as `attend`
+    computes them) and the bf16 softmax path normalises them; probs @ V sums over keys in fixed
+    128-key chunks, below any K blocking of the float32 GEMM (tests/unit/test_attend_float32.py).
+    """
+    scores = torch.baddbmm(bias.float(), q.float(), k.float().transpose(1, 2), alpha=scale).to(torch.bfloat16)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32)
+    v = v.float()
+    out = torch.bmm(probs[:, :, :PV_CHUNK_FLOAT32], v[:, :PV_CHUNK_FLOAT32])
+    for start in range(PV_CHUNK_FLOAT32, k.shape[1], PV_CHUNK_FLOAT32):
+        out += torch.bmm(probs[:, :, start:start + PV_CHUNK_FLOAT32], v[:, start:start + PV_CHUNK_FLOAT32])
+    return out.to(q.dtype)
 
 
 def gather_rows(cache: torch.Tensor, rows: torch.Tensor, row_size: int) -> torch.Tensor:
