@@ -120,6 +120,7 @@ async def upload(url: str, path: str, size: int, headers: dict[str, str], *, chu
     res = rh.StreamResult(t_sent=time.perf_counter())
     try:
         res.status, res.headers = await asyncio.wait_for(rh.read_head(reader), 60)
+        res.t_head = time.perf_counter()  # without it "answered after" measured up to the end of the test
         res.body = json.loads(b"".join([c async for c in rh.iter_body(reader, res.headers)]))
     finally:
         sender.cancel()
