@@ -19,7 +19,7 @@ STALL_TIMEOUT_S = rh.STALL_TIMEOUT_S
 @pytest.fixture(scope="session")
 def main_server():
     """One server for the storm, slow-reader, hostile-input and auth tests: float32 (greedy text does
-    not depend on batch mates, so the well-behaved stream can be compared), --api-key, debug logs
+    not change with batch mates or preemption in practice, so the well-behaved stream can be compared), --api-key, debug logs
     (the auth test greps them for the key), and a short stall timeout for the slow-reader test."""
     server = rh.start_server("--dtype", "float32", "--kv-cache-gib", "1", "--log-level", "debug",
                              "--stream-stall-timeout-s", str(STALL_TIMEOUT_S), "--send-buffer-bytes", "32768",
