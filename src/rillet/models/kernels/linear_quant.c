@@ -44,6 +44,10 @@
 #define RQ_NEON 1
 #endif
 
+#ifndef RQ_PREFETCH
+#define RQ_PREFETCH 1024 /* bytes ahead in a tile's quant run (x86): +5-25% at one row, 0 to disable */
+#endif
+
 #if defined(RQ_VNNI) || defined(RQ_AVX2)
 #include <immintrin.h>
 #elif defined(RQ_NEON)
@@ -279,6 +283,10 @@ static inline __attribute__((always_inline)) void micro(
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *qb = w + b * qbytes;
         const int8_t *xb = xq + b * QB;
+#if RQ_PREFETCH
+        for (int t = 0; t < NT; t++)
+            for (int64_t l = 0; l < qbytes; l += 64) _mm_prefetch((const char *)(qb + t * tile_bytes + RQ_PREFETCH + l), _MM_HINT_T0);
+#endif
         __m512i acc[MAX_ROWS][4], acc2[MAX_ROWS][4]; /* two dependency chains, summed after */
         for (int r = 0; r < ROWS; r++)
             for (int t = 0; t < NT; t++) acc2[r][t] = _mm512_setzero_si512();
@@ -379,6 +387,11 @@ static inline __attribute__((always_inline)) void micro_halves(
         for (int h = 0; h < NH; h++) tot[r][h] = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
         const int8_t *xb = xq + b * QB;
+#if RQ_PREFETCH
+        for (int h = 0; h < NH; h++)
+            if (h == 0 || (h0 + h) % 2 == 0)  /* a 64-byte line holds both halves of a group */
+                for (int64_t l = 0; l < qbytes; l += 64) _mm_prefetch((const char *)(qbase[h] + b * qbytes + RQ_PREFETCH + l), _MM_HINT_T0);
+#endif
         __m256i acc[MAX_ROWS][4]; /* Q8: int32 dots; Q4: int16 pair sums */
         for (int r = 0; r < ROWS; r++)
             for (int h = 0; h < NH; h++) acc[r][h] = _mm256_setzero_si256();
