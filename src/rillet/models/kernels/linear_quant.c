@@ -361,6 +361,13 @@ static inline __attribute__((always_inline)) void micro(
 
 #elif defined(RQ_AVX2)
 
+/* Integer adds are associative, so GCC may reorder the unrolled groups of a block into "all
+   products first, then a sum tree", spilling dozens of registers. An empty asm that takes each
+   accumulator in a register ends every group: the sums then run in program order. */
+#define RQ_KEEP(ACC, ROWS, UNITS)                                       \
+    for (int r_ = 0; r_ < (ROWS); r_++)                                 \
+        for (int u_ = 0; u_ < (UNITS); u_++) __asm__("" : "+x"(ACC[r_][u_]))
+
 /* AVX2 works on half tiles (8 outputs, one ymm): NH halves x ROWS rows per register block. */
 #define TILES_PER_TASK 4
 #ifndef MAX_NH
@@ -415,6 +422,7 @@ static inline __attribute__((always_inline)) void micro_halves(
                         acc[r][h] = _mm256_add_epi32(acc[r][h], _mm256_add_epi32(p0, p1));
                     }
                 }
+                RQ_KEEP(acc, ROWS, NH);
             }
         } else {
             const __m256i low = _mm256_set1_epi8(0x0f);
@@ -434,6 +442,7 @@ static inline __attribute__((always_inline)) void micro_halves(
                         acc[r][h] = _mm256_add_epi16(acc[r][h], _mm256_add_epi16(_mm256_maddubs_epi16(lo[h], vl),
                                                                                  _mm256_maddubs_epi16(hi[h], vh)));
                 }
+                RQ_KEEP(acc, ROWS, NH);
             }
         }
         __m256 s[4], mn[4];
