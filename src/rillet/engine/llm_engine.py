@@ -136,7 +136,8 @@ class LLMEngine:
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         ids = prompt_token_ids if prompt_token_ids is not None else self.encode_prompt(prompt)
-        self.check_prompt_length(len(ids))
+        self.prompts.check_token_ids(params)
+        self.check_prompt_length(len(ids))  # max_tokens past the context stops there (the server refuses it)
         seqs = []
         for index in range(params.n):
             seed = None if params.seed is None else params.seed + index
