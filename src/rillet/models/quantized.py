@@ -53,9 +53,9 @@ def quantize_model(model: CausalLM, backend: Backend, gguf: Path | None = None) 
     if backend.weights == "gguf":
         if gguf is None:
             raise ValueError("the gguf weight format needs the model's .gguf file")
-        from rillet.models.gguf_model import read_gguf_weights
+        from rillet.models.gguf_model import gguf_weights, read_gguf_header
 
-        tensors = read_gguf_weights(gguf, tokenizer=False)[2]
+        tensors = gguf_weights(read_gguf_header(gguf), model.config)  # the config is loaded already
         source = lambda name, linear: tensors.get(name, linear.weight)  # noqa: E731
         head_source = tensors.get("lm_head.weight", tensors.get("embed_tokens.weight"))
     else:
