@@ -34,6 +34,10 @@
 #include <stdint.h>
 #include <string.h>
 
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
 #include "rillet_kernels.h"
 
 #define QT 16             /* outputs per tile */
@@ -268,7 +272,6 @@ static inline void store8_bf16(__m256 v, const uint16_t *bias, uint16_t *y, int 
 /* ======================================================================================== */
 #if defined(RQ_VNNI)
 
-#define TILES_PER_TASK 4 /* tiles one `omp for` iteration covers */
 #ifndef MAX_NT
 #define MAX_NT 2         /* tiles per register block */
 #endif
@@ -375,7 +378,6 @@ static inline __attribute__((always_inline)) void micro(
         for (int u_ = 0; u_ < (UNITS); u_++) __asm__("" : "+x"(ACC[r_][u_]))
 
 /* AVX2 works on half tiles (8 outputs, one ymm): NH halves x ROWS rows per register block. */
-#define TILES_PER_TASK 4
 #ifndef MAX_NH
 #define MAX_NH 2
 #endif
@@ -479,7 +481,6 @@ static inline __attribute__((always_inline)) void micro_halves(
 
 #elif defined(RQ_NEON)
 
-#define TILES_PER_TASK 4
 #define MAX_NT 1
 #define MAX_ROWS 3
 
@@ -631,7 +632,6 @@ static inline __attribute__((always_inline)) void micro(
 
 #else /* plain C */
 
-#define TILES_PER_TASK 4
 #define MAX_NT 1
 #define MAX_ROWS 4
 
@@ -739,7 +739,7 @@ static void run_q4(const uint8_t *w, int64_t tile_bytes, int64_t nb, const int8_
 }
 
 /* The calling thread's share (an orphaned `omp for`, ending in its barrier): tasks of
-   TILES_PER_TASK tiles handed out one at a time; within a task, register blocks of RQ_MAX_UNITS
+   whole tiles handed out one at a time; within a task, register blocks of RQ_MAX_UNITS
    units (tiles, or AVX2 half tiles) x MAX_ROWS rows, all rows of one unit block before the next
    so its weights stay in L1/L2. Which thread or block computes an output never changes it. */
 void rillet_linear_quant_part(int32_t format, const void *packed, const uint16_t *bias, const int8_t *xq,
@@ -747,13 +747,22 @@ void rillet_linear_quant_part(int32_t format, const void *packed, const uint16_t
                               int64_t k) {
     if (format != RILLET_WEIGHT_Q8 && format != RILLET_WEIGHT_Q4) return;
     const int64_t nb = k / QB, tiles = (n + QT - 1) / QT, tile_bytes = rq_tile_bytes(format, k);
-    const int64_t tasks = (tiles + TILES_PER_TASK - 1) / TILES_PER_TASK;
+    /* ~8 tasks a thread (whole register blocks, 2 to 16 tiles): small layers still split evenly,
+       the output head does not pay a scheduling step per tile */
+#ifdef _OPENMP
+    const int64_t threads = omp_get_num_threads();
+#else
+    const int64_t threads = 1;
+#endif
+    int64_t per_task = tiles / (8 * threads);
+    per_task = per_task < 2 ? 2 : per_task > 16 ? 16 : per_task;
+    const int64_t tasks = (tiles + per_task - 1) / per_task;
     const int64_t units_total = (n + RQ_UNIT - 1) / RQ_UNIT;
     const int64_t units_per_tile = QT / RQ_UNIT;
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < tasks; task++) {
-        const int64_t u_begin = task * TILES_PER_TASK * units_per_tile;
-        int64_t u_end = u_begin + TILES_PER_TASK * units_per_tile;
+        const int64_t u_begin = task * per_task * units_per_tile;
+        int64_t u_end = u_begin + per_task * units_per_tile;
         if (u_end > units_total) u_end = units_total;
         const int64_t step = m == 1 ? RQ_UNITS_M1 : RQ_MAX_UNITS;
         for (int64_t u = u_begin; u < u_end; u += step) {
