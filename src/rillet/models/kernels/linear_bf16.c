@@ -187,11 +187,10 @@ void rillet_linear_bf16_part(const uint16_t *x, int64_t x_stride, const void *pa
 #if defined(PATH_AVX2)
 #include <immintrin.h>
 
-#define MAX_ROWS 6  /* 6 rows x one tile = 12 ymm accumulators */
+#define MAX_ROWS 4  /* more rows per block spill registers (measured slower at 6) */
 
-/* ROWS rows x NT tiles, each output one accumulator updated by k then k+1 of every pair. With
-   few rows more tiles keep enough independent FMA chains in flight; the order within an output
-   is the same for every (ROWS, NT). */
+/* ROWS rows x NT tiles, each output one accumulator updated by k then k+1 of every pair: the
+   order within an output is the same for every (ROWS, NT), so is its result. */
 static inline __attribute__((always_inline)) void block(
     const uint32_t *w, int64_t tile_stride, const float *xf, int64_t xf_stride, int64_t pairs,
     float *out, const int ROWS, const int NT)
@@ -200,19 +199,36 @@ static inline __attribute__((always_inline)) void block(
     const __m256i high = _mm256_set1_epi32((int)0xffff0000u);
     for (int r = 0; r < ROWS; r++)
         for (int t = 0; t < NT; t++) acc[r][t][0] = acc[r][t][1] = _mm256_setzero_ps();
-    for (int64_t p = 0; p < pairs; p++) {
-        for (int t = 0; t < NT; t++) {
+    if (NT == 1) {  /* many rows: widen the tile's pair once, broadcast each row's x once */
+        for (int64_t p = 0; p < pairs; p++) {
+            __m256 we[2], wo[2];
             for (int h = 0; h < 2; h++) {
-                const __m256i lane = _mm256_loadu_si256((const __m256i *)(w + t * tile_stride + p * TILE + h * 8));
-                const __m256 even = _mm256_castsi256_ps(_mm256_slli_epi32(lane, 16));
-                const __m256 odd = _mm256_castsi256_ps(_mm256_and_si256(lane, high));
-                for (int r = 0; r < ROWS; r++) {
-                    const float *xr = xf + r * xf_stride + 2 * p;
-                    acc[r][t][h] = _mm256_fmadd_ps(_mm256_broadcast_ss(xr), even, acc[r][t][h]);
-                    acc[r][t][h] = _mm256_fmadd_ps(_mm256_broadcast_ss(xr + 1), odd, acc[r][t][h]);
+                const __m256i lane = _mm256_loadu_si256((const __m256i *)(w + p * TILE + h * 8));
+                we[h] = _mm256_castsi256_ps(_mm256_slli_epi32(lane, 16));
+                wo[h] = _mm256_castsi256_ps(_mm256_and_si256(lane, high));
+            }
+            for (int r = 0; r < ROWS; r++) {
+                const __m256 xe = _mm256_broadcast_ss(xf + r * xf_stride + 2 * p);
+                const __m256 xo = _mm256_broadcast_ss(xf + r * xf_stride + 2 * p + 1);
+                for (int h = 0; h < 2; h++) {
+                    acc[r][0][h] = _mm256_fmadd_ps(xe, we[h], acc[r][0][h]);
+                    acc[r][0][h] = _mm256_fmadd_ps(xo, wo[h], acc[r][0][h]);
                 }
             }
         }
+    } else {  /* few rows, several tiles: one half at a time keeps fewer registers live */
+        for (int64_t p = 0; p < pairs; p++)
+            for (int t = 0; t < NT; t++)
+                for (int h = 0; h < 2; h++) {
+                    const __m256i lane = _mm256_loadu_si256((const __m256i *)(w + t * tile_stride + p * TILE + h * 8));
+                    const __m256 even = _mm256_castsi256_ps(_mm256_slli_epi32(lane, 16));
+                    const __m256 odd = _mm256_castsi256_ps(_mm256_and_si256(lane, high));
+                    for (int r = 0; r < ROWS; r++) {
+                        const float *xr = xf + r * xf_stride + 2 * p;
+                        acc[r][t][h] = _mm256_fmadd_ps(_mm256_broadcast_ss(xr), even, acc[r][t][h]);
+                        acc[r][t][h] = _mm256_fmadd_ps(_mm256_broadcast_ss(xr + 1), odd, acc[r][t][h]);
+                    }
+                }
     }
     for (int r = 0; r < ROWS; r++)
         for (int t = 0; t < NT; t++)
