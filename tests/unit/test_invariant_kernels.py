@@ -8,7 +8,7 @@ import torch
 
 from rillet.models import cpu_kernels
 from rillet.models.cpu_linear import KernelLinear, PackedLinear, onednn_packing_supported, order_sensitive_rows
-from rillet.models.llama import PV_CHUNK, attend
+from rillet.models.llama import attend
 
 DEFAULT_MODEL_SHAPES = [(1728, 576), (576, 576), (3072, 576), (576, 1536), (49152, 576)]  # SmolLM2-135M
 
@@ -49,10 +49,9 @@ def _bias(contexts: list[int], width: int, queries: int, group: int, num_kv_head
     return bias.repeat(num_kv_heads, 1, 1)
 
 
-@needs_onednn
-@pytest.mark.parametrize("queries", [1, 5, 40])
-@pytest.mark.parametrize("context", [48, 200, 496, 700, 1100])
-def test_attention_row_does_not_depend_on_batch_mates_or_padding(queries, context):
+def attention_alone_and_together(attend_fn, queries: int, context: int):
+    """One sequence's attention (`attend_fn`: attend or attend_float32) computed alone over its own
+    keys and in a padded batch with 6 others: (together, alone), which must be equal."""
     torch.manual_seed(context + queries)
     nkv, group, d, mates = 3, 3, 64, 6
     contexts = [context] + torch.randint(queries, 1200, (mates,)).tolist()
@@ -60,13 +59,19 @@ def test_attention_row_does_not_depend_on_batch_mates_or_padding(queries, contex
     q = torch.randn(nkv, mates + 1, queries * group, d).bfloat16()
     k = torch.randn(nkv, mates + 1, width, d).bfloat16()
     v = torch.randn(nkv, mates + 1, width, d).bfloat16()
-    together = attend(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1),
-                      _bias(contexts, width, queries, group, nkv), 0.125).view(nkv, mates + 1, -1, d)
+    together = attend_fn(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1),
+                         _bias(contexts, width, queries, group, nkv), 0.125).view(nkv, mates + 1, -1, d)
     own = -(-context // 16) * 16
-    alone = attend(q[:, 0], k[:, 0, :own].contiguous(), v[:, 0, :own].contiguous(),
-                   _bias([context], own, queries, group, nkv), 0.125)
-    assert (width > PV_CHUNK) or (own <= PV_CHUNK)
-    assert torch.equal(together[:, 0], alone)
+    alone = attend_fn(q[:, 0], k[:, 0, :own].contiguous(), v[:, 0, :own].contiguous(),
+                      _bias([context], own, queries, group, nkv), 0.125)
+    return together[:, 0], alone
+
+
+@needs_onednn
+@pytest.mark.parametrize("queries", [1, 5, 40])
+@pytest.mark.parametrize("context", [48, 200, 496, 700, 1100])
+def test_attention_row_does_not_depend_on_batch_mates_or_padding(queries, context):
+    assert torch.equal(*attention_alone_and_together(attend, queries, context))
 
 
 def _paged_case(contexts, nkv=3, group=3, d=64, block_size=16, seed=0):
