@@ -26,6 +26,7 @@ from rillet.engine.sampler import Sampler
 from rillet.engine.scheduler import ScheduledBatch, Scheduler
 from rillet.engine.sequence import Sequence
 from rillet.models.backend import select_backend
+from rillet.models.cpu_linear import packing_supported
 from rillet.models.loader import load_model
 from rillet.models.quantized import quantize_model
 from rillet.models.resolve import resolve_model
@@ -76,8 +77,8 @@ class LLMEngine:
         self.model = loaded.model
         if self.backend.quantized:
             quantize_model(self.model, self.backend, resolved.gguf)
-        if self.device.type == "cpu" and self.dtype != torch.float32:
-            self.model.pack_for_cpu(batch_hint=config.max_num_seqs)  # float32 keeps torch's own linears
+        if packing_supported(self.dtype, self.device):  # float32 keeps torch's own linears
+            self.model.pack_for_cpu(batch_hint=config.max_num_seqs)
         self.tokenizer = loaded.tokenizer
         self.eos_token_ids = set(loaded.eos_token_ids)
         self.vocab_size = loaded.config.vocab_size
