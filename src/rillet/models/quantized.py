@@ -29,7 +29,7 @@ from rillet.models.quantize import QBLOCK, QuantizedWeight, quantize
 
 logger = logging.getLogger(__name__)
 
-HEAD_FORMAT = {"q8": "q8", "q4": "q8"}  # output head's format per --quantization
+HEAD_FORMAT = "q8"  # the output head's format under either --quantization (see above)
 
 
 def _projections(model: CausalLM):
@@ -62,7 +62,7 @@ def quantize_model(model: CausalLM, backend: Backend, gguf: Path | None = None) 
         fmt = backend.quantize_to
         source = lambda name, linear: _quantized_or_float(linear.weight, fmt, name)  # noqa: E731
         head_weight = model.embed_tokens.weight if model.lm_head is None else model.lm_head.weight
-        head_source = _quantized_or_float(head_weight, HEAD_FORMAT[fmt], "lm_head")
+        head_source = _quantized_or_float(head_weight, HEAD_FORMAT, "lm_head")
 
     formats: Counter[str] = Counter()
     for parent, attribute, name in _projections(model):
