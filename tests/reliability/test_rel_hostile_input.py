@@ -155,6 +155,7 @@ def test_hostile_corpus_gets_clear_4xx_while_streams_run(main_server):
 
         runner = asyncio.ensure_future(well_behaved())
         seen = []
+        t_start = time.perf_counter()
         try:
             for name, path, raw, status, fragment in CORPUS:
                 res = await rh.http_request(server.url, path, raw, headers=headers, timeout_s=60)
@@ -168,11 +169,12 @@ def test_hostile_corpus_gets_clear_4xx_while_streams_run(main_server):
                                               json.dumps({"prompt": [42] * (CONTEXT - 6), "ignore_eos": True}).encode(),
                                               headers=headers)
         finally:
+            t_end = time.perf_counter()
             finished.set()
             await runner
-        return seen, unbounded, streams
+        return seen, unbounded, streams, t_start, t_end
 
-    seen, unbounded, streams = asyncio.run(main())
+    seen, unbounded, streams, t_start, t_end = asyncio.run(main())
     failures = []
     for name, path, status, fragment, res in seen:
         took = (res.t_head or time.perf_counter()) - res.t_sent
@@ -188,8 +190,12 @@ def test_hostile_corpus_gets_clear_4xx_while_streams_run(main_server):
     assert unbounded.status == 200 and unbounded.finish_reason == "length", unbounded.body
     usage = unbounded.body["usage"]
     assert usage["prompt_tokens"] + usage["completion_tokens"] == CONTEXT, usage
-    assert len(streams) >= 2
+    # streams ran across the whole corpus (the loop guarantees it); how many fit depends on the
+    # machine's speed (a 2042-token float32 prefill slows them), so the bar is that none stalled
+    assert streams[0].t_sent < t_end and streams[-1].token_times[-1] >= t_end, "no stream alongside"
+    worst_gap = max(b - a for s in streams for a, b in zip([s.t_sent, *s.token_times], s.token_times))
+    assert worst_gap < 30, f"a well-behaved stream stalled for {worst_gap:.1f}s"
     for s in streams:
         assert s.status == 200 and s.error is None and s.done and s.text == ref.text, (s.status, s.error, s.text)
     print(f"hostile corpus: {len(seen)} requests, all 4xx with a clear message; {len(streams)} streams alongside "
-          f"matched the reference")
+          f"matched the reference (longest pause {worst_gap:.1f}s, corpus took {t_end - t_start:.1f}s)")
