@@ -171,7 +171,8 @@ class FakeEngine:
             return len(prompt)
         return len(split_tokens(prompt_text(prompt))) + (3 * len(prompt) if isinstance(prompt, list) else 0)
 
-    async def add_request(self, prompt: Any, params: SamplingParams, request_id: str | None = None) -> FakeStream:
+    async def add_request(self, prompt: Any, params: SamplingParams, request_id: str | None = None,
+                          *, tools: list[dict] | None = None) -> FakeStream:
         if self._health == "dead":
             raise EngineDeadError("the engine has died")
         if self._health != "ready":
@@ -200,9 +201,9 @@ class FakeEngine:
         stream.task = asyncio.get_running_loop().create_task(self._produce(stream, prompt, params))
         return stream
 
-    async def generate(self, prompt: Any, params: SamplingParams,
-                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
-        stream = await self.add_request(prompt, params, request_id)
+    async def generate(self, prompt: Any, params: SamplingParams, request_id: str | None = None,
+                       *, tools: list[dict] | None = None) -> AsyncIterator[RequestOutput]:
+        stream = await self.add_request(prompt, params, request_id, tools=tools)
         try:
             async for out in stream:
                 yield out

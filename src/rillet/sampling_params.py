@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from rillet.structured.spec import StructuredOutputs
+
 MAX_LOGPROBS = 20
 MAX_N = 16
 MAX_STOP_STRINGS = 64
@@ -31,6 +33,7 @@ class SamplingParams:
     n: int = 1
     logprobs: int | None = None  # None: off; k >= 0: chosen token plus top-k alternatives
     skip_special_tokens: bool = True
+    structured: StructuredOutputs | None = None  # constrain the output (JSON schema, regex, ...)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -101,3 +104,7 @@ class SamplingParams:
             isinstance(self.logprobs, bool) or not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= MAX_LOGPROBS
         ):
             raise bad("logprobs", f"must be an integer in [0, {MAX_LOGPROBS}]")
+        if self.structured is not None:
+            if not isinstance(self.structured, StructuredOutputs):
+                raise ValueError("structured must be a rillet.structured.StructuredOutputs")
+            self.structured.validate()

@@ -244,9 +244,10 @@ class AsyncEngine:
         if max_waiting is not None and self.num_queued() >= max_waiting:
             raise QueueFullError(f"{max_waiting} requests are already waiting for a slot; retry later")
 
-    async def add_request(self, prompt: Prompt, params: SamplingParams,
-                          request_id: str | None = None) -> RequestStream:
-        """Validate and queue a request. Raises ValueError (bad prompt or parameters, token ids
+    async def add_request(self, prompt: Prompt, params: SamplingParams, request_id: str | None = None,
+                          *, tools: list[dict[str, Any]] | None = None) -> RequestStream:
+        """Validate and queue a request (`tools`: function definitions for the chat template).
+        Raises ValueError (bad prompt or parameters, token ids
         outside the vocabulary), PromptTooLongError (the prompt, or the prompt plus max_tokens, does
         not fit in max_model_len), QueueFullError, EngineDeadError or EngineNotReadyError."""
         self._check_accepting()
@@ -257,10 +258,10 @@ class AsyncEngine:
         self._check_queue()
         prompts = self.prompts
         prompts.check_token_ids(params)
-        if _prompt_chars(prompt) < INLINE_TOKENIZE_CHARS:  # ~0.1 ms: cheaper than a thread hop
-            token_ids = prompts.encode_prompt(prompt)
+        if not tools and _prompt_chars(prompt) < INLINE_TOKENIZE_CHARS:  # ~0.1 ms: cheaper than a thread hop
+            token_ids = prompts.encode_prompt(prompt, tools)
         else:  # long prompts: keep the event loop free
-            token_ids = await asyncio.to_thread(prompts.encode_prompt, prompt)
+            token_ids = await asyncio.to_thread(prompts.encode_prompt, prompt, tools)
         chat = isinstance(prompt, list) and bool(prompt) and isinstance(prompt[0], dict)
         prompts.check_prompt_length(len(token_ids), params.max_tokens, what="messages" if chat else "prompt")
         self._check_accepting()
@@ -277,10 +278,10 @@ class AsyncEngine:
             self._cv.notify()
         return stream
 
-    async def generate(self, prompt: Prompt, params: SamplingParams,
-                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+    async def generate(self, prompt: Prompt, params: SamplingParams, request_id: str | None = None,
+                       *, tools: list[dict[str, Any]] | None = None) -> AsyncIterator[RequestOutput]:
         """Yield output deltas; closing or cancelling the iterator aborts the request."""
-        stream = await self.add_request(prompt, params, request_id)
+        stream = await self.add_request(prompt, params, request_id, tools=tools)
         try:
             async for output in stream:
                 yield output

@@ -20,7 +20,11 @@ class PromptEncoder:
         self.vocab_size = vocab_size
         self.max_model_len = max_model_len
 
-    def encode_prompt(self, prompt: Prompt) -> list[int]:
+    def encode_prompt(self, prompt: Prompt, tools: list[dict[str, Any]] | None = None) -> list[int]:
+        """Token ids of a prompt; `tools` (OpenAI function definitions) go to the chat template of a
+        messages prompt, as transformers' `apply_chat_template(tools=...)` takes them."""
+        if tools and not (isinstance(prompt, list) and prompt and all(isinstance(m, dict) for m in prompt)):
+            raise ValueError("tools need a chat (messages) prompt")
         if isinstance(prompt, str):
             if not prompt:
                 raise ValueError("prompt must not be empty")
@@ -33,10 +37,10 @@ class PromptEncoder:
                 raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})")
             return list(prompt)
         if all(isinstance(m, dict) for m in prompt):
-            return self.encode_chat(prompt)
+            return self.encode_chat(prompt, tools)
         raise ValueError("prompt must be a non-empty string, list of token ids or list of messages")
 
-    def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
+    def encode_chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> list[int]:
         for i, m in enumerate(messages):
             if m.get("role") not in CHAT_ROLES:
                 raise ValueError(f"messages[{i}].role must be one of {', '.join(CHAT_ROLES)}, got {m.get('role')!r}")
@@ -46,7 +50,8 @@ class PromptEncoder:
             text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
             return self.tokenizer.encode(text)
         try:
-            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            text = self.tokenizer.apply_chat_template(messages, tools=tools or None, tokenize=False,
+                                                      add_generation_prompt=True)
         except Exception as exc:  # templates raise on role orders they do not accept
             raise ValueError(f"the model's chat template rejected these messages: {exc}") from None
         return self.tokenizer.encode(text, add_special_tokens=False)
