@@ -47,3 +47,40 @@ def test_generate_reports_http_and_connection_errors(server, run_cli):
         port = s.getsockname()[1]
     res = run_cli("generate", "--url", f"http://127.0.0.1:{port}", "--timeout", "5", "hi")
     assert res.returncode == 1 and "error" in res.stderr and "Traceback" not in res.stderr
+
+
+PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 20},
+                                           "age": {"type": "integer", "minimum": 0, "maximum": 120}},
+          "required": ["name", "age"], "additionalProperties": False}
+
+
+def test_generate_json_schema_in_process_and_against_a_server(server, run_cli, tmp_path):
+    import jsonschema
+
+    schema_file = tmp_path / "person.schema.json"
+    schema_file.write_text(json.dumps(PERSON))
+    args = ["--json", "--json-schema", str(schema_file), "--max-tokens", "60", "--temperature", "0",
+            "Invent a person."]
+    local = run_cli("generate", *args, timeout=240)
+    assert local.returncode == 0, local.stderr
+    remote = run_cli("generate", "--url", server.url, "--api-key", server.api_key, *args)
+    assert remote.returncode == 0, remote.stderr
+    for res in (local, remote):
+        result = json.loads(res.stdout)
+        assert result["finish_reason"] == "stop", result
+        jsonschema.validate(json.loads(result["text"]), PERSON)
+    assert json.loads(local.stdout)["text"] == json.loads(remote.stdout)["text"]
+
+
+def test_generate_json_schema_errors_are_clear(server, run_cli, tmp_path):
+    missing = run_cli("generate", "--json-schema", str(tmp_path / "nope.json"), "hi")
+    assert missing.returncode == 2 and "nope.json" in missing.stderr and "Traceback" not in missing.stderr
+    bad = tmp_path / "bad.json"
+    bad.write_text("[1, 2]")
+    res = run_cli("generate", "--json-schema", str(bad), "hi")
+    assert res.returncode == 2 and "JSON object" in res.stderr
+    uncompilable = tmp_path / "uncompilable.json"
+    uncompilable.write_text(json.dumps({"type": "string", "pattern": "([a-z"}))
+    res = run_cli("generate", "--url", server.url, "--api-key", server.api_key, "--json-schema",
+                  str(uncompilable), "hi")
+    assert res.returncode == 1 and "400" in res.stderr and "Traceback" not in res.stderr

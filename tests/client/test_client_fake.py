@@ -12,6 +12,8 @@ import pytest
 
 import rillet
 from rillet import client as client_module
+from rillet.client import base as client_base
+from rillet.client.errors import status_error
 from rillet.client import (
     APIConnectionError,
     AsyncClient,
@@ -20,20 +22,20 @@ from rillet.client import (
     RateLimitError,
     ServiceUnavailableError,
     StreamError,
-    _Decoder,
 )
+from rillet.client.wire import Decoder
 
 
 @pytest.fixture
 def sleeps(monkeypatch):
     """Record the client's backoff waits instead of waiting."""
     waits: list[float] = []
-    monkeypatch.setattr(client_module, "_sleep", waits.append)
+    monkeypatch.setattr(client_base, "sleep", waits.append)
 
     async def fake_async_sleep(delay: float) -> None:
         waits.append(delay)
 
-    monkeypatch.setattr(client_module, "_async_sleep", fake_async_sleep)
+    monkeypatch.setattr(client_base, "async_sleep", fake_async_sleep)
     return waits
 
 
@@ -147,7 +149,7 @@ def test_connection_refused_raises_api_connection_error(sleeps):
 
 
 def test_sse_decoder_handles_comments_multiline_data_and_crlf():
-    decoder = _Decoder("openai", "complete")
+    decoder = Decoder("openai", "complete")
     out = []
     for line in [": ping", "event: message", 'data: {"choices": [{"index": 0,', 'data:  "text": "a"}]}\r', "",
                  'data: {"choices": [{"index": 0, "text": "b", "finish_reason": "stop"}], '
@@ -163,16 +165,16 @@ def test_retry_after_http_date():
     from email.utils import formatdate
     import time
 
-    err = client_module._status_error(429, b"{}", {"retry-after": formatdate(time.time() + 30, usegmt=True)})
+    err = status_error(429, b"{}", {"retry-after": formatdate(time.time() + 30, usegmt=True)})
     assert isinstance(err, RateLimitError) and 25 <= err.retry_after <= 31
 
 
 def test_error_body_shapes():
-    ollama = client_module._status_error(404, b'{"error": "model \\"x\\" not found"}', {})
+    ollama = status_error(404, b'{"error": "model \\"x\\" not found"}', {})
     assert ollama.status == 404 and ollama.message == 'model "x" not found'
-    fastapi = client_module._status_error(422, b'{"detail": [{"loc": ["body"], "msg": "bad"}]}', {})
+    fastapi = status_error(422, b'{"detail": [{"loc": ["body"], "msg": "bad"}]}', {})
     assert fastapi.status == 422 and "bad" in fastapi.message
-    text = client_module._status_error(502, b"Bad Gateway", {})
+    text = status_error(502, b"Bad Gateway", {})
     assert isinstance(text, InternalServerError) and text.message == "Bad Gateway"
 
 

@@ -3,6 +3,7 @@
     rillet generate "Write a haiku about rivers"               # in-process, default model
     echo "Why is the sky blue?" | rillet generate --url http://127.0.0.1:8000 --max-tokens 64
     rillet generate --json --seed 1 --temperature 0 "Hello"
+    rillet generate --json-schema person.schema.json "Invent a person"   # output valid for the schema
 """
 
 from __future__ import annotations
@@ -10,8 +11,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
+from typing import Any
 
-from rillet.cli.chat import add_backend_arguments, make_backend, sampling_params, stream_answer
+from rillet.cli.backends import add_backend_arguments, make_backend, sampling_params, stream_answer
 from rillet.client import RilletError
 
 
@@ -25,10 +28,22 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         help="print one JSON object (text, finish_reason, usage, timings) instead of streaming")
     parser.add_argument("--raw", action="store_true",
                         help="plain text completion of the prompt, without the chat template (--system ignored)")
+    parser.add_argument("--json-schema", metavar="FILE", type=Path,
+                        help="constrain the answer to this JSON schema (a JSON file); the answer always parses "
+                             "and validates, unless cut short by --max-tokens")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no stats line on stderr")
     add_backend_arguments(parser)
     parser.set_defaults(func=run)
     return parser
+
+
+def json_schema_format(path: Path) -> dict[str, Any]:
+    """OpenAI's `response_format` for the JSON schema in `path` (named after the file)."""
+    schema = json.loads(path.read_text())
+    if not isinstance(schema, (dict, bool)):
+        raise ValueError("a JSON schema must be a JSON object")
+    name = "".join(c if c.isalnum() or c in "_-" else "_" for c in path.name.split(".")[0])[:64] or "schema"
+    return {"type": "json_schema", "json_schema": {"name": name, "schema": schema, "strict": True}}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -46,13 +61,20 @@ def run(args: argparse.Namespace) -> int:
     else:
         request = ([{"role": "system", "content": args.system}] if args.system else []) + [
             {"role": "user", "content": prompt}]
+    params = sampling_params(args)
+    if args.json_schema is not None:
+        try:
+            params["response_format"] = json_schema_format(args.json_schema)
+        except (OSError, ValueError) as exc:
+            print(f"rillet generate: error: --json-schema {args.json_schema}: {exc}", file=sys.stderr)
+            return 2
     try:
         backend = make_backend(args, progress=not args.quiet)
     except (RilletError, OSError) as exc:
         print(f"rillet generate: error: {exc}", file=sys.stderr)
         return 1
     try:
-        answer = stream_answer(backend, request, sampling_params(args), None if args.json else sys.stdout)
+        answer = stream_answer(backend, request, params, None if args.json else sys.stdout)
     except RilletError as exc:
         if not args.json:
             sys.stdout.write("\n")

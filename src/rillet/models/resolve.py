@@ -100,7 +100,7 @@ def download_from_hub(repo_id: str) -> Path:
         ) from None
 
 
-def _gguf_cache_dir(gguf: Path) -> Path:
+def gguf_cache_dir(gguf: Path) -> Path:
     stat = gguf.stat()
     key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{int(stat.st_mtime)}".encode()).hexdigest()[:16]
     return cache_root() / "models" / f"{gguf.stem}-{key}"
@@ -108,7 +108,7 @@ def _gguf_cache_dir(gguf: Path) -> Path:
 
 def converted_gguf_dir(gguf: Path) -> Path:
     """Dequantise a GGUF file into a safetensors directory once; later calls return the cache."""
-    target = _gguf_cache_dir(gguf)
+    target = gguf_cache_dir(gguf)
     if (target / "rillet-converted.json").is_file():
         return target
     logger.info("converting %s to safetensors in %s (first start only)", gguf.name, target)
