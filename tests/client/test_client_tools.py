@@ -8,7 +8,7 @@ import json
 import pydantic
 import pytest
 
-from rillet.client.wire import Decoder, StreamState, build_request, parse_completion
+from rillet.client.wire import StreamState, build_request, parse_completion
 
 WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
     "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
@@ -68,13 +68,9 @@ def test_whole_answers_carry_tool_calls_and_parsed_models():
 
 def feed(api: str, lines: list[str]) -> StreamState:
     state = StreamState()
-    state._init_state(api)
-    decoder = Decoder(api, "chat")
-    for line in lines:
-        for delta in decoder.feed(line):
-            state._record(delta)
-    for delta in decoder.close():
-        state._record(delta)
+    state._init_state(api, "chat")
+    for line in [*lines, None]:
+        state._take(line)
     return state
 
 

@@ -170,14 +170,14 @@ SCHEMAS: list[tuple[str, dict[str, Any]]] = [
             "items": {"type": "integer", "minimum": 0, "maximum": 9}}}},
         "required": ["matrix"], "additionalProperties": False,
     }),
-    ("recursive_ref", {
+    ("ref_in_array", {
         "type": "object",
-        "$defs": {"node": {"type": "object",
-                           "properties": {"v": {"type": "integer", "minimum": 0, "maximum": 9},
-                                          "next": {"anyOf": [{"$ref": "#/$defs/node"}, {"type": "null"}]}},
-                           "required": ["v", "next"], "additionalProperties": False}},
-        "properties": {"head": {"$ref": "#/$defs/node"}},
-        "required": ["head"], "additionalProperties": False,
+        "$defs": {"step": {"type": "object",
+                           "properties": {"n": {"type": "integer", "minimum": 1, "maximum": 9},
+                                          "done": {"type": "boolean"}},
+                           "required": ["n", "done"], "additionalProperties": False}},
+        "properties": {"steps": {"type": "array", "items": {"$ref": "#/$defs/step"}, "minItems": 1, "maxItems": 2}},
+        "required": ["steps"], "additionalProperties": False,
     }),
     ("number_exclusive", {
         "type": "object",

@@ -8,9 +8,9 @@ import httpx
 
 from rillet.client import base
 from rillet.client.base import DEFAULT_BASE_URL, ClientBase
-from rillet.client.errors import APIStatusError, NotFoundError, RilletError, connection_error, status_error
+from rillet.client.errors import APIStatusError, NotFoundError, RilletError, connection_error
 from rillet.client.results import Completion, Delta
-from rillet.client.wire import Api, Decoder, StreamState, Messages, ollama_model_ids, parse_completion
+from rillet.client.wire import Api, StreamState, Messages, ollama_model_ids, parse_completion
 
 
 class AsyncStream(StreamState):
@@ -24,10 +24,9 @@ class AsyncStream(StreamState):
         self._model = model
         self._params = params
         self.response: httpx.Response | None = None
-        self._decoder = Decoder(client.api, kind)
         self._iterator: AsyncIterator[Delta] | None = None
         self.closed = False
-        self._init_state(client.api)
+        self._init_state(client.api, kind)
 
     async def _open(self) -> AsyncStream:
         if self.response is None:
@@ -61,13 +60,11 @@ class AsyncStream(StreamState):
         assert self.response is not None
         try:
             async for line in self.response.aiter_lines():
-                for delta in self._decoder.feed(line):
-                    self._record(delta)
+                for delta in self._take(line):
                     yield delta
                 if self._decoder.done:
                     break
-            for delta in self._decoder.close():
-                self._record(delta)
+            for delta in self._take(None):
                 yield delta
         except httpx.HTTPError as exc:
             raise connection_error(exc) from exc
@@ -176,14 +173,10 @@ class AsyncClient(ClientBase):
             request = self._http.build_request(method, self.base_url + path, json=body, headers=self._headers)
             try:
                 response = await self._http.send(request, stream=stream)
-            except httpx.ConnectError as exc:
-                if attempt < self.max_retries:
-                    await base.async_sleep(self._delay(attempt, None))
-                    attempt += 1
-                    continue
-                raise connection_error(exc) from exc
             except httpx.HTTPError as exc:
-                raise connection_error(exc) from exc
+                await base.async_sleep(self._connect_retry(attempt, exc))
+                attempt += 1
+                continue
             if response.status_code < 400:
                 return response
             try:
@@ -192,8 +185,5 @@ class AsyncClient(ClientBase):
                 content = b""
             finally:
                 await response.aclose()
-            error = status_error(response.status_code, content, response.headers)
-            if not self._should_retry(attempt, response.status_code):
-                raise error
-            await base.async_sleep(self._delay(attempt, error))
+            await base.async_sleep(self._status_retry(attempt, response, content))
             attempt += 1

@@ -9,7 +9,7 @@ from typing import Any, Mapping
 
 import httpx
 
-from rillet.client.errors import APIStatusError
+from rillet.client.errors import APIStatusError, connection_error, status_error
 from rillet.client.wire import Api, build_request
 
 DEFAULT_BASE_URL = "http://127.0.0.1:8000"
@@ -55,3 +55,17 @@ class ClientBase:
     def _request_for(self, kind: str, payload: Any, stream: bool, model: str | None,
                      params: Mapping[str, Any]) -> tuple[str, dict]:
         return build_request(self.api, kind, payload, model, stream, params)
+
+    def _connect_retry(self, attempt: int, exc: httpx.HTTPError) -> float:
+        """Seconds to wait before retrying a request that failed to connect; raises the client's
+        error when it is not retried (other transport errors, or no attempts left)."""
+        if isinstance(exc, httpx.ConnectError) and attempt < self.max_retries:
+            return self._delay(attempt, None)
+        raise connection_error(exc) from exc
+
+    def _status_retry(self, attempt: int, response: httpx.Response, content: bytes) -> float:
+        """Seconds to wait before retrying an HTTP error answer; raises it when it is not retried."""
+        error = status_error(response.status_code, content, response.headers)
+        if not self._should_retry(attempt, response.status_code):
+            raise error
+        return self._delay(attempt, error)

@@ -8,9 +8,9 @@ import httpx
 
 from rillet.client import base
 from rillet.client.base import DEFAULT_BASE_URL, ClientBase
-from rillet.client.errors import APIStatusError, NotFoundError, RilletError, connection_error, status_error
+from rillet.client.errors import APIStatusError, NotFoundError, RilletError, connection_error
 from rillet.client.results import Completion, Delta
-from rillet.client.wire import Api, Decoder, Messages, StreamState, ollama_model_ids, parse_completion
+from rillet.client.wire import Api, Messages, StreamState, ollama_model_ids, parse_completion
 
 
 class Stream(StreamState):
@@ -21,22 +21,17 @@ class Stream(StreamState):
 
     def __init__(self, response: httpx.Response, api: str, kind: str) -> None:
         self.response = response
-        self._decoder = Decoder(api, kind)
         self._iterator = self._deltas()
         self.closed = False
-        self._init_state(api)
+        self._init_state(api, kind)
 
     def _deltas(self) -> Iterator[Delta]:
         try:
             for line in self.response.iter_lines():
-                for delta in self._decoder.feed(line):
-                    self._record(delta)
-                    yield delta
+                yield from self._take(line)
                 if self._decoder.done:
                     break
-            for delta in self._decoder.close():
-                self._record(delta)
-                yield delta
+            yield from self._take(None)
         except httpx.HTTPError as exc:
             raise connection_error(exc) from exc
         finally:
@@ -162,14 +157,10 @@ class Client(ClientBase):
             request = self._http.build_request(method, self.base_url + path, json=body, headers=self._headers)
             try:
                 response = self._http.send(request, stream=stream)
-            except httpx.ConnectError as exc:
-                if attempt < self.max_retries:
-                    base.sleep(self._delay(attempt, None))
-                    attempt += 1
-                    continue
-                raise connection_error(exc) from exc
             except httpx.HTTPError as exc:
-                raise connection_error(exc) from exc
+                base.sleep(self._connect_retry(attempt, exc))
+                attempt += 1
+                continue
             if response.status_code < 400:
                 return response
             try:
@@ -178,10 +169,7 @@ class Client(ClientBase):
                 content = b""
             finally:
                 response.close()
-            error = status_error(response.status_code, content, response.headers)
-            if not self._should_retry(attempt, response.status_code):
-                raise error
-            base.sleep(self._delay(attempt, error))
+            base.sleep(self._status_retry(attempt, response, content))
             attempt += 1
 
 

@@ -214,7 +214,8 @@ class StreamState:
     """What both stream kinds remember: the text so far, the finish reason, the usage, and the
     first choice's tool calls, assembled from their pieces."""
 
-    def _init_state(self, api: str) -> None:
+    def _init_state(self, api: str, kind: str) -> None:
+        self._decoder = Decoder(api, kind)
         self.text = ""
         self.finish_reason: str | None = None
         self.usage: Usage | None = None
@@ -225,6 +226,13 @@ class StreamState:
     @property
     def tool_calls(self) -> list[ToolCall]:
         return self._tool_calls.result()
+
+    def _take(self, line: str | None) -> list[Delta]:
+        """The deltas of one body line (None: the body ended), recorded."""
+        deltas = self._decoder.close() if line is None else self._decoder.feed(line)
+        for delta in deltas:
+            self._record(delta)
+        return deltas
 
     def _record(self, delta: Delta) -> None:
         if delta.index == 0:

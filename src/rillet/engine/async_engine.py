@@ -31,6 +31,8 @@ from rillet.engine.llm_engine import EngineStats, LLMEngine, Prompt
 from rillet.engine.outputs import RequestOutput
 from rillet.engine.prompts import PromptEncoder
 from rillet.sampling_params import SamplingParams
+from rillet.structured.grammar import grammar_compiler, is_compiled
+from rillet.structured.spec import StructuredOutputs
 
 logger = logging.getLogger(__name__)
 
@@ -114,6 +116,7 @@ class AsyncEngine:
         self._process: EngineProcess | None = None
         self._prompts: PromptEncoder | None = None
         self._model_name = ""
+        self._eos_token_ids: list[int] = []
         self._num_sent = 0  # process mode: adds sent to the core ...
         self._num_acknowledged = 0  # ... and adds the core has taken into its scheduler
         self._health = "stopped"
@@ -173,10 +176,12 @@ class AsyncEngine:
                 info = await asyncio.to_thread(self._process.start)
                 self._prompts = PromptEncoder(info.tokenizer, info.vocab_size, info.max_model_len)
                 self._model_name, self._stats = info.model_name, info.stats
+                self._eos_token_ids = list(info.eos_token_ids)
             else:
                 self._engine = await asyncio.to_thread(self._build_engine)
                 self._prompts, self._model_name = self._engine.prompts, self._engine.model_name
                 self._stats = self._engine.stats()
+                self._eos_token_ids = sorted(self._engine.eos_token_ids)
                 self._thread = threading.Thread(target=self._run, name="rillet-engine", daemon=True)
                 self._thread.start()
         except BaseException as exc:
@@ -248,7 +253,7 @@ class AsyncEngine:
                           *, tools: list[dict[str, Any]] | None = None) -> RequestStream:
         """Validate and queue a request (`tools`: function definitions for the chat template).
         Raises ValueError (bad prompt or parameters, token ids
-        outside the vocabulary), PromptTooLongError (the prompt, or the prompt plus max_tokens, does
+        outside the vocabulary, a structured-output spec that does not compile), PromptTooLongError (the prompt, or the prompt plus max_tokens, does
         not fit in max_model_len), QueueFullError, EngineDeadError or EngineNotReadyError."""
         self._check_accepting()
         params.validate()
@@ -258,6 +263,8 @@ class AsyncEngine:
         self._check_queue()
         prompts = self.prompts
         prompts.check_token_ids(params)
+        if params.structured is not None:
+            await self._check_structured(params.structured)
         if not tools and _prompt_chars(prompt) < INLINE_TOKENIZE_CHARS:  # ~0.1 ms: cheaper than a thread hop
             token_ids = prompts.encode_prompt(prompt, tools)
         else:  # long prompts: keep the event loop free
@@ -277,6 +284,14 @@ class AsyncEngine:
             self._inbox.append((request_id, token_ids, params))
             self._cv.notify()
         return stream
+
+    async def _check_structured(self, spec: StructuredOutputs) -> None:
+        """ValueError if the spec does not compile for this tokenizer. Compiling (and building the
+        tokenizer's grammar tables, the first time) runs off the event loop; a spec compiled
+        before is a cache lookup."""
+        tokenizer = self.prompts.tokenizer
+        if not is_compiled(tokenizer, self._eos_token_ids, spec):
+            await asyncio.to_thread(lambda: grammar_compiler(tokenizer, self._eos_token_ids).compile(spec))
 
     async def generate(self, prompt: Prompt, params: SamplingParams, request_id: str | None = None,
                        *, tools: list[dict[str, Any]] | None = None) -> AsyncIterator[RequestOutput]:

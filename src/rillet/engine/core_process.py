@@ -51,6 +51,7 @@ class CoreInfo:
     vocab_size: int
     tokenizer: Any
     stats: Any  # EngineStats
+    eos_token_ids: tuple[int, ...] = ()  # the front end compiles structured-output grammars with them
 
 
 def core_main(conn: Connection) -> None:
@@ -75,7 +76,7 @@ def core_main(conn: Connection) -> None:
         conn.send(("failed", _picklable(exc)))
         return
     conn.send(("ready", CoreInfo(engine.model_name, engine.max_model_len, engine.vocab_size, engine.tokenizer,
-                                 engine.stats())))
+                                 engine.stats(), tuple(sorted(engine.eos_token_ids)))))
     try:
         _serve(engine, conn)
     except (EOFError, BrokenPipeError, ConnectionResetError):

@@ -31,6 +31,8 @@ from rillet.models.loader import load_model
 from rillet.models.quantized import quantize_model
 from rillet.models.resolve import resolve_model
 from rillet.sampling_params import SamplingParams
+from rillet.structured.grammar import GrammarCompiler, grammar_compiler
+from rillet.structured.matcher import Guide, MaskFiller
 
 logger = logging.getLogger(__name__)
 
@@ -91,6 +93,7 @@ class LLMEngine:
         self.detokenizer = Detokenizer(self.tokenizer)
         self.prompts = PromptEncoder(self.tokenizer, self.vocab_size, self.max_model_len)
         self.requests: dict[str, list[Sequence]] = {}
+        self._masks = MaskFiller(self.vocab_size, self.device)
         self.num_aborted_total = 0
         self.num_failed_total = 0
         self._consecutive_failures = 0
@@ -124,6 +127,12 @@ class LLMEngine:
 
     # ---- requests -------------------------------------------------------------------------
 
+    @property
+    def grammars(self) -> GrammarCompiler:
+        """Structured-output grammars for this tokenizer (built on first use: ~0.4 s; shared with
+        an AsyncEngine front end in the same process, so its admission check warms this cache)."""
+        return grammar_compiler(self.tokenizer, sorted(self.eos_token_ids))
+
     def encode_prompt(self, prompt: Prompt) -> list[int]:
         return self.prompts.encode_prompt(prompt)
 
@@ -139,10 +148,13 @@ class LLMEngine:
         ids = prompt_token_ids if prompt_token_ids is not None else self.encode_prompt(prompt)
         self.prompts.check_token_ids(params)
         self.check_prompt_length(len(ids))  # max_tokens past the context stops there (the server refuses it)
+        compiled = self.grammars.compile(params.structured) if params.structured is not None else None
         seqs = []
         for index in range(params.n):
             seed = None if params.seed is None else params.seed + index
             seq = Sequence(request_id, index, ids, params, seed=seed)
+            if compiled is not None:
+                seq.guide = Guide(compiled)  # one matcher per choice
             self.detokenizer.start(seq)
             seqs.append(seq)
         self.requests[request_id] = seqs
@@ -221,12 +233,24 @@ class LLMEngine:
         for seq in batch.seqs:
             if seq.first_scheduled_time is None:
                 seq.first_scheduled_time = now
+        # Constrained sequences that sample this step (all their tokens fed): their masks depend
+        # only on tokens sampled before, so they are filled while the forward pass runs.
+        guided = [i for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens))
+                  if seq.guide is not None and seq.num_computed_tokens + n == seq.num_tokens]
+        masks = self._masks.start([batch.seqs[i].guide for i in guided]) if guided else None
         try:
-            if self.before_forward is not None:
-                self.before_forward(batch)
-            logits, sampling = self.runner.execute(batch, self.block_manager)
+            try:
+                if self.before_forward is not None:
+                    self.before_forward(batch)
+                logits, sampling = self.runner.execute(batch, self.block_manager)
+            finally:
+                bitmask = masks.result() if masks is not None else None  # joined before anything else
             sampling_seqs = [batch.seqs[i] for i in sampling]
-            result = self.sampler(logits, sampling_seqs) if sampling_seqs else None
+            allowed = None
+            if bitmask is not None:
+                row_of = {b: row for row, b in enumerate(sampling)}
+                allowed = ([row_of[i] for i in guided], bitmask)
+            result = self.sampler(logits, sampling_seqs, allowed) if sampling_seqs else None
         except Exception as exc:
             return outputs + self._fail_batch(batch, exc)
         self._consecutive_failures = 0
@@ -236,14 +260,21 @@ class LLMEngine:
             self.block_manager.register_full_blocks(seq)
         if result is None:
             return outputs
+        grammar_errors: dict[str, str] = {}
         for row, seq in enumerate(sampling_seqs):
             token = result.token_ids[row]
+            guide = seq.guide
+            if guide is not None and not guide.accept(token):
+                grammar_errors[seq.request_id] = guide.error  # ends only this request, below
+                continue
             seq.output_token_ids.append(token)
             reason, stop_reason = self._check_token_stop(seq, token)
             if reason is None:
                 stop = self.detokenizer.append(seq, token)
                 if stop is not None:
                     reason, stop_reason = "stop", stop
+                elif guide is not None and guide.is_stopped:  # the grammar is complete
+                    reason = "stop"
                 elif seq.num_output_tokens >= (seq.params.max_tokens or self.max_model_len) \
                         or seq.num_tokens >= self.max_model_len:
                     reason = "length"
@@ -256,6 +287,10 @@ class LLMEngine:
                 self.scheduler.finish(seq, reason)
                 self._forget(seq)
             outputs.append(self._output(seq, [token], delta, logprobs))
+        for request_id, error in grammar_errors.items():
+            logger.warning("request %s: structured output failed: %s", request_id, error)
+            outputs += self.abort(request_id, reason="error", error=f"structured output failed: {error}")
+            self.num_failed_total += 1
         return outputs
 
     def _check_token_stop(self, seq: Sequence, token: int) -> tuple[str | None, int | None]:
@@ -279,6 +314,7 @@ class LLMEngine:
 
     def _forget(self, seq: Sequence) -> None:
         self.detokenizer.forget(seq)
+        seq.guide = None  # frees the matcher
         self.sampler.forget(seq)
         seqs = self.requests.get(seq.request_id)
         if seqs is not None and all(s.is_finished for s in seqs):

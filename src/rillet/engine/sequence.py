@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from rillet.sampling_params import SamplingParams
 
@@ -34,6 +35,9 @@ class Sequence:
     error: str | None = None
     num_preemptions: int = 0
     first_scheduled_time: float | None = None
+    # Structured output: the grammar state (rillet.structured.matcher.Guide) of a constrained
+    # sequence, None otherwise or once finished. Survives preemption: the tokens it consumed stay.
+    guide: Any = None
     # Filled by the detokenizer: full text and how much of it was handed out.
     output_text: str = ""
     num_emitted_chars: int = 0
