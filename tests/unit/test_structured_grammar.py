@@ -1,0 +1,141 @@
+"""Structured-output grammars without a model: compiling and caching specs for the default
+model's tokenizer, the errors bad specs get, and masks applied to hand-made logits."""
+
+import json
+
+import pytest
+import torch
+
+from rillet.engine.sampler import Sampler
+from rillet.engine.sequence import Sequence
+from rillet.models.loader import load_tokenizer
+from rillet.models.resolve import resolve_model
+from rillet.sampling_params import SamplingParams
+from rillet.structured import StructuredOutputs
+from rillet.structured.grammar import GrammarCompiler, grammar_compiler, is_compiled
+from rillet.structured.matcher import Guide, MaskFiller, apply_token_bitmask
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer(resolve_model(None).path)
+
+
+@pytest.fixture(scope="module")
+def compiler(tokenizer) -> GrammarCompiler:
+    return grammar_compiler(tokenizer, [tokenizer.eos_token_id])
+
+
+def test_one_compiler_per_tokenizer_and_a_cache_hit_for_an_equal_spec(tokenizer, compiler):
+    assert grammar_compiler(tokenizer, [tokenizer.eos_token_id]) is compiler
+    schema = {"type": "object", "properties": {"x": {"type": "integer"}}, "required": ["x"]}
+    spec = StructuredOutputs.from_schema(schema)
+    assert not is_compiled(tokenizer, [tokenizer.eos_token_id], spec)
+    before = compiler.cache_info()
+    first = compiler.compile(spec)
+    # A spec built again from the same schema, keys in another order, is the same cache entry.
+    again = compiler.compile(StructuredOutputs.from_schema(dict(reversed(list(schema.items())))))
+    after = compiler.cache_info()
+    assert again is first
+    assert (after["misses"] - before["misses"], after["hits"] - before["hits"]) == (1, 1)
+    assert is_compiled(tokenizer, [tokenizer.eos_token_id], spec)
+    assert first.compile_s > 0
+
+
+def test_the_cache_is_bounded(tokenizer):
+    small = GrammarCompiler(tokenizer, cache_size=2)
+    specs = [StructuredOutputs(regex=f"[a-z]{{{i}}}") for i in range(1, 4)]
+    for spec in specs:
+        small.compile(spec)
+    assert small.cache_info()["size"] == 2
+    assert not small.contains(specs[0]) and small.contains(specs[2])
+
+
+@pytest.mark.parametrize("spec, words", [
+    (StructuredOutputs(json=json.dumps({"$ref": "#/$defs/missing"})), ["JSON schema", "missing"]),
+    (StructuredOutputs(json=json.dumps({"type": "strng"})), ["JSON schema", "strng"]),
+    (StructuredOutputs(json="{not json"), ["JSON"]),
+    (StructuredOutputs(regex="a(b"), ["regex", "unclosed group"]),
+    (StructuredOutputs(grammar="start: undefined_rule"), ["grammar", "undefined_rule"]),
+    (StructuredOutputs(grammar="start: ("), ["grammar"]),
+    (StructuredOutputs(choice=()), ["choice"]),
+    (StructuredOutputs(choice=("a", "")), ["choice"]),
+    (StructuredOutputs(regex="a", grammar="start: \"a\""), ["exactly one"]),
+])
+def test_a_spec_that_does_not_compile_is_a_value_error_naming_the_problem(compiler, spec, words):
+    with pytest.raises(ValueError) as info:
+        compiler.compile(spec)
+    message = str(info.value)
+    for word in words:
+        assert word in message, message
+    assert not compiler.contains(spec)
+
+
+def guide_for(compiler, spec) -> Guide:
+    return Guide(compiler.compile(spec))
+
+
+def allowed_ids(compiler, guide) -> set[int]:
+    filler = MaskFiller(compiler.vocab_size, torch.device("cpu"))
+    bitmask = filler.start([guide]).result()
+    filler.close()
+    logits = torch.zeros((1, compiler.vocab_size))
+    masked = apply_token_bitmask(logits, [0], bitmask)
+    return set(torch.isfinite(masked[0]).nonzero().flatten().tolist())
+
+
+def test_choice_masks_all_but_the_literals_and_stops_once_one_is_complete(tokenizer, compiler):
+    spec = StructuredOutputs(choice=("yes", "no (really)"))
+    guide = guide_for(compiler, spec)
+    allowed = allowed_ids(compiler, guide)
+    assert tokenizer.encode("yes")[0] in allowed and tokenizer.encode("no")[0] in allowed
+    assert tokenizer.encode("maybe")[0] not in allowed
+    assert 10 < compiler.vocab_size - len(allowed)
+    for token in tokenizer.encode("no (really)"):
+        assert not guide.is_stopped
+        assert guide.accept(token)
+    assert guide.is_stopped
+    assert not guide_for(compiler, spec).accept(tokenizer.encode("maybe")[0])
+
+
+def test_a_rejected_token_sets_the_error_and_fills_an_all_allowed_row(compiler):
+    guide = guide_for(compiler, StructuredOutputs(regex="[0-9]+"))
+    assert not guide.accept(compiler.ll_tokenizer.tokenize_str("x")[0])
+    assert guide.error
+    assert len(allowed_ids(compiler, guide)) == compiler.vocab_size  # logits stay finite until it is ended
+
+
+def test_bitmask_on_toy_logits_masks_only_its_rows_and_ids_past_the_mask():
+    # 40 logits, a mask one word (32 ids) wide: ids 32..39 are past the tokenizer's vocabulary.
+    logits = torch.arange(3 * 40, dtype=torch.float32).view(3, 40)
+    bitmask = torch.tensor([[(1 << 3) - (1 << 31)]], dtype=torch.int32)  # allows ids 3 and 31 (the sign bit)
+    masked = apply_token_bitmask(logits, [1], bitmask)
+    assert torch.equal(masked[0], logits[0]) and torch.equal(masked[2], logits[2])
+    assert torch.isfinite(masked[1]).nonzero().flatten().tolist() == [3, 31]
+    assert masked[1, 3] == logits[1, 3]
+    assert torch.isfinite(logits).all()  # the input is left as it was
+
+
+def test_sampler_applies_the_mask_after_the_bias_and_before_temperature():
+    V = 64
+    logits = torch.zeros((2, V))
+    logits[:, 5] = 10.0  # the free favourite
+    bitmask = torch.zeros((1, 2), dtype=torch.int32)
+    bitmask[0, 0] = (1 << 7) | (1 << 9)
+    seqs = [Sequence("c", 0, [1], SamplingParams(temperature=0.0, logit_bias={9: 5.0})),
+            Sequence("f", 0, [1], SamplingParams(temperature=0.0))]
+    tokens = Sampler(V, torch.device("cpu"))(logits, seqs, ([0], bitmask)).token_ids
+    assert tokens == [9, 5]  # the bias picks among the allowed; the free row is unchanged
+    hot = [Sequence("h", 0, [1], SamplingParams(temperature=50.0, seed=s)) for s in range(200)]
+    sampled = Sampler(V, torch.device("cpu"))(logits[:1].expand(200, -1).clone(), hot,
+                                               (list(range(200)), bitmask.expand(200, -1).clone())).token_ids
+    assert set(sampled) == {7, 9}  # a high temperature flattens only what the mask allowed
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_bitmask_on_cuda_logits():
+    logits = torch.zeros((2, 40), device="cuda")
+    bitmask = torch.tensor([[1 << 4, 0]], dtype=torch.int32)
+    masked = apply_token_bitmask(logits, [0], bitmask)
+    assert torch.isfinite(masked[0]).nonzero().flatten().tolist() == [4]
+    assert torch.isfinite(masked[1]).all()
