@@ -255,3 +255,58 @@ def test_models_are_fetched_again_while_the_server_loads(page: Page, fake_server
     expect(page.locator("#model")).to_have_value(fake.MODEL_ID)
     expect(page.locator("#status")).to_be_hidden()
     assert len(calls) >= 2
+
+
+WEATHER_TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+
+
+def tool_call_chunk(index: int, *, call_id: str | None = None, name: str | None = None,
+                    arguments: str | None = None) -> dict:
+    piece: dict = {"index": index, "function": {}}
+    if call_id:
+        piece.update(id=call_id, type="function")
+    if name is not None:
+        piece["function"]["name"] = name
+    if arguments is not None:
+        piece["function"]["arguments"] = arguments
+    event = chunk()
+    event["choices"][0]["delta"]["tool_calls"] = [piece]
+    return event
+
+
+def test_tools_and_answer_format_are_sent_and_tool_calls_shown(page: Page, fake_server):
+    open_chat(page, fake_server)
+    page.locator("#settings summary").click()
+    page.locator("#tools").fill("{broken")
+    send(page, "weather?")
+    expect(page.locator("#status")).to_contain_text("Tools is not valid JSON")
+    expect(page.locator("#messages .msg")).to_have_count(0)  # nothing sent
+    expect(page.locator("#prompt")).to_have_value("weather?")
+
+    page.locator("#tools").fill(json.dumps([WEATHER_TOOL]))
+    page.locator("#json-schema").fill('{"type": "object"}')
+    seen = route_sse(page, sse(chunk("", role="assistant"),
+                               tool_call_chunk(0, call_id="call_1", name="get_weather", arguments=""),
+                               tool_call_chunk(0, arguments='{"city": '),
+                               tool_call_chunk(0, arguments='"<b>Paris</b>"}'),
+                               chunk(None, "tool_calls"), "[DONE]"))
+    page.locator("#prompt").fill("")
+    send(page, "weather?")
+    wait_finished(page)
+    expect(page.locator("#status")).to_be_hidden()
+    call = last_answer(page).locator(".tool-call")
+    expect(call.locator(".tool-name")).to_have_text("Tool call: get_weather")
+    expect(call.locator("pre code")).to_have_text('{\n  "city": "<b>Paris</b>"\n}')  # as text, never HTML
+    expect(last_answer(page).locator(".meta")).to_contain_text("finish: tool_calls")
+    body = seen[-1]
+    assert body["tools"] == [WEATHER_TOOL]
+    assert body["response_format"] == {"type": "json_schema", "json_schema": {"name": "answer",
+                                                                             "schema": {"type": "object"}}}
+
+    seen = route_sse(page, sse(chunk("Sunny.", "stop"), "[DONE]"))  # the newest route answers
+    send(page, "thanks")
+    wait_finished(page)
+    assistant = seen[-1]["messages"][-2]
+    assert assistant["role"] == "assistant" and assistant["tool_calls"] == [
+        {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "<b>Paris</b>"}'}}]

@@ -13,6 +13,8 @@
     system: "rillet.systemPrompt",
     temperature: "rillet.temperature",
     maxTokens: "rillet.maxTokens",
+    tools: "rillet.tools",
+    jsonSchema: "rillet.jsonSchema",
     model: "rillet.model",
   };
 
@@ -30,6 +32,8 @@
     system: $("system-prompt"),
     temperature: $("temperature"),
     maxTokens: $("max-tokens"),
+    tools: $("tools"),
+    jsonSchema: $("json-schema"),
     model: $("model"),
     keyRow: $("api-key-row"),
     apiKey: $("api-key"),
@@ -268,7 +272,27 @@
     }
     var stick = nearBottom();
     turn.ui.body.replaceChildren(window.RilletMarkdown.render(turn.text));
+    turn.toolCalls.forEach(function (call) { turn.ui.body.appendChild(toolCallNode(call)); });
     if (stick) scrollToEnd(true);
+  }
+
+  /* A tool call as a block of its own: the function's name, then its arguments (text only). */
+  function toolCallNode(call) {
+    var box = document.createElement("div");
+    box.className = "tool-call";
+    var title = document.createElement("p");
+    title.className = "tool-name";
+    title.textContent = "Tool call: " + (call.name || "…");
+    var args = document.createElement("pre");
+    var code = document.createElement("code");
+    code.textContent = prettyJSON(call.arguments);
+    args.appendChild(code);
+    box.append(title, args);
+    return box;
+  }
+
+  function prettyJSON(textValue) {
+    try { return JSON.stringify(JSON.parse(textValue), null, 2); } catch (e) { return textValue; }
   }
 
   function setBusy(busy) {
@@ -283,12 +307,20 @@
     var messages = [];
     var system = ui.system.value.trim();
     if (system) messages.push({ role: "system", content: system });
-    history.forEach(function (m) { messages.push({ role: m.role, content: m.content }); });
+    history.forEach(function (m) {
+      var entry = { role: m.role, content: m.content };
+      if (m.tool_calls) entry.tool_calls = m.tool_calls;
+      messages.push(entry);
+    });
     var body = {
       messages: messages,
       stream: true,
       stream_options: { include_usage: true },
     };
+    var tools = parseSetting(ui.tools, "Tools");
+    if (tools) body.tools = Array.isArray(tools) ? tools : [tools];
+    var schema = parseSetting(ui.jsonSchema, "Answer format");
+    if (schema) body.response_format = { type: "json_schema", json_schema: { name: "answer", schema: schema } };
     if (ui.model.value) body.model = ui.model.value;
     var temperature = parseFloat(ui.temperature.value);
     if (isFinite(temperature)) body.temperature = temperature;
@@ -297,9 +329,29 @@
     return body;
   }
 
+  /* The JSON in a settings box, or null when it is empty; throws a message naming the box when
+   * it is not JSON. */
+  function parseSetting(box, label) {
+    var textValue = box.value.trim();
+    if (!textValue) return null;
+    try {
+      return JSON.parse(textValue);
+    } catch (e) {
+      throw new Error(label + " is not valid JSON: " + e.message);
+    }
+  }
+
   function send() {
     var content = ui.prompt.value;
     if (!content.trim() || active) return;
+    try {
+      requestBody();
+    } catch (e) { // a settings box holds broken JSON: say so, send nothing
+      ui.settings.open = true;
+      setStatus(e.message, "settings");
+      return;
+    }
+    if (ui.status.dataset.kind === "settings") setStatus("");
     ui.prompt.value = "";
     var userBox = addUserMessage(content);
     var userEntry = { role: "user", content: content };
@@ -313,6 +365,7 @@
       userEntry: userEntry,
       prompt: content,
       text: "",
+      toolCalls: [],
       chunks: 0,
       usageTokens: null,
       finish: null,
@@ -431,17 +484,30 @@
     var choice = event && Array.isArray(event.choices) ? event.choices[0] : null;
     if (!choice) return;
     var delta = choice.delta || {};
-    if (typeof delta.content === "string" && delta.content) {
+    var calls = Array.isArray(delta.tool_calls) ? delta.tool_calls : [];
+    if ((typeof delta.content === "string" && delta.content) || calls.length) {
       if (turn.firstTokenAt === null) {
         turn.firstTokenAt = performance.now();
         turn.ui.box.dataset.state = "streaming";
         turn.ui.meta.textContent = "streaming…";
       }
-      turn.text += delta.content;
+      if (typeof delta.content === "string") turn.text += delta.content;
+      calls.forEach(function (piece) { addToolCallPiece(turn, piece); });
       turn.chunks += 1;
       scheduleRender(turn);
     }
     if (choice.finish_reason) turn.finish = choice.finish_reason;
+  }
+
+  /* OpenAI streams a call's id and name first, then its arguments in pieces, by index. */
+  function addToolCallPiece(turn, piece) {
+    var index = typeof piece.index === "number" ? piece.index : turn.toolCalls.length;
+    var call = turn.toolCalls[index];
+    if (!call) call = turn.toolCalls[index] = { id: null, name: "", arguments: "" };
+    var fn = piece.function || {};
+    if (piece.id) call.id = piece.id;
+    if (typeof fn.name === "string") call.name += fn.name;
+    if (typeof fn.arguments === "string") call.arguments += fn.arguments;
   }
 
   function endOfStream(turn) {
@@ -460,9 +526,15 @@
     else if (outcome.state === "error") turn.finish = turn.finish || "error";
     else turn.finish = turn.finish || "stop";
 
-    var hasText = turn.text.length > 0;
+    var hasText = turn.text.length > 0 || turn.toolCalls.length > 0;
     if (hasText) {
-      history.push({ role: "assistant", content: turn.text });
+      var entry = { role: "assistant", content: turn.text };
+      if (turn.toolCalls.length) {
+        entry.tool_calls = turn.toolCalls.map(function (c, i) {
+          return { id: c.id || "call_" + i, type: "function", function: { name: c.name, arguments: c.arguments } };
+        });
+      }
+      history.push(entry);
       formatMeta(turn);
     } else if (outcome.state === "error") {
       box.remove();
@@ -518,6 +590,8 @@
     ui.system.value = load(STORE.system) || "";
     ui.temperature.value = load(STORE.temperature) || "";
     ui.maxTokens.value = load(STORE.maxTokens) || "";
+    ui.tools.value = load(STORE.tools) || "";
+    ui.jsonSchema.value = load(STORE.jsonSchema) || "";
     var key = load(STORE.apiKey);
     if (key) {
       ui.apiKey.value = key;
@@ -547,6 +621,8 @@
   ui.system.addEventListener("input", function () { save(STORE.system, ui.system.value); });
   ui.temperature.addEventListener("input", function () { save(STORE.temperature, ui.temperature.value); });
   ui.maxTokens.addEventListener("input", function () { save(STORE.maxTokens, ui.maxTokens.value); });
+  ui.tools.addEventListener("input", function () { save(STORE.tools, ui.tools.value); });
+  ui.jsonSchema.addEventListener("input", function () { save(STORE.jsonSchema, ui.jsonSchema.value); });
   ui.model.addEventListener("change", function () { save(STORE.model, ui.model.value); });
   ui.apiKey.addEventListener("input", function () { save(STORE.apiKey, apiKey()); });
   ui.apiKey.addEventListener("change", function () { loadModels(); });
