@@ -48,7 +48,7 @@ def prompt_text(prompt: Any) -> str:
     if isinstance(prompt, str):
         return prompt
     if prompt and isinstance(prompt[0], dict):
-        return "\n".join(f"{m['role']}: {m['content']}" for m in prompt)
+        return "\n".join(f"{m['role']}: {m.get('content') or ''}" for m in prompt)
     return " ".join(str(t) for t in prompt)
 
 
@@ -115,6 +115,7 @@ class FakeEngine:
         self.streams: dict[str, FakeStream] = {}
         self.params: dict[str, SamplingParams] = {}
         self.prompts: dict[str, Any] = {}
+        self.tools: dict[str, list[dict] | None] = {}  # the tools each request passed to add_request
         self.running = 0
         self.waiting = 0
         self.aborted_total = 0
@@ -182,8 +183,12 @@ class FakeEngine:
             raise ValueError("the prompt is empty")
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], dict):
             for m in prompt:
-                if not isinstance(m.get("content"), str) or m.get("role") not in ("system", "user", "assistant"):
+                if m.get("role") not in ("system", "user", "assistant", "tool"):
                     raise ValueError(f"bad message {m!r}")
+                if not isinstance(m.get("content"), str) and not (m.get("tool_calls") and m.get("content") is None):
+                    raise ValueError(f"bad message {m!r}")
+        elif tools:
+            raise ValueError("tools need a chat (messages) prompt")
         # the real engine's checks (engine/prompts.py): token ids in the vocabulary, prompt + max_tokens
         # within max_model_len
         checks = PromptEncoder(self.tokenizer, self.vocab_size, self._max_model_len)
@@ -198,6 +203,7 @@ class FakeEngine:
         self.streams[request_id] = stream
         self.params[request_id] = params
         self.prompts[request_id] = prompt
+        self.tools[request_id] = tools
         stream.task = asyncio.get_running_loop().create_task(self._produce(stream, prompt, params))
         return stream
 

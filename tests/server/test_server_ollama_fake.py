@@ -83,8 +83,8 @@ async def test_errors_are_ollama_shaped():
         assert r.status_code == 400 and isinstance(r.json()["error"], str)
         r = await client.post("/api/generate", json={"prompt": "x", "options": {"temperature": -2}})
         assert r.status_code == 400 and "temperature" in r.json()["error"]
-        r = await client.post("/api/generate", json={"prompt": "x", "format": "json"})
-        assert r.status_code == 400
+        r = await client.post("/api/generate", json={"prompt": "x", "format": "yaml"})
+        assert r.status_code == 400 and "format" in r.json()["error"]
         r = await client.get("/api/nope")
         assert r.status_code == 404 and isinstance(r.json()["error"], str)
 

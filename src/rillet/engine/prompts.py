@@ -6,12 +6,70 @@ Kept apart from the engine so that a front end whose engine runs in another proc
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from rillet.engine.errors import PromptTooLongError
 
 Prompt = str | list[int] | list[dict[str, Any]]
 CHAT_ROLES = ("system", "user", "assistant", "tool", "developer")
+
+# For chat templates that ignore `tools` (SmolLM2's): the tools as a system section in the
+# Hermes / SmolLM2 function-calling format, which the server's tool-call parser reads back.
+TOOLS_SYSTEM_PROMPT = (
+    "You can call functions. You are given a question and a set of functions; if one of them answers "
+    "the question, call it, and if none does, answer in plain text.\n"
+    "You have access to the following tools:\n<tools>\n{tools}\n</tools>\n\n"
+    "To call a function, reply with only a JSON object holding its name and arguments inside "
+    "<tool_call></tool_call> tags:\n"
+    '<tool_call>\n{{"name": "function_name", "arguments": {{"argument": "value"}}}}\n</tool_call>'
+)
+
+
+def template_knows_tools(template: str) -> bool:
+    """Whether a chat template renders `tools`, assistant `tool_calls` and `tool` messages itself
+    (Qwen2.5/Qwen3, Llama 3.x, Hermes, Mistral do; SmolLM2's does not). A textual check: Jinja
+    templates that use them name them."""
+    return "tools" in template and "tool_calls" in template
+
+
+def _tool_call_text(call: dict[str, Any]) -> str:
+    fn = call.get("function", call)
+    args = fn.get("arguments", {})
+    return "<tool_call>\n" + json.dumps({"name": fn.get("name"), "arguments": args}, ensure_ascii=False) \
+        + "\n</tool_call>"
+
+
+def render_tools_as_text(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
+    """Messages for a template that knows only role and content: the tools become a system
+    section (joined to the first system message), an assistant's tool calls become
+    `<tool_call>` text, and tool results become a user turn of `<tool_response>` blocks
+    (consecutive results share one turn, as Qwen's and Hermes' templates render them)."""
+    out: list[dict[str, Any]] = []
+    if tools:
+        listing = "\n".join(json.dumps(t, ensure_ascii=False) for t in tools)
+        section = TOOLS_SYSTEM_PROMPT.format(tools=listing)
+        if messages and messages[0].get("role") == "system":
+            out.append({"role": "system", "content": messages[0]["content"] + "\n\n" + section})
+            messages = messages[1:]
+        else:
+            out.append({"role": "system", "content": section})
+    for m in messages:
+        role, content = m["role"], m.get("content") or ""
+        if role == "tool":
+            block = f"<tool_response>\n{content}\n</tool_response>"
+            if out and out[-1].get("tool_results"):
+                out[-1]["content"] += "\n" + block
+            else:
+                out.append({"role": "user", "content": block, "tool_results": True})
+            continue
+        if role == "assistant" and m.get("tool_calls"):
+            calls = "\n".join(_tool_call_text(c) for c in m["tool_calls"])
+            content = (content + "\n" if content else "") + calls
+        out.append({"role": role, "content": content})
+    for m in out:
+        m.pop("tool_results", None)
+    return out
 
 
 class PromptEncoder:
@@ -44,9 +102,19 @@ class PromptEncoder:
         for i, m in enumerate(messages):
             if m.get("role") not in CHAT_ROLES:
                 raise ValueError(f"messages[{i}].role must be one of {', '.join(CHAT_ROLES)}, got {m.get('role')!r}")
-            if not isinstance(m.get("content"), str):
+            calls = m.get("tool_calls")
+            if calls is not None and (m["role"] != "assistant" or not isinstance(calls, list)
+                                      or not all(isinstance(c, dict) for c in calls)):
+                raise ValueError(f"messages[{i}].tool_calls must be a list of calls on an assistant message")
+            # an assistant message that calls tools may have no content (OpenAI sends null)
+            if not isinstance(m.get("content"), str) and not (calls and m.get("content") is None):
                 raise ValueError(f"messages[{i}].content must be a string")
-        if not getattr(self.tokenizer, "chat_template", None):
+        template = getattr(self.tokenizer, "chat_template", None)
+        if not isinstance(template, str) or not template_knows_tools(template):
+            if tools or any(m["role"] == "tool" or m.get("tool_calls") for m in messages):
+                messages = render_tools_as_text(messages, tools)
+                tools = None
+        if not template:
             text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
             return self.tokenizer.encode(text)
         try:

@@ -21,6 +21,8 @@ __all__ = [
     "ShowResponse",
     "TagsModel",
     "TagsResponse",
+    "ToolCall",
+    "ToolFunction",
     "VersionResponse",
 ]
 
@@ -49,6 +51,8 @@ class Message(_Request):
     role: str
     content: str | None = ""
     images: list[Any] | None = None
+    tool_calls: list[Any] | None = None  # assistant: [{"function": {"name", "arguments": {...}}}]
+    tool_name: str | None = None  # role "tool": the function whose result this is
 
 
 class ChatRequest(_Request):
@@ -56,8 +60,8 @@ class ChatRequest(_Request):
     messages: list[Message] | None = None
     stream: bool | None = True  # null: the default (stream)
     options: Options | None = None
-    format: Any = None
-    tools: list[Any] | None = None
+    format: Any = None  # "json" or a JSON schema object
+    tools: list[Any] | None = None  # OpenAI-shaped function definitions
     keep_alive: Any = None
 
 
@@ -91,9 +95,19 @@ class _Final(BaseModel):
     eval_duration: int | None = None
 
 
+class ToolFunction(BaseModel):
+    name: str
+    arguments: dict[str, Any]
+
+
+class ToolCall(BaseModel):
+    function: ToolFunction
+
+
 class AssistantMessage(BaseModel):
     role: str = "assistant"
     content: str = ""
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatResponse(_Final):

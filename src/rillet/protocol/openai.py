@@ -23,10 +23,14 @@ __all__ = [
     "CompletionRequest",
     "CompletionResponse",
     "ContentPart",
+    "DeltaFunctionCall",
     "DeltaMessage",
+    "DeltaToolCall",
+    "FunctionCall",
     "ModelCard",
     "ModelList",
     "StreamOptions",
+    "ToolCall",
     "Usage",
 ]
 
@@ -48,6 +52,8 @@ class ChatMessage(_Request):
     role: str
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[Any] | None = None  # assistant: the calls it made (content may be null)
+    tool_call_id: str | None = None  # role "tool": which call this is the result of
 
 
 class _SamplingFields(_Request):
@@ -79,9 +85,13 @@ class ChatCompletionRequest(_SamplingFields):
     max_completion_tokens: int | None = None
     logprobs: bool | None = False
     top_logprobs: int | None = None
-    tools: list[Any] | None = None
-    tool_choice: Any = None
-    response_format: dict[str, Any] | None = None
+    tools: list[Any] | None = None  # [{"type": "function", "function": {name, description, parameters}}]
+    tool_choice: Any = None  # "none" | "auto" | "required" | {"type": "function", "function": {"name"}}
+    parallel_tool_calls: bool | None = None
+    # {"type": "text" | "json_object"} or {"type": "json_schema", "json_schema": {name, schema, strict}};
+    # vLLM's `structured_outputs` {json | regex | choice | grammar | json_object} and its older
+    # `guided_*` fields are read from the extra fields (rillet.server.structured_request)
+    response_format: Any = None
 
 
 class CompletionRequest(_SamplingFields):
@@ -90,6 +100,7 @@ class CompletionRequest(_SamplingFields):
     echo: bool | None = False
     best_of: int | None = None
     suffix: str | None = None
+    response_format: Any = None  # as on chat (vLLM takes it on completions too)
 
 
 # ---------------------------------------------------------------- responses
@@ -106,9 +117,21 @@ class Usage(BaseModel):
     prompt_tokens_details: PromptTokensDetails | None = None
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str  # JSON text of the arguments object
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatCompletionChoice(BaseModel):
@@ -129,9 +152,24 @@ class ChatCompletionResponse(BaseModel):
     system_fingerprint: str | None = None
 
 
+class DeltaFunctionCall(BaseModel):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class DeltaToolCall(BaseModel):
+    """A streamed call: its first delta has id, type and function.name; later ones add arguments."""
+
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: DeltaFunctionCall | None = None
+
+
 class DeltaMessage(BaseModel):
     role: str | None = None
     content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
 
 class ChatCompletionChunkChoice(BaseModel):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any
 
@@ -13,6 +14,8 @@ from rillet.protocol import ollama as ol
 from rillet.server.errors import APIError
 from rillet.server.serving import check_num_messages, ollama_timestamp, run_until_disconnect
 from rillet.server.streaming import NDJSON_MEDIA_TYPE, StreamingBody, ndjson_stream
+from rillet.server.structured_request import ollama_structured
+from rillet.server.tool_calls import ToolSession, ollama_message, plan_tools
 
 __all__ = ["router"]
 
@@ -33,10 +36,6 @@ def _details() -> dict[str, Any]:
 
 
 def _check_unsupported(body: ol.ChatRequest | ol.GenerateRequest) -> None:
-    if body.format not in (None, ""):
-        raise APIError(400, "format (structured output) is not supported by this server", param="format")
-    if getattr(body, "tools", None):
-        raise APIError(400, "tools are not supported by this server", param="tools")
     if getattr(body, "images", None):
         raise APIError(400, "images are not supported by this server", param="images")
 
@@ -55,14 +54,21 @@ async def _run(request: Request, prompt: Any, body: ol.ChatRequest | ol.Generate
                chat: bool) -> Response:
     serving = _ctx(request).serving
     params = serving.ollama_params(body.options)
+    structured = ollama_structured(body.format)
+    if structured is not None:
+        params = dataclasses.replace(params, structured=structured)
+    plan = plan_tools(getattr(body, "tools", None))  # Ollama has no tool_choice: "auto"
+    tools = ToolSession(plan, 1) if plan else None
     handle = await serving.submit(prompt, params, prefix="ollama", arrival=_arrival(request),
-                                  prompt_param="messages" if chat else "prompt")
+                                  prompt_param="messages" if chat else "prompt",
+                                  tools=plan.tools if plan else None, constraint_param="format")
     if body.stream is not False:  # default (and null): stream
-        return StreamingBody(ndjson_stream(serving.ollama_stream(handle, model, chat=chat)),
+        return StreamingBody(ndjson_stream(serving.ollama_stream(handle, model, chat=chat, tools=tools)),
                              media_type=NDJSON_MEDIA_TYPE, on_close=handle.aclose,
                              stall_timeout_s=_ctx(request).server_config.stream_stall_timeout_s)
     try:
-        result = await run_until_disconnect(serving.ollama_full(handle, model, chat=chat), request.receive)
+        result = await run_until_disconnect(serving.ollama_full(handle, model, chat=chat, tools=tools),
+                                            request.receive)
     finally:
         await handle.aclose()
     if result is None:
@@ -81,7 +87,7 @@ async def chat(body: ol.ChatRequest, request: Request) -> Response:
     for m in body.messages:
         if m.images:
             raise APIError(400, "images are not supported by this server", param="messages")
-    messages = [{"role": m.role, "content": m.content or ""} for m in body.messages]
+    messages = [ollama_message(i, m) for i, m in enumerate(body.messages)]
     return await _run(request, messages, body, model, chat=True)
 
 
@@ -133,4 +139,4 @@ async def show(body: ol.ShowRequest, request: Request) -> dict[str, Any]:
         pass
     return {"modelfile": f"FROM {model}\n", "parameters": "", "template": template, "details": _details(),
             "model_info": {"general.architecture": "llama", "llama.context_length": ctx.engine.max_model_len},
-            "capabilities": ["completion"], "modified_at": ollama_timestamp(ctx.state.created)}
+            "capabilities": ["completion", "tools"], "modified_at": ollama_timestamp(ctx.state.created)}

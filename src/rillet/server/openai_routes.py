@@ -12,6 +12,8 @@ from rillet.protocol import openai as oa
 from rillet.server.errors import APIError
 from rillet.server.serving import OpenAIMeta, openai_messages, run_until_disconnect
 from rillet.server.streaming import SSE_KEEPALIVE, SSE_MEDIA_TYPE, StreamingBody, sse_stream
+from rillet.server.structured_request import openai_structured
+from rillet.server.tool_calls import ToolSession, plan_tools
 
 __all__ = ["router"]
 
@@ -69,12 +71,15 @@ async def chat_completions(body: oa.ChatCompletionRequest, request: Request) -> 
     serving = _ctx(request).serving
     model = serving.check_model(body.model)
     messages = openai_messages(body.messages, _ctx(request).engine.max_model_len)
-    params = serving.openai_params(body)
+    plan = plan_tools(body.tools, body.tool_choice, body.parallel_tool_calls)
+    structured, constraint_param = openai_structured(body, plan.structured if plan else None)
+    params = serving.openai_params(body, structured)
     handle = await serving.submit(messages, params, prefix="chatcmpl", arrival=_arrival(request),
-                                  prompt_param="messages")
+                                  prompt_param="messages", tools=plan.tools if plan else None,
+                                  constraint_param=constraint_param)
     meta = OpenAIMeta(id=handle.request_id, model=model, created=int(time.time()), n=params.n,
                       include_usage=bool(body.stream_options and body.stream_options.include_usage),
-                      logprobs=params.logprobs is not None)
+                      logprobs=params.logprobs is not None, tools=ToolSession(plan, params.n) if plan else None)
     return await _respond(request, handle, meta, body.stream, serving.chat_stream, serving.chat_full)
 
 
@@ -83,8 +88,10 @@ async def completions(body: oa.CompletionRequest, request: Request) -> Response:
     serving = _ctx(request).serving
     model = serving.check_model(body.model)
     prompt = serving.completion_prompt(body)
-    params = serving.openai_params(body)
-    handle = await serving.submit(prompt, params, prefix="cmpl", arrival=_arrival(request), prompt_param="prompt")
+    structured, constraint_param = openai_structured(body)
+    params = serving.openai_params(body, structured)
+    handle = await serving.submit(prompt, params, prefix="cmpl", arrival=_arrival(request), prompt_param="prompt",
+                                  constraint_param=constraint_param)
     meta = OpenAIMeta(id=handle.request_id, model=model, created=int(time.time()), n=params.n,
                       include_usage=bool(body.stream_options and body.stream_options.include_usage),
                       logprobs=params.logprobs is not None,

@@ -25,6 +25,8 @@ from rillet.protocol import openai as oa
 from rillet.sampling_params import SamplingParams
 from rillet.server.errors import APIError
 from rillet.server.metrics import Metrics
+from rillet.server.tool_calls import ToolSession, openai_tool_message
+from rillet.structured.spec import StructuredOutputs
 
 __all__ = ["RequestHandle", "ServerState", "Serving", "check_num_messages", "request_id_var"]
 
@@ -293,7 +295,7 @@ def _content_text(message: oa.ChatMessage) -> str:
     return "".join(texts)
 
 
-_ROLES = {"system", "user", "assistant", "developer"}
+_ROLES = {"system", "user", "assistant", "developer", "tool"}
 
 
 def check_num_messages(num_messages: int, max_model_len: int) -> None:
@@ -304,15 +306,19 @@ def check_num_messages(num_messages: int, max_model_len: int) -> None:
                             "(max_model_len)", param="messages", code="context_length_exceeded")
 
 
-def openai_messages(messages: list[oa.ChatMessage], max_model_len: int | None = None) -> list[dict[str, str]]:
+def openai_messages(messages: list[oa.ChatMessage], max_model_len: int | None = None) -> list[dict[str, Any]]:
     if not messages:
         raise APIError(400, "messages must not be empty", param="messages")
     if max_model_len is not None:
         check_num_messages(len(messages), max_model_len)
-    out = []
-    for m in messages:
+    out: list[dict[str, Any]] = []
+    call_names: dict[str, str] = {}  # tool_call_id -> function name, for the tool messages that answer them
+    for i, m in enumerate(messages):
         if m.role not in _ROLES:
             raise APIError(400, f"unsupported message role {m.role!r}", param="messages")
+        if m.role == "tool" or (m.role == "assistant" and m.tool_calls):
+            out.append(openai_tool_message(i, m.role, _content_text(m), m.model_dump(), call_names))
+            continue
         out.append({"role": "system" if m.role == "developer" else m.role, "content": _content_text(m)})
     return out
 
@@ -329,6 +335,7 @@ class OpenAIMeta:
     include_usage: bool = False
     logprobs: bool = False
     echo: str | None = None
+    tools: ToolSession | None = None  # tool calls are parsed out of the text
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -354,9 +361,11 @@ class Serving:
     # ---- submission
 
     async def submit(self, prompt: Any, params: SamplingParams, *, prefix: str, arrival: float,
-                     prompt_param: str = "messages") -> RequestHandle:
+                     prompt_param: str = "messages", tools: list[dict[str, Any]] | None = None,
+                     constraint_param: str | None = None) -> RequestHandle:
         """add_request with admission control; raises APIError (400 for a prompt, or prompt plus
-        max_tokens, that does not fit in the context, stating the numbers)."""
+        max_tokens, that does not fit in the context, stating the numbers; 400 naming
+        `constraint_param` for a schema, regex or grammar the engine cannot compile)."""
         if self.state.draining:
             self.metrics.request_rejected.labels("draining").inc()
             raise APIError(503, "the server is shutting down", code="server_shutting_down")
@@ -365,7 +374,7 @@ class Serving:
         try:
             # prompt + max_tokens beyond the context is refused (400 with the numbers), as OpenAI and
             # vLLM do: clamping it answered 200 and held a slot for a length nobody asked for.
-            stream = await self.engine.add_request(prompt, params, request_id)
+            stream = await self.engine.add_request(prompt, params, request_id, tools=tools)
         except PromptTooLongError as exc:
             raise APIError(400, str(exc), param=prompt_param, code="context_length_exceeded") from None
         except QueueFullError as exc:
@@ -382,7 +391,11 @@ class Serving:
         except ValueError as exc:  # a bad prompt, or a parameter only the engine can check (token ids)
             message = str(exc)
             first = message.split(" ", 1)[0]
-            raise APIError(400, message, param=first if first in _SAMPLING_FIELDS else prompt_param) from None
+            param = first if first in _SAMPLING_FIELDS else prompt_param
+            if params.structured is not None and constraint_param and (
+                    first == "structured" or "does not compile" in message or "JSON schema" in message):
+                param = constraint_param  # the engine could not compile the constraint
+            raise APIError(400, message, param=param) from None
         handle = RequestHandle(self, stream, request_id, params.n, arrival, time.perf_counter())
         self.state.add(handle)
         logger.debug("[%s] engine request %s: %d prompt tokens", request_id_var.get(), request_id,
@@ -392,7 +405,8 @@ class Serving:
     # ---- OpenAI: sampling params
 
     @staticmethod
-    def openai_params(req: oa.ChatCompletionRequest | oa.CompletionRequest) -> SamplingParams:
+    def openai_params(req: oa.ChatCompletionRequest | oa.CompletionRequest,
+                      structured: StructuredOutputs | None = None) -> SamplingParams:
         chat = isinstance(req, oa.ChatCompletionRequest)
         names = {}
         if chat:
@@ -403,11 +417,6 @@ class Serving:
                 raise APIError(400, "top_logprobs requires logprobs to be true", param="top_logprobs")
             logprobs = (req.top_logprobs or 0) if req.logprobs else None
             names["logprobs"] = "top_logprobs"
-            if req.tools:
-                raise APIError(400, "tools are not supported by this server", param="tools")
-            fmt = (req.response_format or {}).get("type", "text")
-            if fmt != "text":
-                raise APIError(400, f"response_format {fmt!r} is not supported", param="response_format")
         else:
             max_tokens = req.max_tokens
             logprobs = req.logprobs
@@ -428,7 +437,7 @@ class Serving:
             frequency_penalty=req.frequency_penalty, presence_penalty=req.presence_penalty,
             logit_bias=logit_bias, stop=req.stop, stop_token_ids=req.stop_token_ids,
             ignore_eos=req.ignore_eos or None, n=req.n, logprobs=logprobs,
-            skip_special_tokens=req.skip_special_tokens,
+            skip_special_tokens=req.skip_special_tokens, structured=structured,
         )
 
     @staticmethod
@@ -465,11 +474,21 @@ class Serving:
                     return
                 if not out.text and reason is None and not out.logprobs:
                     continue
-                choice = {"index": out.index, "delta": {"content": out.text} if out.text else {},
+                if meta.tools is not None:  # content and tool_calls parsed out of the text
+                    deltas = meta.tools.openai_deltas(out.index, out.text, reason is not None) or [{}]
+                    reason = meta.tools.finish_reason(out.index, reason)
+                else:
+                    deltas = [{"content": out.text} if out.text else {}]
+                for delta in deltas[:-1]:
+                    yield {**base, "choices": [{"index": out.index, "delta": delta, "logprobs": None,
+                                                "finish_reason": None}]}
+                choice = {"index": out.index, "delta": deltas[-1],
                           "logprobs": _chat_logprobs(out.logprobs) if meta.logprobs and out.logprobs else None,
                           "finish_reason": reason}
                 if reason is not None:
                     choice["stop_reason"] = out.stop_reason
+                elif not deltas[-1] and choice["logprobs"] is None:
+                    continue  # held back (it may be tool-call markup): nothing to send yet
                 yield {**base, "choices": [choice]}
             if meta.include_usage:
                 yield {**base, "choices": [], "usage": handle.usage()}
@@ -482,11 +501,16 @@ class Serving:
         texts, logprobs, reasons, stop_reasons = await self._collect(handle, meta.n)
         choices = []
         for i in range(meta.n):
+            message: dict[str, Any] = {"role": "assistant", "content": "".join(texts[i])}
+            reason = reasons[i]
+            if meta.tools is not None:
+                message = meta.tools.openai_message(i, message["content"])
+                reason = meta.tools.finish_reason(i, reason)
             choices.append({
-                "index": i, "message": {"role": "assistant", "content": "".join(texts[i])},
+                "index": i, "message": message,
                 "logprobs": {"content": [e for part in logprobs[i] for e in part["content"]]}
                 if meta.logprobs else None,
-                "finish_reason": reasons[i], "stop_reason": stop_reasons[i]})
+                "finish_reason": reason, "stop_reason": stop_reasons[i]})
         return {"id": meta.id, "object": "chat.completion", "created": meta.created, "model": meta.model,
                 "choices": choices, "usage": handle.usage(), "system_fingerprint": None}
 
@@ -610,13 +634,13 @@ class Serving:
         )
 
     def _ollama_final(self, handle: RequestHandle, model: str, reason: str | None, *, chat: bool,
-                      text: str = "") -> dict[str, Any]:
+                      text: str = "", tools: ToolSession | None = None) -> dict[str, Any]:
         end = time.perf_counter()
         first = handle.first_token_at or end
         last = handle.last_token_at or end
         final: dict[str, Any] = {"model": model, "created_at": ollama_timestamp()}
         if chat:
-            final["message"] = {"role": "assistant", "content": text}
+            final["message"] = tools.ollama_message(0, text) if tools else {"role": "assistant", "content": text}
         else:
             final["response"] = text
         final.update({
@@ -630,11 +654,20 @@ class Serving:
         })
         return final
 
-    async def ollama_stream(self, handle: RequestHandle, model: str, *, chat: bool) -> AsyncIterator[dict[str, Any]]:
+    async def ollama_stream(self, handle: RequestHandle, model: str, *, chat: bool,
+                            tools: ToolSession | None = None) -> AsyncIterator[dict[str, Any]]:
         reason = None
         try:
             async for out in handle:
-                if out.text:
+                if tools is not None and out.finish_reason not in ("error", "abort"):
+                    # tool calls are sent whole, in a message of their own, as Ollama does
+                    content, calls = tools.ollama_events(0, out.text, out.finish_reason is not None)
+                    if content or calls:
+                        message: dict[str, Any] = {"role": "assistant", "content": content}
+                        if calls:
+                            message["tool_calls"] = calls
+                        yield {"model": model, "created_at": ollama_timestamp(), "message": message, "done": False}
+                elif out.text:
                     if chat:
                         yield {"model": model, "created_at": ollama_timestamp(),
                                "message": {"role": "assistant", "content": out.text}, "done": False}
@@ -652,9 +685,10 @@ class Serving:
         finally:
             await handle.aclose()
 
-    async def ollama_full(self, handle: RequestHandle, model: str, *, chat: bool) -> dict[str, Any]:
+    async def ollama_full(self, handle: RequestHandle, model: str, *, chat: bool,
+                          tools: ToolSession | None = None) -> dict[str, Any]:
         texts, _, reasons, _ = await self._collect(handle, 1)
-        return self._ollama_final(handle, model, reasons[0], chat=chat, text="".join(texts[0]))
+        return self._ollama_final(handle, model, reasons[0], chat=chat, text="".join(texts[0]), tools=tools)
 
 
 async def run_until_disconnect(coro: Any, receive: Any) -> Any:
