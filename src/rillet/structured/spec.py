@@ -17,7 +17,8 @@ MAX_CHOICES = 4096
 class StructuredOutputs:
     """Exactly one of the fields is set.
 
-    json: a JSON schema, as canonical JSON text (so equal schemas share one compiled grammar)
+    json: a JSON schema, as compact JSON text; key order is kept, since it is the order in which
+        the output's properties are generated (as OpenAI's strict mode does)
     json_object: any JSON object (OpenAI's `{"type": "json_object"}`, Ollama's `format: "json"`)
     regex: a regular expression the whole output matches
     choice: the output is exactly one of these strings
@@ -34,7 +35,7 @@ class StructuredOutputs:
     def from_schema(cls, schema: dict[str, Any] | bool) -> StructuredOutputs:
         if not isinstance(schema, (dict, bool)):
             raise ValueError(f"a JSON schema must be an object, got {type(schema).__name__}")
-        return cls(json=json.dumps(schema, sort_keys=True, separators=(",", ":")))
+        return cls(json=json.dumps(schema, separators=(",", ":")))
 
     @property
     def kind(self) -> str:
