@@ -12,9 +12,12 @@ the script checks that they give the same answers (`answers_equal` in the JSON).
 from __future__ import annotations
 
 import argparse
-import json
+import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.common import machine_info, write_json  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 SYSTEM = ("You are a patient tutor. You explain things step by step, with short examples, and you "
@@ -63,14 +66,17 @@ def main() -> None:
 
     from rillet.engine.llm_engine import LLMEngine
 
-    result = {"turns": args.turns, "answer_tokens": args.answer_tokens, "date": time.strftime("%Y-%m-%d %H:%M")}
+    result = {"turns": args.turns, "answer_tokens": args.answer_tokens}
     for caching in (False, True):
         engine = LLMEngine(dtype=args.dtype, max_model_len=4096, enable_prefix_caching=caching)
         run_conversation(engine, 2, 4, system="Warm-up.")  # shares no block with the timed conversation
         result["with_cache" if caching else "without_cache"] = run_conversation(engine, args.turns,
                                                                                args.answer_tokens)
-        result["dtype"] = str(engine.dtype).removeprefix("torch.")
+        result["backend"] = engine.backend.describe()
         del engine
+    result["machine"] = machine_info(result["backend"]["dtype"])
+    info = result["machine"]
+    print(f"{info['cpu_model']} ({info['cpu_cores']} cores), commit {info['git_commit']}, rillet {result['backend']}")
     result["answers_equal"] = [a["answer"] == b["answer"] for a, b in zip(result["without_cache"],
                                                                          result["with_cache"])]
     print("| turn | prompt tokens | TTFT without cache (ms) | TTFT with cache (ms) | tokens reused |")
@@ -78,8 +84,7 @@ def main() -> None:
     for a, b in zip(result["without_cache"], result["with_cache"]):
         print(f"| {a['turn']} | {a['prompt_tokens']} | {a['ttft_ms']:.0f} | {b['ttft_ms']:.0f} | {b['cached_tokens']} |")
     print(f"answers equal with and without the cache: {sum(result['answers_equal'])} of {args.turns} turns")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(args.out, result)
 
 
 if __name__ == "__main__":

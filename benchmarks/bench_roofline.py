@@ -11,14 +11,15 @@ tensor reduction, all threads), counts the bytes, times real engine steps, and p
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.common import machine_info, write_json  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -37,16 +38,19 @@ def _timed(fn) -> float:
 
 
 def weight_bytes(engine) -> int:
-    """Bytes of every matrix a decode step reads (embedding lookup rows are negligible)."""
+    """Bytes of every matrix a decode step reads, in the format it runs in (bf16, int8, or 4-bit
+    blocks with their scales; the embedding lookup's few rows are negligible)."""
     model = engine.model
-    element = torch.empty((), dtype=engine.dtype).element_size()
-    cfg = model.config
-    layer = model.layers[0]
-    attn = layer.self_attn
-    q, kv = attn.num_heads * attn.head_dim, attn.num_kv_heads * attn.head_dim
-    per_layer = cfg.hidden_size * (q + 2 * kv) + q * cfg.hidden_size + 3 * cfg.hidden_size * cfg.intermediate_size
-    head = cfg.vocab_size * cfg.hidden_size
-    return (len(model.layers) * per_layer + head) * element
+    total = 0
+    for module in model.modules():
+        packed = getattr(module, "packed", None)  # rillet's kernel linears and oneDNN's
+        if isinstance(packed, torch.Tensor):
+            total += packed.numel() * packed.element_size()
+        elif isinstance(module, torch.nn.Linear):
+            total += module.weight.numel() * module.weight.element_size()
+    if getattr(model, "lm_head", None) is None:  # a tied head reads the embedding table
+        total += model.embed_tokens.weight.numel() * model.embed_tokens.weight.element_size()
+    return total
 
 
 def step_time_ms(engine, batch: int, context: int, steps: int) -> float:
@@ -90,19 +94,19 @@ def main() -> None:
         rows.append({"batch": batch, "weights_mb": weights / 1e6, "kv_mb": kv / 1e6, "floor_ms": floor_ms,
                      "measured_ms": measured, "measured_over_floor": measured / floor_ms,
                      "tokens_per_s": batch / measured * 1e3})
-    result = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                          "torch": torch.__version__, "threads": torch.get_num_threads()},
-              "dtype": str(engine.dtype).removeprefix("torch."), "bandwidth_gbs": bandwidth,
-              "context": args.context, "date": time.strftime("%Y-%m-%d %H:%M"), "rows": rows}
-    print(f"memory bandwidth {bandwidth:.1f} GB/s, weights {weights / 1e6:.0f} MB ({result['dtype']}), "
+    backend = engine.backend.describe()
+    result = {"machine": machine_info(backend["dtype"]), "backend": backend, "bandwidth_gbs": bandwidth,
+              "context": args.context, "rows": rows}
+    info = result["machine"]
+    print(f"{info['cpu_model']} ({info['cpu_cores']} cores), commit {info['git_commit']}, rillet {backend}")
+    print(f"memory bandwidth {bandwidth:.1f} GB/s, weights {weights / 1e6:.0f} MB as {backend['weights']}, "
           f"context {args.context} tokens")
     print("| batch | bytes/step (MB) | floor (ms) | measured (ms) | measured / floor | tokens/s |")
     print("|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['batch']} | {r['weights_mb'] + r['kv_mb']:.0f} | {r['floor_ms']:.1f} | {r['measured_ms']:.1f} "
               f"| {r['measured_over_floor']:.2f}x | {r['tokens_per_s']:.0f} |")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(args.out, result)
 
 
 if __name__ == "__main__":
