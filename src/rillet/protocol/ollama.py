@@ -61,7 +61,7 @@ class ChatRequest(_Request):
     stream: bool | None = True  # null: the default (stream)
     options: Options | None = None
     format: Any = None  # "json" or a JSON schema object
-    tools: list[Any] | None = None  # OpenAI-shaped function definitions
+    tools: Any = None  # OpenAI-shaped function definitions (checked by the server: 400s naming the fault)
     keep_alive: Any = None
 
 

@@ -52,7 +52,7 @@ class ChatMessage(_Request):
     role: str
     content: str | list[ContentPart] | None = None
     name: str | None = None
-    tool_calls: list[Any] | None = None  # assistant: the calls it made (content may be null)
+    tool_calls: Any = None  # assistant: the calls it made (content may be null); checked by the server
     tool_call_id: str | None = None  # role "tool": which call this is the result of
 
 
@@ -85,7 +85,7 @@ class ChatCompletionRequest(_SamplingFields):
     max_completion_tokens: int | None = None
     logprobs: bool | None = False
     top_logprobs: int | None = None
-    tools: list[Any] | None = None  # [{"type": "function", "function": {name, description, parameters}}]
+    tools: Any = None  # [{"type": "function", "function": {name, description, parameters}}]
     tool_choice: Any = None  # "none" | "auto" | "required" | {"type": "function", "function": {"name"}}
     parallel_tool_calls: bool | None = None
     # {"type": "text" | "json_object"} or {"type": "json_schema", "json_schema": {name, schema, strict}};

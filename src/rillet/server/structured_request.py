@@ -14,11 +14,21 @@ from typing import Any
 from rillet.server.errors import APIError
 from rillet.structured.spec import StructuredOutputs
 
-__all__ = ["ollama_structured", "openai_structured"]
+__all__ = ["ollama_structured", "openai_structured", "schema_outputs"]
 
 _GUIDED_ALIASES = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice",
                    "guided_grammar": "grammar"}
 _STRUCTURED_KEYS = ("json", "regex", "choice", "grammar", "json_object")
+
+
+def schema_outputs(schema: dict[str, Any] | bool) -> StructuredOutputs:
+    """A JSON-schema constraint that keeps the schema's key order. llguidance writes properties in
+    the order the schema lists them, and that order matters to a model (a pydantic model's
+    fields, a tool call's name before its arguments); `StructuredOutputs.from_schema` sorts keys
+    for its cache, which would write `{"age":..,"name":..}` for a schema that lists name first."""
+    if not isinstance(schema, (dict, bool)):
+        raise ValueError(f"a JSON schema must be an object, got {type(schema).__name__}")
+    return StructuredOutputs(json=json.dumps(schema, ensure_ascii=False, separators=(",", ":")))
 
 
 def _schema(value: Any, param: str) -> dict[str, Any] | bool:
@@ -43,7 +53,7 @@ def _checked(spec: StructuredOutputs, param: str) -> StructuredOutputs:
 
 def _from_kind(kind: str, value: Any, param: str) -> StructuredOutputs:
     if kind == "json":
-        return _checked(StructuredOutputs.from_schema(_schema(value, param)), param)
+        return _checked(schema_outputs(_schema(value, param)), param)
     if kind == "json_object":
         return StructuredOutputs(json_object=True)
     if kind == "choice":
@@ -119,6 +129,6 @@ def ollama_structured(fmt: Any) -> StructuredOutputs | None:
     if fmt == "json":
         return StructuredOutputs(json_object=True)
     if isinstance(fmt, dict):
-        return _checked(StructuredOutputs.from_schema(fmt), "format")
+        return _checked(schema_outputs(fmt), "format")
     raise APIError(400, f'format must be "json" or a JSON schema object, got {json.dumps(fmt)[:80]}',
                    param="format")

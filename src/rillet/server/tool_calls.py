@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rillet.server.errors import APIError
+from rillet.server.structured_request import schema_outputs
 from rillet.structured.spec import StructuredOutputs
 
 __all__ = ["ToolCall", "ToolCallParser", "ToolPlan", "ToolSession", "ollama_message", "openai_tool_message",
@@ -100,9 +101,26 @@ class ToolPlan:
         return ToolCallParser(self)
 
 
+def _closed(schema: Any) -> Any:
+    """The schema with `additionalProperties: false` on objects that list properties and say
+    nothing about others: a forced call then holds only the declared arguments (still valid
+    against the tool's own schema), where a small model otherwise invents keys without end."""
+    if not isinstance(schema, dict):
+        return schema
+    out = dict(schema)
+    if isinstance(out.get("properties"), dict):
+        out["properties"] = {k: _closed(v) for k, v in out["properties"].items()}
+        out.setdefault("additionalProperties", False)
+    if isinstance(out.get("items"), dict):
+        out["items"] = _closed(out["items"])
+    return out
+
+
 def _required_schema(tools: list[dict[str, Any]], parallel: bool) -> dict[str, Any]:
+    # name before arguments: the model picks the function, then writes its arguments
     variants = [{"type": "object",
-                 "properties": {"name": {"const": t["function"]["name"]}, "arguments": t["function"]["parameters"]},
+                 "properties": {"name": {"const": t["function"]["name"]},
+                                "arguments": _closed(t["function"]["parameters"])},
                  "required": ["name", "arguments"], "additionalProperties": False} for t in tools]
     schema: dict[str, Any] = {"type": "array", "minItems": 1,
                               "items": variants[0] if len(variants) == 1 else {"anyOf": variants}}
@@ -125,8 +143,7 @@ def plan_tools(tools: Any, tool_choice: Any = None, parallel_tool_calls: bool | 
         return None
     parallel = parallel_tool_calls is not False
     if tool_choice == "required":
-        return ToolPlan("required", checked, names,
-                        structured=StructuredOutputs.from_schema(_required_schema(checked, parallel)))
+        return ToolPlan("required", checked, names, structured=schema_outputs(_required_schema(checked, parallel)))
     if isinstance(tool_choice, dict):
         fn = tool_choice.get("function")
         name = fn.get("name") if isinstance(fn, dict) else None
@@ -138,7 +155,7 @@ def plan_tools(tools: Any, tool_choice: Any = None, parallel_tool_calls: bool | 
                                 f"({', '.join(sorted(names))})", param="tool_choice")
         (tool,) = [t for t in checked if t["function"]["name"] == name]
         return ToolPlan("named", [tool], names, named=name,
-                        structured=StructuredOutputs.from_schema(tool["function"]["parameters"]))
+                        structured=schema_outputs(_closed(tool["function"]["parameters"])))
     raise APIError(400, f'tool_choice must be "none", "auto", "required" or a named function, got '
                         f'{json.dumps(tool_choice)[:80]}', param="tool_choice")
 
