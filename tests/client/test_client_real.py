@@ -6,6 +6,7 @@ import asyncio
 import threading
 
 import httpx
+import pydantic
 import pytest
 
 from rillet.client import (
@@ -193,3 +194,51 @@ def test_overload_429_is_retried_after_retry_after(tiny_server):
         http.close()
     assert "error" not in result, result.get("error")
     assert result["answer"].usage.completion_tokens <= 2
+
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city now",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 30}},
+                   "required": ["city"], "additionalProperties": False}}}
+
+
+class Planet(pydantic.BaseModel):
+    name: str = pydantic.Field(max_length=20)
+    moons: int = pydantic.Field(ge=0, le=200)
+
+
+@pytest.mark.parametrize("api", ["openai", "ollama"])
+def test_response_format_model_is_parsed_on_both_apis(server, api):
+    with Client(server.url, api_key=server.api_key, api=api, timeout=120) as client:
+        answer = client.chat("Describe a planet as JSON.", response_format=Planet, temperature=0, max_tokens=60)
+        assert answer.finish_reason == "stop", answer.text
+        assert isinstance(answer.parsed, Planet) and answer.json() == answer.parsed.model_dump()
+        with client.chat("Describe a planet as JSON.", response_format=Planet, temperature=0, max_tokens=60,
+                         stream=True) as stream:
+            stream.until_done()
+        assert stream.text == answer.text  # greedy: streamed and whole answers agree
+
+
+@pytest.mark.parametrize("api", ["openai", "ollama"])
+def test_tool_calls_come_back_parsed_whole_and_streamed(server, api):
+    forced = {"tool_choice": "required"} if api == "openai" else {}
+    with Client(server.url, api_key=server.api_key, api=api, timeout=120) as client:
+        answer = client.chat("What is the weather in Paris?", tools=[WEATHER], temperature=0, max_tokens=60,
+                             **forced)
+        with client.chat("What is the weather in Paris?", tools=[WEATHER], temperature=0, max_tokens=60,
+                         stream=True, **forced) as stream:
+            stream.until_done()
+    if api == "openai":  # forced: always a valid call
+        assert answer.finish_reason == "tool_calls" and answer.tool_calls, answer.raw
+        assert all(c.name == "get_weather" and isinstance(c.args["city"], str) for c in answer.tool_calls)
+        assert all(c.id and c.id.startswith("call_") for c in answer.tool_calls)
+    # whatever the model chose (Ollama has no tool_choice), streaming assembles the same calls
+    assert [(c.name, c.args) for c in stream.tool_calls] == [(c.name, c.args) for c in answer.tool_calls]
+    assert stream.text == answer.text
+
+
+def test_a_schema_that_cannot_compile_is_a_bad_request(client):
+    with pytest.raises(BadRequestError) as info:
+        client.chat("hi", response_format={"type": "json_schema", "json_schema": {
+            "name": "bad", "schema": {"type": "string", "pattern": "([a-z"}}})
+    assert info.value.status == 400 and "pattern" in info.value.message.lower() or "regex" in info.value.message.lower()

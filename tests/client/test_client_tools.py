@@ -23,10 +23,12 @@ def test_pydantic_response_format_becomes_a_strict_json_schema_or_ollama_format(
     _, body = build_request("openai", "chat", "hi", "m", False, {"response_format": City, "tools": None})
     fmt = body["response_format"]
     assert fmt["type"] == "json_schema" and fmt["json_schema"]["strict"] is True
-    assert fmt["json_schema"]["name"] == "City" and fmt["json_schema"]["schema"] == City.model_json_schema()
+    assert fmt["json_schema"]["name"] == "City"
+    assert fmt["json_schema"]["schema"] == {**City.model_json_schema(), "additionalProperties": False}
     assert "tools" not in body
     _, body = build_request("ollama", "chat", "hi", "m", False, {"response_format": City, "tools": [WEATHER]})
-    assert body["format"] == City.model_json_schema() and body["tools"] == [WEATHER] and "options" not in body
+    assert body["format"] == {**City.model_json_schema(), "additionalProperties": False}
+    assert body["tools"] == [WEATHER] and "options" not in body
 
 
 @pytest.mark.parametrize("response_format, expected", [
@@ -105,3 +107,21 @@ def test_streamed_ollama_tool_calls_arrive_whole():
     state = feed("ollama", lines)
     assert [(c.name, c.args) for c in state.tool_calls] == [("get_weather", {"city": "Kyiv"})]
     assert state.finish_reason == "stop" and state.usage.completion_tokens == 9
+
+
+def test_strict_schema_closes_every_object_nested_ones_included():
+    from rillet.client.wire import strict_schema
+
+    class Address(pydantic.BaseModel):
+        street: str
+
+    class Person(pydantic.BaseModel):
+        name: str
+        home: Address
+        extra: dict[str, int] = {}
+
+    schema = strict_schema(Person.model_json_schema())
+    assert schema["additionalProperties"] is False
+    assert schema["$defs"]["Address"]["additionalProperties"] is False
+    # a free-form mapping (no properties) keeps its own additionalProperties
+    assert schema["properties"]["extra"]["additionalProperties"] == {"type": "integer"}

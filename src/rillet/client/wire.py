@@ -32,19 +32,37 @@ def pydantic_model(response_format: Any) -> Any:
         else None
 
 
+def strict_schema(schema: Any) -> Any:
+    """A pydantic model's JSON schema with every object closed (`additionalProperties: false`), as
+    OpenAI's strict mode and the openai SDK's `.parse()` send it: otherwise a model may add keys of
+    its own, which the schema allows but the pydantic model then has to ignore."""
+    if isinstance(schema, dict):
+        closed = {key: strict_schema(value) for key, value in schema.items()}
+        if closed.get("type") == "object" and "properties" in closed:
+            closed.setdefault("additionalProperties", False)
+        return closed
+    if isinstance(schema, list):
+        return [strict_schema(item) for item in schema]
+    return schema
+
+
+def _model_schema(model: Any) -> dict:
+    return strict_schema(model.model_json_schema())
+
+
 def _openai_response_format(response_format: Any) -> Any:
     model = pydantic_model(response_format)
     if model is None:
         return response_format
     return {"type": "json_schema",
-            "json_schema": {"name": model.__name__, "schema": model.model_json_schema(), "strict": True}}
+            "json_schema": {"name": model.__name__, "schema": _model_schema(model), "strict": True}}
 
 
 def _ollama_format(response_format: Any) -> Any:
     """Ollama's `format` for an OpenAI-style `response_format` (or a pydantic model)."""
     model = pydantic_model(response_format)
     if model is not None:
-        return model.model_json_schema()
+        return _model_schema(model)
     kind = response_format.get("type") if isinstance(response_format, Mapping) else None
     if kind == "json_object":
         return "json"
