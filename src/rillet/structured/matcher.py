@@ -3,14 +3,15 @@
 A `Guide` follows one sequence's output through its grammar (an llguidance matcher). Each step
 the engine asks `MaskFiller` for the masks of the constrained sequences that sample; it fills
 them on a worker thread while the forward pass runs (llguidance releases the GIL, and the
-tokens a mask depends on were all sampled in earlier steps), and the sampler applies them with
-`apply_token_bitmask` after logit bias and penalties, before temperature and truncation.
+tokens a mask depends on were all sampled in earlier steps), and the sampler adds them to the
+logits (`apply_token_bias_`) after logit bias and penalties, before temperature and truncation.
 """
 
 from __future__ import annotations
 
 from concurrent.futures import Future, ThreadPoolExecutor
 
+import numpy as np
 import torch
 
 from rillet.structured.grammar import CompiledGrammar
@@ -58,17 +59,19 @@ class MaskFiller:
         self._pool: ThreadPoolExecutor | None = None
 
     def start(self, guides: list[Guide]) -> Future[torch.Tensor]:
-        """Begin filling the masks [len(guides), num_words] of `guides`, in that order. The guides
-        must not be touched until the future is done."""
+        """Begin computing the masks of `guides`, in that order, as an additive bias
+        [len(guides), 32 * num_words] (see bitmask_to_bias). The guides must not be touched until
+        the future is done."""
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rillet-mask")
         return self._pool.submit(self._fill, list(guides))
 
     def _fill(self, guides: list[Guide]) -> torch.Tensor:
-        bitmask = torch.empty((len(guides), self.num_words), dtype=torch.int32, pin_memory=self.pin)
+        bitmask = torch.empty((len(guides), self.num_words), dtype=torch.int32)
         for row, guide in enumerate(guides):
             guide.fill(bitmask, row)
-        return bitmask
+        bias = bitmask_to_bias(bitmask)  # here too, off the sampler's path
+        return bias.pin_memory() if self.pin else bias
 
     def close(self) -> None:
         if self._pool is not None:
@@ -76,17 +79,35 @@ class MaskFiller:
             self._pool = None
 
 
-def apply_token_bitmask(logits: torch.Tensor, rows: list[int], bitmask: torch.Tensor) -> torch.Tensor:
-    """`logits` [B, V] with the tokens each `bitmask` row forbids set to -inf in the matching
-    `rows` of the batch; other rows are copied unchanged. Ids at or past 32 * bitmask width (a
-    model vocabulary wider than the tokenizer's) are forbidden too. Works on any device; returns
-    a new tensor (the model's logits may be inference tensors, which cannot change in place)."""
-    V = logits.shape[1]
-    mask = bitmask.to(logits.device, non_blocking=True)
-    shifts = torch.arange(BITS, dtype=torch.int32, device=logits.device)
-    allowed = ((mask[:, :, None] >> shifts) & 1).bool().flatten(1)  # [R, 32 * words]
-    if allowed.shape[1] < V:
-        allowed = torch.nn.functional.pad(allowed, (0, V - allowed.shape[1]), value=False)
+_BIAS_OF_BIT = np.array([-np.inf, 0.0], dtype=np.float32)
+
+
+def bitmask_to_bias(bitmask: torch.Tensor) -> torch.Tensor:
+    """An int32 bitmask [R, words] (on the host) as an additive bias [R, 32 * words]: 0 where a
+    token is allowed, -inf where not. numpy unpacks it (~0.1 ms for 32 rows; torch's
+    shift-and-mask over [R, words, 32] took 30-140 ms); bytes and bits are little-endian, as
+    llguidance writes them on every host rillet runs on."""
+    bits = np.unpackbits(bitmask.contiguous().numpy().view(np.uint8), axis=1, bitorder="little")
+    return torch.from_numpy(_BIAS_OF_BIT[bits])
+
+
+@torch.inference_mode()
+def apply_token_bias_(logits: torch.Tensor, rows: list[int], bias: torch.Tensor) -> torch.Tensor:
+    """Add `bias` (from bitmask_to_bias) to the given `rows` of `logits` [B, V], in place, and
+    return `logits`. Ids at or past the bias width (a model vocabulary wider than the
+    tokenizer's) become -inf in those rows; other rows are not touched. In place under inference
+    mode because the model's logits are inference tensors, and a copy of the whole batch would
+    cost the free rows too. Works on any device."""
+    V, width = logits.shape[1], bias.shape[1]
     index = torch.tensor(rows, dtype=torch.long, device=logits.device)
-    masked = logits.index_select(0, index).masked_fill_(~allowed[:, :V], -float("inf"))
-    return logits.index_copy(0, index, masked)
+    bias = bias.to(logits.device, non_blocking=True)
+    logits[:, :width].index_add_(0, index, bias[:, :V])
+    if V > width:
+        logits[:, width:].index_fill_(0, index, -float("inf"))
+    return logits
+
+
+def apply_token_bitmask(logits: torch.Tensor, rows: list[int], bitmask: torch.Tensor) -> torch.Tensor:
+    """`apply_token_bias_` from an int32 bitmask [len(rows), words] (bit j of word w allows id
+    32 * w + j)."""
+    return apply_token_bias_(logits, rows, bitmask_to_bias(bitmask))
