@@ -168,6 +168,21 @@ async def test_tool_choice_decides_the_tools_and_constraint_the_engine_gets():
     assert [v["properties"]["name"]["const"] for v in variants] == ["get_weather", "add"]
 
 
+def test_required_schema_keeps_nested_model_refs_resolvable():
+    """pydantic writes nested models as $defs + $ref; nested under the call array they are hoisted."""
+    import jsonschema
+
+    address = {"type": "object", "properties": {"street": {"type": "string"}}, "required": ["street"]}
+    tools = [{"type": "function", "function": {"name": name, "parameters": {
+        "type": "object", "properties": {"home": {"$ref": "#/$defs/Address"}}, "required": ["home"],
+        "$defs": {"Address": address}}}} for name in ("ship", "bill")]
+    schema = json.loads(plan_tools(tools, "required").structured.json)
+    assert set(schema["$defs"]) == {"ship__Address", "bill__Address"}
+    jsonschema.validate([{"name": "bill", "arguments": {"home": {"street": "Main"}}}], schema)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate([{"name": "bill", "arguments": {"home": {"city": "X"}}}], schema)
+
+
 async def test_tool_messages_reach_the_template_with_arguments_as_objects():
     messages = [
         {"role": "user", "content": "Weather in Paris?"},

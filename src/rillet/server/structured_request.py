@@ -2,7 +2,8 @@
 
 OpenAI's `response_format`, vLLM's `structured_outputs` (and its older top-level `guided_*`
 aliases) and Ollama's `format` all become one `StructuredOutputs`; more than one constraint in a
-request is a 400 naming the fields. Whether a schema, regex or grammar compiles is the engine's
+request is a 400 naming the fields. JSON schemas keep their key order (the order the output's
+properties are generated in). Whether a schema, regex or grammar compiles is the engine's
 check (`add_request` raises ValueError, which serving answers with a 400).
 """
 
@@ -14,21 +15,11 @@ from typing import Any
 from rillet.server.errors import APIError
 from rillet.structured.spec import StructuredOutputs
 
-__all__ = ["ollama_structured", "openai_structured", "schema_outputs"]
+__all__ = ["ollama_structured", "openai_structured"]
 
 _GUIDED_ALIASES = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice",
                    "guided_grammar": "grammar"}
 _STRUCTURED_KEYS = ("json", "regex", "choice", "grammar", "json_object")
-
-
-def schema_outputs(schema: dict[str, Any] | bool) -> StructuredOutputs:
-    """A JSON-schema constraint that keeps the schema's key order. llguidance writes properties in
-    the order the schema lists them, and that order matters to a model (a pydantic model's
-    fields, a tool call's name before its arguments); `StructuredOutputs.from_schema` sorts keys
-    for its cache, which would write `{"age":..,"name":..}` for a schema that lists name first."""
-    if not isinstance(schema, (dict, bool)):
-        raise ValueError(f"a JSON schema must be an object, got {type(schema).__name__}")
-    return StructuredOutputs(json=json.dumps(schema, ensure_ascii=False, separators=(",", ":")))
 
 
 def _schema(value: Any, param: str) -> dict[str, Any] | bool:
@@ -53,7 +44,7 @@ def _checked(spec: StructuredOutputs, param: str) -> StructuredOutputs:
 
 def _from_kind(kind: str, value: Any, param: str) -> StructuredOutputs:
     if kind == "json":
-        return _checked(schema_outputs(_schema(value, param)), param)
+        return _checked(StructuredOutputs.from_schema(_schema(value, param)), param)
     if kind == "json_object":
         return StructuredOutputs(json_object=True)
     if kind == "choice":
@@ -129,6 +120,6 @@ def ollama_structured(fmt: Any) -> StructuredOutputs | None:
     if fmt == "json":
         return StructuredOutputs(json_object=True)
     if isinstance(fmt, dict):
-        return _checked(schema_outputs(fmt), "format")
+        return _checked(StructuredOutputs.from_schema(fmt), "format")
     raise APIError(400, f'format must be "json" or a JSON schema object, got {json.dumps(fmt)[:80]}',
                    param="format")

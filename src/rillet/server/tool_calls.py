@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rillet.server.errors import APIError
-from rillet.server.structured_request import schema_outputs
 from rillet.structured.spec import StructuredOutputs
 
 __all__ = ["ToolCall", "ToolCallParser", "ToolPlan", "ToolSession", "ollama_message", "openai_tool_message",
@@ -116,16 +115,40 @@ def _closed(schema: Any) -> Any:
     return out
 
 
+def _hoist_defs(schema: Any, prefix: str, defs: dict[str, Any]) -> Any:
+    """`schema` with its `$defs`/`definitions` moved into `defs` (names prefixed) and its local
+    `$ref`s rewritten to match: nested under the call array, "#/$defs/X" would no longer
+    resolve (pydantic and openai.pydantic_function_tool write nested models that way)."""
+    if isinstance(schema, list):
+        return [_hoist_defs(v, prefix, defs) for v in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {}
+    for key, value in schema.items():
+        if key in ("$defs", "definitions") and isinstance(value, dict):
+            for name, sub in value.items():
+                defs[prefix + name] = _hoist_defs(sub, prefix, defs)
+        elif key == "$ref" and isinstance(value, str) and value.startswith(("#/$defs/", "#/definitions/")):
+            out[key] = "#/$defs/" + prefix + value.split("/", 2)[2]
+        else:
+            out[key] = _hoist_defs(value, prefix, defs)
+    return out
+
+
 def _required_schema(tools: list[dict[str, Any]], parallel: bool) -> dict[str, Any]:
+    defs: dict[str, Any] = {}
     # name before arguments: the model picks the function, then writes its arguments
     variants = [{"type": "object",
                  "properties": {"name": {"const": t["function"]["name"]},
-                                "arguments": _closed(t["function"]["parameters"])},
+                                "arguments": _hoist_defs(_closed(t["function"]["parameters"]),
+                                                         t["function"]["name"] + "__", defs)},
                  "required": ["name", "arguments"], "additionalProperties": False} for t in tools]
     schema: dict[str, Any] = {"type": "array", "minItems": 1,
                               "items": variants[0] if len(variants) == 1 else {"anyOf": variants}}
     if not parallel:
         schema["maxItems"] = 1
+    if defs:
+        schema["$defs"] = defs
     return schema
 
 
@@ -143,7 +166,8 @@ def plan_tools(tools: Any, tool_choice: Any = None, parallel_tool_calls: bool | 
         return None
     parallel = parallel_tool_calls is not False
     if tool_choice == "required":
-        return ToolPlan("required", checked, names, structured=schema_outputs(_required_schema(checked, parallel)))
+        return ToolPlan("required", checked, names,
+                        structured=StructuredOutputs.from_schema(_required_schema(checked, parallel)))
     if isinstance(tool_choice, dict):
         fn = tool_choice.get("function")
         name = fn.get("name") if isinstance(fn, dict) else None
@@ -155,7 +179,7 @@ def plan_tools(tools: Any, tool_choice: Any = None, parallel_tool_calls: bool | 
                                 f"({', '.join(sorted(names))})", param="tool_choice")
         (tool,) = [t for t in checked if t["function"]["name"] == name]
         return ToolPlan("named", [tool], names, named=name,
-                        structured=schema_outputs(_closed(tool["function"]["parameters"])))
+                        structured=StructuredOutputs.from_schema(_closed(tool["function"]["parameters"])))
     raise APIError(400, f'tool_choice must be "none", "auto", "required" or a named function, got '
                         f'{json.dumps(tool_choice)[:80]}', param="tool_choice")
 
