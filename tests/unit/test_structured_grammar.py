@@ -13,7 +13,7 @@ from rillet.models.resolve import resolve_model
 from rillet.sampling_params import SamplingParams
 from rillet.structured import StructuredOutputs
 from rillet.structured.grammar import GrammarCompiler, grammar_compiler, is_compiled
-from rillet.structured.matcher import Guide, MaskFiller, apply_token_bias_, apply_token_bitmask, bitmask_to_bias
+from rillet.structured.matcher import Guide, MaskFiller, apply_token_bitmask_
 
 
 @pytest.fixture(scope="module")
@@ -76,10 +76,10 @@ def guide_for(compiler, spec) -> Guide:
 
 
 def allowed_ids(compiler, guide) -> set[int]:
-    filler = MaskFiller(compiler.vocab_size, torch.device("cpu"))
-    bias = filler.start([guide]).result()
+    filler = MaskFiller(compiler.vocab_size)
+    bitmask = filler.start([guide]).result()
     filler.close()
-    masked = apply_token_bias_(torch.zeros((1, compiler.vocab_size)), [0], bias)
+    masked = apply_token_bitmask_(torch.zeros((1, compiler.vocab_size)), [0], bitmask)
     return set(torch.isfinite(masked[0]).nonzero().flatten().tolist())
 
 
@@ -109,7 +109,7 @@ def test_bitmask_on_toy_logits_masks_only_its_rows_and_ids_past_the_mask():
     logits = torch.arange(3 * 40, dtype=torch.float32).view(3, 40)
     bitmask = torch.tensor([[(1 << 3) - (1 << 31)]], dtype=torch.int32)  # allows ids 3 and 31 (the sign bit)
     before = logits.clone()
-    masked = apply_token_bitmask(logits, [1], bitmask)
+    masked = apply_token_bitmask_(logits, [1], bitmask)
     assert masked is logits  # in place: the free rows cost nothing
     assert torch.equal(masked[0], before[0]) and torch.equal(masked[2], before[2])
     assert torch.isfinite(masked[1]).nonzero().flatten().tolist() == [3, 31]
@@ -124,12 +124,11 @@ def test_sampler_applies_the_mask_after_the_bias_and_before_temperature():
     bitmask[0, 0] = (1 << 7) | (1 << 9)
     seqs = [Sequence("c", 0, [1], SamplingParams(temperature=0.0, logit_bias={9: 5.0})),
             Sequence("f", 0, [1], SamplingParams(temperature=0.0))]
-    tokens = Sampler(V, torch.device("cpu"))(logits, seqs, ([0], bitmask_to_bias(bitmask))).token_ids
+    tokens = Sampler(V, torch.device("cpu"))(logits, seqs, ([0], bitmask)).token_ids
     assert tokens == [9, 5]  # the bias picks among the allowed; the free row is unchanged
     hot = [Sequence("h", 0, [1], SamplingParams(temperature=50.0, seed=s)) for s in range(200)]
-    bias = bitmask_to_bias(bitmask.expand(200, -1).clone())
     sampled = Sampler(V, torch.device("cpu"))(logits[:1].expand(200, -1).clone(), hot,
-                                               (list(range(200)), bias)).token_ids
+                                               (list(range(200)), bitmask.expand(200, -1).clone())).token_ids
     assert set(sampled) == {7, 9}  # a high temperature flattens only what the mask allowed
 
 
@@ -137,6 +136,6 @@ def test_sampler_applies_the_mask_after_the_bias_and_before_temperature():
 def test_bitmask_on_cuda_logits():
     logits = torch.zeros((2, 40), device="cuda")
     bitmask = torch.tensor([[1 << 4, 0]], dtype=torch.int32)
-    masked = apply_token_bitmask(logits, [0], bitmask)
+    masked = apply_token_bitmask_(logits, [0], bitmask)
     assert torch.isfinite(masked[0]).nonzero().flatten().tolist() == [4]
     assert torch.isfinite(masked[1]).all()

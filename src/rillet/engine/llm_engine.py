@@ -93,7 +93,7 @@ class LLMEngine:
         self.detokenizer = Detokenizer(self.tokenizer)
         self.prompts = PromptEncoder(self.tokenizer, self.vocab_size, self.max_model_len)
         self.requests: dict[str, list[Sequence]] = {}
-        self._masks = MaskFiller(self.vocab_size, self.device)
+        self._masks: MaskFiller | None = None  # built with the first constrained request's grammar
         self.num_aborted_total = 0
         self.num_failed_total = 0
         self._consecutive_failures = 0
@@ -132,6 +132,11 @@ class LLMEngine:
         """Structured-output grammars for this tokenizer (built on first use: ~0.4 s; shared with
         an AsyncEngine front end in the same process, so its admission check warms this cache)."""
         return grammar_compiler(self.tokenizer, sorted(self.eos_token_ids))
+
+    def _mask_filler(self) -> MaskFiller:
+        if self._masks is None:
+            self._masks = MaskFiller(self.grammars.vocab_size)  # masks as wide as the tokenizer's vocabulary
+        return self._masks
 
     def encode_prompt(self, prompt: Prompt) -> list[int]:
         return self.prompts.encode_prompt(prompt)
@@ -237,7 +242,7 @@ class LLMEngine:
         # only on tokens sampled before, so they are filled while the forward pass runs.
         guided = [i for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens))
                   if seq.guide is not None and seq.num_computed_tokens + n == seq.num_tokens]
-        masks = self._masks.start([batch.seqs[i].guide for i in guided]) if guided else None
+        masks = self._mask_filler().start([batch.seqs[i].guide for i in guided]) if guided else None
         try:
             try:
                 if self.before_forward is not None:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from rillet.engine.sequence import Sequence
-from rillet.structured.matcher import apply_token_bias_
+from rillet.structured.matcher import apply_token_bitmask_
 
 
 @dataclass
@@ -51,15 +51,15 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence],
                  allowed: tuple[list[int], torch.Tensor] | None = None) -> SampleResult:
         """logits: [B, V] float32, one row per sequence that samples this step. `allowed`: the
-        structured-output masks of the constrained rows, as (rows, additive 0/-inf bias
-        [len(rows), W]; see rillet.structured.matcher); applied after logit bias and penalties,
+        structured-output masks of the constrained rows, as (rows, int32 bitmask
+        [len(rows), words]; see rillet.structured.matcher); applied after logit bias and penalties,
         before temperature and truncation (as vLLM does), and to those rows only."""
         logits = logits[:, : self.vocab_size]
         want_logprobs = [s.params.logprobs is not None for s in seqs]
         raw_logprobs = torch.log_softmax(logits, dim=-1) if any(want_logprobs) else None
         logits = self._apply_biases_and_penalties(logits, seqs)
         if allowed is not None and allowed[0]:
-            logits = apply_token_bias_(logits, *allowed)
+            logits = apply_token_bitmask_(logits, *allowed)
 
         greedy = [s.params.is_greedy for s in seqs]
         if all(greedy):

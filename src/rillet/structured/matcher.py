@@ -3,14 +3,16 @@
 A `Guide` follows one sequence's output through its grammar (an llguidance matcher). Each step
 the engine asks `MaskFiller` for the masks of the constrained sequences that sample; it fills
 them on a worker thread while the forward pass runs (llguidance releases the GIL, and the
-tokens a mask depends on were all sampled in earlier steps), and the sampler adds them to the
-logits (`apply_token_bias_`) after logit bias and penalties, before temperature and truncation.
+tokens a mask depends on were all sampled in earlier steps), and the sampler applies them to
+the logits (`apply_token_bitmask_`) after logit bias and penalties, before temperature and
+truncation.
 """
 
 from __future__ import annotations
 
 from concurrent.futures import Future, ThreadPoolExecutor
 
+import llguidance
 import numpy as np
 import torch
 
@@ -38,40 +40,52 @@ class Guide:
             self.error = self.matcher.get_error() or f"token {token} is not allowed here"
         return self.error is None
 
-    def fill(self, bitmask: torch.Tensor, row: int) -> None:
-        """Write the allowed next tokens into `bitmask[row]` (int32, CPU, contiguous). A matcher
-        that fails here gets an all-allowed row, so its logits stay finite until the engine ends it."""
-        target = bitmask[row]
-        if self.error is None:
-            self.matcher.unsafe_compute_mask_ptr(target.data_ptr(), target.numel() * target.element_size())
-            if self.matcher.is_error():
-                self.error = self.matcher.get_error()
+    def check_mask(self, bitmask: torch.Tensor, row: int) -> None:
+        """After its mask was filled into `bitmask[row]`: a matcher that failed there gets `error`
+        and an all-allowed row, so its logits stay finite until the engine ends its request."""
+        if self.error is None and self.matcher.is_error():
+            self.error = self.matcher.get_error()
         if self.error is not None:
-            target.fill_(-1)
+            bitmask[row].fill_(-1)
+
+
+class PendingMasks:
+    """A step's masks being filled; `result()` waits for them (the int32 bitmask [R, words])."""
+
+    def __init__(self, future: Future[None], bitmask: torch.Tensor, guides: list[Guide]):
+        self._future, self._bitmask, self._guides = future, bitmask, guides
+
+    def result(self) -> torch.Tensor:
+        self._future.result()
+        for row, guide in enumerate(self._guides):
+            guide.check_mask(self._bitmask, row)
+        return self._bitmask
 
 
 class MaskFiller:
-    """Fills a step's masks on one worker thread, so the work overlaps the forward pass."""
+    """Fills a step's masks on one worker thread, so the work overlaps the forward pass. The
+    worker makes one call into llguidance for the whole batch, which runs without the GIL: it
+    never holds up the engine thread, whose forward pass needs the GIL between kernels (a Python
+    loop over the rows there cost ~2 ms a step in GIL hand-offs at 16 streams on 2 cores)."""
 
-    def __init__(self, vocab_size: int, device: torch.device):
+    def __init__(self, vocab_size: int):
         self.num_words = -(-vocab_size // BITS)
-        self.pin = device.type == "cuda"  # a pinned host buffer copies to the GPU asynchronously
         self._pool: ThreadPoolExecutor | None = None
+        self._executor = llguidance.LLExecutor(num_threads=1)  # one thread: the cores are the forward's
 
-    def start(self, guides: list[Guide]) -> Future[torch.Tensor]:
-        """Begin computing the masks of `guides`, in that order, as an additive bias
-        [len(guides), 32 * num_words] (see bitmask_to_bias). The guides must not be touched until
-        the future is done."""
+    def start(self, guides: list[Guide]) -> PendingMasks:
+        """Begin filling the bitmasks [len(guides), num_words] of `guides`, in that order. The
+        guides must not be touched until the result is taken."""
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rillet-mask")
-        return self._pool.submit(self._fill, list(guides))
-
-    def _fill(self, guides: list[Guide]) -> torch.Tensor:
         bitmask = torch.empty((len(guides), self.num_words), dtype=torch.int32)
-        for row, guide in enumerate(guides):
-            guide.fill(bitmask, row)
-        bias = bitmask_to_bias(bitmask)  # here too, off the sampler's path
-        return bias.pin_memory() if self.pin else bias
+        work = [(guide.matcher, row) for row, guide in enumerate(guides) if guide.error is None]
+        future = self._pool.submit(self._fill, work, bitmask)
+        return PendingMasks(future, bitmask, guides)
+
+    def _fill(self, work: list, bitmask: torch.Tensor) -> None:
+        if work:  # llguidance refuses an empty batch
+            self._executor.unsafe_compute_mask_ptr(work, bitmask.data_ptr(), self.num_words * 4, bitmask.shape[0])
 
     def close(self) -> None:
         if self._pool is not None:
@@ -79,35 +93,29 @@ class MaskFiller:
             self._pool = None
 
 
-_BIAS_OF_BIT = np.array([-np.inf, 0.0], dtype=np.float32)
-
-
-def bitmask_to_bias(bitmask: torch.Tensor) -> torch.Tensor:
-    """An int32 bitmask [R, words] (on the host) as an additive bias [R, 32 * words]: 0 where a
-    token is allowed, -inf where not. numpy unpacks it (~0.1 ms for 32 rows; torch's
-    shift-and-mask over [R, words, 32] took 30-140 ms); bytes and bits are little-endian, as
-    llguidance writes them on every host rillet runs on."""
-    bits = np.unpackbits(bitmask.contiguous().numpy().view(np.uint8), axis=1, bitorder="little")
-    return torch.from_numpy(_BIAS_OF_BIT[bits])
+def forbidden_tokens(bitmask: torch.Tensor) -> torch.Tensor:
+    """An int32 bitmask [R, words] (on the host; bit j of word w allows id 32 * w + j) as a bool
+    tensor [R, 32 * words], True where a token is NOT allowed. numpy unpacks it (~0.1 ms for 32
+    rows; torch's shift-and-mask over [R, words, 32] took 30-140 ms); bytes and bits are
+    little-endian, as llguidance writes them on every host rillet runs on."""
+    inverted = np.invert(bitmask.contiguous().numpy().view(np.uint8))
+    bits = np.unpackbits(inverted, axis=1, bitorder="little")  # 0/1 bytes: reinterpreted as bool
+    return torch.from_numpy(bits).view(torch.bool)
 
 
 @torch.inference_mode()
-def apply_token_bias_(logits: torch.Tensor, rows: list[int], bias: torch.Tensor) -> torch.Tensor:
-    """Add `bias` (from bitmask_to_bias) to the given `rows` of `logits` [B, V], in place, and
-    return `logits`. Ids at or past the bias width (a model vocabulary wider than the
-    tokenizer's) become -inf in those rows; other rows are not touched. In place under inference
-    mode because the model's logits are inference tensors, and a copy of the whole batch would
-    cost the free rows too. Works on any device."""
-    V, width = logits.shape[1], bias.shape[1]
+def apply_token_bitmask_(logits: torch.Tensor, rows: list[int], bitmask: torch.Tensor) -> torch.Tensor:
+    """Set to -inf, in place, every token the bitmask [len(rows), words] forbids in the given
+    `rows` of `logits` [B, V], and return `logits`. Ids at or past 32 * words (a model
+    vocabulary wider than the tokenizer's) are forbidden too; other rows are not touched. In
+    place under inference mode because the model's logits are inference tensors, and a copy of
+    the whole batch would cost the free rows too. Works on any device."""
+    V = logits.shape[1]
+    forbidden = forbidden_tokens(bitmask).to(logits.device, non_blocking=True)
+    width = min(V, forbidden.shape[1])
     index = torch.tensor(rows, dtype=torch.long, device=logits.device)
-    bias = bias.to(logits.device, non_blocking=True)
-    logits[:, :width].index_add_(0, index, bias[:, :V])
+    view = logits[:, :width]
+    view.index_copy_(0, index, view.index_select(0, index).masked_fill_(forbidden[:, :width], -float("inf")))
     if V > width:
         logits[:, width:].index_fill_(0, index, -float("inf"))
     return logits
-
-
-def apply_token_bitmask(logits: torch.Tensor, rows: list[int], bitmask: torch.Tensor) -> torch.Tensor:
-    """`apply_token_bias_` from an int32 bitmask [len(rows), words] (bit j of word w allows id
-    32 * w + j)."""
-    return apply_token_bias_(logits, rows, bitmask_to_bias(bitmask))
