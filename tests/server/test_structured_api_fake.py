@@ -187,7 +187,8 @@ async def test_tool_messages_reach_the_template_with_arguments_as_objects():
     messages = [
         {"role": "user", "content": "Weather in Paris?"},
         {"role": "assistant", "content": None, "tool_calls": [
-            {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+            {"id": "call_1", "type": "function",
+             "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
         {"role": "tool", "tool_call_id": "call_1", "content": "22 C"},
     ]
     async with running_app(FakeEngine(reply="It is 22 C.")) as (client, _, engine):

@@ -14,7 +14,7 @@ import ollama
 import openai
 import pytest
 from conftest import rillet_proc
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/data
 from data.structured_schemas import SCHEMAS  # noqa: E402
@@ -88,8 +88,8 @@ def test_streamed_equals_whole_for_greedy_constrained_output(client, model):
         kwargs = dict(model=model, messages=messages, temperature=0, max_tokens=200,
                       response_format=_schema_format(name, schema))
         whole = client.chat.completions.create(**kwargs).choices[0].message.content
-        streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(**kwargs, stream=True)
-                           if c.choices)
+        chunks = client.chat.completions.create(**kwargs, stream=True)
+        streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
         assert streamed == whole
         jsonschema.validate(json.loads(whole), schema)
     # a forced tool call: the streamed pieces assemble to the whole answer's call
@@ -170,6 +170,10 @@ def test_auto_answers_are_content_or_calls_without_markup(client, model):
 
 
 class Weather(BaseModel):
+    # additionalProperties false: an open schema lets a small model add keys until max_tokens
+    # (the SDK's parse() closes it itself; Ollama's format sends the schema as it is)
+    model_config = ConfigDict(extra="forbid")
+
     city: str = Field(max_length=20)
     temperature_c: int = Field(ge=-50, le=60)
     sunny: bool
