@@ -140,19 +140,28 @@ def _shorten(message: str) -> str:
 
 
 _compilers: weakref.WeakKeyDictionary[Any, dict[tuple[int, ...], GrammarCompiler]] = weakref.WeakKeyDictionary()
-_compilers_lock = threading.Lock()
+_compilers_lock = threading.Lock()  # the registry only: held for dict operations, never while building
+_build_lock = threading.Lock()  # one build at a time (~0.4 s each, once per tokenizer)
 
 
 def grammar_compiler(tokenizer: Any, eos_token_ids: list[int] | None = None) -> GrammarCompiler:
     """The compiler of `tokenizer` (a fast Hugging Face tokenizer), built on first use and shared
     by every caller with the same tokenizer object and EOS ids."""
     key = tuple(sorted(eos_token_ids or ()))
-    with _compilers_lock:
-        per_eos = _compilers.setdefault(tokenizer, {})
-        compiler = per_eos.get(key)
-        if compiler is None:
-            compiler = per_eos[key] = GrammarCompiler(tokenizer, eos_token_ids)
-        return compiler
+
+    def registered() -> GrammarCompiler | None:
+        with _compilers_lock:
+            return _compilers.get(tokenizer, {}).get(key)
+
+    compiler = registered()
+    if compiler is None:
+        with _build_lock:
+            compiler = registered()
+            if compiler is None:
+                compiler = GrammarCompiler(tokenizer, eos_token_ids)
+                with _compilers_lock:
+                    _compilers.setdefault(tokenizer, {})[key] = compiler
+    return compiler
 
 
 def is_compiled(tokenizer: Any, eos_token_ids: list[int] | None, spec: StructuredOutputs) -> bool:
