@@ -114,4 +114,37 @@ def test_output_paths_in_missing_directories_are_refused_up_front(monkeypatch, t
     assert rc == 2 and "--json" in capsys.readouterr().err and sent == []
     rc = main(["bench", "--url", "http://127.0.0.1:9", "--model", "m", "--concurrency", "1", "--requests", "1",
                "--no-progress", "--json", str(tmp_path / "a.json")])
-    assert rc == 0 and sent == ["http://127.0.0.1:9"] and (tmp_path / "a.json").exists()
+    assert rc == 0 and sent == ["http://127.0.0.1:9"] * 2 and (tmp_path / "a.json").exists()  # warm-up, level
+
+
+def test_warm_up_on_another_prompt_then_measure_unique_prompts(monkeypatch, capsys):
+    """Issue 14: without a warm-up the first level pays the server's start-up; with the same prompts
+    at every level a server with a prefix cache answers later levels from it."""
+    from rillet.cli import main
+
+    calls = []
+
+    async def run_level(url, **kwargs):
+        calls.append(kwargs)
+        return _fake_level()
+
+    monkeypatch.setattr(loadgen, "run_level", run_level)
+    base = ["bench", "--url", "http://127.0.0.1:9", "--model", "m", "--concurrency", "1,4", "--requests", "2",
+            "--no-progress"]
+    assert main(base) == 0
+    warmup, *levels = calls
+    assert warmup["prompts"] == [loadgen.WARMUP_PROMPT] and warmup.get("tag") is None
+    assert loadgen.WARMUP_PROMPT not in loadgen.DEFAULT_PROMPTS
+    tags = [level["tag"] for level in levels]
+    assert len(tags) == 2 and len(set(tags)) == 2 and all(tags)
+    calls.clear()
+    assert main(base + ["--warmup", "0", "--no-unique-prompts"]) == 0
+    assert len(calls) == 2 and all(call.get("tag") is None for call in calls)
+
+
+def test_tagged_prompts_differ_from_their_first_word():
+    assert loadgen.tagged("Explain rain.", "x-1") == "[x-1] Explain rain."
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    out = loadgen.tagged(messages, "x-2")
+    assert out == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "[x-2] Hi"}]
+    assert messages[1]["content"] == "Hi"  # the dataset's own prompt is left as it was

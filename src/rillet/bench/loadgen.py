@@ -29,7 +29,8 @@ from rillet.client import (
     StreamError,
 )
 
-__all__ = ["DEFAULT_PROMPTS", "RequestRecord", "load_prompts", "percentile", "resolve_model", "run_level",
+__all__ = ["DEFAULT_PROMPTS", "WARMUP_PROMPT", "RequestRecord", "load_prompts", "percentile", "resolve_model",
+           "run_level", "tagged",
            "summarize"]
 
 DEFAULT_PROMPTS: tuple[str, ...] = (
@@ -47,7 +48,25 @@ DEFAULT_PROMPTS: tuple[str, ...] = (
     "Write a friendly letter inviting a neighbour to a garden party.",
 )
 
+# Warm-up requests ask this, which no measured request does: warming up must not leave a measured
+# prompt in the server's prefix cache.
+WARMUP_PROMPT = "Reply with one short greeting."
+
 Prompt = str | list[dict]
+
+
+def tagged(prompt: Prompt, tag: str) -> Prompt:
+    """`prompt` with `tag` in front of its (last user) text: a request whose prompt differs from
+    every earlier one from its first word, so no server answers it from a prefix cache that an
+    earlier request filled (the chat template's shared system prompt aside)."""
+    if isinstance(prompt, str):
+        return f"[{tag}] {prompt}"
+    messages = [dict(m) for m in prompt]
+    for message in reversed(messages):
+        if message.get("role") == "user" and isinstance(message.get("content"), str):
+            message["content"] = f"[{tag}] {message['content']}"
+            break
+    return messages
 
 
 @dataclass
@@ -241,8 +260,11 @@ async def run_level(url: str, *, model: str | None, concurrency: int, num_reques
                     api: str = "openai", ignore_eos: bool = True, prompts: Sequence[Prompt] | None = None,
                     api_key: str | None = None, eos_token_id: int | None = None,
                     temperature: float | None = None, extra_params: dict | None = None,
-                    timeout: float = 600.0, on_request_done: Callable[[RequestRecord], None] | None = None) -> dict:
+                    timeout: float = 600.0, on_request_done: Callable[[RequestRecord], None] | None = None,
+                    tag: str | None = None) -> dict:
     """Send `num_requests` streaming chat requests, at most `concurrency` at a time, and summarize them.
+    With `tag`, request i's prompt starts with "[tag-i]" (see `tagged`): no two requests share more
+    than the chat template's prefix.
 
     `model=None` takes the first id from /v1/models (or /api/tags). `ignore_eos` asks the
     server to generate exactly `max_tokens` tokens (vLLM/rillet extra); `eos_token_id`
@@ -260,7 +282,8 @@ async def run_level(url: str, *, model: str | None, concurrency: int, num_reques
         client.model = model
         queue: asyncio.Queue[Prompt] = asyncio.Queue()
         for i in range(num_requests):
-            queue.put_nowait(prompt_list[i % len(prompt_list)])
+            prompt = prompt_list[i % len(prompt_list)]
+            queue.put_nowait(prompt if tag is None else tagged(prompt, f"{tag}-{i}"))
         records: list[RequestRecord] = []
 
         async def worker() -> None:

@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import shutil
 import sys
+import uuid
 
 
 def _concurrency_list(text: str) -> list[int]:
@@ -50,6 +51,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--max-tokens", type=_positive_int, default=128, help="output tokens per request")
     parser.add_argument("--temperature", type=float, default=None, help="sampling temperature (server default)")
     parser.add_argument("--dataset", help="JSONL prompts: strings, {prompt}, {text}, {messages} or ShareGPT")
+    parser.add_argument("--warmup", type=int, default=2, metavar="N",
+                        help="first send N short requests with a prompt that no measured request uses (0: none)")
+    parser.add_argument("--unique-prompts", action=argparse.BooleanOptionalAction, default=True,
+                        help="start every measured prompt with a tag unique to this run, level and request, so "
+                             "no answer comes from a prefix cache an earlier request filled")
     parser.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=True,
                         help="ask the server to generate exactly --max-tokens tokens (vLLM/rillet 'ignore_eos')")
     parser.add_argument("--eos-token-id", type=int, default=None,
@@ -118,6 +124,11 @@ def run(args: argparse.Namespace) -> int:
             async with AsyncClient(args.url, api=args.api, api_key=args.api_key, timeout=args.timeout) as client:
                 model = await loadgen.resolve_model(client)
             print(f"model: {model}", file=sys.stderr)
+        if args.warmup > 0:
+            await loadgen.run_level(args.url, model=model, concurrency=1, num_requests=args.warmup, max_tokens=8,
+                                    api=args.api, prompts=[loadgen.WARMUP_PROMPT], api_key=args.api_key,
+                                    timeout=args.timeout)
+        run_id = uuid.uuid4().hex[:6]
         levels = []
         for concurrency in args.concurrency:
             bar = tqdm(total=args.requests, desc=f"concurrency {concurrency}", unit="req", file=sys.stderr,
@@ -136,7 +147,8 @@ def run(args: argparse.Namespace) -> int:
                     args.url, model=model, concurrency=concurrency, num_requests=args.requests,
                     max_tokens=args.max_tokens, api=args.api, ignore_eos=args.ignore_eos, prompts=prompts,
                     api_key=args.api_key, eos_token_id=args.eos_token_id, temperature=args.temperature,
-                    timeout=args.timeout, on_request_done=done)
+                    timeout=args.timeout, on_request_done=done,
+                    tag=f"{run_id}-c{concurrency}" if args.unique_prompts else None)
             finally:
                 bar.close()
             levels.append(level)
@@ -154,7 +166,8 @@ def run(args: argparse.Namespace) -> int:
     result = report.make_result(
         levels, url=args.url, model=levels[0].get("model") if levels else args.model, api=args.api,
         label=args.label, requests=args.requests, max_tokens=args.max_tokens, ignore_eos=args.ignore_eos,
-        eos_token_id=args.eos_token_id, dataset=args.dataset, concurrency=args.concurrency)
+        eos_token_id=args.eos_token_id, dataset=args.dataset, concurrency=args.concurrency, warmup=args.warmup,
+        unique_prompts=args.unique_prompts)
     if args.json:
         report.write_json(result, args.json)
         print(f"results written to {args.json}", file=sys.stderr)
