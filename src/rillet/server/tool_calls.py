@@ -355,12 +355,12 @@ class ToolCallParser:
         self.plan = plan
         self.calls: list[ToolCall] = []
         self.content_parts: list[str] = []
-        self._pending = ""  # auto: text not yet classified; named/required: unparsed JSON
+        self._pending = ""  # auto: text not yet classified
         self._mode = "content"  # auto: "content" | "call" (inside <tool_call>) | "json" (maybe Llama JSON)
         self._seen_content = False
         self._scanner = _JsonScanner(2) if plan.mode == "required" else None
         self._emitted: list[int] = []  # required: argument characters sent per call
-        self._raw = ""  # named/required: all text
+        self._raw = ""  # required: all text (the answer if no call began)
         self._ws = ""  # named: trailing whitespace held back
 
     # ---- public
@@ -394,7 +394,6 @@ class ToolCallParser:
         if not self.calls:
             self.calls.append(ToolCall(self.plan.named or ""))
             events.append(("call", 0, ""))
-        self._raw += text
         piece = self._ws + text
         if not self.calls[0].arguments:
             piece = piece.lstrip()
