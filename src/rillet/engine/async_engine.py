@@ -253,8 +253,9 @@ class AsyncEngine:
                           *, tools: list[dict[str, Any]] | None = None) -> RequestStream:
         """Validate and queue a request (`tools`: function definitions for the chat template).
         Raises ValueError (bad prompt or parameters, token ids
-        outside the vocabulary, a structured-output spec that does not compile), PromptTooLongError (the prompt, or the prompt plus max_tokens, does
-        not fit in max_model_len), QueueFullError, EngineDeadError or EngineNotReadyError."""
+        outside the vocabulary, a structured-output spec that does not compile), PromptTooLongError
+        (the prompt, or the prompt plus max_tokens, does not fit in max_model_len), QueueFullError,
+        EngineDeadError or EngineNotReadyError."""
         self._check_accepting()
         params.validate()
         request_id = request_id or uuid.uuid4().hex
