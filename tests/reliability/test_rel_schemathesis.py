@@ -15,7 +15,7 @@ from schemathesis.generation import GenerationMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/fakes.py
 
-from fakes import FakeEngine  # noqa: E402
+from support.fakes import FakeEngine  # noqa: E402
 
 from rillet.config import ServerConfig  # noqa: E402
 from rillet.server import create_app  # noqa: E402

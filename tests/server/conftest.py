@@ -13,7 +13,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/fakes.py
 
-from fakes import FakeEngine  # noqa: E402
+from support.fakes import FakeEngine  # noqa: E402
 from shared_rillet_proc import rillet_proc  # noqa: E402  (shared with tests/client and tests/cli)
 
 from rillet.config import ServerConfig  # noqa: E402

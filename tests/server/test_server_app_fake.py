@@ -8,7 +8,7 @@ import logging
 
 import pytest
 from conftest import running_app, sse_events, wait_for
-from fakes import FakeEngine
+from support.fakes import FakeEngine
 
 from rillet.config import ServerConfig
 from rillet.server import create_app

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 from conftest import ndjson_lines, running_app
-from fakes import FakeEngine
+from support.fakes import FakeEngine
 
 from rillet.protocol import ollama as ol
 

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 from conftest import running_app, sse_events, wait_for
-from fakes import FakeEngine
+from support.fakes import FakeEngine
 
 from rillet.protocol import openai as oa
 

@@ -9,7 +9,7 @@ import json
 
 import pytest
 from conftest import ndjson_lines, running_app, sse_events
-from fakes import FakeEngine
+from support.fakes import FakeEngine
 
 from rillet.engine.prompts import PromptEncoder
 from rillet.protocol import ollama as ol
