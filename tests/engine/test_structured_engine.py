@@ -6,8 +6,6 @@ AsyncEngine refusing a spec that does not compile."""
 import asyncio
 import json
 import re
-import sys
-from pathlib import Path
 
 import jsonschema
 import pytest
@@ -16,9 +14,8 @@ from rillet import AsyncEngine
 from rillet.sampling_params import SamplingParams
 from rillet.structured import StructuredOutputs
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/data
 
-from data.structured_schemas import SCHEMAS  # noqa: E402
+from data.structured_schemas import SCHEMAS
 
 SCHEMA = dict(SCHEMAS)
 FREE_PROMPTS = ["The capital of France is", "Once upon a time, in a small village,", "def fibonacci(n):"]

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sys
-from pathlib import Path
 
 import jsonschema
 import ollama
@@ -16,8 +14,7 @@ import pytest
 from conftest import rillet_proc
 from pydantic import BaseModel, ConfigDict, Field
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/data
-from data.structured_schemas import SCHEMAS  # noqa: E402
+from data.structured_schemas import SCHEMAS
 
 KEY = rillet_proc.API_KEY
 TOOLS = [
