@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
 import weakref
@@ -19,8 +20,14 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
-import llguidance
-import llguidance.hf
+# llguidance computes masks on its own rayon pool, one thread per core by default. Beside the
+# kernels' OpenMP team that oversubscribes a small CPU: on 2 cores under load, constrained
+# requests took 30-65 s instead of ~1 s. rillet fills masks on one worker thread of its own
+# (structured/matcher.py), so one rayon thread is all it needs. Set before the pool exists.
+os.environ.setdefault("RAYON_NUM_THREADS", "1")
+
+import llguidance  # noqa: E402
+import llguidance.hf  # noqa: E402
 
 from rillet.structured.spec import StructuredOutputs
 
