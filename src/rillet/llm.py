@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Sequence as SequenceType
 
+from rillet.client.results import Usage
 from rillet.config import EngineConfig
 from rillet.engine.llm_engine import LLMEngine, Prompt
 from rillet.engine.outputs import TokenLogprob
@@ -12,18 +13,8 @@ from rillet.sampling_params import SamplingParams
 
 
 @dataclass
-class Usage:
-    prompt_tokens: int
-    completion_tokens: int
-
-    @property
-    def total_tokens(self) -> int:
-        return self.prompt_tokens + self.completion_tokens
-
-
-@dataclass
-class Completion:
-    """One finished choice."""
+class CompletionOutput:
+    """One finished choice (vLLM's name; `rillet.client.Completion` is a server's answer)."""
 
     index: int
     text: str
@@ -41,7 +32,7 @@ class GenerationResult:
 
     request_id: str
     prompt_token_ids: list[int]
-    outputs: list[Completion] = field(default_factory=list)
+    outputs: list[CompletionOutput] = field(default_factory=list)
 
     @property
     def text(self) -> str:
@@ -57,7 +48,8 @@ class GenerationResult:
 
     @property
     def usage(self) -> Usage:
-        return Usage(len(self.prompt_token_ids), sum(len(o.token_ids) for o in self.outputs))
+        prompt, completion = len(self.prompt_token_ids), sum(len(o.token_ids) for o in self.outputs)
+        return Usage(prompt, completion, prompt + completion)
 
 
 class LLM:
@@ -104,7 +96,7 @@ class LLM:
                 rid = seqs[0].request_id
                 order.append(rid)
                 results[rid] = GenerationResult(rid, seqs[0].prompt_token_ids,
-                                                [Completion(i, "", [], "") for i in range(params.n)])
+                                                [CompletionOutput(i, "", [], "") for i in range(params.n)])
             while engine.has_unfinished():
                 for out in engine.step():
                     choice = results[out.request_id].outputs[out.index]
