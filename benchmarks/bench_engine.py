@@ -14,10 +14,10 @@ warm-up leaves a measured prompt in rillet's prefix cache; each measured prompt 
 
 Bars (issue 2): at 32 concurrent, rillet >= 15x seed output tokens/s; single stream >= 3x.
 
-    python benchmarks/bench_engine.py                 # full size (slow: the seed at 32 takes minutes)
-    python benchmarks/bench_engine.py --quick         # smoke: levels 1,4, 16 tokens
-    python benchmarks/bench_engine.py --seed-concurrency 1,8   # skip the slowest seed level
-    python benchmarks/bench_engine.py --rillet-isa avx2        # AVX2 stand-in (torch held to AVX2 too)
+    python -m benchmarks.bench_engine                 # full size (slow: the seed at 32 takes minutes)
+    python -m benchmarks.bench_engine --quick         # smoke: levels 1,4, 16 tokens
+    python -m benchmarks.bench_engine --seed-concurrency 1,8   # skip the slowest seed level
+    python -m benchmarks.bench_engine --rillet-isa avx2        # AVX2 stand-in (torch held to AVX2 too)
 
 Writes benchmarks/results/bench_engine.json (bench_engine.quick.json with --quick) and prints
 a text table and a Markdown table for the README.
@@ -27,36 +27,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import gc
 import sys
-import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # repo root: `benchmarks` importable
+from rillet.bench.inprocess import run_engine_level, start_engine
+from rillet.bench.machine import BenchRun, add_isa_argument, apply_isa
+from rillet.bench.report import fmt, fmt_ratio, log, markdown_table, ratio, text_table
+from rillet.bench.workload import PROMPTS, WARMUP_PROMPTS, add_prompt_argument, measured_prompts, warmup_cycle
 
-from benchmarks.common import (  # noqa: E402
-    busy_machine_warning,
-    PROMPTS,
-    RESULTS_DIR,
-    WARMUP_PROMPTS,
-    Record,
-    add_isa_argument,
-    add_prompt_argument,
-    apply_isa,
-    fmt,
-    fmt_ratio,
-    header_line,
-    log,
-    machine_info,
-    markdown_table,
-    measured_prompts,
-    prompt_cycle,
-    ratio,
-    summarize,
-    text_table,
-    write_json,
-)
+from benchmarks import RESULTS_DIR
 
 BARS = {1: 3.0, 32: 15.0}  # concurrency -> minimum rillet/seed output tokens/s
 
@@ -80,7 +60,7 @@ def bench_seed(args: argparse.Namespace, levels: list[int]) -> dict[int, dict]:
 
     log(f"seed: loading model ({args.dtype})")
     engine = SeedEngine(args.model, args.dtype, streamer_timeout=None)
-    consume(engine, prompt_cycle(1, WARMUP_PROMPTS)[0], min(8, args.max_tokens))  # warm-up, not a measured prompt
+    consume(engine, warmup_cycle(1)[0], min(8, args.max_tokens))  # warm-up, not a measured prompt
     results = {}
     for c in levels:
         n = num_requests_for(c, args.min_requests)
@@ -98,79 +78,18 @@ def bench_seed(args: argparse.Namespace, levels: list[int]) -> dict[int, dict]:
 # ----------------------------------------------------------------------------- rillet
 
 
-async def _rillet_request(engine, sampling_params_cls, messages: list[dict], max_tokens: int, request_id: str) -> Record:
-    record = Record()
-    params = sampling_params_cls(max_tokens=max_tokens, ignore_eos=True, temperature=0.0)
-    pieces: list[str] = []
-    start = time.perf_counter()
-    try:
-        async for out in engine.generate(messages, params, request_id=request_id):
-            now = time.perf_counter() - start
-            if out.text:  # as over HTTP and for the seed: time to the first visible text
-                if record.ttft is None:
-                    record.ttft = now
-                record.chunk_times.append(now)
-            pieces.append(out.text)
-            record.output_tokens = out.num_output_tokens
-            record.prompt_tokens = out.num_prompt_tokens
-            if out.finish_reason:
-                record.finish_reason = out.finish_reason
-                if out.finish_reason == "error":
-                    record.error = getattr(out, "error", None) or "error"
-        record.e2e = time.perf_counter() - start
-        record.text = "".join(pieces)
-        record.ok = record.error is None
-    except Exception as exc:  # noqa: BLE001 - a benchmark records, it does not crash
-        record.error = f"{type(exc).__name__}: {exc}"
-        record.e2e = time.perf_counter() - start
-    return record
-
-
-async def run_rillet_level(engine, *, concurrency: int, num_requests: int, max_tokens: int,
-                           prompts=None, tag: str = "bench") -> dict:
-    """Closed loop of `concurrency` asyncio clients over the in-process AsyncEngine."""
-    from rillet import SamplingParams
-
-    work = prompt_cycle(num_requests, prompts)
-    records: list[Record] = []
-    counter = iter(range(num_requests))
-
-    async def client() -> None:
-        while work:
-            messages = work.pop(0)
-            records.append(await _rillet_request(engine, SamplingParams, messages, max_tokens,
-                                                 f"{tag}-{concurrency}-{next(counter)}"))
-
-    start = time.perf_counter()
-    await asyncio.gather(*(client() for _ in range(min(concurrency, num_requests))))
-    duration = time.perf_counter() - start
-    # One client: records are in prompt order, so the texts can be compared with the seed's.
-    result = summarize(records, duration, concurrency=concurrency, max_tokens=max_tokens, keep_texts=concurrency == 1)
-    result["system"] = "rillet"
-    return result
-
-
-async def start_rillet_engine(model: str | None, dtype: str, max_num_seqs: int):
-    from rillet import AsyncEngine
-
-    # The engine loop in its own process, as `rillet serve` runs it.
-    engine = AsyncEngine(model=model, dtype=dtype, max_num_seqs=max_num_seqs, engine_process=True)
-    await engine.start()
-    return engine
-
-
 async def _bench_rillet(args: argparse.Namespace, levels: list[int]) -> dict[int, dict]:
     max_num_seqs = max(32, *levels)  # rillet's default batch size, or more when more is asked for
     log(f"rillet: starting AsyncEngine ({args.dtype}, max_num_seqs={max_num_seqs})")
-    engine = await start_rillet_engine(args.model, args.dtype, max_num_seqs)
+    engine = await start_engine(args.model, args.dtype, max_num_seqs)
     try:
-        await run_rillet_level(engine, concurrency=min(4, max(levels)), num_requests=min(4, max(levels)),
+        await run_engine_level(engine, concurrency=min(4, max(levels)), num_requests=min(4, max(levels)),
                                max_tokens=min(8, args.max_tokens), prompts=WARMUP_PROMPTS, tag="warmup")
         results = {}
         for c in levels:
             n = num_requests_for(c, args.min_requests)
             log(f"rillet: concurrency {c}, {n} requests x {args.max_tokens} tokens")
-            result = await run_rillet_level(engine, concurrency=c, num_requests=n, max_tokens=args.max_tokens,
+            result = await run_engine_level(engine, concurrency=c, num_requests=n, max_tokens=args.max_tokens,
                                             prompts=measured_prompts(n, c, distinct=not args.repeat_prompts))
             log(f"rillet: concurrency {c}: {fmt(result['output_token_throughput'])} tok/s, "
                 f"TTFT p50 {fmt(result['ttft_ms']['p50'], 0)} ms, failed {result['failed']}")
@@ -240,7 +159,7 @@ def render(rows: list[dict]) -> tuple[str, str]:
                       fmt_ratio(row["speedup"]), bar.strip(), fmt(row["seed_ttft_p50_ms"], 0),
                       fmt(row["rillet_ttft_p50_ms"], 0), fmt(row["seed_tpot_p50_ms"], 1),
                       fmt(row["rillet_tpot_p50_ms"], 1)])
-    return text_table(headers, cells), markdown_table(headers, cells)
+    return text_table(headers, cells, first_left=True), markdown_table(headers, cells)
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
@@ -298,14 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     rillet_levels = [] if args.skip_rillet else levels
     out = args.out or RESULTS_DIR / ("bench_engine.quick.json" if args.quick else "bench_engine.json")
 
-    info = machine_info(args.dtype, args.rillet_isa)
-    if err := info["rillet_cpu_isa"].get("error"):
-        parser.error(f"--rillet-isa {args.rillet_isa}: {err}")
-    header = header_line(info)
-    warning = busy_machine_warning(info)
-    if warning:
-        log(f"warning: {warning}")
-    started = time.perf_counter()
+    run = BenchRun.begin(parser, args.dtype, args.rillet_isa)
+    info, header = run.info, run.header
     seed = bench_seed(args, seed_levels) if seed_levels else {}
     rillet = bench_rillet(args, rillet_levels) if rillet_levels else {}
     all_levels = sorted(set(seed_levels) | set(rillet_levels))
@@ -317,7 +230,6 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "bench_engine",
         "description": "In-process output tokens/s: rillet AsyncEngine vs the seed design (thread + "
                        "TextIteratorStreamer per request), forced-length chat requests.",
-        "machine": info,
         "settings": {"levels": levels, "seed_levels": seed_levels, "max_tokens": args.max_tokens,
                      "min_requests": args.min_requests, "ignore_eos": True, "temperature": 0.0,
                      "dtype": args.dtype, "model": args.model or "default (SmolLM2-135M-Instruct)",
@@ -329,11 +241,8 @@ def main(argv: list[str] | None = None) -> int:
         "greedy_parity": parity,
         "seed": {str(c): r for c, r in seed.items()},
         "rillet": {str(c): r for c, r in rillet.items()},
-        "wall_s": round(time.perf_counter() - started, 1),
     }
-    payload["warnings"] = [warning] if warning else []
-    payload["machine"]["load_average_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
-    write_json(out, payload)
+    run.finish(payload, out)
 
     print(f"\nbench_engine: {info['cpu_model']} ({info['cpu_cores']} cores), torch {info['torch']}, "
           f"{args.dtype}, {args.max_tokens} forced tokens/request, max(C, {args.min_requests}) requests per level\n")
@@ -351,8 +260,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\ngreedy parity at 1 stream: {parity['identical']}/{parity['compared']} answers identical "
               f"(common prefix, chars: {parity['common_prefix_chars']})")
     print(f"\nJSON: {out}")
-    if warning:
-        print(f"\nwarning: {warning}", file=sys.stderr)
+    run.print_warnings()
     failed = sum(r["failed"] for r in (*seed.values(), *rillet.values()))
     if failed:
         print(f"warning: {failed} request(s) failed; see the JSON", file=sys.stderr)

@@ -50,9 +50,9 @@ Bars (issue 13), chosen by the ISA rillet runs:
   rillet >= llama.cpp's.
 Each bar is printed met / MISSED / not measured.
 
-    .venv/bin/python benchmarks/bench_peers.py                 # 1, 16, 32 streams x 128 tokens
-    .venv/bin/python benchmarks/bench_peers.py --rillet-isa avx2   # the AVX2 stand-in comparison
-    .venv/bin/python benchmarks/bench_peers.py --quick         # smoke: 1, 2 streams x 16 tokens
+    .venv/bin/python -m benchmarks.bench_peers                 # 1, 16, 32 streams x 128 tokens
+    .venv/bin/python -m benchmarks.bench_peers --rillet-isa avx2   # the AVX2 stand-in comparison
+    .venv/bin/python -m benchmarks.bench_peers --quick         # smoke: 1, 2 streams x 16 tokens
 
 Writes benchmarks/results/bench_peers.json (bench_peers.quick.json with --quick) and prints
 a text table and a Markdown table, each headed by the CPU, the ISA and the commit, then the
@@ -72,35 +72,16 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # repo root: `benchmarks` importable
+from rillet.bench.machine import ISA_ENV, BenchRun, add_isa_argument, header_line, isa_env
+from rillet.bench.report import fmt, fmt_ratio, log, markdown_table, ratio, text_table
+from rillet.bench.servers import free_port, server_process
+from rillet.bench.workload import PROMPTS, WARMUP_PROMPTS, add_prompt_argument, measured_prompts
+from rillet.models.cpu_isa import has_native_bf16
+from rillet.models.resolve import default_gguf_path, resolve_model
 
-from benchmarks.common import (  # noqa: E402
-    ISA_ENV,
-    PROMPTS,
-    RESULTS_DIR,
-    WARMUP_PROMPTS,
-    add_isa_argument,
-    add_prompt_argument,
-    busy_machine_warning,
-    default_gguf_path,
-    fmt,
-    fmt_ratio,
-    free_port,
-    has_native_bf16,
-    header_line,
-    isa_env,
-    log,
-    machine_info,
-    markdown_table,
-    measured_prompts,
-    ratio,
-    resolve_model_dir,
-    server_process,
-    text_table,
-    write_json,
-)
+from benchmarks import REPO_ROOT, RESULTS_DIR
+from benchmarks.baselines.seed_server import seed_server_command
 
-SEED_SERVER = Path(__file__).resolve().parent / "baselines" / "seed_server.py"
 ISA_STANDIN_DIR = Path(__file__).resolve().parent / "peers" / "isa_standin"
 DEFAULT_VLLM_PYTHON = Path("/opt/vllm-venv/bin/python")
 DEFAULT_LLAMACPP_PYTHON = Path("/opt/llamacpp-venv/bin/python")
@@ -183,6 +164,22 @@ def parse_env(items: list[str]) -> dict[str, str]:
     return env
 
 
+def peer_python(name: str, given: Path | None, default: Path, module: str, skip: bool, notes: list[str],
+                how: str) -> Path | None:
+    """The python that runs a peer (`given`, else `default` if it exists), or None with a note why not."""
+    flag = "--" + module.replace("_", "") + "-python"
+    python = given or (default if default.exists() else None)
+    if skip:
+        notes.append(f"{name}: skipped (--skip-{module.replace('_', '')})")
+    elif python is None:
+        notes.append(f"{name}: skipped: no {default} and no {flag} ({how})")
+    elif not python_has(python, module):
+        notes.append(f"{name}: skipped: {python} cannot import {module}")
+    else:
+        return python
+    return None
+
+
 def python_has(python: Path, module: str) -> bool:
     """Whether `python` can find `module` (found, not imported: vLLM's import takes seconds)."""
     code = f"import importlib.util, sys; sys.exit(0 if importlib.util.find_spec({module!r}) else 1)"
@@ -258,7 +255,7 @@ def serve(cmd: list[str], url: str, log_path: Path, timeout_s: float, env: dict 
     started = time.perf_counter()
     pgid = None
     try:
-        with server_process(cmd, url, log_path=log_path, timeout_s=timeout_s, env=env) as proc:
+        with server_process(cmd, url, log_path=log_path, timeout_s=timeout_s, env=env, cwd=REPO_ROOT) as proc:
             pgid = proc.pid  # start_new_session: the leader's pid is the group id
             yield round(time.perf_counter() - started, 1), pgid
     finally:
@@ -469,10 +466,7 @@ def bench_llamacpp(args: argparse.Namespace, python: Path, gguf: Path, model_dir
 def bench_seed(args: argparse.Namespace) -> dict:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, str(SEED_SERVER), "--host", "127.0.0.1", "--port", str(port), "--dtype", args.dtype,
-           "--streamer-timeout", "0"]
-    if args.model:
-        cmd += ["--model", args.model]
+    cmd = seed_server_command(port, args.dtype, args.model)
     env = isa_env(args.rillet_isa) if args.rillet_isa in ISA_ENV else {}
     log(f"seed server: starting on port {port}")
     with serve(cmd, url, args.log_dir / "peers_seed.log", args.start_timeout, env=env) as (startup_s, _):
@@ -555,7 +549,7 @@ def render(results: dict[str, dict], comp: dict) -> tuple[str, str]:
             rows.append([name, c, fmt(r["output_token_throughput"]), vs_vllm, vs_llama, fmt(r["ttft_ms"]["p50"], 0),
                          fmt(r["ttft_ms"]["p99"], 0), ttft_vs, fmt(r["itl_ms"]["p50"], 1), fmt(r["itl_ms"]["p99"], 1),
                          str(r["failed"])])
-    return text_table(headers, rows), markdown_table(headers, rows)
+    return text_table(headers, rows, first_left=True), markdown_table(headers, rows)
 
 
 def render_bars(comp: dict) -> str:
@@ -647,25 +641,21 @@ def main(argv: list[str] | None = None) -> int:
     if unknown := [c for c in vllm_cores if c not in VLLM_CORE_CHOICES]:
         parser.error(f"--vllm-cores: unknown {unknown}; choose from {', '.join(VLLM_CORE_CHOICES)}")
 
-    info = machine_info(args.dtype, args.rillet_isa)
-    if err := info["rillet_cpu_isa"].get("error"):
-        parser.error(f"--rillet-isa {args.rillet_isa}: {err}")
+    run = BenchRun.begin(parser, args.dtype, args.rillet_isa)
+    info = run.info
     run_isa = info["rillet_cpu_isa"].get("selected")
     peers_isa = peers_isa_of(args)
     kind = bars_kind(run_isa)
     vllm_dtype = best_vllm_dtype(peers_isa) if args.vllm_dtype == "best" else args.vllm_dtype
-    warnings: list[str] = []
-    if warning := busy_machine_warning(info):
-        warnings.append(warning)
+    warnings = run.warnings
     if peers_isa != (args.rillet_isa if args.rillet_isa in ISA_ENV else None):
         warnings.append(f"rillet runs {run_isa} but vLLM is held to {peers_isa or 'its native best'}: "
                         "the two do not stand on the same instruction set")
-    for w in warnings:
-        log(f"warning: {w}")
-    model_dir, model_name = resolve_model_dir(args.model)
+        log(f"warning: {warnings[-1]}")
+    resolved = resolve_model(args.model)
+    model_dir, model_name = Path(resolved.path), resolved.name
     notes: list[str] = []
     results: dict[str, dict] = {}
-    started = time.perf_counter()
 
     def attempt(name: str, fn, *fargs) -> None:
         try:
@@ -677,29 +667,18 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_rillet:
         attempt("rillet", bench_rillet, args)
 
-    vllm_python = args.vllm_python or (DEFAULT_VLLM_PYTHON if DEFAULT_VLLM_PYTHON.exists() else None)
-    if args.skip_vllm:
-        notes.append("vLLM: skipped (--skip-vllm)")
-    elif vllm_python is None:
-        notes.append(f"vLLM: skipped: no {DEFAULT_VLLM_PYTHON} and no --vllm-python "
-                     "(see benchmarks/README.md, 'bench_peers.py', for the separate venv)")
-    elif not python_has(vllm_python, "vllm"):
-        notes.append(f"vLLM: skipped: {vllm_python} cannot import vllm")
-    else:
+    vllm_python = peer_python("vLLM", args.vllm_python, DEFAULT_VLLM_PYTHON, "vllm", args.skip_vllm, notes,
+                              "see benchmarks/README.md, 'bench_peers.py', for the separate venv")
+    if vllm_python is not None:
         vllm_model = args.vllm_model or model_dir
         for cores in vllm_cores:
             attempt(vllm_name(cores), bench_vllm, args, vllm_python, cores, vllm_model, vllm_dtype, peers_isa)
 
-    llamacpp_python = args.llamacpp_python or (DEFAULT_LLAMACPP_PYTHON if DEFAULT_LLAMACPP_PYTHON.exists() else None)
+    llamacpp_python = peer_python("llama.cpp", args.llamacpp_python, DEFAULT_LLAMACPP_PYTHON, "llama_cpp",
+                                  args.skip_llamacpp, notes,
+                                  "a venv with llama-cpp-python[server]; see benchmarks/README.md")
     llamacpp_build: dict = {}
-    if args.skip_llamacpp:
-        notes.append("llama.cpp: skipped (--skip-llamacpp)")
-    elif llamacpp_python is None:
-        notes.append(f"llama.cpp: skipped: no {DEFAULT_LLAMACPP_PYTHON} and no --llamacpp-python (a venv with "
-                     "llama-cpp-python[server]; see benchmarks/README.md)")
-    elif not python_has(llamacpp_python, "llama_cpp"):
-        notes.append(f"llama.cpp: skipped: {llamacpp_python} cannot import llama_cpp")
-    else:
+    if llamacpp_python is not None:
         llamacpp_build = llamacpp_build_info(llamacpp_python)
         if mismatch := llamacpp_build_mismatch(llamacpp_build, run_isa):
             warnings.append(mismatch)
@@ -730,7 +709,6 @@ def main(argv: list[str] | None = None) -> int:
                        "optionally the seed server; forced-length greedy requests through rillet.bench.loadgen, "
                        "warm-up on prompts that are never measured.",
         "header": header,
-        "machine": info,
         "settings": {"concurrency": args.concurrency, "max_tokens": args.max_tokens, "rounds": args.rounds,
                      "min_requests": args.min_requests, "rillet_dtype": args.dtype, "vllm_dtype": vllm_dtype,
                      "rillet_isa": run_isa, "rillet_isa_forced": args.rillet_isa, "rillet_isa_env": isa_env(args.rillet_isa),
@@ -745,11 +723,8 @@ def main(argv: list[str] | None = None) -> int:
         "comparisons": comp,
         "results": results,
         "notes": notes,
-        "wall_s": round(time.perf_counter() - started, 1),
     }
-    payload["warnings"] = warnings
-    payload["machine"]["load_average_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
-    write_json(out, payload)
+    run.finish(payload, out)
 
     print(f"\nbench_peers: {info['cpu_model']} ({info['cpu_cores']} cores), rillet --dtype {args.dtype}, "
           f"vLLM --dtype {vllm_dtype}, levels {','.join(map(str, args.concurrency))}, {args.max_tokens} forced "
@@ -781,8 +756,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, s in samples.items():
             print(f"- {name}: {s.get('text', s.get('error'))!r}")
     print(f"\nJSON: {out}")
-    for w in warnings:
-        print(f"\nwarning: {w}", file=sys.stderr)
+    run.print_warnings()
     failed = sum(r["failed"] for v in measured.values() for r in v["levels"].values())
     broken = [k for k, v in results.items() if "error" in v]
     if failed or broken:

@@ -6,18 +6,17 @@ answer (decoded, so its blocks are not shared) and the new question are computed
 flat. Both runs use the same engine settings, greedy, in one process, one after the other, and
 the script checks that they give the same answers (`answers_equal` in the JSON).
 
-    .venv/bin/python benchmarks/bench_prefix_cache.py [--turns 10] [--answer-tokens 48]
+    .venv/bin/python -m benchmarks.bench_prefix_cache [--turns 10] [--answer-tokens 48]
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.common import machine_info, write_json  # noqa: E402
+from rillet.bench.machine import machine_info
+from rillet.bench.report import write_json
 
 RESULTS = Path(__file__).parent / "results"
 SYSTEM = ("You are a patient tutor. You explain things step by step, with short examples, and you "
@@ -84,7 +83,7 @@ def main() -> None:
     for a, b in zip(result["without_cache"], result["with_cache"]):
         print(f"| {a['turn']} | {a['prompt_tokens']} | {a['ttft_ms']:.0f} | {b['ttft_ms']:.0f} | {b['cached_tokens']} |")
     print(f"answers equal with and without the cache: {sum(result['answers_equal'])} of {args.turns} turns")
-    write_json(args.out, result)
+    write_json(result, args.out)
 
 
 if __name__ == "__main__":

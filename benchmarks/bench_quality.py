@@ -8,8 +8,8 @@ quantized at load, and the GGUF file's own blocks — on the default model:
 - greedy agreement with float32: for each prompt, how many of the first --max-tokens greedy
   tokens equal float32's before the first difference, and the share of prompts equal in full.
 
-    .venv/bin/python benchmarks/bench_quality.py
-    RILLET_CPU_ISA=avx2 .venv/bin/python benchmarks/bench_quality.py   # another kernel variant
+    .venv/bin/python -m benchmarks.bench_quality
+    RILLET_CPU_ISA=avx2 .venv/bin/python -m benchmarks.bench_quality   # another kernel variant
 
 Writes benchmarks/results/bench_quality[.<isa>].json and prints a Markdown table.
 """
@@ -17,14 +17,15 @@ Writes benchmarks/results/bench_quality[.<isa>].json and prints a Markdown table
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from rillet import LLM, SamplingParams
 from rillet.bench.quality import FORMATS, greedy_agreement, perplexity
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.common import RESULTS_DIR, log, machine_info, markdown_table, write_json  # noqa: E402
+from rillet.bench.machine import machine_info
+from rillet.bench.report import log, markdown_table, write_json
+
+from benchmarks import RESULTS_DIR
 
 TEXT = Path(__file__).resolve().parent.parent / "tests" / "data" / "quality_text.txt"
 PROMPTS = (
@@ -85,9 +86,9 @@ def main() -> None:
     print(table)
     info = machine_info()
     isa = next((r["backend"]["cpu_isa"] for r in results.values() if "backend" in r), "none")
-    write_json(RESULTS_DIR / f"bench_quality.{isa}.json",
-               {"machine": info, "window": args.window, "max_tokens": args.max_tokens, "prompts": len(PROMPTS),
-                "text": str(TEXT.name), "results": results, "markdown": table})
+    write_json({"machine": info, "window": args.window, "max_tokens": args.max_tokens, "prompts": len(PROMPTS),
+                "text": str(TEXT.name), "results": results, "markdown": table},
+               RESULTS_DIR / f"bench_quality.{isa}.json")
 
 
 if __name__ == "__main__":

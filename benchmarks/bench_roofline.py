@@ -5,21 +5,20 @@ sequence, the K/V of its whole context. At batch sizes where compute is cheap, t
 no faster than  bytes_read / memory_bandwidth.  This script measures the bandwidth (a large
 tensor reduction, all threads), counts the bytes, times real engine steps, and prints the ratio.
 
-    .venv/bin/python benchmarks/bench_roofline.py [--batches 1,16,32] [--context 256]
+    .venv/bin/python -m benchmarks.bench_roofline [--batches 1,16,32] [--context 256]
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.common import machine_info, write_json  # noqa: E402
+from rillet.bench.machine import machine_info
+from rillet.bench.report import write_json
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -106,7 +105,7 @@ def main() -> None:
     for r in rows:
         print(f"| {r['batch']} | {r['weights_mb'] + r['kv_mb']:.0f} | {r['floor_ms']:.1f} | {r['measured_ms']:.1f} "
               f"| {r['measured_over_floor']:.2f}x | {r['tokens_per_s']:.0f} |")
-    write_json(args.out, result)
+    write_json(result, args.out)
 
 
 if __name__ == "__main__":

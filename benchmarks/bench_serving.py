@@ -1,7 +1,7 @@
 """Serving benchmark: streaming chat over HTTP, rillet against the seed article's server.
 
 One after another (never two at once), each measured with the same load generator
-(`rillet.bench.loadgen.run_level`, or the local loop in benchmarks/common.py):
+(`rillet.bench.loadgen.run_level`):
 
 1. ``rillet serve``            started here as a subprocess on a free loopback port;
 2. rillet's in-process engine  (``rillet.AsyncEngine``, no HTTP), same concurrency and work,
@@ -20,9 +20,9 @@ with its own "[C.i]" tag; --repeat-prompts: verbatim). Metrics: output tokens/s,
 Bars (issue 3): rillet >= 15x seed output tokens/s at 16 streams; rillet TTFT p50 <= 1/4 of
 the seed's; HTTP overhead (1 - rillet HTTP tok/s / in-process tok/s) <= 10%.
 
-    python benchmarks/bench_serving.py             # full size
-    python benchmarks/bench_serving.py --quick     # smoke: 4 streams x 16 tokens
-    python benchmarks/bench_serving.py --rillet-isa avx2   # AVX2 stand-in (torch held to AVX2 too)
+    python -m benchmarks.bench_serving             # full size
+    python -m benchmarks.bench_serving --quick     # smoke: 4 streams x 16 tokens
+    python -m benchmarks.bench_serving --rillet-isa avx2   # AVX2 stand-in (torch held to AVX2 too)
 
 Writes benchmarks/results/bench_serving.json (bench_serving.quick.json with --quick) and prints
 a text table and a Markdown table for the README. Server logs go to benchmarks/results/logs/.
@@ -32,37 +32,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import sys
-import time
 from pathlib import Path
+from typing import Callable
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # repo root: `benchmarks` importable
+from rillet.bench.inprocess import run_engine_level, start_engine
+from rillet.bench.loadgen import run_level
+from rillet.bench.machine import BenchRun, add_isa_argument, apply_isa
+from rillet.bench.report import fmt, fmt_ratio, log, markdown_table, ratio, text_table
+from rillet.bench.servers import free_port, server_process
+from rillet.bench.workload import PROMPTS, WARMUP_PROMPTS, add_prompt_argument, measured_prompts
 
-from benchmarks.common import (  # noqa: E402
-    busy_machine_warning,
-    PROMPTS,
-    RESULTS_DIR,
-    WARMUP_PROMPTS,
-    add_isa_argument,
-    add_prompt_argument,
-    apply_isa,
-    fmt,
-    fmt_ratio,
-    free_port,
-    header_line,
-    log,
-    machine_info,
-    markdown_table,
-    measured_prompts,
-    ratio,
-    run_http_level,
-    server_process,
-    text_table,
-    write_json,
-)
-
-SEED_SERVER = Path(__file__).resolve().parent / "baselines" / "seed_server.py"
+from benchmarks import REPO_ROOT, RESULTS_DIR
+from benchmarks.baselines.seed_server import seed_server_command
 BAR_THROUGHPUT = 15.0  # rillet / seed output tokens/s
 BAR_TTFT = 4.0  # seed TTFT p50 / rillet TTFT p50
 BAR_HTTP_OVERHEAD = 0.10  # 1 - HTTP tok/s / in-process tok/s
@@ -75,61 +57,50 @@ def max_num_seqs(args: argparse.Namespace) -> int:
 
 def run_http(args: argparse.Namespace, url: str, label: str) -> dict:
     log(f"{label}: warm-up")
-    asyncio.run(run_http_level(url, model=None, concurrency=2, num_requests=2, max_tokens=min(8, args.max_tokens),
-                               api=args.api, prompts=WARMUP_PROMPTS, loadgen=args.loadgen))
+    asyncio.run(run_level(url, model=None, concurrency=2, num_requests=2, max_tokens=min(8, args.max_tokens),
+                          api=args.api, prompts=list(WARMUP_PROMPTS), temperature=0.0))
     log(f"{label}: {args.concurrency} streams, {args.num_requests} requests x {args.max_tokens} tokens ({args.api})")
-    result = asyncio.run(run_http_level(url, model=None, concurrency=args.concurrency, num_requests=args.num_requests,
-                                        max_tokens=args.max_tokens, api=args.api, ignore_eos=True,
-                                        prompts=measured_prompts(args.num_requests, args.concurrency,
-                                                                 distinct=not args.repeat_prompts),
-                                        loadgen=args.loadgen))
+    result = asyncio.run(run_level(url, model=None, concurrency=args.concurrency, num_requests=args.num_requests,
+                                   max_tokens=args.max_tokens, api=args.api, ignore_eos=True, temperature=0.0,
+                                   prompts=measured_prompts(args.num_requests, args.concurrency,
+                                                            distinct=not args.repeat_prompts)))
     log(f"{label}: {fmt(result['output_token_throughput'])} tok/s, TTFT p50 {fmt(result['ttft_ms']['p50'], 0)} ms, "
         f"failed {result['failed']}")
     return result
 
 
-def bench_rillet_http(args: argparse.Namespace) -> dict:
+def bench_http(args: argparse.Namespace, label: str, log_name: str, command: Callable[[int], list[str]]) -> dict:
+    """Start the server `command(port)` on a free port, measure it over HTTP, stop it."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "rillet.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
-           "--dtype", args.dtype, "--max-num-seqs", str(max_num_seqs(args)), *args.rillet_arg]
-    if args.model:
-        cmd += ["--model", args.model]
-    log(f"rillet serve: starting on port {port}")
-    with server_process(cmd, url, log_path=args.log_dir / "rillet_serve.log", timeout_s=args.start_timeout):
-        result = run_http(args, url, "rillet serve")
-    result["system"] = "rillet serve"
+    cmd = command(port)
+    log(f"{label}: starting on port {port}")
+    with server_process(cmd, url, log_path=args.log_dir / log_name, timeout_s=args.start_timeout, cwd=REPO_ROOT):
+        result = run_http(args, url, label)
+    result["system"] = label
     result["command"] = " ".join(cmd[1:])
     return result
+
+
+def bench_rillet_http(args: argparse.Namespace) -> dict:
+    return bench_http(args, "rillet serve", "rillet_serve.log", lambda port: [
+        sys.executable, "-m", "rillet.cli", "serve", "--host", "127.0.0.1", "--port", str(port), "--dtype", args.dtype,
+        "--max-num-seqs", str(max_num_seqs(args)), *args.rillet_arg, *(["--model", args.model] if args.model else [])])
 
 
 def bench_seed_http(args: argparse.Namespace) -> dict:
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    # --streamer-timeout 0: no queue timeout, so a long wait under load is measured, not failed.
-    cmd = [sys.executable, str(SEED_SERVER), "--host", "127.0.0.1", "--port", str(port), "--dtype", args.dtype,
-           "--streamer-timeout", "0"]
-    if args.model:
-        cmd += ["--model", args.model]
-    log(f"seed server: starting on port {port}")
-    with server_process(cmd, url, log_path=args.log_dir / "seed_server.log", timeout_s=args.start_timeout):
-        result = run_http(args, url, "seed server")
-    result["system"] = "seed server"
-    result["command"] = " ".join(cmd[1:])
-    return result
+    return bench_http(args, "seed server", "seed_server.log", lambda port: seed_server_command(port, args.dtype, args.model))
 
 
 def bench_rillet_inprocess(args: argparse.Namespace) -> dict:
-    from benchmarks.bench_engine import run_rillet_level, start_rillet_engine
-
     async def go() -> dict:
         log(f"rillet in-process: starting AsyncEngine ({args.dtype})")
-        engine = await start_rillet_engine(args.model, args.dtype, max_num_seqs(args))
+        engine = await start_engine(args.model, args.dtype, max_num_seqs(args))
         try:
-            await run_rillet_level(engine, concurrency=2, num_requests=2, max_tokens=min(8, args.max_tokens),
+            await run_engine_level(engine, concurrency=2, num_requests=2, max_tokens=min(8, args.max_tokens),
                                    prompts=WARMUP_PROMPTS, tag="warmup")
             log(f"rillet in-process: {args.concurrency} streams, {args.num_requests} requests x {args.max_tokens} tokens")
-            return await run_rillet_level(engine, concurrency=args.concurrency, num_requests=args.num_requests,
+            return await run_engine_level(engine, concurrency=args.concurrency, num_requests=args.num_requests,
                                           max_tokens=args.max_tokens,
                                           prompts=measured_prompts(args.num_requests, args.concurrency,
                                                                    distinct=not args.repeat_prompts))
@@ -175,11 +146,11 @@ def render(results: dict[str, dict]) -> tuple[str, str]:
                "TPOT p99 ms", "chunks/req", "failed"]
     rows = []
     for name, r in results.items():
-        chunks = r.get("mean_chunks_per_request")  # only the local load loop reports it
+        chunks = r.get("mean_chunks_per_request")
         rows.append([name, fmt(r["output_token_throughput"]), fmt(r["ttft_ms"]["p50"], 0), fmt(r["ttft_ms"]["p99"], 0),
                      fmt(r["itl_ms"]["p50"], 1), fmt(r["itl_ms"]["p99"], 1), fmt(r["tpot_ms"]["p50"], 1),
                      fmt(r["tpot_ms"]["p99"], 1), fmt(chunks, 1), str(r["failed"])])
-    return text_table(headers, rows), markdown_table(headers, rows)
+    return text_table(headers, rows, first_left=True), markdown_table(headers, rows)
 
 
 def render_comparisons(c: dict) -> str:
@@ -210,8 +181,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tokens", type=int, default=None, help="forced output tokens per request (default 128)")
     parser.add_argument("--api", default="openai", choices=("openai", "ollama"),
                         help="openai: /v1/chat/completions SSE; ollama: /api/chat NDJSON")
-    parser.add_argument("--loadgen", default="auto", choices=("auto", "rillet", "local"),
-                        help="auto: rillet.bench.loadgen when importable, else benchmarks/common.py's loop")
     parser.add_argument("--skip-seed", action="store_true")
     parser.add_argument("--skip-rillet", action="store_true", help="skip rillet serve")
     parser.add_argument("--skip-inprocess", action="store_true", help="skip rillet's in-process engine")
@@ -234,14 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     args.log_dir.mkdir(parents=True, exist_ok=True)
     out = args.out or RESULTS_DIR / ("bench_serving.quick.json" if args.quick else "bench_serving.json")
 
-    info = machine_info(args.dtype, args.rillet_isa)
-    if err := info["rillet_cpu_isa"].get("error"):
-        parser.error(f"--rillet-isa {args.rillet_isa}: {err}")
-    header = header_line(info)
-    warning = busy_machine_warning(info)
-    if warning:
-        log(f"warning: {warning}")
-    started = time.perf_counter()
+    run = BenchRun.begin(parser, args.dtype, args.rillet_isa)
+    info, header = run.info, run.header
     results: dict[str, dict] = {}
     if not args.skip_rillet:
         results["rillet serve"] = bench_rillet_http(args)
@@ -256,22 +219,18 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "bench_serving",
         "description": "Streaming chat over loopback HTTP: rillet serve vs the seed article's FastAPI server, "
                        "plus rillet's in-process engine for the HTTP overhead; forced-length requests.",
-        "machine": info,
         "settings": {"concurrency": args.concurrency, "num_requests": args.num_requests,
                      "max_tokens": args.max_tokens, "api": args.api, "ignore_eos": True, "temperature": 0.0,
                      "dtype": args.dtype, "model": args.model or "default (SmolLM2-135M-Instruct)",
-                     "loadgen": args.loadgen, "quick": args.quick, "prompts": list(PROMPTS),
+                     "loadgen": "rillet.bench.loadgen", "quick": args.quick, "prompts": list(PROMPTS),
                      "distinct_prompts": not args.repeat_prompts,
                      "warmup_prompts": list(WARMUP_PROMPTS), "min_requests": args.min_requests,
                      "rillet_isa": args.rillet_isa, "isa_env": isa_env},
         "header": header,
         "comparisons": comp,
         "results": results,
-        "wall_s": round(time.perf_counter() - started, 1),
     }
-    payload["warnings"] = [warning] if warning else []
-    payload["machine"]["load_average_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
-    write_json(out, payload)
+    run.finish(payload, out)
 
     print(f"\nbench_serving: {info['cpu_model']} ({info['cpu_cores']} cores), torch {info['torch']}, {args.dtype}, "
           f"{args.concurrency} streams, {args.num_requests} requests x {args.max_tokens} forced tokens, {args.api} API\n")
@@ -285,8 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(render_comparisons(comp))
     print(f"\nJSON: {out}")
-    if warning:
-        print(f"\nwarning: {warning}", file=sys.stderr)
+    run.print_warnings()
     failed = sum(r["failed"] for r in results.values())
     if failed:
         print(f"warning: {failed} request(s) failed; see the JSON and {args.log_dir}", file=sys.stderr)

@@ -4,7 +4,7 @@ rillet.AsyncEngine (engine core in its own process, as `rillet serve` runs it).
 Closed loop of 16 clients. Eight "measured" clients each run --requests free chat requests of
 exactly --max-tokens tokens (ignore_eos, greedy). The other eight keep one request each in
 flight until the measured ones are done, on prompts asking for a JSON example of a schema from
-tests/data/structured_schemas.py:
+rillet.bench.schemas:
 - run B: constrained to that schema (greedy, ending when the grammar completes, --max-tokens
   at most); the length of each is recorded;
 - run A: the same prompts free, each forced (ignore_eos) to the length its run-B twin had.
@@ -18,8 +18,8 @@ ITL p50 of the constrained streams against the free ones in B (bar: at most 1.15
 compile time of each schema (a fresh compiler, so every schema is a miss) and how many
 constrained outputs parse and validate.
 
-    python benchmarks/bench_structured.py            # ~2-4 min on 2 cores
-    python benchmarks/bench_structured.py --quick    # smoke: 1 round, 1 request, 16 tokens
+    python -m benchmarks.bench_structured            # ~2-4 min on 2 cores
+    python -m benchmarks.bench_structured --quick    # smoke: 1 round, 1 request, 16 tokens
 
 Writes benchmarks/results/bench_structured.json (bench_structured.quick.json with --quick).
 """
@@ -29,20 +29,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # repo root: `benchmarks` importable
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # tests/data
+from rillet.bench.inprocess import engine_request, forced_params, start_engine
+from rillet.bench.loadgen import RequestRecord, stats_ms, summarize
+from rillet.bench.machine import BenchRun
+from rillet.bench.report import fmt, fmt_ratio, log, ratio
+from rillet.bench.schemas import SCHEMAS
+from rillet.bench.workload import PROMPTS, WARMUP_PROMPTS, chat_messages
 
-from benchmarks.bench_engine import _rillet_request  # noqa: E402
-from benchmarks.common import (  # noqa: E402
-    PROMPTS, RESULTS_DIR, WARMUP_PROMPTS, Record, busy_machine_warning, chat_messages, fmt, fmt_ratio,
-    header_line, log, machine_info, ratio, stats_ms, summarize, write_json,
-)
-from data.structured_schemas import SCHEMAS  # noqa: E402
+from benchmarks import RESULTS_DIR
 
 STREAMS = 16
 BAR_FREE_LOSS = 0.05  # the free half's tok/s may drop at most 5% when the other half is constrained
@@ -65,39 +63,22 @@ def validates(text: str, schema: dict) -> bool:
         return False
 
 
-async def constrained_request(engine, messages: list[dict], schema: dict, max_tokens: int, request_id: str) -> Record:
+async def constrained_request(engine, messages: list[dict], schema: dict, max_tokens: int,
+                              request_id: str) -> RequestRecord:
     """One greedy request constrained to `schema` (its text is validated after the run, so that
     the checking does not take CPU from the engine while it is measured)."""
     from rillet import SamplingParams
     from rillet.structured import StructuredOutputs
 
-    record = Record()
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, structured=StructuredOutputs.from_schema(schema))
-    start = time.perf_counter()
-    try:
-        async for out in engine.generate(messages, params, request_id=request_id):
-            now = time.perf_counter() - start
-            if out.text:
-                record.ttft = record.ttft if record.ttft is not None else now
-                record.chunk_times.append(now)
-            record.text += out.text
-            record.output_tokens, record.prompt_tokens = out.num_output_tokens, out.num_prompt_tokens
-            if out.finish_reason:
-                record.finish_reason, record.error = out.finish_reason, out.error
-        record.e2e = time.perf_counter() - start
-        record.ok = record.error is None
-    except Exception as exc:  # noqa: BLE001 - a benchmark records, it does not crash
-        record.error, record.e2e = f"{type(exc).__name__}: {exc}", time.perf_counter() - start
-    return record
+    return await engine_request(engine, messages, params, request_id, keep_text=True)
 
 
 async def one_run(engine, run: str, rnd: int, args: argparse.Namespace, lengths: dict[int, list[int]]) -> dict:
     """Run B (the other half constrained; fills `lengths`: output tokens of each other client's
     requests) or A (the other half free, forced to those lengths)."""
-    from rillet import SamplingParams
-
-    measured: list[Record] = []
-    others: list[Record] = []
+    measured: list[RequestRecord] = []
+    others: list[RequestRecord] = []
     schemas: list[dict] = []
     done = asyncio.Event()
 
@@ -105,8 +86,8 @@ async def one_run(engine, run: str, rnd: int, args: argparse.Namespace, lengths:
         for i in range(args.requests):
             prompt = PROMPTS[(j + i) % len(PROMPTS)]
             messages = chat_messages(f"[{run}.{rnd}.{j}.{i}] {prompt}")
-            measured.append(await _rillet_request(engine, SamplingParams, messages, args.max_tokens,
-                                                  f"{run}{rnd}-m{j}-{i}"))
+            measured.append(await engine_request(engine, messages, forced_params(args.max_tokens),
+                                                 f"{run}{rnd}-m{j}-{i}"))
 
     async def other_client(j: int) -> None:
         i = 0
@@ -121,7 +102,7 @@ async def one_run(engine, run: str, rnd: int, args: argparse.Namespace, lengths:
                 lengths.setdefault(j, []).append(max(1, record.output_tokens))
             else:
                 twin = lengths[j][i % len(lengths[j])]  # A may need more requests than B made: cycle
-                others.append(await _rillet_request(engine, SamplingParams, messages, twin, request_id))
+                others.append(await engine_request(engine, messages, forced_params(twin), request_id))
             i += 1
 
     start = time.perf_counter()
@@ -152,15 +133,11 @@ def compile_times(tokenizer) -> dict[str, float]:
 
 
 async def bench(args: argparse.Namespace) -> dict:
-    from rillet import AsyncEngine
-
     log(f"starting AsyncEngine ({args.dtype}, engine process)")
-    engine = AsyncEngine(model=args.model, dtype=args.dtype, max_num_seqs=32, engine_process=True)
-    await engine.start()
+    engine = await start_engine(args.model, args.dtype, 32)
     try:
         log("warm-up: free and constrained requests on other prompts and schemas")
-        from rillet import SamplingParams
-        warm = [_rillet_request(engine, SamplingParams, chat_messages(p), 8, f"warm{i}")
+        warm = [engine_request(engine, chat_messages(p), forced_params(8), f"warm{i}")
                 for i, p in enumerate(WARMUP_PROMPTS)]
         warm += [constrained_request(engine, chat_messages(WARMUP_PROMPTS[i]), schema, 16, f"warm-s{i}")
                  for i, (_, schema) in enumerate(WARMUP_SCHEMAS)]
@@ -224,11 +201,8 @@ def main(argv: list[str] | None = None) -> int:
     args.max_tokens = args.max_tokens or (16 if args.quick else 96)
     out = args.out or RESULTS_DIR / ("bench_structured.quick.json" if args.quick else "bench_structured.json")
 
-    info = machine_info(args.dtype)
-    warning = busy_machine_warning(info)
-    if warning:
-        log(f"warning: {warning}")
-    started = time.perf_counter()
+    bench_run = BenchRun.begin(dtype=args.dtype)
+    info = bench_run.info
     result = asyncio.run(bench(args))
     summary = report(result["runs"])
     for run in result["runs"]:  # the raw gaps are summarized above; keep the JSON small
@@ -236,13 +210,11 @@ def main(argv: list[str] | None = None) -> int:
     compile_ms = [v for k, v in result["compile_ms"].items() if not k.startswith("_")]
     summary["compile_ms_per_schema"] = {"mean": round(sum(compile_ms) / len(compile_ms), 3),
                                         "max": max(compile_ms), "schemas": len(compile_ms)}
-    info["load_average_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
     payload = {
         "benchmark": "bench_structured",
         "description": "16 streams through AsyncEngine: run A all free, run B half constrained to JSON schemas; "
                        "the free half's tok/s and the constrained ITL against the free.",
-        "machine": info,
-        "header": header_line(info),
+        "header": bench_run.header,
         "settings": {"streams": STREAMS, "rounds": args.rounds, "requests_per_measured_client": args.requests,
                      "max_tokens": args.max_tokens, "dtype": args.dtype, "temperature": 0.0,
                      "model": args.model or "default (SmolLM2-135M-Instruct)",
@@ -250,10 +222,8 @@ def main(argv: list[str] | None = None) -> int:
         "summary": summary,
         "compile_ms": result["compile_ms"],
         "runs": result["runs"],
-        "warnings": [warning] if warning else [],
-        "wall_s": round(time.perf_counter() - started, 1),
     }
-    write_json(out, payload)
+    bench_run.finish(payload, out)
 
     print(f"\nbench_structured: {info['cpu_model']} ({info['cpu_cores']} cores), commit {info['git_commit']}, "
           f"{args.dtype}, {STREAMS} streams\n")
@@ -271,8 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"constrained outputs valid: {summary['constrained_valid_json']}/{summary['constrained_requests']} "
           f"(finish reasons {summary['constrained_finish_reasons']})")
     print(f"\nJSON: {out}")
-    if warning:
-        print(f"\nwarning: {warning}", file=sys.stderr)
+    bench_run.print_warnings()
     failed = sum(r["free_half"]["failed"] + r["other_half"]["failed"] for r in result["runs"])
     return 1 if failed else 0
 

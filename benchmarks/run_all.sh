@@ -21,20 +21,20 @@ step() {  # step NAME CMD...: run CMD, its output to the terminal and to logs/NA
     "$@" 2>&1 | tee "$LOGS/$name.log"
 }
 
-step quality $PY benchmarks/bench_quality.py
-step quality_avx2 env RILLET_CPU_ISA=avx2 $PY benchmarks/bench_quality.py
-step engine $PY benchmarks/bench_engine.py --plot
-step serving $PY benchmarks/bench_serving.py
-step prefix_cache $PY benchmarks/bench_prefix_cache.py
-step roofline $PY benchmarks/bench_roofline.py
-step structured $PY benchmarks/bench_structured.py
+step quality $PY -m benchmarks.bench_quality
+step quality_avx2 env RILLET_CPU_ISA=avx2 $PY -m benchmarks.bench_quality
+step engine $PY -m benchmarks.bench_engine --plot
+step serving $PY -m benchmarks.bench_serving
+step prefix_cache $PY -m benchmarks.bench_prefix_cache
+step roofline $PY -m benchmarks.bench_roofline
+step structured $PY -m benchmarks.bench_structured
 
 # `rillet bench` against rillet serve and the seed design's server, then --compare
 port_rillet=18431
 port_seed=18432
 .venv/bin/rillet serve --port $port_rillet --log-level warning >"$LOGS/bench_cli_rillet_server.log" 2>&1 &
 rillet_pid=$!
-$PY benchmarks/baselines/seed_server.py --port $port_seed >"$LOGS/bench_cli_seed_server.log" 2>&1 &
+$PY -m benchmarks.baselines.seed_server --port $port_seed >"$LOGS/bench_cli_seed_server.log" 2>&1 &
 seed_pid=$!
 trap 'kill $rillet_pid $seed_pid 2>/dev/null || true' EXIT
 for port in $port_rillet $port_seed; do
@@ -57,9 +57,9 @@ step bench_cli_compare .venv/bin/rillet bench --compare $RESULTS/rillet_bench_ri
     $RESULTS/rillet_bench_seed.json --plot docs/bench-rillet-vs-seed.png
 
 if [ -z "${SKIP_PEERS:-}" ]; then
-    step peers $PY benchmarks/bench_peers.py --vllm-cores all \
+    step peers $PY -m benchmarks.bench_peers --vllm-cores all \
         --llamacpp-python /opt/llamacpp-native-venv/bin/python --out $RESULTS/bench_peers.json
-    step peers_avx2 $PY benchmarks/bench_peers.py --rillet-isa avx2 --vllm-cores all \
+    step peers_avx2 $PY -m benchmarks.bench_peers --rillet-isa avx2 --vllm-cores all \
         --llamacpp-python /opt/llamacpp-venv/bin/python --out $RESULTS/bench_peers_avx2.json
 fi
 echo "=== done: results in $RESULTS, logs in $LOGS"

@@ -7,10 +7,10 @@ request its own `generate()` call in its own `threading.Thread`; the threads sha
 model and fight over the cores. The only additions are bookkeeping (token counts, times)
 and ending the streamer if `generate` raises, so a failed request cannot hang a benchmark.
 
-    python benchmarks/baselines/seed_engine.py --concurrency 4 --max-tokens 16
+    python -m benchmarks.baselines.seed_engine --concurrency 4 --max-tokens 16
 
 `run_concurrent(engine, concurrency=C, num_requests=N, max_tokens=T)` returns the same
-metric dict as the HTTP benchmarks (see benchmarks/common.py).
+metric dict as the HTTP benchmarks (`rillet.bench.loadgen.summarize`).
 """
 
 from __future__ import annotations
@@ -21,15 +21,32 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from threading import Thread
 from typing import Any, Iterator, Sequence
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent.parent))  # repo root: `benchmarks` importable
-
-from benchmarks.common import Record, load_hf_model, log, prompt_cycle, summarize  # noqa: E402
+from rillet.bench.loadgen import RequestRecord, summarize
+from rillet.bench.report import log
+from rillet.bench.workload import prompt_cycle
 
 DEFAULT_STREAMER_TIMEOUT_S = 60.0  # the article's TextIteratorStreamer(timeout=60.0)
+
+
+def load_hf_model(model: str | None, dtype: str) -> tuple[Any, Any, str]:
+    """(tokenizer, model, served name), loaded the plain transformers way, as the article does, from
+    the weights rillet's resolver gives (the GGUF dequantised once and cached as safetensors)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rillet.models.cpu_isa import has_native_bf16
+    from rillet.models.resolve import resolve_model
+
+    resolved = resolve_model(model)
+    if dtype == "auto":
+        dtype = "bfloat16" if has_native_bf16() else "float32"
+    tokenizer = AutoTokenizer.from_pretrained(resolved.path)
+    hf_model = AutoModelForCausalLM.from_pretrained(resolved.path, dtype=getattr(torch, dtype))
+    hf_model.eval()
+    return tokenizer, hf_model, resolved.name
 
 
 @dataclass
@@ -114,23 +131,19 @@ class SeedEngine:
         return request
 
 
-def consume(engine: SeedEngine, messages: list[dict], max_tokens: int, *, ignore_eos: bool = True) -> Record:
+def consume(engine: SeedEngine, messages: list[dict], max_tokens: int, *, ignore_eos: bool = True,
+            keep_text: bool = False) -> RequestRecord:
     """Send one request and read its streamer to the end, timing every piece."""
-    record = Record()
+    record = RequestRecord(keep_text=keep_text)
     start = time.perf_counter()
-    pieces: list[str] = []
     try:
         request = engine.start(messages, max_tokens, ignore_eos=ignore_eos)
         for piece in request:
-            now = time.perf_counter() - start
-            if piece:
-                if record.ttft is None:
-                    record.ttft = now
-                record.chunk_times.append(now)
-                pieces.append(piece)
+            record.add_text(time.perf_counter() - start, piece)
         request.thread.join()
         record.e2e = time.perf_counter() - start
-        record.text = "".join(pieces)
+        record.num_chunks = len(record.chunk_times)
+        record.tokens_from_usage = request.num_output_tokens is not None
         record.prompt_tokens = request.num_prompt_tokens
         record.output_tokens = request.num_output_tokens or 0
         record.finish_reason = request.finish_reason
@@ -151,7 +164,8 @@ def run_concurrent(engine: SeedEngine, *, concurrency: int, num_requests: int, m
     """
     work = prompt_cycle(num_requests, prompts)
     lock = threading.Lock()
-    records: list[Record] = []
+    records: list[RequestRecord] = []
+    keep = concurrency == 1
 
     def client() -> None:
         while True:
@@ -159,7 +173,7 @@ def run_concurrent(engine: SeedEngine, *, concurrency: int, num_requests: int, m
                 if not work:
                     return
                 messages = work.pop(0)
-            record = consume(engine, messages, max_tokens, ignore_eos=ignore_eos)
+            record = consume(engine, messages, max_tokens, ignore_eos=ignore_eos, keep_text=keep)
             with lock:
                 records.append(record)
 
@@ -171,7 +185,7 @@ def run_concurrent(engine: SeedEngine, *, concurrency: int, num_requests: int, m
         t.join()
     duration = time.perf_counter() - start
     # One client: records are in prompt order, so the texts can be compared with rillet's.
-    result = summarize(records, duration, concurrency=concurrency, max_tokens=max_tokens, keep_texts=concurrency == 1)
+    result = summarize(records, duration, concurrency=concurrency, max_tokens=max_tokens, keep_texts=keep)
     result["system"] = "seed"
     return result
 

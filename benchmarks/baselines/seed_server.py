@@ -18,7 +18,7 @@ streamer releases them. To be driven by the same load generator as rillet it als
 ``max_tokens`` (``options.num_predict``) sets ``max_new_tokens``; ``ignore_eos`` sets
 ``min_new_tokens = max_new_tokens`` so the work per request is forced.
 
-    python benchmarks/baselines/seed_server.py --port 7777 [--dtype bfloat16]
+    python -m benchmarks.baselines.seed_server --port 7777 [--dtype bfloat16]
 """
 
 from __future__ import annotations
@@ -29,44 +29,41 @@ import os
 import sys
 import time
 import uuid
-from pathlib import Path
 from typing import Any, Iterator
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent.parent))  # repo root: `benchmarks` importable
+from fastapi import Body, FastAPI
+from pydantic import BaseModel, ConfigDict
+from starlette.responses import JSONResponse, StreamingResponse
 
-from fastapi import Body, FastAPI  # noqa: E402
-from pydantic import BaseModel, ConfigDict  # noqa: E402
-from starlette.responses import JSONResponse, StreamingResponse  # noqa: E402
-
-from benchmarks.baselines.seed_engine import DEFAULT_STREAMER_TIMEOUT_S, SeedEngine  # noqa: E402
+from benchmarks.baselines.seed_engine import DEFAULT_STREAMER_TIMEOUT_S, SeedEngine
 
 ARTICLE_PROMPT = "写一篇800字的作文"
 ARTICLE_MAX_NEW_TOKENS = 1024
 STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-class ChatCompletionRequest(BaseModel):
+class ChatRequest(BaseModel):
+    """What both chat routes read; other fields are accepted and ignored."""
+
     model_config = ConfigDict(extra="allow")
 
     model: str | None = None
     messages: list[dict]
+    ignore_eos: bool = False
+
+
+class ChatCompletionRequest(ChatRequest):
     stream: bool = False
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
     temperature: float | None = None
     top_p: float | None = None
-    ignore_eos: bool = False
     stream_options: dict | None = None
 
 
-class OllamaChatRequest(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-    model: str | None = None
-    messages: list[dict]
+class OllamaChatRequest(ChatRequest):
     stream: bool = True
     options: dict | None = None
-    ignore_eos: bool = False
 
 
 def create_app(engine: SeedEngine) -> FastAPI:
@@ -177,6 +174,14 @@ def create_app(engine: SeedEngine) -> FastAPI:
         })
 
     return app
+
+
+def seed_server_command(port: int | str, dtype: str, model: str | None = None) -> list[str]:
+    """The command line that runs this server on `port` (from the repository root). Its streamer has
+    no queue timeout (--streamer-timeout 0), so a long wait under load is measured, not failed."""
+    cmd = [sys.executable, "-m", "benchmarks.baselines.seed_server", "--host", "127.0.0.1", "--port", str(port),
+           "--dtype", dtype, "--streamer-timeout", "0"]
+    return cmd + (["--model", model] if model else [])
 
 
 def _now_iso() -> str:

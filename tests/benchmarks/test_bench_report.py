@@ -2,24 +2,15 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
+from rillet.bench.loadgen import RequestRecord as Record
+from rillet.bench.loadgen import summarize
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-from benchmarks import bench_engine, bench_serving  # noqa: E402
-from benchmarks.common import Record, percentile, summarize  # noqa: E402
+from benchmarks import bench_engine, bench_serving  # the repository root is on sys.path (python -m pytest)
 
 
 def _record(ttft: float, gaps: int, tokens: int) -> Record:
     times = [ttft + 0.1 * i for i in range(gaps + 1)]
     return Record(ok=True, ttft=ttft, e2e=times[-1], chunk_times=times, output_tokens=tokens, finish_reason="length")
-
-
-def test_percentile_interpolates():
-    assert percentile([], 50) is None
-    assert percentile([3.0], 99) == 3.0
-    assert percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.5
 
 
 def test_summarize_counts_tokens_and_latencies():

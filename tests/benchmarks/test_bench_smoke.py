@@ -1,4 +1,4 @@
-"""The seed-design baseline server (benchmarks/baselines/seed_server.py) still answers streams.
+"""The seed-design baseline server (benchmarks.baselines.seed_server) still answers streams.
 
 Starts it as a subprocess on a free loopback port and reads its OpenAI SSE, its NDJSON
 /api/chat and the article's own /api route with `requests.post(stream=True).iter_lines()`,
@@ -8,61 +8,30 @@ the article's client loop.
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 
+from rillet.bench.servers import ServerProcess, free_port
+
+from benchmarks.baselines.seed_server import seed_server_command
+
 requests = pytest.importorskip("requests")
 
 REPO = Path(__file__).resolve().parents[2]
-SEED_SERVER = REPO / "benchmarks" / "baselines" / "seed_server.py"
 MAX_TOKENS = 6
 
 pytestmark = pytest.mark.timeout(300)  # the first run converts the GGUF model (~20 s on a quiet machine)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def seed_url(tmp_path_factory):
-    port = _free_port()
+    port = free_port()
     log = tmp_path_factory.mktemp("seed") / "seed_server.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, str(SEED_SERVER), "--host", "127.0.0.1", "--port", str(port),
-                                 "--streamer-timeout", "0"], cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 240
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"seed server exited with {proc.returncode}:\n{log.read_text(errors='replace')[-3000:]}")
-            try:
-                if requests.get(url + "/v1/models", timeout=2).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail("seed server did not start in 240 s")
-            time.sleep(0.3)
-        yield url
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
+    server = ServerProcess(seed_server_command(port, "bfloat16"), f"http://127.0.0.1:{port}", log_path=log,
+                           cwd=REPO, start_timeout_s=240)
+    with server:
+        yield server.url
 
 
 def test_models_lists_one_model(seed_url):

@@ -4,8 +4,8 @@ Nothing is downloaded: Playwright drives /usr/bin/chromium (installed by
 scripts/install-browser.sh), each test gets a fresh user-data-dir, and every
 server is on loopback. Two servers are used:
 
-- `fake_server`: tests/browser/fake_server.py, a small OpenAI-compatible fake
-  that serves the package's static files; for tests whose completion is canned
+- `fake_server`: tests/support/fake_openai.py, the tests' OpenAI-compatible fake
+  (it serves the package's static files too); for tests whose completion is canned
   with `page.route` (Markdown/XSS rendering, 429, mid-stream error, network).
 - `rillet_server`: a real `rillet serve` subprocess (default model,
   `--api-key secret`), started once per session; for growing text, Stop and
@@ -15,18 +15,13 @@ server is on loopback. Two servers are used:
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
-import sys
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import pytest
 from playwright.sync_api import Page, expect, sync_playwright
 
-from . import fake_server as fake_openai_server
+from support import rillet_proc
+from support.fake_openai import FakeServer, FakeState, markdown_answer
 
 REPO = Path(__file__).resolve().parents[2]
 ARTIFACTS = REPO / "test-artifacts"
@@ -41,37 +36,10 @@ CHROMIUM_ARGS = [
     "--disable-sync",
 ]
 API_KEY = "secret"
-SERVER_START_TIMEOUT_S = 180.0
 
 
-@dataclass
-class Server:
-    url: str
-    process: subprocess.Popen | None = None
-    log: Path | None = None
-
-    def metrics(self) -> str:
-        res = httpx.get(self.url + "/metrics", headers={"Authorization": f"Bearer {API_KEY}"}, timeout=10)
-        res.raise_for_status()
-        return res.text
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def poll_until(predicate, timeout_s: float, what: str, interval_s: float = 0.2):
-    """Poll `predicate` until it returns a truthy value or the deadline passes."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
-        time.sleep(interval_s)  # polling interval, not synchronization
+Server = rillet_proc.RilletServer
+poll_until = rillet_proc.poll_until
 
 
 @pytest.fixture(scope="module")  # not session: the sync API keeps an event loop running until it stops,
@@ -109,55 +77,29 @@ def page(context) -> Page:
 
 @pytest.fixture(scope="session")
 def fake_server():
-    server, url = fake_openai_server.start()
-    yield Server(url)
-    server.shutdown()
-    server.server_close()
+    """The fake OpenAI server with the chat page; it answers Markdown, a piece every 20 ms."""
+    fake = FakeServer(FakeState(markdown_answer, token_delay_s=0.02)).start()
+    yield fake
+    fake.stop()
 
 
 @pytest.fixture(scope="session")
 def rillet_server():
+    """A real `rillet serve` (default model, --api-key secret), its log in test-artifacts/."""
     ARTIFACTS.mkdir(exist_ok=True)
-    port = free_port()
-    log_path = ARTIFACTS / "rillet-serve.log"
-    log = open(log_path, "wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "rillet.cli", "serve", "--port", str(port), "--api-key", API_KEY],
-        stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
-    )
-    url = f"http://127.0.0.1:{port}"
-
-    def tail() -> str:
-        return log_path.read_text(errors="replace")[-3000:]
-
-    def ready() -> bool:
-        if proc.poll() is not None:
-            raise AssertionError(f"rillet serve exited with {proc.returncode}:\n{tail()}")
-        try:
-            return httpx.get(url + "/health", timeout=2).status_code == 200
-        except httpx.HTTPError:
-            return False
-
+    server = rillet_proc.RilletServer(api_key=API_KEY, log_path=ARTIFACTS / "rillet-serve.log",
+                                      start_timeout_s=180.0)
     try:
-        poll_until(ready, SERVER_START_TIMEOUT_S, "rillet serve /health")
+        server.wait_ready()
     except AssertionError as exc:
-        proc.kill()
-        proc.wait()
-        log.close()
-        pytest.fail(f"{exc}\n--- server log ---\n{tail()}")
-    yield Server(url, proc, log_path)
-    proc.terminate()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-    log.close()
+        pytest.fail(str(exc))
+    yield server
+    server.stop()
 
 
 # ------------------------------------------------------------------ page helpers
 
-def open_chat(page: Page, server: Server, api_key: str | None = None) -> None:
+def open_chat(page: Page, server, api_key: str | None = None) -> None:
     """Load the chat page; with `api_key`, store it first as the page would."""
     if api_key is not None:
         page.context.add_init_script(

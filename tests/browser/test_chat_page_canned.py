@@ -7,7 +7,7 @@ import json
 
 from playwright.sync_api import Page, Route, expect
 
-from . import fake_server as fake
+from support import fake_openai as fake
 from .conftest import last_answer, open_chat, send, wait_finished
 
 SCRIPT = "<script>window.__pwned=1</script>"
@@ -149,7 +149,7 @@ def test_stream_cut_without_finish_is_an_error(page: Page, fake_server):
 
 
 def test_multi_turn_streaming_and_new_chat(page: Page, fake_server):
-    fake.Handler.requests.clear()
+    fake_server.state.requests.clear()
     open_chat(page, fake_server)
     expect(page.locator("#model")).to_have_value(fake.MODEL_ID)
     expect(page.locator("#api-key-row")).to_be_hidden()  # this server asks for no key
@@ -165,7 +165,7 @@ def test_multi_turn_streaming_and_new_chat(page: Page, fake_server):
     wait_finished(page)
     expect(page.locator("#messages .msg.assistant")).to_have_count(2)
 
-    first, second = (r["body"] for r in fake.Handler.requests[-2:])
+    first, second = fake_server.state.requests[-2:]
     assert first["stream"] is True and first["stream_options"] == {"include_usage": True}
     assert first["model"] == fake.MODEL_ID and first["temperature"] == 0.3 and first["max_tokens"] == 64
     assert [m["role"] for m in second["messages"]] == ["system", "user", "assistant", "user"]
@@ -178,7 +178,7 @@ def test_multi_turn_streaming_and_new_chat(page: Page, fake_server):
     expect(page.locator("#prompt")).to_be_focused()
     send(page, "fresh start")
     wait_finished(page)
-    assert [m["role"] for m in fake.Handler.requests[-1]["body"]["messages"]] == ["system", "user"]
+    assert [m["role"] for m in fake_server.state.requests[-1]["messages"]] == ["system", "user"]
     # Settings survive a reload (localStorage).
     page.reload()
     expect(page.locator("#system-prompt")).to_have_value("Be brief.")

@@ -18,11 +18,9 @@ from pathlib import Path
 
 import pytest
 
+from support import rillet_proc
+
 REPO = Path(__file__).resolve().parents[2]
-
-
-sys.path.insert(0, str(REPO / "tests"))
-from shared_rillet_proc import rillet_proc  # noqa: E402
 
 
 def cli_env() -> dict[str, str]:

@@ -2,19 +2,10 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))  # fake_openai
-sys.path.insert(0, str(HERE.parent))  # shared_rillet_proc
-
-from fake_openai import FakeServer  # noqa: E402
-from shared_rillet_proc import rillet_proc  # noqa: E402
-
-
+from support import rillet_proc
+from support.fake_openai import FakeServer
 
 
 @pytest.fixture(scope="session")
@@ -39,9 +30,7 @@ def _fake_session():
 @pytest.fixture
 def fake(_fake_session):
     """The fake OpenAI/Ollama server, its state reset for each test."""
-    state = _fake_session.state
-    state.fail_next, state.fail_status, state.retry_after, state.stream_error = 0, 429, "0", False
-    state.requests.clear()
+    _fake_session.state.reset()
     return _fake_session
 
 

@@ -11,7 +11,7 @@ import jsonschema
 import ollama
 import openai
 import pytest
-from conftest import rillet_proc
+from support import rillet_proc
 from pydantic import BaseModel, ConfigDict, Field
 
 from data.structured_schemas import SCHEMAS

@@ -30,8 +30,7 @@ from rillet.client import (
 )
 
 __all__ = ["DEFAULT_PROMPTS", "WARMUP_PROMPT", "RequestRecord", "load_prompts", "percentile", "resolve_model",
-           "run_level", "tagged",
-           "summarize"]
+           "run_level", "stats_ms", "summarize", "tagged"]
 
 DEFAULT_PROMPTS: tuple[str, ...] = (
     "Write a short story about a lighthouse keeper who finds a message in a bottle.",
@@ -86,6 +85,25 @@ class RequestRecord:
     fffd: int = 0
     finish_reason: str | None = None
     text_chars: int = 0
+    pieces: list[str] = field(default_factory=list)  # the text, kept only when asked (keep_text)
+    keep_text: bool = False
+
+    def add_text(self, now: float, text: str) -> None:
+        """A piece of text arrived `now` seconds after the start: the first is the TTFT, every
+        non-empty piece is one chunk (one token for rillet; a word or more for the seed design)."""
+        if not text:
+            return
+        if self.ttft is None:
+            self.ttft = now
+        self.chunk_times.append(now)
+        self.fffd += text.count("\ufffd")
+        self.text_chars += len(text)
+        if self.keep_text:
+            self.pieces.append(text)
+
+    @property
+    def text(self) -> str:
+        return "".join(self.pieces)
 
 
 def percentile(values: Sequence[float], q: float) -> float | None:
@@ -156,13 +174,7 @@ async def _one_request(client: AsyncClient, prompt: Prompt, params: dict, api: s
             messages = prompt
         async with client.chat(messages, stream=True, **params) as stream:
             async for delta in stream:
-                now = time.perf_counter() - start
-                if delta.text:
-                    if record.ttft is None:
-                        record.ttft = now
-                    record.chunk_times.append(now)
-                    record.fffd += delta.text.count("\ufffd")
-                    record.text_chars += len(delta.text)
+                record.add_text(time.perf_counter() - start, delta.text)
                 if delta.finish_reason:
                     record.finish_reason = delta.finish_reason
                 if delta.usage is not None:
@@ -182,7 +194,8 @@ async def _one_request(client: AsyncClient, prompt: Prompt, params: dict, api: s
     return record
 
 
-def _stats(values: Sequence[float], scale: float = 1000.0) -> dict[str, float | None]:
+def stats_ms(values: Sequence[float], scale: float = 1000.0) -> dict[str, float | None]:
+    """{"mean", "p50", "p90", "p99", "max"} of latencies in seconds, in milliseconds."""
     def s(v: float | None) -> float | None:
         return None if v is None else round(v * scale, 3)
 
@@ -192,8 +205,9 @@ def _stats(values: Sequence[float], scale: float = 1000.0) -> dict[str, float | 
 
 
 def summarize(records: Sequence[RequestRecord], duration_s: float, *, concurrency: int,
-              max_tokens: int) -> dict:
-    """Aggregate one level. Latency stats are in milliseconds: {"mean", "p50", "p90", "p99", "max"}."""
+              max_tokens: int, keep_texts: bool = False) -> dict:
+    """Aggregate one level. Latency stats are in milliseconds: {"mean", "p50", "p90", "p99", "max"}.
+    `keep_texts`: also each record's text, in order ("texts"; records made with keep_text)."""
     ok = [r for r in records if r.ok]
     errors: dict[str, int] = {}
     for r in records:
@@ -222,14 +236,16 @@ def summarize(records: Sequence[RequestRecord], duration_s: float, *, concurrenc
         "tokens_counted_from": ("usage" if ok and all(r.tokens_from_usage for r in ok)
                                 else "chunks" if ok and not any(r.tokens_from_usage for r in ok)
                                 else "mixed" if ok else None),
-        "ttft_ms": _stats(ttfts),
-        "tpot_ms": _stats(tpots),
-        "itl_ms": _stats(itls),
-        "e2e_ms": _stats(e2es),
+        "ttft_ms": stats_ms(ttfts),
+        "tpot_ms": stats_ms(tpots),
+        "itl_ms": stats_ms(itls),
+        "e2e_ms": stats_ms(e2es),
+        "mean_chunks_per_request": round(sum(len(r.chunk_times) for r in ok) / len(ok), 2) if ok else None,
         "errors": errors,
         "sample_error": sample_error,
         "replacement_chars": sum(r.fffd for r in records),
         "finish_reasons": _count(r.finish_reason or "none" for r in ok),
+        **({"texts": [r.text for r in records]} if keep_texts else {}),
     }
 
 

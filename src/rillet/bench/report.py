@@ -1,14 +1,17 @@
-"""Reports for `rillet bench`: a text table, a JSON file, a PNG plot and a side-by-side comparison."""
+"""Reports for `rillet bench` and the benchmark scripts: text and Markdown tables, a JSON file,
+a PNG plot and a side-by-side comparison."""
 
 from __future__ import annotations
 
 import json
 import platform
+import sys
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
-__all__ = ["compare_table", "load_result", "make_result", "plot", "table", "write_json"]
+__all__ = ["compare_table", "fmt", "fmt_ratio", "load_result", "log", "make_result", "markdown_table", "plot", "ratio",
+           "table", "text_table", "write_json"]
 
 SCHEMA = "rillet-bench/1"
 
@@ -20,7 +23,46 @@ def make_result(levels: Sequence[dict], **meta: Any) -> dict:
 
 
 def write_json(result: dict, path: str | Path) -> None:
-    Path(path).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def log(message: str) -> None:
+    """A progress line on stderr, with the time."""
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None or b == 0:
+        return None
+    return round(a / b, 2)
+
+
+def fmt(value: float | None, digits: int = 1) -> str:
+    """A number for a table: thousands separated, "-" for none."""
+    return "-" if value is None else f"{value:,.{digits}f}"
+
+
+def fmt_ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---:" if i else "---" for i in range(len(headers))) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def text_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], *, first_left: bool = False) -> str:
+    """Columns padded to their widest cell, right-aligned (the first left-aligned with `first_left`)."""
+    widths = [max(len(str(h)), *(len(str(row[i])) for row in rows)) if rows else len(str(h))
+              for i, h in enumerate(headers)]
+
+    def line(cells: Sequence[Any]) -> str:
+        return "  ".join(str(c).ljust(w) if first_left and not i else str(c).rjust(w)
+                         for i, (c, w) in enumerate(zip(cells, widths)))
+
+    return "\n".join([line(headers), "  ".join("-" * w for w in widths), *(line(row) for row in rows)])
 
 
 def load_result(path: str | Path) -> dict:
@@ -45,41 +87,25 @@ def _errors(level: dict) -> str:
     return ",".join(f"{k}:{v}" for k, v in sorted(errors.items())) or "0"
 
 
+def _latency(key: str, q: str) -> Any:
+    return lambda r: _fmt(r[f"{key}_ms"].get(q))
+
+
 COLUMNS: list[tuple[str, Any]] = [
     ("conc", lambda r: r.get("concurrency")),
     ("reqs", lambda r: f"{r.get('completed')}/{r.get('num_requests')}"),
     ("req/s", lambda r: _fmt(r.get("request_throughput"), 2)),
     ("tok/s", lambda r: _fmt(r.get("output_token_throughput"), 1)),
-    ("ttft p50", lambda r: _fmt(r["ttft_ms"].get("p50"))),
-    ("ttft p90", lambda r: _fmt(r["ttft_ms"].get("p90"))),
-    ("ttft p99", lambda r: _fmt(r["ttft_ms"].get("p99"))),
-    ("tpot p50", lambda r: _fmt(r["tpot_ms"].get("p50"))),
-    ("tpot p90", lambda r: _fmt(r["tpot_ms"].get("p90"))),
-    ("tpot p99", lambda r: _fmt(r["tpot_ms"].get("p99"))),
-    ("itl p50", lambda r: _fmt(r["itl_ms"].get("p50"))),
-    ("itl p90", lambda r: _fmt(r["itl_ms"].get("p90"))),
-    ("itl p99", lambda r: _fmt(r["itl_ms"].get("p99"))),
-    ("e2e p50", lambda r: _fmt(r["e2e_ms"].get("p50"))),
-    ("e2e p90", lambda r: _fmt(r["e2e_ms"].get("p90"))),
-    ("e2e p99", lambda r: _fmt(r["e2e_ms"].get("p99"))),
+    *((f"{key} {q}", _latency(key, q)) for key in ("ttft", "tpot", "itl", "e2e") for q in ("p50", "p90", "p99")),
     ("errors", _errors),
     ("U+FFFD", lambda r: r.get("replacement_chars", 0)),
 ]
 
 
-def _render(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    widths = [max(len(str(h)), *(len(str(row[i])) for row in rows)) if rows else len(str(h))
-              for i, h in enumerate(header)]
-    lines = ["  ".join(str(h).rjust(w) for h, w in zip(header, widths)),
-             "  ".join("-" * w for w in widths)]
-    lines += ["  ".join(str(c).rjust(w) for c, w in zip(row, widths)) for row in rows]
-    return "\n".join(lines)
-
-
 def table(levels: Sequence[dict]) -> str:
     """One row per concurrency level; latencies in milliseconds."""
     rows = [[str(get(level)) for _, get in COLUMNS] for level in levels]
-    return _render([name for name, _ in COLUMNS], rows) + "\n(latencies in ms; tok/s = output tokens per second)"
+    return text_table([name for name, _ in COLUMNS], rows) + "\n(latencies in ms; tok/s = output tokens per second)"
 
 
 def _label(result: dict, path: str) -> str:
@@ -110,7 +136,7 @@ def compare_table(results: Sequence[tuple[str, dict]]) -> str:
             if c in levels:
                 rows.append([str(c), label] + [_fmt(get(levels[c]), 1) for _, get in COMPARE_METRICS])
     legend = "\n".join(f"  {label}: {path}" for label, (path, _) in zip(labels, results))
-    return _render(header, rows) + "\n(latencies in ms)\n" + legend
+    return text_table(header, rows) + "\n(latencies in ms)\n" + legend
 
 
 def _labels(results: Sequence[tuple[str, dict]]) -> list[str]:
