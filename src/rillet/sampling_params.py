@@ -11,6 +11,9 @@ MAX_LOGPROBS = 20
 MAX_N = 16
 MAX_STOP_STRINGS = 64
 MAX_STOP_LENGTH = 1024
+# A seed is a signed 64-bit integer, as OpenAI's and vLLM's APIs take it (torch.long); the
+# sampler seeds choice i with seed + i, which torch generators accept (they take 64 bits unsigned).
+SEED_MIN, SEED_MAX = -(1 << 63), (1 << 63) - 1
 
 
 @dataclass
@@ -80,8 +83,8 @@ class SamplingParams:
         if not 0.0 <= finite("min_p") <= 1.0:
             raise bad("min_p", "must be in [0, 1]")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
-                                      or not -(1 << 63) <= self.seed < (1 << 64) - MAX_N):
-            raise bad("seed", "must be an integer in [-2**63, 2**64 - 16)")  # torch generators take 64 bits
+                                      or not SEED_MIN <= self.seed <= SEED_MAX):
+            raise bad("seed", f"must be a 64-bit integer (from {SEED_MIN} to {SEED_MAX})")
         if not 0.0 < finite("repetition_penalty") <= 10.0:
             raise bad("repetition_penalty", "must be in (0, 10]")
         if not -2.0 <= finite("frequency_penalty") <= 2.0:

@@ -1,14 +1,17 @@
-"""A fake AsyncEngine with the real one's interface: deterministic text, configurable delays and
-failures, no model. For fast server tests (the real engine is tested against a real process too)."""
+"""A fake engine with the real one's interface (`EngineClient`, checked by mypy below):
+deterministic text, configurable delays and failures, no model. For fast server tests (the real
+engine is tested against a real process too)."""
 
 from __future__ import annotations
 
 import asyncio
 import re
 import uuid
-from dataclasses import dataclass
-from typing import Any, AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, cast
 
+from rillet.config import EngineConfig
+from rillet.engine.engine_client import EngineClient
 from rillet.engine.errors import EngineDeadError, EngineNotReadyError, QueueFullError
 from rillet.engine.outputs import RequestOutput, TokenLogprob
 from rillet.engine.prompts import PromptEncoder
@@ -26,7 +29,7 @@ class FakeStats:
     num_aborted_total: int = 0
     prefix_cache_queries_total: int = 0
     prefix_cache_hits_total: int = 0
-    backend: dict | None = None  # the real EngineStats' description of how the model runs (metrics skip None)
+    backend: dict[str, str] = field(default_factory=dict)  # how the model runs, as EngineStats says (metrics skip {})
 
 
 FAKE_VOCAB_SIZE = 1000  # FakeTokenizer's ids are hashes mod 1000
@@ -60,7 +63,7 @@ class FakeStream:
         self.queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
         self.unfinished = n
         self.finished_choices: set[int] = set()
-        self.task: asyncio.Task | None = None
+        self.task: asyncio.Task[None] | None = None
 
     @property
     def finished(self) -> bool:
@@ -115,12 +118,14 @@ class FakeEngine:
         self.streams: dict[str, FakeStream] = {}
         self.params: dict[str, SamplingParams] = {}
         self.prompts: dict[str, Any] = {}
-        self.tools: dict[str, list[dict] | None] = {}  # the tools each request passed to add_request
+        self.tools: dict[str, list[dict[str, Any]] | None] = {}  # the tools each request passed to add_request
         self.running = 0
         self.waiting = 0
         self.aborted_total = 0
         self.tokenizer = FakeTokenizer()
         self.vocab_size = FAKE_VOCAB_SIZE
+        self.dead_reason: str | None = None
+        self.config = EngineConfig(served_model_name=model_name, max_model_len=max_model_len)
 
     # ---- lifecycle
     @property
@@ -160,6 +165,7 @@ class FakeEngine:
     def kill(self, reason: str = "simulated crash") -> None:
         """The engine loop dies: every live stream raises EngineDeadError."""
         self._health = "dead"
+        self.dead_reason = reason
         for stream in list(self.streams.values()):
             if stream.task:
                 stream.task.cancel()
@@ -173,7 +179,7 @@ class FakeEngine:
         return len(split_tokens(prompt_text(prompt))) + (3 * len(prompt) if isinstance(prompt, list) else 0)
 
     async def add_request(self, prompt: Any, params: SamplingParams, request_id: str | None = None,
-                          *, tools: list[dict] | None = None) -> FakeStream:
+                          *, tools: list[dict[str, Any]] | None = None) -> FakeStream:
         if self._health == "dead":
             raise EngineDeadError("the engine has died")
         if self._health != "ready":
@@ -191,7 +197,7 @@ class FakeEngine:
             raise ValueError("tools need a chat (messages) prompt")
         # the real engine's checks (engine/prompts.py): token ids in the vocabulary, prompt + max_tokens
         # within max_model_len
-        checks = PromptEncoder(self.tokenizer, self.vocab_size, self._max_model_len)
+        checks = PromptEncoder(cast(Any, self.tokenizer), self.vocab_size, self._max_model_len)
         checks.check_token_ids(params)
         num_prompt = self.num_tokens(prompt)
         chat = isinstance(prompt, list) and prompt and isinstance(prompt[0], dict)
@@ -208,7 +214,7 @@ class FakeEngine:
         return stream
 
     async def generate(self, prompt: Any, params: SamplingParams, request_id: str | None = None,
-                       *, tools: list[dict] | None = None) -> AsyncIterator[RequestOutput]:
+                       *, tools: list[dict[str, Any]] | None = None) -> AsyncIterator[RequestOutput]:
         stream = await self.add_request(prompt, params, request_id, tools=tools)
         try:
             async for out in stream:
@@ -319,3 +325,6 @@ class FakeEngine:
                     stream.finished_choices.add(i)
                 stream.queue.put_nowait(out)
             step += 1
+
+
+_check: type[EngineClient] = FakeEngine  # mypy: the fake keeps the interface the server is typed against

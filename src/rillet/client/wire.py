@@ -8,11 +8,11 @@ from typing import Any, Literal, Mapping, Sequence
 
 from rillet.client.errors import StreamError, stream_error
 from rillet.client.results import Completion, Delta, ToolCall, ToolCallAssembler, Usage
+from rillet.protocol.params import OLLAMA_OPTION_NAMES
 
 Api = Literal["openai", "ollama"]
 Messages = str | Sequence[Mapping[str, Any]]
 
-_OLLAMA_OPTION_NAMES = {"max_tokens": "num_predict", "repetition_penalty": "repeat_penalty"}
 _OLLAMA_BODY_FIELDS = ("format", "keep_alive", "raw", "system", "template", "think", "tools", "images", "suffix")
 
 
@@ -108,7 +108,7 @@ def build_request(api: str, kind: str, payload: Any, model: str, stream: bool,
             if name in params:
                 body[name] = params.pop(name)
         for name, value in params.items():
-            options[_OLLAMA_OPTION_NAMES.get(name, name)] = value
+            options[OLLAMA_OPTION_NAMES.get(name, name)] = value
         if options:
             body["options"] = options
         return ("/api/chat" if kind == "chat" else "/api/generate"), body

@@ -1,6 +1,8 @@
 """Ollama-compatible request and response schemas (/api/chat, /api/generate, /api/tags, ...).
 
-Durations are integers in nanoseconds, as Ollama reports them.
+Durations are integers in nanoseconds, as Ollama reports them. Requests turn their `options`
+into `SamplingParams` (`to_sampling_params`); the server builds its answers from the response
+models here, dumped with `exclude_unset`.
 """
 
 from __future__ import annotations
@@ -8,6 +10,11 @@ from __future__ import annotations
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from rillet.protocol.errors import ParamError
+from rillet.protocol.params import OLLAMA_OPTION_NAMES, sampling_params
+from rillet.sampling_params import SamplingParams
+from rillet.structured.spec import StructuredOutputs
 
 __all__ = [
     "ChatRequest",
@@ -17,6 +24,8 @@ __all__ = [
     "Message",
     "ModelDetails",
     "Options",
+    "PsModel",
+    "PsResponse",
     "ShowRequest",
     "ShowResponse",
     "TagsModel",
@@ -46,6 +55,27 @@ class Options(_Request):
     frequency_penalty: float | None = None
     presence_penalty: float | None = None
 
+    def to_sampling_params(self, structured: StructuredOutputs | None = None) -> SamplingParams:
+        num_predict = self.num_predict
+        if num_predict is not None and num_predict < 0:
+            num_predict = None  # -1 (and -2): up to the context
+        if num_predict == 0:
+            raise ParamError("num_predict must be >= 1 (or -1 for up to the context)", "num_predict")
+        if self.num_ctx is not None and self.num_ctx < 0:
+            # Ollama caps a num_ctx above the model's context to it; rillet serves within max_model_len
+            raise ParamError(f"num_ctx must be >= 0, got {self.num_ctx}", "num_ctx")
+        # Ollama's runtime defaults: temperature 0.8, top_k 40, top_p 0.9; seed -1: a random seed
+        return sampling_params(
+            OLLAMA_OPTION_NAMES,
+            max_tokens=num_predict,
+            temperature=0.8 if self.temperature is None else self.temperature,
+            top_p=0.9 if self.top_p is None else self.top_p,
+            top_k=40 if self.top_k is None else self.top_k,
+            min_p=self.min_p, seed=None if self.seed == -1 else self.seed, stop=self.stop,
+            repetition_penalty=self.repeat_penalty, frequency_penalty=self.frequency_penalty,
+            presence_penalty=self.presence_penalty, structured=structured,
+        )
+
 
 class Message(_Request):
     role: str
@@ -55,23 +85,26 @@ class Message(_Request):
     tool_name: str | None = None  # role "tool": the function whose result this is
 
 
-class ChatRequest(_Request):
+class _GenerateFields(_Request):
     model: str = ""
-    messages: list[Message] | None = None
     stream: bool | None = True  # null: the default (stream)
     options: Options | None = None
+
+    def to_sampling_params(self, structured: StructuredOutputs | None = None) -> SamplingParams:
+        return (self.options or Options()).to_sampling_params(structured)
+
+
+class ChatRequest(_GenerateFields):
+    messages: list[Message] | None = None
     format: Any = None  # "json" or a JSON schema object
     tools: Any = None  # OpenAI-shaped function definitions (checked by the server: 400s naming the fault)
     keep_alive: Any = None
 
 
-class GenerateRequest(_Request):
-    model: str = ""
+class GenerateRequest(_GenerateFields):
     prompt: str | None = ""
     system: str | None = None
     raw: bool | None = False
-    stream: bool | None = True  # null: the default (stream)
-    options: Options | None = None
     format: Any = None
     images: list[Any] | None = None
     keep_alive: Any = None
@@ -97,7 +130,7 @@ class _Final(BaseModel):
 
 class ToolFunction(BaseModel):
     name: str
-    arguments: dict[str, Any]
+    arguments: Any  # an object (a model's call that is not valid JSON is passed on as its text)
 
 
 class ToolCall(BaseModel):
@@ -138,6 +171,21 @@ class TagsModel(BaseModel):
 
 class TagsResponse(BaseModel):
     models: list[TagsModel]
+
+
+class PsModel(BaseModel):
+    name: str
+    model: str
+    size: int = 0
+    digest: str = ""
+    details: ModelDetails = Field(default_factory=ModelDetails)
+    expires_at: str = ""
+    size_vram: int = 0
+    context_length: int | None = None
+
+
+class PsResponse(BaseModel):
+    models: list[PsModel]
 
 
 class VersionResponse(BaseModel):

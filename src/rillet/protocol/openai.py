@@ -1,8 +1,9 @@
 """OpenAI-compatible request and response schemas (chat completions, completions, models).
 
-Requests allow unknown fields (clients send `user`, `metadata`, ...) and ignore them.
-The server builds streaming chunks as plain dicts with exactly these shapes (json.dumps is
-on the per-token hot path); the response models document the shapes and let clients parse them.
+Requests allow unknown fields (clients send `user`, `metadata`, ...) and ignore them, and turn
+themselves into `SamplingParams` (`to_sampling_params`, ParamError for a refused field). The
+server builds every response and chunk from the response models here, dumped with
+`exclude_unset` (a field it sets to null is sent as null, one it does not set is left out).
 """
 
 from __future__ import annotations
@@ -10,6 +11,11 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from rillet.protocol.errors import ParamError
+from rillet.protocol.params import sampling_params
+from rillet.sampling_params import SamplingParams
+from rillet.structured.spec import StructuredOutputs
 
 __all__ = [
     "ChatCompletionChoice",
@@ -79,6 +85,24 @@ class _SamplingFields(_Request):
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool | None = True
 
+    def _sampling_params(self, api_names: dict[str, str], max_tokens: int | None, logprobs: int | None,
+                         structured: StructuredOutputs | None) -> SamplingParams:
+        logit_bias = None
+        if self.logit_bias:
+            try:
+                logit_bias = {int(k): float(v) for k, v in self.logit_bias.items()}
+            except ValueError:
+                raise ParamError("logit_bias keys must be token ids", "logit_bias") from None
+        return sampling_params(
+            api_names,
+            max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
+            min_p=self.min_p, seed=self.seed, repetition_penalty=self.repetition_penalty,
+            frequency_penalty=self.frequency_penalty, presence_penalty=self.presence_penalty,
+            logit_bias=logit_bias, stop=self.stop, stop_token_ids=self.stop_token_ids,
+            ignore_eos=self.ignore_eos or None, n=self.n, logprobs=logprobs,
+            skip_special_tokens=self.skip_special_tokens, structured=structured,
+        )
+
 
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage]
@@ -93,6 +117,17 @@ class ChatCompletionRequest(_SamplingFields):
     # `guided_*` fields are read from the extra fields (rillet.server.structured_request)
     response_format: Any = None
 
+    def to_sampling_params(self, structured: StructuredOutputs | None = None) -> SamplingParams:
+        names = {"logprobs": "top_logprobs"}
+        max_tokens = self.max_tokens
+        if self.max_completion_tokens is not None:
+            max_tokens = self.max_completion_tokens
+            names["max_tokens"] = "max_completion_tokens"
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ParamError("top_logprobs requires logprobs to be true", "top_logprobs")
+        logprobs = (self.top_logprobs or 0) if self.logprobs else None
+        return self._sampling_params(names, max_tokens, logprobs, structured)
+
 
 class CompletionRequest(_SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
@@ -101,6 +136,25 @@ class CompletionRequest(_SamplingFields):
     best_of: int | None = None
     suffix: str | None = None
     response_format: Any = None  # as on chat (vLLM takes it on completions too)
+
+    def to_sampling_params(self, structured: StructuredOutputs | None = None) -> SamplingParams:
+        if self.best_of is not None and self.best_of != (self.n or 1):
+            raise ParamError("best_of is not supported (it must equal n)", "best_of")
+        if self.suffix:
+            raise ParamError("suffix is not supported", "suffix")
+        return self._sampling_params({}, self.max_tokens, self.logprobs, structured)
+
+    def single_prompt(self) -> str | list[int]:
+        """The one prompt (text or token ids); ParamError for several or none."""
+        prompt = self.prompt
+        if isinstance(prompt, list):
+            if len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+                prompt = prompt[0]
+            elif not (prompt and all(isinstance(p, int) for p in prompt)):
+                raise ParamError("only one prompt per request is supported", "prompt")
+        if not prompt:
+            raise ParamError("prompt must not be empty", "prompt")
+        return prompt  # type: ignore[return-value]
 
 
 # ---------------------------------------------------------------- responses
@@ -177,6 +231,7 @@ class ChatCompletionChunkChoice(BaseModel):
     delta: DeltaMessage
     logprobs: dict[str, Any] | None = None
     finish_reason: str | None = None
+    stop_reason: str | int | None = None  # sent on a choice's last chunk only
 
 
 class ChatCompletionChunk(BaseModel):

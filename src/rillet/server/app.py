@@ -1,23 +1,16 @@
-"""The FastAPI application: factory, lifespan, middleware, error handlers, health/metrics/static.
+"""The FastAPI application: factory, lifespan, error handlers, health/metrics/static.
 
-Middleware, outermost first: request context (X-Request-Id, access log, catch-all 500) ->
-CORS -> API-key auth -> request body size limit -> routes. All are plain ASGI, so streams
-pass through untouched.
+The middleware lives in `rillet.server.middleware`, the routes in `openai_routes` and
+`ollama_routes` (one call each into the serving classes of `AppContext`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import hmac
 import logging
 import os
-import re
-import time
-import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,197 +20,27 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.staticfiles import StaticFiles
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from rillet import __version__
 from rillet.config import EngineConfig, ServerConfig
+from rillet.engine.engine_client import EngineClient
 from rillet.engine.errors import EngineDeadError, EngineNotReadyError
+from rillet.protocol.errors import ParamError
 from rillet.server import faults
-from rillet.server.errors import APIError, api_error_response, error_response, is_ollama_path
+from rillet.server.context import AppContext
+from rillet.server.errors import APIError, api_error_response, engine_refusal, error_response, is_ollama_path, \
+    param_error
 from rillet.server.metrics import CONTENT_TYPE_LATEST, Metrics
-from rillet.server.serving import ServerState, Serving, request_id_var
+from rillet.server.middleware import AuthMiddleware, BodyLimitMiddleware, RequestContextMiddleware, request_id_var
+from rillet.server.serving import ServerState
 
-__all__ = ["AppContext", "STATIC_DIR", "create_app", "request_id_var"]
+__all__ = ["AppContext", "BodyLimitMiddleware", "STATIC_DIR", "create_app", "request_id_var"]
 
 logger = logging.getLogger("rillet.server")
 
 STATIC_DIR = Path(__file__).parent / "static"
-_REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
-_QUIET_PATHS = ("/health", "/metrics")
-REFUSED_BODY_DRAIN_BYTES = 64 << 20  # an oversized body is read and dropped up to this much before the 413
-REFUSED_BODY_DRAIN_S = 5.0  # ... or for this long
 ENGINE_WATCH_INTERVAL_S = 0.2  # how often the app checks that the engine loop is alive
 DEAD_ENGINE_GRACE_S = 5.0  # after the engine dies, how long streams may take to send their error event
-
-
-@dataclass
-class AppContext:
-    """What routes need, stored on `app.state.rillet`."""
-
-    server_config: ServerConfig
-    engine: Any
-    serving: Serving
-    metrics: Metrics
-    state: ServerState
-    start_task: asyncio.Task | None = None
-    start_error: BaseException | None = None
-    # Called once when the engine fails to start or dies while serving (the runner exits non-zero).
-    on_engine_failure: Callable[[BaseException], None] | None = None
-    watch_task: asyncio.Task | None = None
-
-
-# ------------------------------------------------------------------ middleware
-
-
-def _header(scope: Scope, name: bytes) -> bytes | None:
-    for key, value in scope.get("headers", ()):
-        if key == name:
-            return value
-    return None
-
-
-class RequestContextMiddleware:
-    """X-Request-Id (accepted or generated, echoed), arrival time, access log, and the catch-all:
-    an exception before the response started becomes a clean JSON 500 (logged with its traceback)."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        arrival = time.perf_counter()
-        raw = _header(scope, b"x-request-id")
-        request_id = raw.decode("latin-1") if raw else ""
-        if not _REQUEST_ID_RE.fullmatch(request_id):
-            request_id = uuid.uuid4().hex
-        scope.setdefault("state", {}).update(request_id=request_id, arrival=arrival)
-        token = request_id_var.set(request_id)
-        status = 0
-        rid_header = (b"x-request-id", request_id.encode("latin-1"))
-
-        async def send_wrapper(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-                message = {**message, "headers": [*message.get("headers", ()), rid_header]}
-            await send(message)
-
-        path = scope.get("path", "")
-        try:
-            await self.app(scope, receive, send_wrapper)
-        except Exception:
-            logger.exception("[%s] unhandled error on %s %s", request_id, scope.get("method"), path)
-            if status == 0:
-                response = error_response(path, 500, f"internal server error (request id {request_id})",
-                                          type="server_error")
-                await response(scope, receive, send_wrapper)
-        finally:
-            level = logging.DEBUG if path in _QUIET_PATHS else logging.INFO
-            if logger.isEnabledFor(level):
-                logger.log(level, '[%s] "%s %s" %d %.1fms', request_id, scope.get("method"), path, status,
-                           (time.perf_counter() - arrival) * 1000)
-            request_id_var.reset(token)
-
-
-class AuthMiddleware:
-    """Bearer API key on /v1 and /api routes (constant-time compare); other paths stay open."""
-
-    def __init__(self, app: ASGIApp, api_key: str) -> None:
-        self.app = app
-        self.key = api_key.encode("utf-8")
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope.get("method") != "OPTIONS":
-            path = scope.get("path", "")
-            if path == "/v1" or path.startswith("/v1/") or is_ollama_path(path):
-                auth = _header(scope, b"authorization") or b""
-                token = auth[7:].strip() if auth[:7].lower() == b"bearer " else b""
-                if not hmac.compare_digest(token, self.key):
-                    response = error_response(path, 401, "invalid or missing API key "
-                                              "(send 'Authorization: Bearer <key>')",
-                                              code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
-                    await response(scope, receive, send)
-                    return
-        await self.app(scope, receive, send)
-
-
-class BodyLimitMiddleware:
-    """Read the whole body before routing and refuse it with 413 beyond `max_bytes`, counting
-    while reading (so chunked uploads are cut off too); then replay it to the app.
-
-    API bodies are JSON whatever their Content-Type says (`curl -d` sends form-urlencoded, and
-    Ollama and OpenAI accept that), so the header is normalised for /v1 and /api routes."""
-
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
-        self.app = app
-        self.max_bytes = max_bytes
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        path = scope.get("path", "")
-        declared = _header(scope, b"content-length")
-        if declared is not None:
-            try:
-                too_big = int(declared) > self.max_bytes
-            except ValueError:
-                too_big = False
-            if too_big:
-                await self._refuse(scope, receive, send, path, discard=True)
-                return
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.max_bytes:
-                await self._refuse(scope, receive, send, path, discard=message.get("more_body", False))
-                return
-            if chunk:
-                chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
-        body = b"".join(chunks)
-        replayed = False
-        if body and (path.startswith("/v1/") or is_ollama_path(path)):
-            content_type = _header(scope, b"content-type") or b""
-            if b"json" not in content_type.lower():
-                headers = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
-                scope = {**scope, "headers": [*headers, (b"content-type", b"application/json")]}
-
-        async def replay() -> Message:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
-
-        await self.app(scope, replay, send)
-
-    async def _refuse(self, scope: Scope, receive: Receive, send: Send, path: str, discard: bool) -> None:
-        if discard:
-            # Read (and drop) the rest of the body first, within bounds: closing a connection with
-            # unread input makes the kernel send a reset, and the client never sees the 413.
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._discard_body(receive), REFUSED_BODY_DRAIN_S)
-        response = error_response(path, 413, f"request body is larger than {self.max_bytes} bytes",
-                                  code="request_too_large", headers={"Connection": "close"})
-        await response(scope, receive, send)
-
-    @staticmethod
-    async def _discard_body(receive: Receive) -> None:
-        discarded = 0
-        while discarded < REFUSED_BODY_DRAIN_BYTES:
-            message = await receive()
-            if message["type"] == "http.disconnect" or not message.get("more_body", False):
-                return
-            discarded += len(message.get("body", b""))
 
 
 # ------------------------------------------------------------------ error handlers
@@ -252,14 +75,14 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def _api_error(request: Request, exc: APIError) -> Response:
         return api_error_response(request.url.path, exc)
 
-    @app.exception_handler(EngineNotReadyError)
-    async def _not_ready(request: Request, exc: EngineNotReadyError) -> Response:
-        return error_response(request.url.path, 503, f"the model is not ready: {exc}", code="not_ready",
-                              headers={"Retry-After": "5"})
+    @app.exception_handler(ParamError)
+    async def _param(request: Request, exc: ParamError) -> Response:
+        return api_error_response(request.url.path, param_error(exc))
 
+    @app.exception_handler(EngineNotReadyError)
     @app.exception_handler(EngineDeadError)
-    async def _dead(request: Request, exc: EngineDeadError) -> Response:
-        return error_response(request.url.path, 503, str(exc) or "the engine has stopped", code="engine_dead")
+    async def _engine_unavailable(request: Request, exc: EngineNotReadyError | EngineDeadError) -> Response:
+        return api_error_response(request.url.path, engine_refusal(exc))
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> Response:
@@ -286,8 +109,9 @@ def _install_error_handlers(app: FastAPI) -> None:
 
 
 def create_app(server_config: ServerConfig | None = None, engine_config: EngineConfig | None = None, *,
-               engine: Any = None) -> FastAPI:
-    """Build the ASGI app over an AsyncEngine (created from `engine_config` unless `engine` is given).
+               engine: EngineClient | None = None) -> FastAPI:
+    """Build the ASGI app over an engine: an AsyncEngine created from `engine_config` unless
+    `engine` (any EngineClient) is given.
 
     The lifespan starts the engine in the background (/health answers 503 "loading" meanwhile)
     and shuts it down at exit. Mount it in your own app or run it with uvicorn.
@@ -296,23 +120,25 @@ def create_app(server_config: ServerConfig | None = None, engine_config: EngineC
     fault_env = os.environ.get(faults.ENV_VAR)
     if fault_env:
         faults.parse_fault_spec(fault_env)  # a typo fails at startup, not silently
-    hook_installed = engine is None and bool(fault_env)
     if engine is None:
         from rillet.engine.async_engine import AsyncEngine
 
+        # the test hook goes in through core_setup, in whichever thread or process runs the core
         engine = AsyncEngine(engine_config or EngineConfig(), core_setup=faults.install_in_core if fault_env else None)
+    elif fault_env:
+        logger.warning("%s=%s ignored: the engine was built by the caller (give it core_setup=%s.install_in_core)",
+                       faults.ENV_VAR, fault_env, faults.__name__)
     state = ServerState()
     metrics = Metrics(engine)
-    ctx = AppContext(server_config=server_config, engine=engine, serving=Serving(engine, metrics, state),
-                     metrics=metrics, state=state)
+    ctx = AppContext(server_config=server_config, engine=engine, metrics=metrics, state=state)
 
     async def watch_engine() -> None:
         """The engine loop can die while serving (e.g. repeated failed forward steps): then every
         stream gets its terminal error event, /health answers 503 "dead", and the server exits
         non-zero (through on_engine_failure) so that a supervisor restarts it."""
-        while getattr(engine, "health", None) != "dead":
+        while engine.health != "dead":
             await asyncio.sleep(ENGINE_WATCH_INTERVAL_S)
-        reason = getattr(engine, "dead_reason", None) or "the engine loop stopped"
+        reason = engine.dead_reason or "the engine loop stopped"
         logger.error("the engine died (%s); ending %d request(s), then exiting so a supervisor can restart "
                      "the server", reason, len(state.active))
         if not await state.wait_idle(DEAD_ENGINE_GRACE_S):
@@ -333,14 +159,12 @@ def create_app(server_config: ServerConfig | None = None, engine_config: EngineC
             if ctx.on_engine_failure is not None:
                 ctx.on_engine_failure(exc)
             return
-        if not hook_installed:
-            faults.install_from_env(engine)
         ctx.watch_task = asyncio.create_task(watch_engine())
         logger.info("model %s ready (max_model_len %s)", engine.model_name, engine.max_model_len)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        if getattr(engine, "health", None) != "ready":
+        if engine.health != "ready":
             ctx.start_task = asyncio.create_task(start_engine())
         else:
             ctx.watch_task = asyncio.create_task(watch_engine())

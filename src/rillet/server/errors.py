@@ -1,4 +1,5 @@
-"""HTTP errors: one exception type, rendered OpenAI-shaped on /v1 and Ollama-shaped on /api."""
+"""HTTP errors: one exception type, rendered OpenAI-shaped on /v1 and Ollama-shaped on /api
+(bodies from `rillet.protocol.errors`); the engine's refusals mapped to statuses, once."""
 
 from __future__ import annotations
 
@@ -7,7 +8,14 @@ from typing import Any
 
 from starlette.responses import JSONResponse
 
-__all__ = ["APIError", "error_body", "error_response", "error_type", "is_ollama_path"]
+from rillet.engine.errors import EngineDeadError, EngineNotReadyError, QueueFullError
+from rillet.protocol.errors import ErrorInfo, ErrorResponse, OllamaErrorResponse, ParamError
+
+__all__ = ["APIError", "ENGINE_UNAVAILABLE_RETRY_AFTER_S", "QUEUE_FULL_RETRY_AFTER_S", "engine_refusal",
+           "error_body", "error_response", "error_type", "is_ollama_path", "param_error"]
+
+ENGINE_UNAVAILABLE_RETRY_AFTER_S = 5  # the model is loading, or the engine died and is being restarted
+QUEUE_FULL_RETRY_AFTER_S = 1
 
 _TYPES = {
     400: "invalid_request_error",
@@ -41,7 +49,24 @@ class APIError(Exception):
         self.headers = headers
 
     def openai_body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        return error_body("/v1", self.status, self.message, type=self.type, param=self.param, code=self.code)
+
+
+def param_error(exc: ParamError) -> APIError:
+    return APIError(400, exc.message, param=exc.param)
+
+
+def engine_refusal(exc: EngineNotReadyError | EngineDeadError | QueueFullError) -> APIError:
+    """The one mapping of the engine's refusals: 503 (with Retry-After) while it is loading or
+    after it died, 429 while its queue is full."""
+    if isinstance(exc, QueueFullError):
+        return APIError(429, str(exc) or "too many requests are waiting; retry later", code="queue_full",
+                        headers={"Retry-After": str(QUEUE_FULL_RETRY_AFTER_S)})
+    retry = {"Retry-After": str(ENGINE_UNAVAILABLE_RETRY_AFTER_S)}
+    if isinstance(exc, EngineDeadError):
+        return APIError(503, str(exc) or "the engine has stopped", code="engine_dead", headers=retry)
+    return APIError(503, f"the model is not ready: {exc}" if str(exc) else "the model is still loading",
+                    code="not_ready", headers=retry)
 
 
 def is_ollama_path(path: str) -> bool:
@@ -51,9 +76,10 @@ def is_ollama_path(path: str) -> bool:
 def error_body(path: str, status: int, message: str, *, type: str | None = None, param: str | None = None,
                code: int | str | None = None) -> dict[str, Any]:
     if is_ollama_path(path):
-        return {"error": message}
-    return {"error": {"message": message, "type": type or error_type(status), "param": param,
-                      "code": code if code is not None else status}}
+        return OllamaErrorResponse(error=message).model_dump(exclude_unset=True)
+    info = ErrorInfo(message=message, type=type or error_type(status), param=param,
+                     code=code if code is not None else status)
+    return ErrorResponse(error=info).model_dump()
 
 
 class ErrorJSONResponse(JSONResponse):

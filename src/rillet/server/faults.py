@@ -9,9 +9,11 @@ deliberately not a `rillet serve` flag, so it never shows in --help). Values:
                   /health answers 503 "dead" and the server exits with status 1)
   step:once@N     / step:always@N: the first N forward steps run normally first
 
-The hook is `LLMEngine.before_forward`; it runs on the engine thread (or in the engine process),
-which alone touches the counter. A server started with it logs a warning so it cannot go
-unnoticed.
+The hook is `LLMEngine.before_forward`, installed by `install_in_core`, which `create_app`
+passes to AsyncEngine as its public `core_setup` argument: the engine calls it on the LLMEngine
+it builds, in whichever thread or process runs the core (the environment is inherited). The
+hook runs there, and alone touches the counter. A server started with it logs a warning so it
+cannot go unnoticed.
 """
 
 from __future__ import annotations
@@ -19,10 +21,11 @@ from __future__ import annotations
 import logging
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["ENV_VAR", "FaultSpec", "InjectedFault", "install_from_env", "install_in_core", "parse_fault_spec"]
+__all__ = ["ENV_VAR", "FaultSpec", "InjectedFault", "install_hook", "install_in_core", "parse_fault_spec"]
 
 logger = logging.getLogger("rillet.server")
 
@@ -39,7 +42,7 @@ class FaultSpec:
     mode: str  # "once" | "always"
     after: int = 0  # forward steps that pass before the fault
 
-    def hook(self) -> Any:
+    def hook(self) -> Callable[[Any], None]:
         steps = 0
         fired = False
 
@@ -65,28 +68,17 @@ def parse_fault_spec(text: str) -> FaultSpec:
 
 
 def install_in_core(llm_engine: Any) -> None:
-    """AsyncEngine core_setup: install the hook named by RILLET_FAULT_INJECT on the LLMEngine,
-    in whichever thread or process builds it (the environment is inherited)."""
-    text = os.environ.get(ENV_VAR, "")
-    if text:
-        _install(llm_engine, parse_fault_spec(text))
+    """AsyncEngine `core_setup`: install the hook named by RILLET_FAULT_INJECT, if it is set."""
+    install_hook(llm_engine)
 
 
-def install_from_env(engine: Any, environ: dict[str, str] | None = None) -> FaultSpec | None:
-    """Install the hook on a started AsyncEngine's LLMEngine if RILLET_FAULT_INJECT is set (an
-    engine whose core runs in another process gets it through `core_setup` instead)."""
+def install_hook(llm_engine: Any, environ: dict[str, str] | None = None) -> FaultSpec | None:
+    """Install the hook named by RILLET_FAULT_INJECT (in `environ`, default the process
+    environment) as the LLMEngine's `before_forward`; the spec installed, or None."""
     text = (os.environ if environ is None else environ).get(ENV_VAR, "")
     if not text:
         return None
     spec = parse_fault_spec(text)
-    inner = None if getattr(engine, "in_process", False) else getattr(engine, "engine", None)
-    if inner is None or not hasattr(inner, "before_forward"):
-        logger.warning("%s=%s ignored: this engine has no before_forward hook here", ENV_VAR, text)
-        return None
-    _install(inner, spec)
-    return spec
-
-
-def _install(llm_engine: Any, spec: FaultSpec) -> None:
     llm_engine.before_forward = spec.hook()
     logger.warning("TEST HOOK ACTIVE: %s=%s; forward steps will fail on purpose", ENV_VAR, spec)
+    return spec

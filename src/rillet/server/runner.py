@@ -24,7 +24,9 @@ from typing import Any
 import uvicorn
 
 from rillet.config import EngineConfig, ServerConfig
+from rillet.engine.engine_client import EngineClient
 from rillet.server.app import create_app
+from rillet.server.context import AppContext
 
 __all__ = ["DrainingServer", "configure_logging", "serve"]
 
@@ -32,13 +34,13 @@ logger = logging.getLogger("rillet.server")
 
 
 class DrainingServer(uvicorn.Server):
-    def __init__(self, config: uvicorn.Config, app_context: Any, drain_timeout_s: float) -> None:
+    def __init__(self, config: uvicorn.Config, app_context: AppContext, drain_timeout_s: float) -> None:
         super().__init__(config)
         self.ctx = app_context
         self.drain_timeout_s = drain_timeout_s
         self.exit_code = 0
         self._signals = 0
-        self._tasks: set[asyncio.Task] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
@@ -102,7 +104,7 @@ def configure_logging(level: str) -> None:
 
 
 def serve(server_config: ServerConfig | None = None, engine_config: EngineConfig | None = None, *,
-          engine: Any = None) -> int:
+          engine: EngineClient | None = None) -> int:
     """Serve until SIGTERM/SIGINT; returns the process exit status."""
     server_config = server_config or ServerConfig()
     configure_logging(server_config.log_level)

@@ -53,7 +53,8 @@ def _from_kind(kind: str, value: Any, param: str) -> StructuredOutputs:
         return _checked(StructuredOutputs(choice=tuple(value)), param)
     if not isinstance(value, str):
         raise APIError(400, f"{param} must be a string", param=param)
-    return _checked(StructuredOutputs(**{kind: value}), param)
+    spec = StructuredOutputs(regex=value) if kind == "regex" else StructuredOutputs(grammar=value)
+    return _checked(spec, param)
 
 
 def _response_format(fmt: Any) -> StructuredOutputs | None:

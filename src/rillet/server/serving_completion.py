@@ -1,0 +1,116 @@
+"""POST /v1/completions: one prompt (text or token ids) in; a text completion, or its chunks
+over SSE, out (echo, logprobs with text offsets, usage)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from rillet.engine.outputs import RequestOutput, TokenLogprob
+from rillet.protocol import openai as oa
+from rillet.server.serving import OpenAIAnswer, RequestHandle, ServingBase, arrival_of, finite, openai_error_event
+from rillet.server.structured_request import openai_structured
+
+__all__ = ["ServingCompletion", "completion_logprobs"]
+
+
+def completion_logprobs(entries: list[TokenLogprob], offset: int) -> dict[str, Any]:
+    tokens, token_logprobs, top, text_offset = [], [], [], []
+    for lp in entries:
+        tokens.append(lp.token)
+        token_logprobs.append(finite(lp.logprob))
+        top.append({t: finite(v) for _, t, v in lp.top} if lp.top else None)
+        text_offset.append(offset)
+        offset += len(lp.token)
+    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": text_offset}
+
+
+def _output_logprobs(out: RequestOutput, offset: int) -> dict[str, Any]:
+    return completion_logprobs(out.logprobs or [], offset)
+
+
+def _merge_logprobs(parts: list[dict[str, Any]]) -> dict[str, Any] | None:
+    if not parts:
+        return None
+    merged: dict[str, list[Any]] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for p in parts:
+        for k in merged:
+            merged[k].extend(p[k])
+    return merged
+
+
+@dataclass
+class _Completion(OpenAIAnswer):
+    echo: str | None = None  # the prompt, sent first (echo: true)
+
+    def chunk(self, choices: list[oa.CompletionChoice], usage: oa.Usage | None = None) -> dict[str, Any]:
+        return self.dump(oa.CompletionChunk(id=self.id, object="text_completion", created=self.created,
+                                            model=self.model, choices=choices), usage)
+
+
+def _choice(index: int, text: str, logprobs: dict[str, Any] | None = None,
+            finish_reason: str | None = None) -> oa.CompletionChoice:
+    return oa.CompletionChoice(index=index, text=text, logprobs=logprobs, finish_reason=finish_reason)
+
+
+class ServingCompletion(ServingBase):
+    async def create(self, body: oa.CompletionRequest, request: Request) -> Response:
+        model = self.check_model(body.model)
+        prompt = body.single_prompt()
+        structured, constraint_param = openai_structured(body)
+        params = body.to_sampling_params(structured)
+        handle = await self.submit(prompt, params, prefix="cmpl", arrival=arrival_of(request), prompt_param="prompt",
+                                   constraint_param=constraint_param)
+        completion = _Completion(id=handle.request_id, model=model, created=int(time.time()), n=params.n,
+                                 include_usage=bool(body.stream_options and body.stream_options.include_usage),
+                                 logprobs=params.logprobs is not None,
+                                 echo=prompt if body.echo and isinstance(prompt, str) else None)
+        return await self.respond(request, handle, bool(body.stream), lambda: self._events(handle, completion),
+                                  lambda: self._whole(handle, completion))
+
+    async def _events(self, handle: RequestHandle, completion: _Completion) -> AsyncIterator[dict[str, Any]]:
+        offsets = [0] * completion.n
+        try:
+            if completion.echo:
+                for i in range(completion.n):
+                    offsets[i] = len(completion.echo)
+                    yield completion.chunk([_choice(i, completion.echo)])
+            async for out in handle:
+                reason = out.finish_reason
+                if reason == "error" or reason == "abort":
+                    if out.text:
+                        yield completion.chunk([_choice(out.index, out.text)])
+                    yield openai_error_event(*self.error_message(out))
+                    return
+                if not out.text and reason is None and not out.logprobs:
+                    continue
+                logprobs = None
+                if completion.logprobs and out.logprobs:
+                    logprobs = completion_logprobs(out.logprobs, offsets[out.index])
+                offsets[out.index] += len(out.text)
+                choice = _choice(out.index, out.text, logprobs, reason)
+                if reason is not None:
+                    choice.stop_reason = out.stop_reason
+                yield completion.chunk([choice])
+            if completion.include_usage:
+                yield completion.chunk([], handle.usage())
+        except Exception as exc:
+            yield openai_error_event(self.exception_message(handle, exc), "engine_error")
+        finally:
+            await handle.aclose()
+
+    async def _whole(self, handle: RequestHandle, completion: _Completion) -> dict[str, Any]:
+        echo = completion.echo or ""
+        result = await self.collect(handle, _output_logprobs, offset=len(echo))
+        choices = [oa.CompletionChoice(index=i, text=echo + "".join(result.texts[i]),
+                                       logprobs=_merge_logprobs(result.logprobs[i]) if completion.logprobs else None,
+                                       finish_reason=result.reasons[i], stop_reason=result.stop_reasons[i])
+                   for i in range(completion.n)]
+        return oa.CompletionResponse(id=completion.id, object="text_completion", created=completion.created,
+                                     model=completion.model, choices=choices,
+                                     usage=handle.usage()).model_dump(exclude_unset=True)
