@@ -50,16 +50,13 @@ def test_fault_specs_and_hooks():
     assert outcomes("step:once@2", 5) == [True, True, False, True, True]
     assert outcomes("step:always@1", 4) == [True, False, False, False]
 
-    class Inner:
+    class Core:  # what AsyncEngine's core_setup receives: the LLMEngine
         before_forward = None
 
-    class Outer:
-        engine = Inner()
-
-    outer = Outer()
-    assert faults.install_from_env(outer, {}) is None and outer.engine.before_forward is None
-    assert faults.install_from_env(outer, {faults.ENV_VAR: "step:once"}) == faults.FaultSpec("once")
-    assert callable(outer.engine.before_forward)
+    core = Core()
+    assert faults.install_hook(core, {}) is None and core.before_forward is None
+    assert faults.install_hook(core, {faults.ENV_VAR: "step:once"}) == faults.FaultSpec("once")
+    assert callable(core.before_forward)
 
 
 def test_a_bad_fault_spec_fails_at_startup(monkeypatch):
