@@ -168,7 +168,9 @@ def _error(status: int, message: str, code: str) -> JSONResponse:
 
 
 def _headers(start: ResponseStart) -> dict[str, str]:
-    return {k.decode("latin-1"): v.decode("latin-1") for k, v in start.headers if k.lower() not in _HOP_HEADERS}
+    headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in start.headers if k.lower() not in _HOP_HEADERS}
+    headers["x-rillet-replica"] = start.replica  # which engine replica answered
+    return headers
 
 
 @serve.ingress(ingress_app)
