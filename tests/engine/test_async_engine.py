@@ -209,7 +209,7 @@ def test_a_core_process_that_dies_ends_every_stream_with_an_error():
                    for i in range(2)]
         async for _ in streams[0]:
             break
-        engine._process._process.kill()  # what the OOM killer would do
+        engine._core.process.kill()  # what the OOM killer would do
         errors = []
         for stream in streams:
             with pytest.raises(EngineDeadError) as info:

@@ -1,15 +1,14 @@
 """AsyncEngine: the engine loop off the event loop, requests and outputs on it.
 
-The forward pass never runs on the event loop. Two ways to run the loop:
+The forward pass never runs on the event loop. One loop (engine/core.py's EngineCore: add,
+abort, step) runs over one of two transports:
 
-- a thread (the default for AsyncEngine in your program): it owns the `LLMEngine` and calls
-  `step()` while there is work, sleeping on a condition otherwise. New requests and aborts
-  reach it through small inboxes.
-- a process (`engine_process=True`, the default of `rillet serve`; see core_process): the core
-  has every core and its own GIL; prompts are tokenized here and sent over a pipe.
+- a thread of this process (the default for AsyncEngine in your program; engine/core_thread.py);
+- a process of its own (`engine_process=True`, the default of `rillet serve`;
+  engine/core_process.py): the core has every core and its own GIL.
 
-Either way each step's outputs come back in one `call_soon_threadsafe` and are routed to
-per-request asyncio queues.
+Either way prompts are validated and tokenized here, and each cycle's outputs come back in one
+`call_soon_threadsafe` and are routed to per-request asyncio queues.
 """
 
 from __future__ import annotations
@@ -19,17 +18,18 @@ import logging
 import os
 import threading
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import replace
-from typing import Any, AsyncIterator
-
-import torch
+from typing import Any
 
 from rillet.config import EngineConfig
+from rillet.engine.core import AbortRequest, AddRequest, CoreClient, CoreOutputs, CoreSetup, Stop
+from rillet.engine.core_process import CoreProcess
+from rillet.engine.core_thread import CoreThread
 from rillet.engine.errors import EngineDeadError, EngineNotReadyError, QueueFullError
-from rillet.engine.core_process import CoreSetup, EngineProcess
-from rillet.engine.llm_engine import EngineStats, LLMEngine, Prompt
+from rillet.engine.llm_engine import EngineStats
 from rillet.engine.outputs import RequestOutput
-from rillet.engine.prompts import PromptEncoder
+from rillet.engine.prompts import Prompt, PromptEncoder
 from rillet.sampling_params import SamplingParams
 from rillet.structured.grammar import grammar_compiler, is_compiled
 from rillet.structured.spec import StructuredOutputs
@@ -98,13 +98,13 @@ class RequestStream:
 
 class AsyncEngine:
     """`core_setup`, if given, runs on the LLMEngine once it is built, in whichever thread or
-    process runs it (test hooks); in process mode it must be a picklable module-level function."""
+    process runs it (test hooks); with `engine_process` it must be a picklable module-level
+    function."""
 
     def __init__(self, config: EngineConfig | None = None, *, core_setup: CoreSetup | None = None,
-                 **options: Any):
+                 **options: Any) -> None:
         config = config or EngineConfig(**options)
-        self.in_process = bool(config.engine_process)
-        if config.num_threads is None and not self.in_process:
+        if config.num_threads is None and not config.engine_process:
             # Leave a core to the event loop: when it runs beside a forward pass that uses every
             # core, each OpenMP region waits for a descheduled worker and the engine thread for
             # the GIL (measured on 2 cores, 16 streams over HTTP: 371 tok/s with 2 threads, 464
@@ -112,22 +112,18 @@ class AsyncEngine:
             config = replace(config, num_threads=max(1, (os.cpu_count() or 1) - 1))
         self.config = config
         self._core_setup = core_setup
-        self._engine: LLMEngine | None = None
-        self._process: EngineProcess | None = None
+        self._core: CoreClient | None = None
         self._prompts: PromptEncoder | None = None
         self._model_name = ""
         self._eos_token_ids: list[int] = []
-        self._num_sent = 0  # process mode: adds sent to the core ...
+        self._lock = threading.Lock()  # guards the three below, written by the core's thread
+        self._stats: EngineStats | None = None
+        self._num_sent = 0  # adds sent to the core ...
         self._num_acknowledged = 0  # ... and adds the core has taken into its scheduler
         self._health = "stopped"
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._cv = threading.Condition()
-        self._inbox: list[tuple[str, list[int], SamplingParams]] = []
-        self._aborts: list[str] = []
         self._stopping = False
         self._streams: dict[str, RequestStream] = {}
-        self._stats: EngineStats | None = None
         self.dead_reason: str | None = None
 
     # ---- lifecycle ------------------------------------------------------------------------
@@ -136,14 +132,6 @@ class AsyncEngine:
     def health(self) -> str:
         """"loading", "ready", "dead" or "stopped"."""
         return self._health
-
-    @property
-    def engine(self) -> LLMEngine:
-        """The LLMEngine (thread mode only: in process mode it lives in the core process)."""
-        if self._engine is None:
-            raise EngineNotReadyError("the engine runs in its own process" if self.in_process
-                                      else "the engine is not started")
-        return self._engine
 
     @property
     def prompts(self) -> PromptEncoder:
@@ -161,7 +149,7 @@ class AsyncEngine:
         return self.prompts.max_model_len
 
     @property
-    def tokenizer(self):
+    def tokenizer(self) -> Any:
         return self.prompts.tokenizer
 
     async def start(self) -> None:
@@ -170,67 +158,47 @@ class AsyncEngine:
         self._health = "loading"
         self._loop = asyncio.get_running_loop()
         self._stopping = False
+        with self._lock:
+            self._num_sent = self._num_acknowledged = 0
+        transport = CoreProcess if self.config.engine_process else CoreThread
+        core = transport(self.config, self._on_outputs, self._die, self._core_setup)
         try:
-            if self.in_process:
-                self._process = EngineProcess(self.config, self._on_core_message, self._core_setup)
-                info = await asyncio.to_thread(self._process.start)
-                self._prompts = PromptEncoder(info.tokenizer, info.vocab_size, info.max_model_len)
-                self._model_name, self._stats = info.model_name, info.stats
-                self._eos_token_ids = list(info.eos_token_ids)
-            else:
-                self._engine = await asyncio.to_thread(self._build_engine)
-                self._prompts, self._model_name = self._engine.prompts, self._engine.model_name
-                self._stats = self._engine.stats()
-                self._eos_token_ids = sorted(self._engine.eos_token_ids)
-                self._thread = threading.Thread(target=self._run, name="rillet-engine", daemon=True)
-                self._thread.start()
+            info = await asyncio.to_thread(core.start)
         except BaseException as exc:
             self._health = "dead"
             self.dead_reason = f"{type(exc).__name__}: {exc}"
             raise
+        self._core = core
+        self._prompts = PromptEncoder(info.tokenizer, info.vocab_size, info.max_model_len)
+        self._model_name, self._eos_token_ids = info.model_name, list(info.eos_token_ids)
+        with self._lock:
+            self._stats = info.stats
         self._health = "ready"
-
-    def _build_engine(self) -> LLMEngine:
-        engine = LLMEngine(self.config)
-        if self._core_setup is not None:
-            self._core_setup(engine)
-        return engine
 
     async def shutdown(self) -> None:
         """Stop the loop; unfinished requests end with finish_reason "abort"."""
-        if self._process is not None:
+        core, self._core = self._core, None
+        if core is not None:
             self._stopping = True
-            self._process.send(("stop",))
-            await asyncio.to_thread(self._process.join, 60)
-            self._process = None
-            if self._health != "dead":
-                self._health = "stopped"
-            return
-        if self._thread is None:
-            self._health = "stopped" if self._health != "dead" else "dead"
-            return
-        with self._cv:
-            self._stopping = True
-            self._cv.notify()
-        await asyncio.to_thread(self._thread.join)
-        self._thread = None
+            core.send(Stop())
+            await asyncio.to_thread(core.join, 60)
         if self._health != "dead":
             self._health = "stopped"
 
-    async def __aenter__(self) -> "AsyncEngine":
+    async def __aenter__(self) -> AsyncEngine:
         await self.start()
         return self
 
-    async def __aexit__(self, *exc: Any) -> None:
+    async def __aexit__(self, *exc: object) -> None:
         await self.shutdown()
 
     # ---- requests -------------------------------------------------------------------------
 
     def stats(self) -> EngineStats:
-        with self._cv:
+        with self._lock:
             stats = self._stats or EngineStats(0, 0, 0.0, 0, 0, 0, 0, 0)
-            in_transit = len(self._inbox) + self._num_sent - self._num_acknowledged
-            return replace(stats, num_waiting=stats.num_waiting + in_transit)
+            in_transit = self._num_sent - self._num_acknowledged
+        return replace(stats, num_waiting=stats.num_waiting + in_transit)
 
     def num_queued(self) -> int:
         """Requests that would have to wait for a slot (waiting beyond the free slots)."""
@@ -238,11 +206,12 @@ class AsyncEngine:
         free_slots = max(0, self.config.max_num_seqs - stats.num_running)
         return max(0, stats.num_waiting - free_slots)
 
-    def _check_accepting(self) -> None:
+    def _check_accepting(self) -> CoreClient:
         if self._health == "dead":
             raise EngineDeadError(f"the engine has died ({self.dead_reason})")
-        if self._health != "ready" or self._stopping:
+        if self._health != "ready" or self._stopping or self._core is None:
             raise EngineNotReadyError("the engine is " + ("shutting down" if self._stopping else self._health))
+        return self._core
 
     def _check_queue(self) -> None:
         max_waiting = self.config.max_waiting
@@ -272,18 +241,13 @@ class AsyncEngine:
             token_ids = await asyncio.to_thread(prompts.encode_prompt, prompt, tools)
         chat = isinstance(prompt, list) and bool(prompt) and isinstance(prompt[0], dict)
         prompts.check_prompt_length(len(token_ids), params.max_tokens, what="messages" if chat else "prompt")
-        self._check_accepting()
+        core = self._check_accepting()
         self._check_queue()  # again: other requests may have been queued while this one was tokenized
         stream = RequestStream(self, request_id, len(token_ids), params.n)
         self._streams[request_id] = stream
-        if self._process is not None:
-            with self._cv:
-                self._num_sent += 1
-            self._process.send(("add", request_id, token_ids, params))
-            return stream
-        with self._cv:
-            self._inbox.append((request_id, token_ids, params))
-            self._cv.notify()
+        with self._lock:
+            self._num_sent += 1
+        core.send(AddRequest(request_id, token_ids, params))
         return stream
 
     async def _check_structured(self, spec: StructuredOutputs) -> None:
@@ -309,14 +273,25 @@ class AsyncEngine:
         self.abort_nowait(request_id)
 
     def abort_nowait(self, request_id: str) -> None:
-        if self._process is not None:
-            self._process.send(("abort", request_id))
-            return
-        with self._cv:
-            self._aborts.append(request_id)
-            self._cv.notify()
+        if self._core is not None:
+            self._core.send(AbortRequest(request_id))
 
-    # ---- the loop thread --------------------------------------------------------------------
+    # ---- from the core's thread -----------------------------------------------------------
+
+    def _on_outputs(self, message: CoreOutputs) -> None:
+        with self._lock:
+            self._stats, self._num_acknowledged = message.stats, message.num_added
+        if message.outputs and self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._dispatch, message.outputs)
+
+    def _die(self, reason: str) -> None:
+        """The loop cannot go on: every stream gets a terminal error."""
+        self.dead_reason = reason
+        self._health = "dead"
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._fail_streams, EngineDeadError(reason))
+
+    # ---- on the event loop ----------------------------------------------------------------
 
     def _dispatch(self, outputs: list[RequestOutput]) -> None:
         for out in outputs:
@@ -333,61 +308,3 @@ class AsyncEngine:
         for stream in self._streams.values():
             stream._put(exc)
         self._streams.clear()
-
-    def _emit(self, outputs: list[RequestOutput]) -> None:
-        if outputs and self._loop is not None and not self._loop.is_closed():
-            self._loop.call_soon_threadsafe(self._dispatch, outputs)
-
-    def _on_core_message(self, message: tuple) -> None:
-        """Process mode, on the reader thread: one message from the core."""
-        kind = message[0]
-        if kind in ("outputs", "stopped"):
-            _, outputs, stats, num_added = message
-            with self._cv:
-                self._stats, self._num_acknowledged = stats, num_added
-            self._emit(outputs)
-        elif kind == "dead":
-            self._die(message[1], None)
-
-    def _die(self, reason: str, exc: BaseException | None) -> None:
-        """The loop cannot go on: every stream gets a terminal error."""
-        self.dead_reason = reason
-        self._health = "dead"
-        error = exc if isinstance(exc, EngineDeadError) else EngineDeadError(reason)
-        if self._loop is not None and not self._loop.is_closed():
-            self._loop.call_soon_threadsafe(self._fail_streams, error)
-
-    def _run(self) -> None:
-        engine = self.engine
-        if self.config.num_threads:  # OpenMP settings are per calling thread
-            torch.set_num_threads(self.config.num_threads)
-        try:
-            while True:
-                with self._cv:
-                    while not (self._inbox or self._aborts or self._stopping or engine.has_unfinished()):
-                        self._cv.wait()
-                    # New requests move from the inbox into the scheduler under the lock, so
-                    # that stats() (inbox + scheduler) never misses or double-counts them.
-                    for request_id, token_ids, params in self._inbox:
-                        engine.add_request(request_id, None, params, prompt_token_ids=token_ids)
-                    self._inbox = []
-                    self._stats = engine.stats()
-                    aborts, self._aborts = self._aborts, []
-                    stopping = self._stopping
-                outputs: list[RequestOutput] = []
-                for request_id in aborts:
-                    outputs += engine.abort(request_id)
-                if stopping:
-                    for request_id in list(engine.requests):
-                        outputs += engine.abort(request_id)
-                    self._stats = engine.stats()
-                    self._emit(outputs)
-                    return
-                outputs += engine.step()
-                stats = engine.stats()
-                with self._cv:
-                    self._stats = stats
-                self._emit(outputs)
-        except BaseException as exc:
-            logger.exception("engine loop died")
-            self._die(f"{type(exc).__name__}: {exc}", exc)
