@@ -144,7 +144,7 @@ class RilletEngine:
     async def check_health(self) -> None:
         """Ray restarts a replica whose engine loop died."""
         if self.engine.health == "dead":
-            raise RuntimeError(f"the engine died: {self.engine.dead_reason}")
+            raise RuntimeError(f"the engine died: {getattr(self.engine, 'dead_reason', None)}")
 
     def record_routing_stats(self) -> dict[str, Any]:
         stats = self.engine.stats()
