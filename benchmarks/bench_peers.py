@@ -38,7 +38,7 @@ chat requests are done (so the 1-stream level measures 16 too), greedy, each for
 --max-tokens output tokens, each prompt a new one (PROMPTS cycled, each opening with its own
 "[level.i]" tag; --repeat-prompts: verbatim): rillet, vLLM and the seed with ``ignore_eos``; llama.cpp with a -100
 logit bias on the end-of-generation tokens plus ``min_tokens``. Each server first warms up on
-WARMUP_PROMPTS (benchmarks/common.py), none of which is measured, so no warm-up leaves a
+WARMUP_PROMPTS (rillet.bench.workload), none of which is measured, so no warm-up leaves a
 measured prompt in a prefix cache. The load generator is ``rillet.bench.loadgen.run_level``,
 run in this process (same cores).
 

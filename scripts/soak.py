@@ -25,16 +25,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import platform
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests" / "reliability"))
-
-import reliability_harness as rh  # noqa: E402
+from rillet.bench import reliability as rh
 
 
 def log(message: str) -> None:
@@ -54,7 +52,7 @@ class Server:
     def __enter__(self) -> Server:
         if self.url is None:
             log(f"starting rillet serve {' '.join(self.flags)}")
-            self.proc = rh.start_server(*self.flags).wait_ready()
+            self.proc = rh.RilletServer(*self.flags).wait_ready()
             self.url = self.proc.url
         return self
 
@@ -165,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
 
     scenarios = ("storm", "overload", "soak") if args.scenario == "all" else (args.scenario,)
     runners = {"storm": run_storm, "overload": run_overload, "soak": run_soak}
-    reports: dict[str, Any] = {"machine": {"cpus": __import__("os").cpu_count(), "python": platform.python_version(),
+    reports: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                                            "command": " ".join(["scripts/soak.py", *(argv or sys.argv[1:])])}}
     held = True
     for name in scenarios:

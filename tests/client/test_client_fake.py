@@ -1,6 +1,6 @@
 """Client behaviour that a real server cannot trigger on demand: retries, Retry-After, in-stream errors.
 
-These run against tests/client/fake_openai.py, in addition to test_client_real.py's real server.
+These run against tests/support/fake_openai.py, in addition to test_client_real.py's real server.
 """
 
 from __future__ import annotations

@@ -1,19 +1,13 @@
 """Fixtures of the reliability tests: real `rillet serve` processes and the load shapes in
-reliability_harness.py (shared with scripts/soak.py, which runs the long variants)."""
+rillet.bench.reliability (shared with scripts/soak.py, which runs the long variants)."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from rillet.bench.servers import RilletServer
 
-import reliability_harness as rh  # noqa: E402
-
-MAIN_KEY = rh.MAIN_KEY
-STALL_TIMEOUT_S = rh.STALL_TIMEOUT_S
+from support.reliability import MAIN_KEY, STALL_TIMEOUT_S
 
 
 @pytest.fixture(scope="session")
@@ -21,9 +15,9 @@ def main_server():
     """One server for the storm, slow-reader, hostile-input and auth tests: float32 (greedy text does
     not change with batch mates or preemption in practice, so the well-behaved stream can be compared), --api-key, debug logs
     (the auth test greps them for the key), and a short stall timeout for the slow-reader test."""
-    server = rh.start_server("--dtype", "float32", "--kv-cache-gib", "1", "--log-level", "debug",
-                             "--stream-stall-timeout-s", str(STALL_TIMEOUT_S), "--send-buffer-bytes", "32768",
-                             api_key=MAIN_KEY)
+    server = RilletServer("--dtype", "float32", "--kv-cache-gib", "1", "--log-level", "debug",
+                          "--stream-stall-timeout-s", str(STALL_TIMEOUT_S), "--send-buffer-bytes", "32768",
+                          api_key=MAIN_KEY)
     try:
         yield server.wait_ready()
     finally:

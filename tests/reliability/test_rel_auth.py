@@ -9,8 +9,7 @@ import re
 
 import httpx
 
-import reliability_harness as rh
-from reliability_harness import MAIN_KEY
+from support.reliability import MAIN_KEY
 
 BODIES = {
     "/v1/chat/completions": {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 
-import reliability_harness as rh
+from rillet.bench import reliability as rh
 
 NUM_STREAMS = 48
 

@@ -14,14 +14,14 @@ import time
 import httpx
 import pytest
 
-import reliability_harness as rh
+from rillet.bench import reliability as rh
 
 
 @pytest.fixture(scope="module")
 def fault_servers():
     """Both servers load at once: "once" fails the 7th forward step, "always" every step."""
-    once = rh.start_server("--kv-cache-gib", "0.25", env={"RILLET_FAULT_INJECT": "step:once@6"})
-    always = rh.start_server("--kv-cache-gib", "0.25", env={"RILLET_FAULT_INJECT": "step:always"})
+    once = rh.RilletServer("--kv-cache-gib", "0.25", env={"RILLET_FAULT_INJECT": "step:once@6"})
+    always = rh.RilletServer("--kv-cache-gib", "0.25", env={"RILLET_FAULT_INJECT": "step:always"})
     try:
         yield once.wait_ready(), always.wait_ready()
     finally:

@@ -8,10 +8,10 @@ import asyncio
 import json
 import time
 
-import reliability_harness as rh
+from rillet.bench import reliability as rh
 
 USER = [{"role": "user", "content": "hi"}]
-CONTEXT = 2048  # --max-model-len of the test servers (tests/client/rillet_proc.py)
+CONTEXT = 2048  # --max-model-len of the test servers (rillet.bench.servers.RilletServer)
 
 
 def chat(**fields) -> bytes:

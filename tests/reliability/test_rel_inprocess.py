@@ -5,21 +5,17 @@ streams whose client stops reading, and the drained 413 for oversized bodies."""
 from __future__ import annotations
 
 import asyncio
-import sys
 import time
-from pathlib import Path
 
 import httpx
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/fakes.py
-
 from support.fakes import FakeEngine  # noqa: E402
 
-from rillet.config import ServerConfig  # noqa: E402
-from rillet.server import create_app, faults  # noqa: E402
-from rillet.server.app import BodyLimitMiddleware  # noqa: E402
-from rillet.server.streaming import StreamingBody  # noqa: E402
+from rillet.config import ServerConfig
+from rillet.server import create_app, faults
+from rillet.server.app import BodyLimitMiddleware
+from rillet.server.streaming import StreamingBody
 
 
 async def wait_until(condition, timeout_s: float = 5.0) -> None:

@@ -8,7 +8,7 @@ import asyncio
 
 import pytest
 
-import reliability_harness as rh
+from rillet.bench import reliability as rh
 
 NUM_CONNECTIONS = 150
 
@@ -16,7 +16,7 @@ NUM_CONNECTIONS = 150
 @pytest.fixture(scope="module")
 def small_server():
     rh.raise_nofile(4 * NUM_CONNECTIONS + 256)  # the server inherits the limit
-    server = rh.start_server("--max-num-seqs", "4", "--max-waiting", "4", "--kv-cache-gib", "0.25")
+    server = rh.RilletServer("--max-num-seqs", "4", "--max-waiting", "4", "--kv-cache-gib", "0.25")
     try:
         yield server.wait_ready()
     finally:

@@ -6,19 +6,15 @@ example database, derandomized: the same inputs every run."""
 from __future__ import annotations
 
 import asyncio
-import sys
-from pathlib import Path
 
 import schemathesis
 from hypothesis import HealthCheck, settings
 from schemathesis.generation import GenerationMode
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/fakes.py
-
 from support.fakes import FakeEngine  # noqa: E402
 
-from rillet.config import ServerConfig  # noqa: E402
-from rillet.server import create_app  # noqa: E402
+from rillet.config import ServerConfig
+from rillet.server import create_app
 
 EXAMPLES_PER_ROUTE = 100
 

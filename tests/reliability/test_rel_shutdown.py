@@ -10,14 +10,14 @@ import time
 
 import pytest
 
-import reliability_harness as rh
+from rillet.bench import reliability as rh
 
 DRAIN_S = 5.0
 
 
 @pytest.fixture(scope="module")
 def drain_server():
-    server = rh.start_server("--drain-timeout-s", str(DRAIN_S), "--kv-cache-gib", "0.25")
+    server = rh.RilletServer("--drain-timeout-s", str(DRAIN_S), "--kv-cache-gib", "0.25")
     try:
         yield server.wait_ready()
     finally:

@@ -9,8 +9,9 @@ import json
 import socket
 import time
 
-import reliability_harness as rh
-from reliability_harness import STALL_TIMEOUT_S
+from rillet.bench import reliability as rh
+
+from support.reliability import STALL_TIMEOUT_S
 
 
 def stalled_stream(server) -> socket.socket:
