@@ -103,7 +103,12 @@ async def test_tags_version_show_ps():
         assert [m.name for m in tags.models] == ["fake-model"]
         assert (await client.get("/api/version")).json()["version"]
         show = (await client.post("/api/show", json={"model": "fake-model"})).json()
+        # read from the model the fake's config names (the embedded default, SmolLM2-135M: a llama)
         assert show["model_info"]["llama.context_length"] == 512
+        assert show["details"]["family"] == "llama" and show["details"]["families"] == ["llama"]
+        assert show["model_info"]["general.parameter_count"] > 100_000_000
+        assert show["details"]["parameter_size"].endswith("M") and show["details"]["format"] == "gguf"
+        assert show["model_info"]["llama.block_count"] > 0
         assert (await client.post("/api/show", json={"model": "x"})).status_code == 404
         assert (await client.get("/api/ps")).json()["models"][0]["name"] == "fake-model"
 
