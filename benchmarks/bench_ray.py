@@ -147,7 +147,14 @@ def run_ray(args: argparse.Namespace, threads: int) -> tuple[list[str], dict]:
             await _wait_ready(url)
             answers = await greedy(url)
             await load([url], args.streams, args.streams, 8)
-            return answers, await load([url], args.streams, args.requests, args.max_tokens)
+            result = await load([url], args.streams, args.requests, args.max_tokens)
+            async with httpx.AsyncClient() as client:  # the router's own timing, in the ingress
+                metrics = (await client.get(f"{url}/metrics", timeout=30)).text
+            for line in metrics.splitlines():
+                if line.startswith("rillet:router_choose_seconds{"):
+                    q = line.split('"')[1]
+                    result[f"router_p{round(float(q) * 100)}_us"] = round(float(line.split()[-1]) * 1e6, 1)
+            return answers, result
         return asyncio.run(go())
     finally:
         serve.shutdown()

@@ -73,6 +73,10 @@ def test_the_same_system_prompt_lands_on_the_same_replica(ray_app):
         "model": "SmolLM2-135M-Instruct", "prompt": f"{i} unrelated " * 60, "max_tokens": 1},
         timeout=60).headers["x-rillet-replica"] for i in range(8)}
     assert len(other) == 2  # prompts without a shared prefix spread over both
+    metrics = requests.get(f"{ray_app}/metrics", timeout=30).text
+    p50 = float(re.search(r'^rillet:router_choose_seconds\{quantile="0.5"\} (\S+)$', metrics, re.M).group(1))
+    print(f"router p50 {p50 * 1e6:.0f} us over {_metric_sum(metrics, 'rillet:router_choose_seconds_count'):.0f}")
+    assert p50 < 0.002  # the bar: <= 2 ms per request
 
 
 def _wait_idle(base: str, timeout_s: float = 20.0) -> str:

@@ -56,11 +56,27 @@ FANOUT_TIMEOUT_S = 3.0  # /health and /metrics: how long one replica may take
 _HOP_HEADERS = {b"content-length", b"transfer-encoding", b"connection", b"date", b"server"}
 
 
+def _routing_module() -> Any:
+    """rillet.deploy.routing from sys.modules: its LIVE_REPLICAS and ROUTING_SECONDS are shared
+    by the router and the ingress in one process. Not this module's globals: Serve ships both
+    classes by value, each with its own copy of them."""
+    return importlib.import_module("rillet.deploy.routing")
+
+
 def _live_replicas() -> dict[str, list[str]]:
-    """App name -> live replica ids, kept by the router, read by the ingress's /health and
-    /metrics fan-out. Looked up in sys.modules: Serve ships both classes by value, each with
-    its own copy of this module's globals."""
-    return importlib.import_module("rillet.deploy.routing").LIVE_REPLICAS
+    """App name -> live replica ids, kept by the router, read by /health and /metrics."""
+    return _routing_module().LIVE_REPLICAS
+
+
+def _router_metrics() -> str:
+    samples = sorted(_routing_module().ROUTING_SECONDS)
+    lines = ["# HELP rillet:router_choose_seconds Time the prefix-affinity router took per routing decision "
+             "(ingress process, last 10000).", "# TYPE rillet:router_choose_seconds summary"]
+    for q in (0.5, 0.99):
+        if samples:
+            lines.append(f'rillet:router_choose_seconds{{quantile="{q}"}} {samples[int(q * (len(samples) - 1))]:.9f}')
+    lines.append(f"rillet:router_choose_seconds_count {len(samples)}")
+    return "\n".join(lines) + "\n"
 
 
 def _tunnel_request(pending: PendingRequest | None) -> TunnelRequest | None:
@@ -79,12 +95,10 @@ class PrefixAffinityRouter(RequestRouter):
     chosen by is the prefix that is sent."""
 
     policy = PrefixAffinityPolicy()  # replaced per router by initialize_state
-    choose_s: list[float] = []  # recent time spent in choose_replicas (router overhead)
 
     def initialize_state(self, block_chars: int = 128, imbalance_threshold: int = 4, **kwargs: Any) -> None:
         self.policy = PrefixAffinityPolicy(block_chars=block_chars, imbalance_threshold=imbalance_threshold,
                                            **kwargs)
-        self.choose_s = []
 
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
                               pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
@@ -99,7 +113,7 @@ class PrefixAffinityRouter(RequestRouter):
         queue_lens = {rid: cache.get(rid) for rid in by_id}
         hashes = self.policy.hashes(request.prompt) if request is not None else []
         ranks = [[by_id[rid] for rid in rank] for rank in self.policy.rank(hashes, list(by_id), queue_lens)]
-        self.choose_s = self.choose_s[-999:] + [time.perf_counter() - started]
+        _routing_module().ROUTING_SECONDS.append(time.perf_counter() - started)
         return ranks
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result: Any) -> None:
@@ -264,7 +278,8 @@ class RilletIngress:
     @ingress_app.get("/metrics", include_in_schema=False)
     async def metrics(self) -> Response:
         texts = {rid: r[1].decode() for rid, r in (await self._fanout("/metrics")).items() if r and r[0] == 200}
-        return Response(merge_metrics(texts), media_type="text/plain; version=0.0.4; charset=utf-8")
+        return Response(merge_metrics(texts) + _router_metrics(),
+                        media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
     @ingress_app.api_route("/{path:path}", methods=["GET", "POST", "PUT", "DELETE", "OPTIONS", "HEAD"],

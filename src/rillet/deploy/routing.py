@@ -18,14 +18,16 @@ queue has room; `pick` does the same here for the simulation and the unit tests.
 from __future__ import annotations
 
 import random
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Hashable, Iterable, Mapping, Sequence
 from typing import Any
 
 __all__ = ["PrefixAffinityPolicy", "prefix_block_hashes", "routing_text"]
 
-# Ray's router, per app, fills this with the live replica ids in its process (rillet.deploy.ray).
+# Ray's router, per app, fills these in its process (rillet.deploy.ray): the live replica ids,
+# and the seconds each routing decision took (the ingress's /metrics reports their quantiles).
 LIVE_REPLICAS: dict[str, list[str]] = {}
+ROUTING_SECONDS: deque[float] = deque(maxlen=10_000)
 DEFAULT_BLOCK_CHARS = 128
 DEFAULT_MAX_BLOCKS = 64
 
