@@ -281,7 +281,6 @@ class RilletIngress:
         return Response(merge_metrics(texts) + _router_metrics(),
                         media_type="text/plain; version=0.0.4; charset=utf-8")
 
-
     @ingress_app.api_route("/{path:path}", methods=["GET", "POST", "PUT", "DELETE", "OPTIONS", "HEAD"],
                            include_in_schema=False)
     async def forward(self, request: Request) -> Response:
