@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from transformers import PreTrainedTokenizerBase
+
 from rillet.engine.sequence import Sequence
 
 REPLACEMENT = "\ufffd"
@@ -26,7 +28,7 @@ class DecodeState:
 
 
 class Detokenizer:
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
         self.tokenizer = tokenizer
         self._states: dict[int, DecodeState] = {}
 
@@ -39,7 +41,17 @@ class Detokenizer:
         self._states.pop(id(seq), None)
 
     def _decode(self, ids: list[int], skip: bool) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=skip, clean_up_tokenization_spaces=False)
+        text = self.tokenizer.decode(ids, skip_special_tokens=skip, clean_up_tokenization_spaces=False)
+        if not isinstance(text, str):  # a list is the answer to a batch, never asked for here
+            raise TypeError(f"the tokenizer decoded one sequence to {type(text).__name__}")
+        return text
+
+    def decode_token(self, token_id: int) -> str:
+        """One token's text as the tokenizer's plain decode gives it (for logprobs)."""
+        text = self.tokenizer.decode([token_id])
+        if not isinstance(text, str):
+            raise TypeError(f"the tokenizer decoded one token to {type(text).__name__}")
+        return text
 
     def append(self, seq: Sequence, token_id: int | None) -> str | None:
         """Feed one new output token (None: none, only flush). Returns the stop string hit, if any."""

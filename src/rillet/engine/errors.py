@@ -18,11 +18,12 @@ class PromptTooLongError(EngineError, ValueError):
         self.num_prompt_tokens = num_prompt_tokens
         self.max_tokens = max_tokens
 
-    def __reduce__(self):  # keyword-only numbers survive pickling (the engine core is another process)
+    def __reduce__(self) -> tuple[object, tuple[str, int | None, int | None, int | None]]:  # keyword-only numbers survive pickling (the engine core is another process)
         return (_rebuild_prompt_too_long, (str(self), self.max_model_len, self.num_prompt_tokens, self.max_tokens))
 
 
-def _rebuild_prompt_too_long(message, max_model_len, num_prompt_tokens, max_tokens) -> PromptTooLongError:
+def _rebuild_prompt_too_long(message: str, max_model_len: int | None, num_prompt_tokens: int | None,
+                             max_tokens: int | None) -> PromptTooLongError:
     return PromptTooLongError(message, max_model_len=max_model_len, num_prompt_tokens=num_prompt_tokens,
                               max_tokens=max_tokens)
 

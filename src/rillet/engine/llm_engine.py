@@ -25,10 +25,8 @@ from rillet.engine.prompts import Prompt, PromptEncoder
 from rillet.engine.sampler import Sampler
 from rillet.engine.scheduler import ScheduledBatch, Scheduler
 from rillet.engine.sequence import Sequence
-from rillet.models.backend import select_backend
-from rillet.models.cpu_linear import packing_supported
+from rillet.models.backend import prepare_model, select_backend
 from rillet.models.loader import load_model
-from rillet.models.quantized import quantize_model
 from rillet.models.resolve import resolve_model
 from rillet.sampling_params import SamplingParams
 from rillet.structured.grammar import GrammarCompiler, grammar_compiler
@@ -77,10 +75,7 @@ class LLMEngine:
         if self.max_model_len > probe_len:  # rope tables must cover every position
             loaded.model.set_rope_positions(self.max_model_len)
         self.model = loaded.model
-        if self.backend.quantized:
-            quantize_model(self.model, self.backend, resolved.gguf)
-        if packing_supported(self.dtype, self.device):  # float32 keeps torch's own linears
-            self.model.pack_for_cpu(batch_hint=config.max_num_seqs)
+        kernel_path = prepare_model(self.model, self.backend, gguf=resolved.gguf, batch_hint=config.max_num_seqs)
         self.tokenizer = loaded.tokenizer
         self.eos_token_ids = set(loaded.eos_token_ids)
         self.vocab_size = loaded.config.vocab_size
@@ -88,7 +83,7 @@ class LLMEngine:
         num_blocks = self._num_kv_blocks()
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
-        self.runner = ModelRunner(self.model, num_blocks, config.block_size, self.dtype, self.device)
+        self.runner = ModelRunner(self.model, num_blocks, config.block_size, kernel_path)
         self.sampler = Sampler(self.vocab_size, self.device, seed=config.seed)
         self.detokenizer = Detokenizer(self.tokenizer)
         self.prompts = PromptEncoder(self.tokenizer, self.vocab_size, self.max_model_len)
@@ -150,7 +145,12 @@ class LLMEngine:
         request_id = request_id or uuid.uuid4().hex
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
-        ids = prompt_token_ids if prompt_token_ids is not None else self.encode_prompt(prompt)
+        if prompt_token_ids is not None:
+            ids = prompt_token_ids
+        elif prompt is not None:
+            ids = self.encode_prompt(prompt)
+        else:
+            raise ValueError("add_request needs a prompt or prompt_token_ids")
         self.prompts.check_token_ids(params)
         self.check_prompt_length(len(ids))  # max_tokens past the context stops there (the server refuses it)
         compiled = self.grammars.compile(params.structured) if params.structured is not None else None
@@ -275,7 +275,7 @@ class LLMEngine:
             seq.output_token_ids.append(token)
             reason, stop_reason = self._check_token_stop(seq, token)
             if reason is None:
-                stop = self.detokenizer.append(seq, token)
+                stop: str | None = self.detokenizer.append(seq, token)
                 if stop is not None:
                     reason, stop_reason = "stop", stop
                 elif guide is not None and guide.is_stopped:  # the grammar is complete
@@ -284,8 +284,9 @@ class LLMEngine:
                         or seq.num_tokens >= self.max_model_len:
                     reason = "length"
             logprobs = None
-            if result.logprobs is not None and result.logprobs[row] is not None:
-                logprobs = [self._token_logprob(token, *result.logprobs[row])]
+            row_logprobs = None if result.logprobs is None else result.logprobs[row]
+            if row_logprobs is not None:
+                logprobs = [self._token_logprob(token, *row_logprobs)]
             delta = self.detokenizer.take_delta(seq, finished=reason is not None)
             if reason is not None:
                 seq.finish_reason, seq.stop_reason = reason, stop_reason
@@ -298,7 +299,7 @@ class LLMEngine:
             self.num_failed_total += 1
         return outputs
 
-    def _check_token_stop(self, seq: Sequence, token: int) -> tuple[str | None, int | None]:
+    def _check_token_stop(self, seq: Sequence, token: int) -> tuple[str | None, str | int | None]:
         if token in seq.params.stop_token_ids:
             return "stop", token
         if token in self.eos_token_ids and not seq.params.ignore_eos:
@@ -327,7 +328,7 @@ class LLMEngine:
 
     def _token_logprob(self, token: int, logprob: float, top: list[tuple[int, float]]) -> TokenLogprob:
         def text(t: int) -> str:
-            return self.tokenizer.decode([t])
+            return self.detokenizer.decode_token(t)
         return TokenLogprob(token, text(token), logprob, [(t, text(t), lp) for t, lp in top])
 
     @staticmethod

@@ -1,4 +1,8 @@
-"""The one place with tensors: the model, its paged KV cache, and the step's input tensors."""
+"""The one place with tensors: the model, its paged KV cache, and the step's input tensors.
+
+Which kernels run was decided at load (models/backend.py: `KernelPath`); the runner only builds
+the inputs they take: `PagedDecodeAttention` for decodes on the C kernel, `PaddedAttention` for
+everything else, or the whole decode step in C."""
 
 from __future__ import annotations
 
@@ -8,8 +12,10 @@ import torch
 
 from rillet.engine.block_manager import BlockManager
 from rillet.engine.scheduler import ScheduledBatch
-from rillet.models import cpu_decode, cpu_kernels
-from rillet.models.llama import AttentionGroup, AttentionMetadata, CausalLM
+from rillet.engine.sequence import Sequence
+from rillet.models import cpu_decode
+from rillet.models.backend import KernelPath
+from rillet.models.llama import AttentionGroup, AttentionMetadata, CausalLM, PaddedAttention, PagedDecodeAttention
 
 logger = logging.getLogger(__name__)
 
@@ -22,37 +28,34 @@ def kv_bytes_per_token(model: CausalLM, dtype: torch.dtype) -> int:
 
 
 class ModelRunner:
-    def __init__(self, model: CausalLM, num_blocks: int, block_size: int, dtype: torch.dtype,
-                 device: torch.device):
+    def __init__(self, model: CausalLM, num_blocks: int, block_size: int, path: KernelPath) -> None:
         self.model = model
         self.block_size = block_size
-        self.device = device
-        self.dtype = dtype
+        self.path = path
+        self.device = device = path.backend.device
+        self.dtype = dtype = path.backend.dtype
         num_slots = num_blocks * block_size
         shape = (model.num_kv_heads, num_slots, model.head_dim)  # head-major, see Attention
         # Zeroed so that padded (masked) reads never meet NaN garbage.
         self.num_slots = num_slots
-        self.paged_decode_kernel = cpu_kernels.supports(model.num_heads, model.num_kv_heads, model.head_dim,
-                                                        dtype, device)
-        if self.paged_decode_kernel:
-            model.use_cpu_kernels(cpu_kernels.load())
+        self.paged_decode_kernel = path.kernels is not None
         self.kv_caches = [(torch.zeros(shape, dtype=dtype, device=device),
                            torch.zeros(shape, dtype=dtype, device=device)) for _ in model.layers]
         # Decode rows through every layer in one C call where the model allows (models/cpu_decode.py).
-        self.decode_forward = None
-        if self.paged_decode_kernel and cpu_decode.supported(model):
+        self.decode_forward: cpu_decode.DecodeForward | None = None
+        if path.decode_in_c:
             self.decode_forward = cpu_decode.DecodeForward(model, self.kv_caches, block_size)
         if device.type == "cpu":
             logger.info("%s", self.describe_kernels())
 
     def describe_kernels(self) -> str:
         """E.g. 'CPU kernels: avx2 (avx2 fma f16c), weights bf16, decode step in C'."""
-        if not self.paged_decode_kernel:
+        kernels = self.path.kernels
+        if kernels is None:
             why = "disabled or not built" if self.dtype == torch.bfloat16 else str(self.dtype).removeprefix("torch.")
             return f"CPU kernels: off ({why}), torch path"
-        kernels = cpu_kernels.load()
         flags = " ".join(flag.removeprefix("-m") for flag in kernels.flags if flag.startswith("-m"))
-        formats = sorted({getattr(m, "format", None) for m in self.model.modules()} - {None}) or ["torch"]
+        formats = sorted({str(m.format) for m in self.model.modules() if getattr(m, "format", None)}) or ["torch"]
         step = "decode step in C" if self.decode_forward is not None else "decode attention in C"
         return f"CPU kernels: {kernels.isa} ({flags or 'no ISA flags'}), weights {'/'.join(formats)}, {step}"
 
@@ -78,13 +81,12 @@ class ModelRunner:
         return (torch.tensor(flat, dtype=torch.int32).view(len(lengths), num_blocks),
                 torch.tensor(lengths, dtype=torch.int32))
 
-    def _kernel_decode_group(self, block_tables: list[list[int]], lengths: list[int]) -> AttentionGroup:
+    def _kernel_decode_group(self, block_tables: list[list[int]], lengths: list[int]) -> PagedDecodeAttention:
         tables, context_lens = self._decode_tables(block_tables, lengths)
-        return AttentionGroup(num_seqs=len(lengths), query_len=1, first_row=0, query_rows=None, real_rows=None,
-                              blocks=None, bias=None, block_tables=tables, context_lens=context_lens)
+        return PagedDecodeAttention(num_seqs=len(lengths), first_row=0, block_tables=tables, context_lens=context_lens)
 
     def _group(self, first_row: int, lengths: list[int], contexts: list[int],
-               block_tables: list[list[int]]) -> AttentionGroup:
+               block_tables: list[list[int]]) -> PaddedAttention:
         """Attention inputs of sequences feeding lengths[i] tokens that end at position contexts[i]."""
         B, L = len(lengths), max(lengths)
         width = max(max(contexts), MIN_ATTENTION_WIDTH)
@@ -107,7 +109,7 @@ class ModelRunner:
             bias = bias[:, :, None, :].expand(B, L, group_size, width).reshape(B, L * group_size, width)
         # else [B, 1, W], broadcast over the group
         bias = bias.repeat(self.model.num_kv_heads, 1, 1)  # head-major, like the gathered keys
-        return AttentionGroup(
+        return PaddedAttention(
             num_seqs=B, query_len=L, first_row=first_row, query_rows=query_rows, real_rows=real_rows,
             blocks=self._blocks(block_tables, width), bias=bias.to(self.device, non_blocking=True),
         )
@@ -128,9 +130,11 @@ class ModelRunner:
                      for seq, n in zip(batch.seqs, batch.num_new_tokens)]
         decodes = [i for i, decode in enumerate(is_decode) if decode]
         prefills = [i for i, decode in enumerate(is_decode) if not decode]
-        hidden_parts, sampling = [], []
+        hidden_parts: list[torch.Tensor] = []
+        sampling: list[int] = []
         if decodes and self.decode_forward is not None:
-            hidden_parts.append(self._decode_in_c([batch.seqs[i] for i in decodes], block_manager))
+            hidden_parts.append(self._decode_in_c(self.decode_forward, [batch.seqs[i] for i in decodes],
+                                                  block_manager))
             sampling += decodes
             rest = prefills
         else:
@@ -144,13 +148,14 @@ class ModelRunner:
         hidden = hidden_parts[0] if len(hidden_parts) == 1 else torch.cat(hidden_parts)
         return self.model.compute_logits(hidden), sampling
 
-    def _decode_in_c(self, seqs: list, block_manager: BlockManager) -> torch.Tensor:
+    def _decode_in_c(self, decode_forward: cpu_decode.DecodeForward, seqs: list[Sequence],
+                     block_manager: BlockManager) -> torch.Tensor:
         """Hidden states [len(seqs), H] of decode rows, all layers in rillet's C kernel."""
         positions = [seq.num_computed_tokens for seq in seqs]
         tokens = [seq.token_at(p) for seq, p in zip(seqs, positions)]
         slots = [block_manager.slot(seq, p) for seq, p in zip(seqs, positions)]
         tables, context_lens = self._decode_tables([seq.block_table for seq in seqs], [p + 1 for p in positions])
-        return self.decode_forward(torch.tensor(tokens, dtype=torch.long), torch.tensor(positions, dtype=torch.long),
+        return decode_forward(torch.tensor(tokens, dtype=torch.long), torch.tensor(positions, dtype=torch.long),
                                    torch.tensor(slots, dtype=torch.long), tables, context_lens)
 
     def _forward_torch(self, batch: ScheduledBatch, indices: list[int], is_decode: list[bool],
@@ -160,9 +165,11 @@ class ModelRunner:
         input_ids: list[int] = []
         positions: list[int] = []
         slot_mapping: list[int] = []
-        decode_tables, decode_lengths = [], []
-        prefill_specs = []  # (start, end, seq, context_len)
-        logits_rows, sampling = [], []
+        decode_tables: list[list[int]] = []
+        decode_lengths: list[int] = []
+        prefill_specs: list[tuple[int, int, Sequence, int]] = []  # (start, end, seq, context_len)
+        logits_rows: list[int] = []
+        sampling: list[int] = []
         for i in indices:
             seq, n = batch.seqs[i], batch.num_new_tokens[i]
             start = seq.num_computed_tokens
@@ -180,7 +187,7 @@ class ModelRunner:
                 logits_rows.append(len(input_ids) - 1)
                 sampling.append(i)
 
-        groups = []
+        groups: list[AttentionGroup] = []
         if decode_tables and self.paged_decode_kernel:
             groups.append(self._kernel_decode_group(decode_tables, decode_lengths))
         elif decode_tables:

@@ -7,7 +7,10 @@ Kept apart from the engine so that a front end whose engine runs in another proc
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
+
+from transformers import PreTrainedTokenizerBase
 
 from rillet.engine.errors import PromptTooLongError
 
@@ -73,7 +76,7 @@ def render_tools_as_text(messages: list[dict[str, Any]], tools: list[dict[str, A
 
 
 class PromptEncoder:
-    def __init__(self, tokenizer: Any, vocab_size: int, max_model_len: int):
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, vocab_size: int, max_model_len: int) -> None:
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
         self.max_model_len = max_model_len
@@ -86,16 +89,19 @@ class PromptEncoder:
         if isinstance(prompt, str):
             if not prompt:
                 raise ValueError("prompt must not be empty")
-            return self.tokenizer.encode(prompt)
+            return list(self.tokenizer.encode(prompt))
         if not isinstance(prompt, list) or not prompt:
             raise ValueError("prompt must be a non-empty string, list of token ids or list of messages")
-        if all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-            bad = [t for t in prompt if not 0 <= t < self.vocab_size]
+        items: list[object] = list(prompt)
+        token_ids = [t for t in items if isinstance(t, int) and not isinstance(t, bool)]
+        if len(token_ids) == len(items):
+            bad = [t for t in token_ids if not 0 <= t < self.vocab_size]
             if bad:
                 raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})")
-            return list(prompt)
-        if all(isinstance(m, dict) for m in prompt):
-            return self.encode_chat(prompt, tools)
+            return token_ids
+        messages = [m for m in items if isinstance(m, dict)]
+        if len(messages) == len(items):
+            return self.encode_chat(messages, tools)
         raise ValueError("prompt must be a non-empty string, list of token ids or list of messages")
 
     def encode_chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> list[int]:
@@ -116,13 +122,16 @@ class PromptEncoder:
                 tools = None
         if not template:
             text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
-            return self.tokenizer.encode(text)
+            return list(self.tokenizer.encode(text))
         try:
-            text = self.tokenizer.apply_chat_template(messages, tools=tools or None, tokenize=False,
-                                                      add_generation_prompt=True)
+            tool_specs: list[dict[Any, Any] | Callable[..., Any]] | None = list(tools) if tools else None
+            rendered = self.tokenizer.apply_chat_template(messages, tools=tool_specs, tokenize=False,
+                                                          add_generation_prompt=True)
         except Exception as exc:  # templates raise on role orders they do not accept
             raise ValueError(f"the model's chat template rejected these messages: {exc}") from None
-        return self.tokenizer.encode(text, add_special_tokens=False)
+        if not isinstance(rendered, str):
+            raise ValueError("the model's chat template did not render text")
+        return list(self.tokenizer.encode(rendered, add_special_tokens=False))
 
     def check_prompt_length(self, num_tokens: int, max_tokens: int | None = None, *, what: str = "prompt") -> None:
         """PromptTooLongError if the prompt leaves no room for output, or if the prompt plus

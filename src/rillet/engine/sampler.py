@@ -21,7 +21,7 @@ from rillet.structured.matcher import apply_token_bitmask_
 @dataclass
 class SampleResult:
     token_ids: list[int]
-    logprobs: list[tuple[float, list[tuple[int, float]]]] | None  # per row: (chosen, top-k) or None rows
+    logprobs: list[tuple[float, list[tuple[int, float]]] | None] | None  # per row: (chosen, top-k) or None rows
 
 
 TOP_P_CANDIDATES = (256, 4096)  # nucleus search widths before a full sort, see Sampler._top_p
@@ -40,11 +40,11 @@ class Sampler:
     def forget(self, seq: Sequence) -> None:
         self._seq_generators.pop(id(seq), None)
 
-    def _generator_for(self, seq: Sequence) -> torch.Generator:
+    def _generator_for(self, seq: Sequence, seed: int) -> torch.Generator:
         gen = self._seq_generators.get(id(seq))
         if gen is None:
             gen = torch.Generator()  # CPU: see __init__
-            gen.manual_seed(seq.seed)
+            gen.manual_seed(seed)
             self._seq_generators[id(seq)] = gen
         return gen
 
@@ -67,7 +67,7 @@ class Sampler:
         else:
             chosen = self._sample(logits, seqs, greedy)
         token_ids = chosen.tolist()
-        logprobs = None
+        logprobs: list[tuple[float, list[tuple[int, float]]] | None] | None = None
         if raw_logprobs is not None:
             logprobs = []
             for row, seq in enumerate(seqs):
@@ -166,7 +166,7 @@ class Sampler:
             uniforms[unseeded] = torch.rand(len(unseeded), dtype=torch.float64, generator=self._cpu_generator)
         for i, s in enumerate(seqs):
             if s.seed is not None and not greedy[i]:
-                uniforms[i] = torch.rand(1, dtype=torch.float64, generator=self._generator_for(s))
+                uniforms[i] = torch.rand(1, dtype=torch.float64, generator=self._generator_for(s, s.seed))
         cdf = probs.double().cumsum_(dim=-1)
         targets = (uniforms.to(cdf.device) * cdf[:, -1])[:, None]
         # The first token whose cumulative mass exceeds the target: never a zero-probability one.

@@ -10,14 +10,26 @@ Weight formats (`Backend.weights`):
   q8), without a detour through float.
 The quantized formats run on rillet's C kernels with bfloat16 activations, on every CPU those
 kernels build for (AVX-512, AVX2, NEON, plain C).
+
+Two steps, both here: `select_backend()` decides from the options and the machine (the CPU's
+instruction sets are read once, in models/cpu_isa.py); `prepare_model()` applies the decision
+to the loaded model (quantized or packed projections, the C kernels for decode attention and the
+fused norms, the whole decode step in C where every projection allows it) and returns the
+`KernelPath` the model runner follows. Nothing else asks which kernels exist.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from rillet.models.cpu_kernels import Kernels
+    from rillet.models.llama import CausalLM
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +43,7 @@ class Backend:
     dtype: torch.dtype  # activations, and the weights that stay in float
     weights: str  # "float32" | "bfloat16" | "float16" | "q8" | "q4" | "gguf"
     cpu_isa: str | None  # the C kernels' instruction-set variant; None: torch ops only
+    pack_linears: bool = False  # projections pre-packed (rillet's kernel or oneDNN); float32 keeps torch's
 
     @property
     def quantized(self) -> bool:
@@ -41,9 +54,47 @@ class Backend:
         """The format float checkpoints are quantized to at load (None: they are not)."""
         return self.weights if self.weights in ("q8", "q4") else None
 
+    @property
+    def cpu_kernels(self) -> Kernels | None:
+        """The C kernels where they run this backend's activations (bf16 on the CPU), else None."""
+        if self.cpu_isa is None or self.device.type != "cpu" or self.dtype != torch.bfloat16:
+            return None
+        from rillet.models import cpu_kernels
+
+        return cpu_kernels.load(self.cpu_isa)
+
     def describe(self) -> dict[str, str]:
         return {"device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
                 "weights": self.weights, "cpu_isa": self.cpu_isa or "none"}
+
+
+@dataclass(frozen=True)
+class KernelPath:
+    """How one loaded model's step runs on its backend (prepare_model)."""
+    backend: Backend
+    kernels: Kernels | None  # decode attention and the fused add + norm in C; None: torch ops only
+    decode_in_c: bool  # decode rows through every layer in one C call (models/cpu_decode.py)
+
+
+def prepare_model(model: CausalLM, backend: Backend, *, gguf: Path | None = None, batch_hint: int = 1) -> KernelPath:
+    """Put the model on the backend's kernels, in place: quantized or pre-packed projections,
+    and the C kernels where they run this model's attention."""
+    from rillet.models import cpu_decode
+    from rillet.models.quantized import quantize_model
+
+    if backend.quantized:
+        quantize_model(model, backend, gguf)
+    if backend.pack_linears:
+        model.pack_for_cpu(batch_hint, backend.cpu_kernels)
+    kernels = backend.cpu_kernels
+    if kernels is not None and not kernels.supports_attention(model.num_heads, model.num_kv_heads, model.head_dim):
+        kernels = None
+    if kernels is None:
+        return KernelPath(backend, None, False)
+    # Without bf16 dot products (AVX2, NEON) oneDNN emulates bf16 matmuls at a fraction of
+    # float32's speed: prompt attention runs in float32 there (its linears stay on the kernels).
+    model.use_cpu_kernels(kernels, attention_float32=not kernels.features["bf16_dot"])
+    return KernelPath(backend, kernels, cpu_decode.supported(model))
 
 
 def resolve_device(name: str) -> torch.device:
@@ -78,7 +129,15 @@ def select_backend(dtype: str = "auto", quantization: str = "auto", device: str 
         else:
             act = DTYPES[dtype]
         return Backend(dev, act, str(act).removeprefix("torch."), None)
+    backend = _select_cpu(dev, dtype, quantization, gguf)
+    from rillet.models.cpu_linear import onednn_packing_supported
 
+    on_kernels = backend.cpu_isa is not None and backend.dtype == torch.bfloat16
+    pack = on_kernels or onednn_packing_supported(backend.dtype, dev)
+    return Backend(backend.device, backend.dtype, backend.weights, backend.cpu_isa, pack_linears=pack)
+
+
+def _select_cpu(dev: torch.device, dtype: str, quantization: str, gguf: bool) -> Backend:
     isa = _cpu_kernel_isa()
     if dtype == "auto":
         # bf16 halves the bytes every decode step streams; with rillet's kernels it runs on any

@@ -272,19 +272,6 @@ def describe() -> dict:
     return {"isa": kernels.isa, "features": dict(kernels.features)}
 
 
-def supports(num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> bool:
-    """Whether the selected kernels can run this model's decode attention and norms here."""
-    if device.type != "cpu" or dtype != torch.bfloat16:
-        return False
-    kernels = load()
-    return kernels is not None and kernels.supports_attention(num_heads, num_kv_heads, head_dim)
-
-
-def linear_supported(dtype: torch.dtype, device: torch.device) -> bool:
-    """Whether rillet's bf16 linear kernel runs here (any ISA where the kernels built)."""
-    return device.type == "cpu" and dtype == torch.bfloat16 and load() is not None
-
-
 def add_rms_norm(residual: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """The selected kernels' Kernels.add_rms_norm."""
     return load().add_rms_norm(residual, x, weight, eps)

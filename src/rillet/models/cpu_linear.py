@@ -45,11 +45,6 @@ def bucket_rows(rows: int) -> int:
 _packing_probes: dict[torch.dtype, bool] = {}
 
 
-def packing_supported(dtype: torch.dtype, device: torch.device) -> bool:
-    """Whether linears of this dtype get pre-packed here: rillet's kernel or oneDNN's."""
-    return cpu_kernels.linear_supported(dtype, device) or onednn_packing_supported(dtype, device)
-
-
 def onednn_packing_supported(dtype: torch.dtype, device: torch.device) -> bool:
     """Whether oneDNN can pre-pack linears of this dtype here. Probed once per dtype: float16
     packing needs AVX512-FP16 or AVX-NE-CONVERT, which many CPUs lack (plain nn.Linear then)."""
@@ -128,7 +123,7 @@ class KernelLinear(nn.Module):
         super().__init__()
         kernels = kernels or cpu_kernels.load()
         if kernels is None:
-            raise RuntimeError("rillet's CPU kernels are unavailable here (see cpu_kernels.linear_supported)")
+            raise RuntimeError("rillet's CPU kernels are unavailable here (see models/backend.py)")
         self.kernels = kernels
         self.out_features, self.in_features = weight.shape
         if isinstance(weight, QuantizedWeight):
@@ -156,17 +151,18 @@ class KernelLinear(nn.Module):
         return self.kernels.linear(self.weight_struct, x.reshape(-1, x.shape[-1])).view(*x.shape[:-1], -1)
 
 
-def packed_linear(weight: torch.Tensor, bias: torch.Tensor | None, batch_hint: int) -> nn.Module:
-    """The fastest pre-packed linear for this weight here: rillet's kernel (bf16, any ISA where
-    the kernels built) or oneDNN's (float16, or no kernels)."""
-    if cpu_kernels.linear_supported(weight.dtype, weight.device):
-        return KernelLinear(weight, bias)
+def packed_linear(weight: torch.Tensor, bias: torch.Tensor | None, batch_hint: int,
+                  kernels: cpu_kernels.Kernels | None) -> nn.Module:
+    """A pre-packed linear: on `kernels` (rillet's, for bf16 on any ISA where they built; the
+    backend's choice, models/backend.py) or oneDNN's (float16, or no kernels)."""
+    if kernels is not None and weight.dtype == torch.bfloat16:
+        return KernelLinear(weight, bias, kernels)
     return PackedLinear(weight, bias, batch_hint)
 
 
-def pack_linears(model: nn.Module, batch_hint: int) -> None:
+def pack_linears(model: nn.Module, batch_hint: int, kernels: cpu_kernels.Kernels | None) -> None:
     """Replace every nn.Linear inside `model` by a pre-packed one (see packed_linear), in place."""
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if isinstance(child, nn.Linear):
-                setattr(module, name, packed_linear(child.weight, child.bias, batch_hint))
+                setattr(module, name, packed_linear(child.weight, child.bias, batch_hint, kernels))

@@ -2,18 +2,23 @@
 
 The forward pass takes a flat batch of tokens from many sequences (decode tokens and
 prefill chunks mixed) and an `AttentionMetadata` saying where each token's keys go and
-which cached keys each query may see. Shapes: T = tokens in the step, H = hidden size,
+which cached keys each query may see, in groups of two kinds: `PaddedAttention` (queries
+padded to the longest, keys gathered, batched matmuls: prompt chunks, and decodes off the C
+kernel) and `PagedDecodeAttention` (one query per sequence, keys read in place by the C kernel). Shapes: T = tokens in the step, H = hidden size,
 nh / nkv = query / key-value heads, d = head dim, S = KV slots (blocks * block_size).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+if TYPE_CHECKING:
+    from rillet.models.cpu_kernels import Kernels
 
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
@@ -28,19 +33,30 @@ PV_CHUNK_FLOAT32 = 128  # the same for attend_float32
 
 
 @dataclass
-class AttentionGroup:
-    """Sequences whose queries attend in one padded batched matmul: the step's decodes (one query
-    each) or its prefill chunks (padded to the longest). B sequences, L queries each, W key slots."""
+class PaddedAttention:
+    """Sequences whose queries attend in one padded batched matmul over gathered keys: the step's
+    prefill chunks (padded to the longest), or its decodes (one query each) where the C kernel
+    is not in use. B sequences, L queries each, W key slots."""
     num_seqs: int  # B
     query_len: int  # L
     first_row: int  # the group's tokens are rows first_row.. of the flat batch, sequence by sequence
     query_rows: torch.Tensor | None  # [B * L] flat-batch row of each padded query; None: no padding
     real_rows: torch.Tensor | None  # [tokens] position of each real query in the padded [B * L]
-    blocks: torch.Tensor | None  # [nkv * B * nb] per head, KV blocks to read (see gather_rows)
-    bias: torch.Tensor | None  # [nkv * B, L * group or 1, W]: 0 where a query sees a key, -inf elsewhere
-    # Set instead of blocks and bias for decodes on the CPU kernel (models/cpu_kernels.py):
-    block_tables: torch.Tensor | None = None  # [B, nb] int32
-    context_lens: torch.Tensor | None = None  # [B] int32
+    blocks: torch.Tensor  # [nkv * B * nb] per head, KV blocks to read (see gather_rows)
+    bias: torch.Tensor  # [nkv * B, L * group or 1, W]: 0 where a query sees a key, -inf elsewhere
+
+
+@dataclass
+class PagedDecodeAttention:
+    """The step's decodes on rillet's C kernel (models/cpu_kernels.py), which reads the paged
+    cache in place: one query per sequence, rows first_row..first_row + B, no padding."""
+    num_seqs: int  # B
+    first_row: int
+    block_tables: torch.Tensor  # [B, nb] int32
+    context_lens: torch.Tensor  # [B] int32
+
+
+AttentionGroup = Union[PaddedAttention, PagedDecodeAttention]
 
 
 @dataclass
@@ -84,7 +100,8 @@ class Attention(nn.Module):
         else:
             self.q_norm = self.k_norm = None
         self.scale = self.head_dim ** -0.5
-        self.kernels = None  # rillet's CPU kernels (cpu_kernels.Kernels), set by CausalLM.use_cpu_kernels
+        self.kernels: Kernels | None = None  # rillet's CPU kernels, set by CausalLM.use_cpu_kernels
+        self.attention_float32 = False  # bf16 prompt attention as float32 matmuls (see attend_float32)
 
     def forward(self, x, cos, sin, k_cache, v_cache, meta: AttentionMetadata):
         T = x.shape[0]
@@ -101,12 +118,13 @@ class Attention(nn.Module):
         k_cache.index_copy_(1, meta.slot_mapping, k.transpose(0, 1))
         v_cache.index_copy_(1, meta.slot_mapping, v.transpose(0, 1))
 
-        if len(meta.groups) == 1 and meta.groups[0].query_rows is None:
-            return self.o_proj(self._attend_group(q, k_cache, v_cache, meta.groups[0], meta.block_size))
+        only = meta.groups[0] if len(meta.groups) == 1 else None
+        if only is not None and (isinstance(only, PagedDecodeAttention) or only.query_rows is None):
+            return self.o_proj(self._attend_group(q, k_cache, v_cache, only, meta.block_size))
         out = torch.empty((T, nh * d), dtype=q.dtype, device=q.device)
         for group in meta.groups:
             o = self._attend_group(q, k_cache, v_cache, group, meta.block_size)
-            if group.real_rows is not None:
+            if isinstance(group, PaddedAttention) and group.real_rows is not None:
                 o = o.index_select(0, group.real_rows)
             out[group.first_row:group.first_row + o.shape[0]] = o
         return self.o_proj(out)
@@ -115,11 +133,13 @@ class Attention(nn.Module):
         """Attention of one group's queries over their cached keys: [B * L, nh * d]. Query heads are
         grouped by the KV head they share (GQA); the matmuls batch (KV head, sequence)."""
         nh, nkv, d = self.num_heads, self.num_kv_heads, self.head_dim
-        B, L = group.num_seqs, group.query_len
-        if group.block_tables is not None:
+        if isinstance(group, PagedDecodeAttention):
+            assert self.kernels is not None, "a PagedDecodeAttention group needs CausalLM.use_cpu_kernels"
+            B = group.num_seqs
             return self.kernels.paged_decode_attention(q[group.first_row:group.first_row + B], k_cache, v_cache,
                                                        group.block_tables, group.context_lens, block_size,
                                                        self.scale)
+        B, L = group.num_seqs, group.query_len
         if group.query_rows is None:
             qg = q[group.first_row:group.first_row + B * L]
         else:
@@ -127,9 +147,7 @@ class Attention(nn.Module):
         qg = qg.reshape(B, L, nkv, nh // nkv, d).permute(2, 0, 1, 3, 4).reshape(nkv * B, L * (nh // nkv), d)
         kg = gather_rows(k_cache, group.blocks, block_size).view(nkv * B, -1, d)  # [nkv*B, W, d]
         vg = gather_rows(v_cache, group.blocks, block_size).view(nkv * B, -1, d)
-        if self.kernels is not None and not self.kernels.features["bf16_dot"] and qg.dtype == torch.bfloat16:
-            # Without bf16 dot products (AVX2, NEON) oneDNN emulates bf16 matmuls at a fraction of
-            # float32's speed: prompt attention runs in float32 there (its linears stay on the kernels).
+        if self.attention_float32 and qg.dtype == torch.bfloat16:  # decided by models/backend.py
             og = attend_float32(qg, kg, vg, group.bias, self.scale)
         else:
             og = attend(qg, kg, vg, group.bias, self.scale)
@@ -275,19 +293,21 @@ class CausalLM(nn.Module):
             return self.lm_head(hidden).float()
         return F.linear(hidden, self.embed_tokens.weight).float()
 
-    def use_cpu_kernels(self, kernels) -> None:
-        """Decode attention and the residual add + RMSNorm on rillet's C kernels (a
-        cpu_kernels.Kernels; bf16 on the CPU)."""
+    def use_cpu_kernels(self, kernels: Kernels, attention_float32: bool = False) -> None:
+        """Decode attention and the residual add + RMSNorm on rillet's C kernels (bf16 on the
+        CPU); `attention_float32`: padded attention as float32 matmuls (models/backend.py decides)."""
         for layer in self.layers:
             layer.kernels = layer.self_attn.kernels = kernels
+            layer.self_attn.attention_float32 = attention_float32
 
-    def pack_for_cpu(self, batch_hint: int) -> None:
-        """Pre-pack every projection (and the tied output head); see cpu_linear."""
+    def pack_for_cpu(self, batch_hint: int, kernels: Kernels | None) -> None:
+        """Pre-pack every projection (and the tied output head) on `kernels`, or oneDNN's where
+        None; see cpu_linear."""
         from rillet.models.cpu_linear import pack_linears, packed_linear
 
-        pack_linears(self, batch_hint)
+        pack_linears(self, batch_hint, kernels)
         if self.lm_head is None:
-            self.lm_head = packed_linear(self.embed_tokens.weight, None, batch_hint)
+            self.lm_head = packed_linear(self.embed_tokens.weight, None, batch_hint, kernels)
 
 
 def rope_tables(config, max_positions: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 from rillet.models.config_check import check_supported
 from rillet.models.llama import CausalLM, family_of
@@ -18,16 +19,17 @@ logger = logging.getLogger(__name__)
 @dataclass
 class LoadedModel:
     model: CausalLM
-    tokenizer: object
-    config: object
+    tokenizer: PreTrainedTokenizerBase
+    config: PretrainedConfig
     eos_token_ids: list[int]
     max_position_embeddings: int
 
 
-def load_tokenizer(path: Path):
+def load_tokenizer(path: Path) -> PreTrainedTokenizerBase:
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    return tokenizer
 
 
 def eos_ids_of(path: Path, config, tokenizer) -> list[int]:
