@@ -48,9 +48,6 @@ class APIError(Exception):
         self.code = code if code is not None else status
         self.headers = headers
 
-    def openai_body(self) -> dict[str, Any]:
-        return error_body("/v1", self.status, self.message, type=self.type, param=self.param, code=self.code)
-
 
 def param_error(exc: ParamError) -> APIError:
     return APIError(400, exc.message, param=exc.param)
