@@ -1,8 +1,8 @@
 """The synchronous engine: wires tokenizer, scheduler, model runner, sampler and detokenizer.
 
 `add_request` validates and queues; each `step()` runs one batched forward pass over every
-live sequence and returns the new output deltas. `AsyncEngine` drives `step()` from a thread;
-`LLM` drives it inline.
+live sequence and returns the new output deltas. `EngineCore` (engine/core.py) drives `step()`
+for AsyncEngine, in a thread or a process of its own; `LLM` drives it inline.
 """
 
 from __future__ import annotations
