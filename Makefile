@@ -31,6 +31,7 @@ serve: install
 	$(BIN)/rillet serve --host $(HOST) --port $(PORT)
 
 test: test-deps
+	$(BIN)/python -m mypy  # strict for src/rillet/server and src/rillet/engine (pyproject [tool.mypy])
 	$(BIN)/python -m pytest -q
 
 soak: test-deps

@@ -7,7 +7,7 @@ Measures, on one machine:
   - TTFT p50/p99 of both.
 Each engine gets `cores / 2` threads. Writes benchmarks/results/bench_ray.json (CPU, commit).
 
-    .venv/bin/python benchmarks/bench_ray.py [--streams 16] [--requests 64] [--max-tokens 64]
+    .venv/bin/python -m benchmarks.bench_ray [--streams 16] [--requests 64] [--max-tokens 64]
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ from pathlib import Path
 
 import httpx
 
+from rillet.bench.machine import machine_info
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "benchmarks"))
-from sim_ray_routing import _machine  # noqa: E402
 
 GREEDY_PROMPTS = ["The capital of France is", "Write a haiku about rivers.", "List three prime numbers:",
                   "Explain what a compiler does in one sentence.", "def fibonacci(n):",
@@ -184,7 +184,7 @@ def main() -> None:
     best_sep = max(max(r["separate"]["tok_s"], r["separate_engine_thread"]["tok_s"]) for r in rounds)
     best_ray = max(r["ray"]["tok_s"] for r in rounds)
     report = {
-        "benchmark": "bench_ray", "machine": _machine(), "load_1m": os.getloadavg()[0],
+        "benchmark": "bench_ray", "machine": machine_info(), "load_1m": os.getloadavg()[0],
         "command": f"python benchmarks/bench_ray.py --streams {args.streams} --requests {args.requests} "
                    f"--max-tokens {args.max_tokens} --rounds {args.rounds}",
         "threads_per_engine": threads,

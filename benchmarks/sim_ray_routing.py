@@ -19,7 +19,7 @@ Policies: cache-aware (the rillet router), power-of-two (Ray Serve's default), r
 round-robin. Writes benchmarks/results/sim_ray_routing.json (CPU and commit named) and
 docs/sim_ray_routing.png.
 
-    .venv/bin/python benchmarks/sim_ray_routing.py [--replicas 16 32 64] [--requests 20000]
+    .venv/bin/python -m benchmarks.sim_ray_routing [--replicas 16 32 64] [--requests 20000]
 """
 
 from __future__ import annotations
@@ -29,15 +29,14 @@ import asyncio
 import heapq
 import itertools
 import json
-import platform
 import random
 import statistics
-import subprocess
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from rillet.bench.machine import machine_info
 from rillet.deploy.routing import PrefixAffinityPolicy, routing_text
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -371,28 +370,6 @@ def simulate(params: Params, policy: str) -> dict:
     }
 
 
-def _machine() -> dict:
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-
-    def git(*args: str) -> str:
-        try:
-            return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
-        except (OSError, subprocess.CalledProcessError):
-            return ""
-    commit = git("rev-parse", "--short", "HEAD")
-    mine = ["src/rillet/deploy", "benchmarks/sim_ray_routing.py"]
-    dirty = bool(git("status", "--porcelain", "--", *mine))
-    return {"cpu": cpu, "cores": __import__("os").cpu_count(), "python": platform.python_version(),
-            "commit": commit + ("+dirty" if dirty else "")}
-
-
 def plot(results: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -433,7 +410,7 @@ def main() -> None:
             row["wall_s"] = round(time.perf_counter() - started, 1)
             results.append(row)
             print(json.dumps(row), flush=True)
-    report = {"benchmark": "sim_ray_routing", "machine": _machine(),
+    report = {"benchmark": "sim_ray_routing", "machine": machine_info(),
               "params": {k: v for k, v in vars(Params(replicas=0, requests=args.requests, load=args.load)).items()
                          if k != "replicas"},
               "command": "python benchmarks/sim_ray_routing.py " + " ".join(

@@ -1,5 +1,5 @@
 """Structured output through the real engine (the default model, float32): every schema of
-tests/data/structured_schemas.py in one sampled batch, regex / choice / grammar / json_object,
+rillet/bench/schemas.py in one sampled batch, regex / choice / grammar / json_object,
 constrained and free requests sharing a batch, n=2, preemption, a matcher failure, and
 AsyncEngine refusing a spec that does not compile."""
 
@@ -15,7 +15,7 @@ from rillet.sampling_params import SamplingParams
 from rillet.structured import StructuredOutputs
 
 
-from data.structured_schemas import SCHEMAS
+from rillet.bench.schemas import SCHEMAS
 
 SCHEMA = dict(SCHEMAS)
 FREE_PROMPTS = ["The capital of France is", "Once upon a time, in a small village,", "def fibonacci(n):"]

@@ -1,6 +1,6 @@
 """Hostile input, generated: schemathesis against the server's own /openapi.json, every route,
 valid and invalid (negative) inputs, in-process over the ASGI app with the fake engine in
-tests/fakes.py. Nothing may answer 5xx or hang. A bounded number of examples per route, no
+tests/support/fakes.py. Nothing may answer 5xx or hang. A bounded number of examples per route, no
 example database, derandomized: the same inputs every run."""
 
 from __future__ import annotations

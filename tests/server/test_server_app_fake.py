@@ -7,7 +7,7 @@ import json
 import logging
 
 import pytest
-from conftest import running_app, sse_events, wait_for
+from support.asgi_app import running_app, sse_events, wait_for
 from support.fakes import FakeEngine
 
 from rillet.config import ServerConfig

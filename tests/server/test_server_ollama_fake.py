@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import ndjson_lines, running_app
+from support.asgi_app import ndjson_lines, running_app
 from support.fakes import FakeEngine
 
 from rillet.protocol import ollama as ol

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from conftest import running_app, sse_events, wait_for
+from support.asgi_app import running_app, sse_events, wait_for
 from support.fakes import FakeEngine
 
 from rillet.protocol import openai as oa

@@ -15,7 +15,7 @@ import ollama
 import openai
 import pytest
 import requests
-from conftest import rillet_proc
+from support import rillet_proc
 
 KEY = rillet_proc.API_KEY
 PROMPTS = [f"Write one short sentence about the number {i}." for i in range(16)]

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import ndjson_lines, running_app, sse_events
+from support.asgi_app import ndjson_lines, running_app, sse_events
 from support.fakes import FakeEngine
 
 from rillet.engine.prompts import PromptEncoder

@@ -14,7 +14,7 @@ import pytest
 from support import rillet_proc
 from pydantic import BaseModel, ConfigDict, Field
 
-from data.structured_schemas import SCHEMAS
+from rillet.bench.schemas import SCHEMAS
 
 KEY = rillet_proc.API_KEY
 TOOLS = [
