@@ -160,25 +160,23 @@ class ModelDetails(BaseModel):
     quantization_level: str = ""
 
 
-class TagsModel(BaseModel):
+class _ModelEntry(BaseModel):
     name: str
     model: str
-    modified_at: str
     size: int = 0
     digest: str = ""
     details: ModelDetails = Field(default_factory=ModelDetails)
+
+
+class TagsModel(_ModelEntry):
+    modified_at: str
 
 
 class TagsResponse(BaseModel):
     models: list[TagsModel]
 
 
-class PsModel(BaseModel):
-    name: str
-    model: str
-    size: int = 0
-    digest: str = ""
-    details: ModelDetails = Field(default_factory=ModelDetails)
+class PsModel(_ModelEntry):
     expires_at: str = ""
     size_vram: int = 0
     context_length: int | None = None

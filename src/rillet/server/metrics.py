@@ -33,25 +33,26 @@ class _EngineCollector(Collector):
         except Exception:  # engine not started or gone: export nothing rather than fail the scrape
             logger.debug("engine stats unavailable", exc_info=True)
             return
-        yield GaugeMetricFamily("rillet:num_requests_running", "Requests generating in the engine.",
-                                value=stats.num_running)
-        yield GaugeMetricFamily("rillet:num_requests_waiting", "Requests queued for a slot.",
-                                value=stats.num_waiting)
-        yield GaugeMetricFamily("rillet:kv_cache_usage_perc", "Fraction of KV cache blocks in use (0..1).",
-                                value=stats.kv_cache_usage)
-        yield CounterMetricFamily("rillet:num_preemptions", "Sequences preempted for lack of KV cache.",
-                                  value=stats.num_preemptions_total)
-        yield CounterMetricFamily("rillet:engine_aborted_requests", "Requests aborted inside the engine.",
-                                  value=stats.num_aborted_total)
-        yield CounterMetricFamily("rillet:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
-                                  value=stats.prefix_cache_queries_total)
+        for kind, name, doc, value in (
+            (GaugeMetricFamily, "num_requests_running", "Requests generating in the engine.", stats.num_running),
+            (GaugeMetricFamily, "num_requests_waiting", "Requests queued for a slot.", stats.num_waiting),
+            (GaugeMetricFamily, "kv_cache_usage_perc", "Fraction of KV cache blocks in use (0..1).",
+             stats.kv_cache_usage),
+            (CounterMetricFamily, "num_preemptions", "Sequences preempted for lack of KV cache.",
+             stats.num_preemptions_total),
+            (CounterMetricFamily, "engine_aborted_requests", "Requests aborted inside the engine.",
+             stats.num_aborted_total),
+            (CounterMetricFamily, "prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
+             stats.prefix_cache_queries_total),
+            (CounterMetricFamily, "prefix_cache_hits", "Prompt tokens whose KV came from the prefix cache.",
+             stats.prefix_cache_hits_total),
+        ):
+            yield kind(f"rillet:{name}", doc, value=value)
         if stats.backend:  # an info metric, as Prometheus spells them: the labels carry the facts
             info = GaugeMetricFamily("rillet:engine_backend_info", "How the model runs: device, activation dtype, "
                                      "weight format and the CPU kernels' instruction set.", labels=sorted(stats.backend))
             info.add_metric([stats.backend[k] for k in sorted(stats.backend)], 1)
             yield info
-        yield CounterMetricFamily("rillet:prefix_cache_hits", "Prompt tokens whose KV came from the prefix cache.",
-                                  value=stats.prefix_cache_hits_total)
 
 
 class Metrics:

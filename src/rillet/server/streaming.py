@@ -50,27 +50,28 @@ def ndjson_line(obj: dict[str, Any]) -> bytes:
     return _dumps(obj).encode() + b"\n"
 
 
-async def sse_stream(objects: AsyncIterator[dict[str, Any]]) -> AsyncIterator[bytes]:
+async def _framed(objects: AsyncIterator[dict[str, Any]], encode: Callable[[dict[str, Any]], bytes],
+                  done: bytes | None) -> AsyncIterator[bytes]:
+    """Each object encoded; an error object ends the stream (without `done`); closes `objects`."""
+    try:
+        async for obj in objects:
+            yield encode(obj)
+            if "error" in obj:
+                return
+        if done is not None:
+            yield done
+    finally:
+        await objects.aclose()  # type: ignore[attr-defined]
+
+
+def sse_stream(objects: AsyncIterator[dict[str, Any]]) -> AsyncIterator[bytes]:
     """OpenAI framing: one `data:` event per object, `[DONE]` at the end, or an error event and no `[DONE]`."""
-    try:
-        async for obj in objects:
-            yield sse_event(obj)
-            if "error" in obj:
-                return
-        yield SSE_DONE
-    finally:
-        await objects.aclose()  # type: ignore[attr-defined]
+    return _framed(objects, sse_event, SSE_DONE)
 
 
-async def ndjson_stream(objects: AsyncIterator[dict[str, Any]]) -> AsyncIterator[bytes]:
+def ndjson_stream(objects: AsyncIterator[dict[str, Any]]) -> AsyncIterator[bytes]:
     """Ollama framing: one JSON object per line; an error object is the last line."""
-    try:
-        async for obj in objects:
-            yield ndjson_line(obj)
-            if "error" in obj:
-                return
-    finally:
-        await objects.aclose()  # type: ignore[attr-defined]
+    return _framed(objects, ndjson_line, None)
 
 
 class StreamingBody(Response):
