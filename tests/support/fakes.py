@@ -87,30 +87,34 @@ class FakeStream:
         await self.engine.abort(self.request_id)
 
 
-class FakeEngine:
-    """Replies `reply` (a string, or a callable of the prompt text) token by token.
+@dataclass(kw_only=True)
+class FakeBehaviour:
+    """How a FakeEngine answers: `reply` (a string, or a callable of the prompt text) token by token.
 
-    token_delay_s: pause before each token. gate: if set, an asyncio.Event every token waits on.
-    fail_after: after that many tokens the request ends with finish_reason "error".
-    raise_after: after that many tokens the stream raises EngineDeadError.
-    max_num_seqs / max_waiting / queue_timeout_s: admission like the real engine.
+    token_delay_s: pause before each token. fail_after: after that many tokens the request ends with
+    finish_reason "error". raise_after: after that many tokens the stream raises EngineDeadError.
+    max_waiting / queue_timeout_s: admission like the real engine (with FakeEngine's max_num_seqs).
     """
 
-    def __init__(self, *, model_name: str = "fake-model", max_model_len: int = 512,
-                 reply: Any = "Hello from the fake engine, one token at a time.",
-                 token_delay_s: float = 0.0, start_delay_s: float = 0.0, start_error: BaseException | None = None,
-                 fail_after: int | None = None, raise_after: int | None = None, max_num_seqs: int = 64,
-                 max_waiting: int | None = 256, queue_timeout_s: float = 120.0) -> None:
+    reply: Any = "Hello from the fake engine, one token at a time."
+    token_delay_s: float = 0.0
+    start_delay_s: float = 0.0
+    start_error: BaseException | None = None
+    fail_after: int | None = None
+    raise_after: int | None = None
+    max_waiting: int | None = 256
+    queue_timeout_s: float = 120.0
+
+
+class FakeEngine:
+    """The engine's interface (EngineClient) over canned replies; `FakeBehaviour`'s fields are its
+    keyword options. gate: if set, an asyncio.Event every token waits on."""
+
+    def __init__(self, *, model_name: str = "fake-model", max_model_len: int = 512, max_num_seqs: int = 64,
+                 **behaviour: Any) -> None:
         self._model_name = model_name
         self._max_model_len = max_model_len
-        self.reply = reply
-        self.token_delay_s = token_delay_s
-        self.start_delay_s = start_delay_s
-        self.start_error = start_error
-        self.fail_after = fail_after
-        self.raise_after = raise_after
-        self.max_waiting = max_waiting
-        self.queue_timeout_s = queue_timeout_s
+        self.behaviour = FakeBehaviour(**behaviour)
         self.gate: asyncio.Event | None = None
         self._health = "stopped"
         self._slots: asyncio.Semaphore | None = None
@@ -144,11 +148,11 @@ class FakeEngine:
 
     async def start(self) -> None:
         self._health = "loading"
-        if self.start_delay_s:
-            await asyncio.sleep(self.start_delay_s)
-        if self.start_error is not None:
+        if self.behaviour.start_delay_s:
+            await asyncio.sleep(self.behaviour.start_delay_s)
+        if self.behaviour.start_error is not None:
             self._health = "dead"
-            raise self.start_error
+            raise self.behaviour.start_error
         self._slots = asyncio.Semaphore(self._max_num_seqs)
         self._health = "ready"
 
@@ -202,8 +206,8 @@ class FakeEngine:
         num_prompt = self.num_tokens(prompt)
         chat = isinstance(prompt, list) and prompt and isinstance(prompt[0], dict)
         checks.check_prompt_length(num_prompt, params.max_tokens, what="messages" if chat else "prompt")
-        if self.max_waiting is not None and self.waiting >= self.max_waiting and self.running >= self._max_num_seqs:
-            raise QueueFullError(f"{self.max_waiting} requests are already waiting; retry later")
+        if self.behaviour.max_waiting is not None and self.waiting >= self.behaviour.max_waiting and self.running >= self._max_num_seqs:
+            raise QueueFullError(f"{self.behaviour.max_waiting} requests are already waiting; retry later")
         request_id = request_id or uuid.uuid4().hex
         stream = FakeStream(self, request_id, num_prompt, params.n)
         self.streams[request_id] = stream
@@ -239,7 +243,7 @@ class FakeEngine:
 
     # ---- production
     def reply_tokens(self, prompt: Any) -> list[str]:
-        text = self.reply(prompt_text(prompt)) if callable(self.reply) else self.reply
+        text = self.behaviour.reply(prompt_text(prompt)) if callable(self.behaviour.reply) else self.behaviour.reply
         return split_tokens(text)
 
     async def _produce(self, stream: FakeStream, prompt: Any, params: SamplingParams) -> None:
@@ -248,10 +252,10 @@ class FakeEngine:
         self.waiting += 1
         try:
             try:
-                await asyncio.wait_for(self._slots.acquire(), self.queue_timeout_s)
+                await asyncio.wait_for(self._slots.acquire(), self.behaviour.queue_timeout_s)
             except asyncio.TimeoutError:
                 self._finish_all(stream, params, "error",
-                                 error=f"the request waited more than {self.queue_timeout_s}s for a slot")
+                                 error=f"the request waited more than {self.behaviour.queue_timeout_s}s for a slot")
                 return
         finally:
             self.waiting -= 1
@@ -287,15 +291,15 @@ class FakeEngine:
         while len(stream.finished_choices) < params.n:
             if self.gate is not None:
                 await self.gate.wait()
-            if self.token_delay_s:
-                await asyncio.sleep(self.token_delay_s)
+            if self.behaviour.token_delay_s:
+                await asyncio.sleep(self.behaviour.token_delay_s)
             else:
                 await asyncio.sleep(0)
-            if self.raise_after is not None and step >= self.raise_after:
+            if self.behaviour.raise_after is not None and step >= self.behaviour.raise_after:
                 stream.queue.put_nowait(EngineDeadError("simulated engine crash"))
                 self.streams.pop(stream.request_id, None)
                 return
-            if self.fail_after is not None and step >= self.fail_after:
+            if self.behaviour.fail_after is not None and step >= self.behaviour.fail_after:
                 self._finish_all(stream, params, "error", error="simulated engine failure")
                 return
             for i in range(params.n):
