@@ -31,13 +31,7 @@ ISA_ENV = {
 
 
 def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return cpu_isa.cpu_model()
 
 
 def isa_flags() -> dict[str, bool]:

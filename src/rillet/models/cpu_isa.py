@@ -31,16 +31,36 @@ def machine() -> str:
 
 
 @functools.cache
-def cpu_flags() -> frozenset[str]:
-    """The CPU's feature flags: x86 `flags`, aarch64 `Features` (empty where unknown)."""
+def _cpuinfo() -> dict[str, str]:
+    """The first processor's fields of /proc/cpuinfo (empty where there is none)."""
+    fields: dict[str, str] = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                key, _, value = line.partition(":")
-                if key.strip() in ("flags", "Features"):
-                    return frozenset(value.split())
+                key, sep, value = line.partition(":")
+                if not sep:
+                    if fields:  # a blank line ends the first processor
+                        break
+                    continue
+                fields.setdefault(key.strip(), value.strip())
     except OSError:
         pass
+    return fields
+
+
+def cpu_model() -> str:
+    """E.g. 'AMD EPYC 9B45' ('model name' on x86; aarch64 kernels often report none)."""
+    info = _cpuinfo()
+    return info.get("model name") or info.get("Model") or platform.processor() or platform.machine()
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags: x86 `flags`, aarch64 `Features` (empty where unknown)."""
+    info = _cpuinfo()
+    for key in ("flags", "Features"):
+        if key in info:
+            return frozenset(info[key].split())
     if platform.system() == "Darwin" and machine() == "aarch64":  # Apple silicon: no /proc
         return frozenset(("asimd", *(("asimddp",) if _sysctl("hw.optional.arm.FEAT_DotProd") == "1" else ())))
     return frozenset()
