@@ -8,10 +8,11 @@ import asyncio
 import re
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, cast
+from typing import Any, cast
 
 from rillet.config import EngineConfig
 from rillet.engine.engine_client import EngineClient
+from rillet.engine.async_engine import RequestStream
 from rillet.engine.errors import EngineDeadError, EngineNotReadyError, QueueFullError
 from rillet.engine.outputs import RequestOutput, TokenLogprob
 from rillet.engine.prompts import PromptEncoder
@@ -55,36 +56,16 @@ def prompt_text(prompt: Any) -> str:
     return " ".join(str(t) for t in prompt)
 
 
-class FakeStream:
+class FakeStream(RequestStream):
+    """The real engine's request stream, fed by FakeEngine's producer task."""
+
     def __init__(self, engine: FakeEngine, request_id: str, num_prompt_tokens: int, n: int) -> None:
-        self.engine = engine
-        self.request_id = request_id
-        self.num_prompt_tokens = num_prompt_tokens
-        self.queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
-        self.unfinished = n
+        super().__init__(engine, request_id, num_prompt_tokens, n)
         self.finished_choices: set[int] = set()
         self.task: asyncio.Task[None] | None = None
 
-    @property
-    def finished(self) -> bool:
-        return self.unfinished == 0
-
-    def __aiter__(self) -> FakeStream:
-        return self
-
-    async def __anext__(self) -> RequestOutput:
-        if self.unfinished == 0:
-            raise StopAsyncIteration
-        item = await self.queue.get()
-        if isinstance(item, BaseException):
-            self.unfinished = 0
-            raise item
-        if item.finish_reason is not None:
-            self.unfinished -= 1
-        return item
-
-    async def abort(self) -> None:
-        await self.engine.abort(self.request_id)
+    def push(self, item: RequestOutput | BaseException) -> None:
+        self._put(item)
 
 
 @dataclass(kw_only=True)
@@ -173,7 +154,7 @@ class FakeEngine:
         for stream in list(self.streams.values()):
             if stream.task:
                 stream.task.cancel()
-            stream.queue.put_nowait(EngineDeadError(reason))
+            stream.push(EngineDeadError(reason))
         self.streams.clear()
 
     # ---- requests
@@ -217,17 +198,10 @@ class FakeEngine:
         stream.task = asyncio.get_running_loop().create_task(self._produce(stream, prompt, params))
         return stream
 
-    async def generate(self, prompt: Any, params: SamplingParams, request_id: str | None = None,
-                       *, tools: list[dict[str, Any]] | None = None) -> AsyncIterator[RequestOutput]:
-        stream = await self.add_request(prompt, params, request_id, tools=tools)
-        try:
-            async for out in stream:
-                yield out
-        finally:
-            if not stream.finished:
-                await self.abort(stream.request_id)
-
     async def abort(self, request_id: str) -> None:
+        self.abort_nowait(request_id)
+
+    def abort_nowait(self, request_id: str) -> None:
         stream = self.streams.pop(request_id, None)
         if stream is None:
             return
@@ -238,7 +212,7 @@ class FakeEngine:
         for i in range(n):
             if i not in stream.finished_choices:
                 stream.finished_choices.add(i)
-                stream.queue.put_nowait(RequestOutput(request_id, i, "", [], stream.num_prompt_tokens, 0,
+                stream.push(RequestOutput(request_id, i, "", [], stream.num_prompt_tokens, 0,
                                                       finish_reason="abort"))
 
     # ---- production
@@ -271,7 +245,7 @@ class FakeEngine:
         for i in range(params.n):
             if i not in stream.finished_choices:
                 stream.finished_choices.add(i)
-                stream.queue.put_nowait(RequestOutput(stream.request_id, i, "", [], stream.num_prompt_tokens, 0,
+                stream.push(RequestOutput(stream.request_id, i, "", [], stream.num_prompt_tokens, 0,
                                                       finish_reason=reason, error=error))
         self.streams.pop(stream.request_id, None)
 
@@ -296,7 +270,7 @@ class FakeEngine:
             else:
                 await asyncio.sleep(0)
             if self.behaviour.raise_after is not None and step >= self.behaviour.raise_after:
-                stream.queue.put_nowait(EngineDeadError("simulated engine crash"))
+                stream.push(EngineDeadError("simulated engine crash"))
                 self.streams.pop(stream.request_id, None)
                 return
             if self.behaviour.fail_after is not None and step >= self.behaviour.fail_after:
@@ -327,7 +301,7 @@ class FakeEngine:
                                     logprobs=logprobs)
                 if reason is not None:
                     stream.finished_choices.add(i)
-                stream.queue.put_nowait(out)
+                stream.push(out)
             step += 1
 
 

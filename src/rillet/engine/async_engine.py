@@ -20,7 +20,7 @@ import threading
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import replace
-from typing import Any
+from typing import Any, Protocol
 
 from rillet.config import EngineConfig
 from rillet.engine.core import AbortRequest, AddRequest, CoreClient, CoreOutputs, CoreSetup, Stop
@@ -56,10 +56,14 @@ def _prompt_chars(prompt: Prompt) -> int:
     return total
 
 
+class _Aborts(Protocol):
+    def abort_nowait(self, request_id: str) -> None: ...
+
+
 class RequestStream:
     """Async iterator over one request's output deltas; ends once every choice has finished."""
 
-    def __init__(self, engine: "AsyncEngine", request_id: str, num_prompt_tokens: int, n: int):
+    def __init__(self, engine: _Aborts, request_id: str, num_prompt_tokens: int, n: int):
         self._engine = engine
         self.request_id = request_id
         self.num_prompt_tokens = num_prompt_tokens

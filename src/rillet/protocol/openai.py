@@ -188,19 +188,30 @@ class AssistantMessage(BaseModel):
     tool_calls: list[ToolCall] | None = None
 
 
-class ChatCompletionChoice(BaseModel):
+class _Choice(BaseModel):
+    """What every choice carries, whole or streamed; `stop_reason` on a choice's last chunk only."""
+
     index: int
-    message: AssistantMessage
     logprobs: dict[str, Any] | None = None
     finish_reason: str | None = None
     stop_reason: str | int | None = None
 
 
-class ChatCompletionResponse(BaseModel):
+class _Answer(BaseModel):
+    """What every completion response and chunk carries (a chunk has usage only when asked)."""
+
     id: str
-    object: Literal["chat.completion"] = "chat.completion"
     created: int
     model: str
+    usage: Usage | None = None
+
+
+class ChatCompletionChoice(_Choice):
+    message: AssistantMessage
+
+
+class ChatCompletionResponse(_Answer):
+    object: Literal["chat.completion"] = "chat.completion"
     choices: list[ChatCompletionChoice]
     usage: Usage
     system_fingerprint: str | None = None
@@ -226,47 +237,26 @@ class DeltaMessage(BaseModel):
     tool_calls: list[DeltaToolCall] | None = None
 
 
-class ChatCompletionChunkChoice(BaseModel):
-    index: int
+class ChatCompletionChunkChoice(_Choice):
     delta: DeltaMessage
-    logprobs: dict[str, Any] | None = None
-    finish_reason: str | None = None
-    stop_reason: str | int | None = None  # sent on a choice's last chunk only
 
 
-class ChatCompletionChunk(BaseModel):
-    id: str
+class ChatCompletionChunk(_Answer):
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int
-    model: str
     choices: list[ChatCompletionChunkChoice]
-    usage: Usage | None = None
 
 
-class CompletionChoice(BaseModel):
-    index: int
+class CompletionChoice(_Choice):
     text: str
-    logprobs: dict[str, Any] | None = None
-    finish_reason: str | None = None
-    stop_reason: str | int | None = None
 
 
-class CompletionResponse(BaseModel):
-    id: str
+class CompletionChunk(_Answer):
     object: Literal["text_completion"] = "text_completion"
-    created: int
-    model: str
     choices: list[CompletionChoice]
+
+
+class CompletionResponse(CompletionChunk):
     usage: Usage
-
-
-class CompletionChunk(BaseModel):
-    id: str
-    object: Literal["text_completion"] = "text_completion"
-    created: int
-    model: str
-    choices: list[CompletionChoice]
-    usage: Usage | None = None
 
 
 class ModelCard(BaseModel):
