@@ -28,6 +28,8 @@ step serving $PY -m benchmarks.bench_serving
 step prefix_cache $PY -m benchmarks.bench_prefix_cache
 step roofline $PY -m benchmarks.bench_roofline
 step structured $PY -m benchmarks.bench_structured
+step ray $PY -m benchmarks.bench_ray
+step ray_routing_sim $PY -m benchmarks.sim_ray_routing
 
 # `rillet bench` against rillet serve and the seed design's server, then --compare
 port_rillet=18431
