@@ -63,6 +63,9 @@ class EngineConfig:
     kv_cache_gib: float | None = option(None, "KV cache size in GiB (default: room for max_num_seqs full-length "
                                         "sequences, capped at 4 GiB on CPU).", min=0.001, max=4096)
     block_size: int = option(16, "Tokens per KV cache block.", min=1, max=1024)
+    enforce_eager: bool = option(False, "On a CUDA GPU, run every step eagerly instead of replaying the decode "
+                                 "steps as CUDA graphs (captured at start for padded batch sizes up to "
+                                 "max_num_seqs). Slower; for debugging, or to start faster.")
     enable_prefix_caching: bool = option(True, "Reuse the KV cache of prompt prefixes seen before (shared system "
                                          "prompts, multi-turn chats) instead of recomputing them: a much "
                                          "lower TTFT for long shared prefixes. On the CPU in bfloat16 the "
