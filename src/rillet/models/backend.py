@@ -74,6 +74,7 @@ class KernelPath:
     backend: Backend
     kernels: Kernels | None  # decode attention and the fused add + norm in C; None: torch ops only
     decode_in_c: bool  # decode rows through every layer in one C call (models/cpu_decode.py)
+    gpu_kernels: bool = False  # the Triton kernels of models/llama_cuda.py (engine/cuda_runner.py)
 
 
 def prepare_model(model: CausalLM, backend: Backend, *, gguf: Path | None = None, batch_hint: int = 1) -> KernelPath:
@@ -86,6 +87,8 @@ def prepare_model(model: CausalLM, backend: Backend, *, gguf: Path | None = None
         quantize_model(model, backend, gguf)
     if backend.pack_linears:
         model.pack_for_cpu(batch_hint, backend.cpu_kernels)
+    if backend.device.type == "cuda":
+        return KernelPath(backend, None, False, gpu_kernels=gpu_kernels_available(model))
     kernels = backend.cpu_kernels
     if kernels is not None and not kernels.supports_attention(model.num_heads, model.num_kv_heads, model.head_dim):
         kernels = None
@@ -95,6 +98,21 @@ def prepare_model(model: CausalLM, backend: Backend, *, gguf: Path | None = None
     # float32's speed: prompt attention runs in float32 there (its linears stay on the kernels).
     model.use_cpu_kernels(kernels, attention_float32=not kernels.features["bf16_dot"])
     return KernelPath(backend, kernels, cpu_decode.supported(model))
+
+
+def gpu_kernels_available(model: CausalLM) -> bool:
+    """Triton is importable and the model's shapes suit the kernels; otherwise the GPU runs the
+    torch path (with a warning: several times slower)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        logger.warning("Triton is not installed: the GPU runs the slow torch path without CUDA graphs")
+        return False
+    if model.num_heads % model.num_kv_heads or model.head_dim % 2 or model.head_dim > 256:
+        logger.warning("head shape %d/%d x %d is outside the GPU kernels: the GPU runs the torch path",
+                       model.num_heads, model.num_kv_heads, model.head_dim)
+        return False
+    return True
 
 
 def resolve_device(name: str) -> torch.device:

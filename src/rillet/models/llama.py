@@ -60,6 +60,22 @@ AttentionGroup = Union[PaddedAttention, PagedDecodeAttention]
 
 
 @dataclass
+class CudaAttentionMetadata:
+    """A step on the GPU kernels (models/llama_cuda.py): every sequence's tokens, decodes and prompt
+    chunks alike, attend in one paged-attention launch that reads the cache in place. Sequence i
+    owns rows q_starts[i]..q_starts[i] + q_lens[i] of the flat batch, the last q_lens[i] of its
+    context_lens[i] tokens. All int32 on the GPU, so that a decode step can replay as a CUDA graph
+    with new values in the same tensors."""
+    slot_mapping: torch.Tensor  # [T]; a negative slot (a padded graph row) is not written
+    block_tables: torch.Tensor  # [B, nb]
+    q_starts: torch.Tensor  # [B]
+    q_lens: torch.Tensor  # [B]; 0 for a padded graph row
+    context_lens: torch.Tensor  # [B]
+    max_q_len: int  # a bound on q_lens; sizes the attention grid
+    block_size: int
+
+
+@dataclass
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] slot each new token's K/V is written to
     groups: list[AttentionGroup]
@@ -278,8 +294,13 @@ class CausalLM(nn.Module):
     def head_dim(self) -> int:
         return self.layers[0].self_attn.head_dim
 
-    def forward(self, input_ids, positions, kv_caches, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(self, input_ids, positions, kv_caches, meta: AttentionMetadata | CudaAttentionMetadata
+                ) -> torch.Tensor:
         """input_ids, positions: [T]; kv_caches: per layer (k [nkv, S, d], v [nkv, S, d]). Returns [T, H]."""
+        if isinstance(meta, CudaAttentionMetadata):
+            from rillet.models import llama_cuda
+
+            return llama_cuda.forward(self, input_ids, positions, kv_caches, meta)
         x = self.embed_tokens(input_ids)
         cos = self.cos_table[positions].to(x.dtype).unsqueeze(1)  # [T, 1, d]
         sin = self.signed_sin_table[positions].to(x.dtype).unsqueeze(1)

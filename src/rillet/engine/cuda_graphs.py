@@ -1,0 +1,116 @@
+"""Decode steps as CUDA graphs, captured once per padded batch size (as vLLM and nano-vllm do).
+
+A decode step launches ~150 kernels, most of them tiny; launched from Python one by one they
+cost more than the GPU's work at small batches. A graph replays them all with one launch. Its
+tensors are fixed at capture, so each step writes its inputs into the same buffers:
+
+    inputs [5, max_batch] int32: token ids, positions, KV slots, context lengths, query lengths
+    block_tables [max_batch, max_blocks_per_seq] int32
+
+A batch of B decodes replays the graph of the smallest captured size G >= B; rows B..G-1 are
+padding (query length 0: attention skips them; slot -1: nothing is written to the cache), and
+their logits are ignored. Logits land in one float32 buffer shared by every graph.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+import torch
+
+from rillet.engine.block_manager import BlockManager
+from rillet.engine.sequence import Sequence
+
+if TYPE_CHECKING:
+    from rillet.engine.cuda_runner import CudaModelRunner
+
+IDS, POSITIONS, SLOTS, CONTEXT_LENS, Q_LENS = range(5)
+
+
+def capture_sizes(max_batch: int) -> list[int]:
+    """1, 2, 4, 8, then every 8 to 64, every 16 to 256, every 32 beyond: padding wastes at most
+    a few rows' weight reads, which at these sizes cost almost nothing."""
+    sizes = [s for s in (1, 2, 4) if s < max_batch]
+    sizes += list(range(8, min(max_batch, 64) + 1, 8)) + list(range(80, min(max_batch, 256) + 1, 16))
+    sizes += list(range(288, max_batch + 1, 32))
+    if not sizes or sizes[-1] != max_batch:
+        sizes.append(max_batch)
+    return sorted(set(sizes))
+
+
+class DecodeGraphs:
+    def __init__(self, runner: CudaModelRunner, max_batch: int) -> None:
+        self.runner = runner
+        self.sizes = capture_sizes(max_batch)
+        self.max_batch = self.sizes[-1]
+        device = runner.device
+        nb = runner.max_blocks_per_seq
+        self.inputs = torch.zeros((5, self.max_batch), dtype=torch.int32, device=device)
+        self.block_tables = torch.zeros((self.max_batch, nb), dtype=torch.int32, device=device)
+        self.q_starts = torch.arange(self.max_batch, dtype=torch.int32, device=device)
+        # Pinned host copies, written through numpy views: one contiguous copy each per step.
+        self.host_inputs = torch.zeros((5, self.max_batch), dtype=torch.int32).pin_memory()
+        self.host_tables = torch.zeros((self.max_batch, nb), dtype=torch.int32).pin_memory()
+        self._inputs_np = self.host_inputs.numpy()
+        self._tables_np = self.host_tables.numpy()
+        # the host buffers may be written again once this has passed
+        self._copied = torch.cuda.Event()  # type: ignore[no-untyped-call]
+        vocab = runner.model.config.vocab_size
+        self.logits = torch.zeros((self.max_batch, vocab), dtype=torch.float32, device=device)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        start = time.perf_counter()
+        self._capture()
+        self.capture_seconds = time.perf_counter() - start
+
+    @torch.inference_mode()
+    def _body(self, size: int) -> None:
+        runner, inputs = self.runner, self.inputs
+        meta = runner.metadata(inputs[SLOTS, :size], self.block_tables[:size], self.q_starts[:size],
+                               inputs[Q_LENS, :size], inputs[CONTEXT_LENS, :size], max_q_len=1)
+        hidden = runner.model(inputs[IDS, :size], inputs[POSITIONS, :size], runner.kv_caches, meta)
+        model = runner.model
+        weight = model.embed_tokens.weight if model.lm_head is None else model.lm_head.weight
+        bias = None if model.lm_head is None else model.lm_head.bias
+        self.logits[:size].copy_(torch.nn.functional.linear(hidden, weight, bias))  # float32 out, one kernel
+
+    @torch.inference_mode()
+    def _capture(self) -> None:
+        self.inputs[SLOTS].fill_(-1)  # every row padding: nothing touches the cache
+        pool = None
+        stream = torch.cuda.Stream(self.runner.device)  # type: ignore[no-untyped-call]
+        stream.wait_stream(torch.cuda.current_stream(self.runner.device))
+        with torch.cuda.stream(stream):
+            for size in reversed(self.sizes):  # largest first, so smaller graphs reuse its memory
+                self._body(size)  # warm-up: Triton compiles, cuBLAS picks its kernels
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool, stream=stream):
+                    self._body(size)
+                pool = graph.pool()
+                self.graphs[size] = graph
+        torch.cuda.current_stream(self.runner.device).wait_stream(stream)
+        torch.cuda.synchronize(self.runner.device)
+
+    def run(self, seqs: list[Sequence], block_manager: BlockManager) -> torch.Tensor:
+        """Logits [len(seqs), V] of one decode token per sequence (each feeds its last token)."""
+        B = len(seqs)
+        size = next(s for s in self.sizes if s >= B)
+        host, tables = self._inputs_np, self._tables_np
+        self._copied.synchronize()
+        for row, seq in enumerate(seqs):
+            position = seq.num_computed_tokens
+            host[IDS, row] = seq.token_at(position)
+            host[POSITIONS, row] = position
+            host[SLOTS, row] = block_manager.slot(seq, position)
+            host[CONTEXT_LENS, row] = position + 1
+            table = seq.block_table
+            tables[row, :len(table)] = table
+        host[Q_LENS, :B] = 1
+        host[Q_LENS, B:size] = 0
+        host[SLOTS, B:size] = -1
+        host[CONTEXT_LENS, B:size] = 0
+        self.inputs.copy_(self.host_inputs, non_blocking=True)
+        self.block_tables[:size].copy_(self.host_tables[:size], non_blocking=True)
+        self._copied.record()
+        self.graphs[size].replay()
+        return self.logits[:B]

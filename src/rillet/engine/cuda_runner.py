@@ -1,0 +1,90 @@
+"""The model runner of the GPU path: one flat batch, one paged-attention launch per layer, decode
+steps replayed as CUDA graphs.
+
+Where ModelRunner (engine/model_runner.py) splits a step into padded groups for the CPU's
+batched matmuls, this runner hands the GPU kernels (models/llama_cuda.py) every sequence's
+tokens in batch order with `CudaAttentionMetadata`, prefill chunks and decodes alike. A step of
+decodes only, no larger than the largest captured batch, replays the CUDA graph of the next
+padded batch size (engine/cuda_graphs.py) with its inputs copied in by two host-to-device copies;
+every other step runs eagerly on the same kernels.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from rillet.engine.block_manager import BlockManager
+from rillet.engine.cuda_graphs import DecodeGraphs
+from rillet.engine.model_runner import ModelRunner
+from rillet.engine.scheduler import ScheduledBatch
+from rillet.models.backend import KernelPath
+from rillet.models.llama import CausalLM, CudaAttentionMetadata
+
+logger = logging.getLogger(__name__)
+
+
+class CudaModelRunner(ModelRunner):
+    def __init__(self, model: CausalLM, num_blocks: int, block_size: int, path: KernelPath, *,
+                 max_num_seqs: int, max_model_len: int, enforce_eager: bool = False) -> None:
+        super().__init__(model, num_blocks, block_size, path)
+        self.max_blocks_per_seq = -(-max_model_len // block_size)
+        self.graphs: DecodeGraphs | None = None
+        if not enforce_eager and self.device.type == "cuda":
+            self.graphs = DecodeGraphs(self, max_num_seqs)
+            logger.info("CUDA graphs captured for decode batch sizes %s in %.1f s",
+                        self.graphs.sizes, self.graphs.capture_seconds)
+
+    def describe_kernels(self) -> str:
+        return "GPU kernels: Triton paged attention, fused norms, rotary and SiLU"
+
+    def metadata(self, slots: torch.Tensor, block_tables: torch.Tensor, q_starts: torch.Tensor, q_lens: torch.Tensor,
+                 context_lens: torch.Tensor, max_q_len: int) -> CudaAttentionMetadata:
+        return CudaAttentionMetadata(slot_mapping=slots, block_tables=block_tables, q_starts=q_starts, q_lens=q_lens,
+                                     context_lens=context_lens, max_q_len=max_q_len, block_size=self.block_size)
+
+    @torch.inference_mode()
+    def execute(self, batch: ScheduledBatch, block_manager: BlockManager) -> tuple[torch.Tensor, list[int]]:
+        """One forward pass over the batch. Returns logits [R, V] of the R sequences that feed
+        their last token this step, in batch order, and their positions in `batch.seqs`."""
+        seqs, counts = batch.seqs, batch.num_new_tokens
+        if self.graphs is not None and all(n == 1 for n in counts) and len(seqs) <= self.graphs.max_batch \
+                and all(seq.num_computed_tokens + 1 == seq.num_tokens for seq in seqs):
+            return self.graphs.run(seqs, block_manager), list(range(len(seqs)))
+        return self._execute_eager(batch, block_manager)
+
+    def _execute_eager(self, batch: ScheduledBatch, block_manager: BlockManager) -> tuple[torch.Tensor, list[int]]:
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        q_starts: list[int] = []
+        context_lens: list[int] = []
+        logits_rows: list[int] = []
+        sampling: list[int] = []
+        for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
+            start = seq.num_computed_tokens
+            q_starts.append(len(input_ids))
+            for p in range(start, start + n):
+                input_ids.append(seq.token_at(p))
+                positions.append(p)
+                slots.append(block_manager.slot(seq, p))
+            context_lens.append(start + n)
+            if start + n == seq.num_tokens:  # everything fed: this sequence samples now
+                logits_rows.append(len(input_ids) - 1)
+                sampling.append(i)
+        counts = batch.num_new_tokens
+        num_blocks = max(-(-c // self.block_size) for c in context_lens)
+        tables = self._padded_tables([seq.block_table for seq in batch.seqs], num_blocks)
+        host = torch.tensor([input_ids, positions, slots], dtype=torch.int32)
+        per_seq = torch.tensor([q_starts, list(counts), context_lens], dtype=torch.int32)
+        device = self.device
+        host, per_seq = host.to(device, non_blocking=True), per_seq.to(device, non_blocking=True)
+        block_tables = torch.tensor(tables, dtype=torch.int32).view(len(counts), num_blocks).to(device,
+                                                                                              non_blocking=True)
+        meta = self.metadata(host[2], block_tables, per_seq[0], per_seq[1], per_seq[2], max(counts))
+        hidden = self.model(host[0], host[1], self.kv_caches, meta)
+        if not logits_rows:
+            return torch.empty((0, 0), dtype=torch.float32, device=device), []
+        rows = torch.tensor(logits_rows, dtype=torch.long).to(device, non_blocking=True)
+        return self.model.compute_logits(hidden.index_select(0, rows)), sampling

@@ -1,0 +1,243 @@
+"""Triton kernels of the GPU path: paged attention that reads K/V in place, and the fusions
+that cut a decode step's launches (residual add + RMSNorm, rotary + KV-cache write, SiLU * up).
+
+Every kernel reads the shapes it is launched with from tensors on the device, never from the
+host, so a decode step made of them can be captured once as a CUDA graph and replayed with new
+inputs (engine/cuda_graphs.py). The KV cache is rillet's head-major [nkv, S, d] layout (one
+slot = one token; slot = block * block_size + offset), the same as the CPU path's.
+
+Where no GPU is present the same kernels run under Triton's interpreter (TRITON_INTERPRET=1),
+which is how tests/unit/test_cuda_kernels.py checks them against torch on a CPU-only machine.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+# ---- paged attention ----------------------------------------------------------------------------
+
+@triton.jit
+def _paged_attention_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_tables_ptr, q_starts_ptr, q_lens_ptr, context_lens_ptr,
+    scale, stride_q_token, stride_q_head, stride_cache_head, stride_tables, stride_out_token,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, PAGE: tl.constexpr, IEEE_DOT: tl.constexpr,
+):
+    """One program: up to BLOCK_M // GROUP consecutive query tokens of one sequence times the GROUP
+    query heads that share KV head `kv_head` (GQA heads packed into the rows of one tile, so a
+    decode token's heads share each K/V load). Causal by position: a query at position p sees
+    keys 0..p; the sequence's new tokens are the last q_len of its context_len."""
+    seq = tl.program_id(0)
+    tile = tl.program_id(1)
+    kv_head = tl.program_id(2)
+    TOKENS: tl.constexpr = BLOCK_M // GROUP
+    q_len = tl.load(q_lens_ptr + seq)
+    if tile * TOKENS >= q_len:  # past this sequence's queries (or a padded graph row: q_len 0)
+        return
+    context = tl.load(context_lens_ptr + seq)
+    q_start = tl.load(q_starts_ptr + seq)
+    rows = tl.arange(0, BLOCK_M)
+    token = tile * TOKENS + rows // GROUP
+    head = kv_head * GROUP + rows % GROUP
+    row_ok = (rows < TOKENS * GROUP) & (token < q_len)
+    position = context - q_len + token
+    dims = tl.arange(0, BLOCK_D)
+    dim_ok = dims < HEAD_DIM
+    q_offsets = (q_start + token).to(tl.int64)[:, None] * stride_q_token + head[:, None] * stride_q_head + dims[None, :]
+    q = tl.load(q_ptr + q_offsets, mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+
+    # Online softmax (flash attention); -1e30, not -inf, so rows that see nothing stay NaN-free.
+    m_i = tl.full([BLOCK_M], -1e30, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    cache_head = kv_head.to(tl.int64) * stride_cache_head
+    last_token = tl.minimum(q_len, (tile + 1) * TOKENS)
+    end = context - q_len + last_token  # keys this tile can see: 0..end-1
+    for start in range(0, end, BLOCK_N):
+        keys = start + tl.arange(0, BLOCK_N)
+        key_ok = keys < end
+        block = tl.load(block_tables_ptr + seq.to(tl.int64) * stride_tables + keys // PAGE, mask=key_ok, other=0)
+        slot = block.to(tl.int64) * PAGE + keys % PAGE
+        kv_offsets = cache_head + slot[:, None] * HEAD_DIM + dims[None, :]
+        kv_mask = key_ok[:, None] & dim_ok[None, :]
+        k = tl.load(k_cache_ptr + kv_offsets, mask=kv_mask, other=0.0)
+        if IEEE_DOT:
+            s = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(k))
+        s = s * scale
+        visible = key_ok[None, :] & (keys[None, :] <= position[:, None])
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.exp(s - m_new[:, None])
+        alpha = tl.exp(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_cache_ptr + kv_offsets, mask=kv_mask, other=0.0)
+        if IEEE_DOT:
+            pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        else:
+            pv = tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + pv
+        m_i = m_new
+    l_i = tl.where(l_i == 0.0, 1.0, l_i)
+    out = acc / l_i[:, None]
+    out_offsets = (q_start + token).to(tl.int64)[:, None] * stride_out_token + head[:, None] * HEAD_DIM + dims[None, :]
+    tl.store(out_ptr + out_offsets, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & dim_ok[None, :])
+
+
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                    q_starts: torch.Tensor, q_lens: torch.Tensor, context_lens: torch.Tensor, max_q_len: int,
+                    block_size: int, scale: float, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal attention of a flat batch of queries over the paged cache, for decodes and prompt
+    chunks alike (a prompt chunk after a cached prefix reads that prefix in place).
+
+    q: [T, nh, d] (any token and head strides, last dim contiguous: a view into the fused QKV
+    output works); k_cache, v_cache: [nkv, S, d]; sequence i's queries are rows
+    q_starts[i]..q_starts[i] + q_lens[i] of q, and the last q_lens[i] of its context_lens[i]
+    tokens, whose blocks of block_size slots are block_tables[i] (int32 [B, nb]). max_q_len: the largest q_lens, or
+    any bound above it (it only sizes the grid). Returns [T, nh * d]."""
+    T, nh, d = q.shape
+    nkv = k_cache.shape[0]
+    group = nh // nkv
+    if out is None:
+        out = torch.empty((T, nh * d), dtype=q.dtype, device=q.device)
+    if T == 0:
+        return out
+    assert q.stride(2) == 1 and k_cache.is_contiguous() and v_cache.is_contiguous()
+    block_m = max(16, triton.next_power_of_2(group)) if max_q_len == 1 else max(64, triton.next_power_of_2(group))
+    tokens_per_tile = block_m // group
+    grid = (q_lens.shape[0], triton.cdiv(max_q_len, tokens_per_tile), nkv)
+    _paged_attention_kernel[grid](
+        q, k_cache, v_cache, out, block_tables, q_starts, q_lens, context_lens,
+        scale, q.stride(0), q.stride(1), k_cache.stride(0), block_tables.stride(0), out.stride(0),
+        GROUP=group, HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d), BLOCK_M=block_m, BLOCK_N=64 if d <= 128 else 32,
+        PAGE=block_size, IEEE_DOT=q.dtype == torch.float32,
+    )
+    return out
+
+
+# ---- residual add + RMSNorm ---------------------------------------------------------------------
+
+@triton.jit
+def _add_rms_norm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, stride_x, stride_residual, stride_out, hidden,
+                         eps, HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < hidden
+    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+    if HAS_RESIDUAL:
+        x = x + tl.load(residual_ptr + row * stride_residual + cols, mask=mask, other=0.0)
+        tl.store(residual_ptr + row * stride_residual + cols, x, mask=mask)
+    x32 = x.to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(x32 * x32, 0) / hidden + eps)
+    weight = tl.load(weight_ptr + cols, mask=mask, other=0.0)
+    # transformers' order: normalise in float32, round to the dtype, then scale by the weight.
+    tl.store(out_ptr + row * stride_out + cols, (x32 * rstd).to(x.dtype) * weight, mask=mask)
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rms_norm(residual + x) * weight, residual + x) for x [T, H], as DecoderLayer.add_norm. The
+    sum is written into `residual` in place; with residual None the residual is x itself."""
+    T, hidden = x.shape
+    out = torch.empty_like(x)
+    if T:
+        _add_rms_norm_kernel[(T,)](
+            x, x if residual is None else residual, weight, out, x.stride(0),
+            x.stride(0) if residual is None else residual.stride(0), out.stride(0), hidden, eps,
+            HAS_RESIDUAL=residual is not None, BLOCK=triton.next_power_of_2(hidden))
+    return out, x if residual is None else residual
+
+
+# ---- rotary embedding + KV-cache write ----------------------------------------------------------
+
+@triton.jit
+def _rope_and_cache_kernel(qkv_ptr, positions_ptr, cos_ptr, signed_sin_ptr, k_cache_ptr, v_cache_ptr, slots_ptr,
+                           stride_qkv, stride_table, stride_cache_head,
+                           NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                           HALF_BLOCK: tl.constexpr, HEADS_BLOCK: tl.constexpr, KV_BLOCK: tl.constexpr,
+                           DIM_BLOCK: tl.constexpr):
+    """One token: rotate its q and k heads (rotate-half form: out = x * cos + roll(x, d/2) *
+    signed_sin, as Attention.forward), q in place in the QKV buffer, k straight into the cache at
+    the token's slot, and v copied there too. A negative slot (a padded graph row) writes nothing."""
+    token = tl.program_id(0).to(tl.int64)
+    HALF: tl.constexpr = HEAD_DIM // 2
+    position = tl.load(positions_ptr + token).to(tl.int64)
+    slot = tl.load(slots_ptr + token).to(tl.int64)
+    half = tl.arange(0, HALF_BLOCK)
+    half_ok = half < HALF
+    table = position * stride_table
+    cos1 = tl.load(cos_ptr + table + half, mask=half_ok, other=0.0)[None, :]
+    cos2 = tl.load(cos_ptr + table + HALF + half, mask=half_ok, other=0.0)[None, :]
+    sin1 = tl.load(signed_sin_ptr + table + half, mask=half_ok, other=0.0)[None, :]
+    sin2 = tl.load(signed_sin_ptr + table + HALF + half, mask=half_ok, other=0.0)[None, :]
+    heads = tl.arange(0, HEADS_BLOCK)
+    ok = (heads < NUM_HEADS + NUM_KV_HEADS)[:, None] & half_ok[None, :]
+    first = qkv_ptr + token * stride_qkv + heads[:, None] * HEAD_DIM + half[None, :]
+    x1 = tl.load(first, mask=ok, other=0.0)
+    x2 = tl.load(first + HALF, mask=ok, other=0.0)
+    x1f, x2f = x1.to(tl.float32), x2.to(tl.float32)
+    out1 = (x1f * cos1 + x2f * sin1).to(x1.dtype)
+    out2 = (x2f * cos2 + x1f * sin2).to(x1.dtype)
+    is_q = (heads < NUM_HEADS)[:, None]
+    tl.store(first, out1, mask=ok & is_q)
+    tl.store(first + HALF, out2, mask=ok & is_q)
+    kv_head = (heads - NUM_HEADS).to(tl.int64)[:, None]
+    k_dst = k_cache_ptr + kv_head * stride_cache_head + slot * HEAD_DIM + half[None, :]
+    write_k = ok & ((heads >= NUM_HEADS) & (heads * 0 + slot >= 0))[:, None]  # blocks, not a scalar, in masks
+    tl.store(k_dst, out1, mask=write_k)
+    tl.store(k_dst + HALF, out2, mask=write_k)
+    v_heads = tl.arange(0, KV_BLOCK)
+    dims = tl.arange(0, DIM_BLOCK)
+    v_ok = (v_heads < NUM_KV_HEADS)[:, None] & (dims < HEAD_DIM)[None, :]
+    v_src = qkv_ptr + token * stride_qkv + (NUM_HEADS + NUM_KV_HEADS + v_heads[:, None]) * HEAD_DIM + dims[None, :]
+    v = tl.load(v_src, mask=v_ok, other=0.0)
+    v_dst = v_cache_ptr + v_heads.to(tl.int64)[:, None] * stride_cache_head + slot * HEAD_DIM + dims[None, :]
+    tl.store(v_dst, v, mask=v_ok & (v_heads * 0 + slot >= 0)[:, None])
+
+
+def rope_and_cache(qkv: torch.Tensor, positions: torch.Tensor, cos_table: torch.Tensor,
+                   signed_sin_table: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                   slot_mapping: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int) -> torch.Tensor:
+    """Rotary embedding of the fused QKV output [T, (nh + 2 nkv) * d] and the K/V cache write, in
+    one launch. Returns q [T, nh, d], rotated (a view into qkv)."""
+    T = qkv.shape[0]
+    assert qkv.stride(1) == 1 and head_dim % 2 == 0
+    if T:
+        _rope_and_cache_kernel[(T,)](
+            qkv, positions, cos_table, signed_sin_table, k_cache, v_cache, slot_mapping,
+            qkv.stride(0), cos_table.stride(0), k_cache.stride(0),
+            NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim,
+            HALF_BLOCK=triton.next_power_of_2(head_dim // 2),
+            HEADS_BLOCK=triton.next_power_of_2(num_heads + num_kv_heads),
+            KV_BLOCK=triton.next_power_of_2(num_kv_heads), DIM_BLOCK=triton.next_power_of_2(head_dim))
+    return qkv[:, :num_heads * head_dim].view(T, num_heads, head_dim)
+
+
+# ---- SiLU(gate) * up ----------------------------------------------------------------------------
+
+@triton.jit
+def _silu_mul_kernel(x_ptr, out_ptr, stride_x, stride_out, width, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < width
+    gate = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+    up = tl.load(x_ptr + row * stride_x + width + cols, mask=mask, other=0.0)
+    g = gate.to(tl.float32)
+    # as F.silu(gate) * up: the SiLU rounded to the dtype, then the product
+    tl.store(out_ptr + row * stride_out + cols, (g / (1.0 + tl.exp(-g))).to(gate.dtype) * up, mask=mask)
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """F.silu(gate) * up for gate_up = [gate | up], [T, 2 I] -> [T, I]."""
+    T, two_width = gate_up.shape
+    width = two_width // 2
+    out = torch.empty((T, width), dtype=gate_up.dtype, device=gate_up.device)
+    if T:
+        block = 1024
+        _silu_mul_kernel[(T, triton.cdiv(width, block))](gate_up, out, gate_up.stride(0), out.stride(0), width,
+                                                         BLOCK=block)
+    return out

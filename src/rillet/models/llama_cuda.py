@@ -1,0 +1,51 @@
+"""The Llama-family forward pass on the GPU kernels (models/cuda_kernels.py).
+
+The same weights and the same arithmetic as `CausalLM`'s torch path (models/llama.py), with
+fewer launches per layer and no gather of the KV context:
+
+    add + RMSNorm -> QKV matmul -> rotary + cache write -> paged attention -> O matmul
+    -> add + RMSNorm -> gate/up matmul -> SiLU * up -> down matmul
+
+Nine launches a layer, none of which asks the host for a shape that changes between decode
+steps, so engine/cuda_graphs.py can capture a whole decode step as one CUDA graph.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from rillet.models import cuda_kernels
+
+if TYPE_CHECKING:
+    from rillet.models.llama import CausalLM, CudaAttentionMetadata, RMSNorm
+
+
+def _add_norm(x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    return cuda_kernels.add_rms_norm(x, residual, norm.weight, norm.eps)
+
+
+def forward(model: CausalLM, input_ids: torch.Tensor, positions: torch.Tensor,
+            kv_caches: list[tuple[torch.Tensor, torch.Tensor]], meta: CudaAttentionMetadata) -> torch.Tensor:
+    """Hidden states [T, H] after the final norm, for input_ids and positions [T]."""
+    assert model.cos_table is not None and model.signed_sin_table is not None
+    x = model.embed_tokens(input_ids)
+    residual: torch.Tensor | None = None
+    T = x.shape[0]
+    for layer, (k_cache, v_cache) in zip(model.layers, kv_caches):
+        attn = layer.self_attn
+        nh, nkv, d = attn.num_heads, attn.num_kv_heads, attn.head_dim
+        h, residual = _add_norm(x, residual, layer.input_layernorm)
+        qkv = attn.qkv_proj(h)
+        if attn.q_norm is not None:  # Qwen3: per-head norms of q and k before the rotation
+            heads = qkv.view(T, nh + 2 * nkv, d)
+            heads[:, :nh] = attn.q_norm(heads[:, :nh])
+            heads[:, nh:nh + nkv] = attn.k_norm(heads[:, nh:nh + nkv])
+        q = cuda_kernels.rope_and_cache(qkv, positions, model.cos_table, model.signed_sin_table, k_cache, v_cache,
+                                        meta.slot_mapping, nh, nkv, d)
+        o = cuda_kernels.paged_attention(q, k_cache, v_cache, meta.block_tables, meta.q_starts, meta.q_lens,
+                                         meta.context_lens, meta.max_q_len, meta.block_size, attn.scale)
+        h, residual = _add_norm(attn.o_proj(o), residual, layer.post_attention_layernorm)
+        x = layer.mlp.down_proj(cuda_kernels.silu_mul(layer.mlp.gate_up_proj(h)))
+    return _add_norm(x, residual, model.norm)[0]

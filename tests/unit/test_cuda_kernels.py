@@ -1,0 +1,145 @@
+"""The GPU path's Triton kernels (models/cuda_kernels.py) against torch, on any machine.
+
+Without a GPU they run under Triton's interpreter (TRITON_INTERPRET=1, set by tests/conftest.py
+before anything imports Triton): the same kernel code, executed by numpy on the CPU. That checks their
+indexing and arithmetic, not their speed; tests/gpu runs them compiled on a GPU.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from support.triton_kernels import require_triton
+
+require_triton()
+
+from rillet.models import cuda_kernels  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# The interpreter holds tensors in numpy, which has no bfloat16: there float16 stands in for the
+# reduced-precision path (same kernel code); on a GPU both run.
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if torch.cuda.is_available() else [])
+
+
+def reference_attention(q, k_cache, v_cache, tables, q_starts, q_lens, context_lens, block_size, scale):
+    """Gather each sequence's keys and attend causally in float32: [T, nh * d]."""
+    T, nh, d = q.shape
+    nkv = k_cache.shape[0]
+    out = torch.zeros((T, nh * d), dtype=torch.float32)
+    for seq in range(len(q_lens)):
+        n, ctx, q0 = int(q_lens[seq]), int(context_lens[seq]), int(q_starts[seq])
+        slots = torch.tensor([int(tables[seq, p // block_size]) * block_size + p % block_size for p in range(ctx)])
+        keys = k_cache[:, slots].float()  # [nkv, ctx, d]
+        values = v_cache[:, slots].float()
+        for t in range(n):
+            position = ctx - n + t
+            for h in range(nh):
+                kv = h // (nh // nkv)
+                scores = keys[kv, :position + 1] @ q[q0 + t, h].float() * scale
+                out[q0 + t, h * d:(h + 1) * d] = torch.softmax(scores, 0) @ values[kv, :position + 1]
+    return out
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("nh,nkv,d", [(8, 2, 64), (6, 2, 32), (4, 4, 16)])
+def test_paged_attention_matches_gathered_attention(dtype, nh, nkv, d):
+    torch.manual_seed(0)
+    block_size, num_blocks = 16, 24
+    k_cache = torch.randn(nkv, num_blocks * block_size, d).to(dtype)
+    v_cache = torch.randn(nkv, num_blocks * block_size, d).to(dtype)
+    # a decode with a long context, a prompt chunk after a cached prefix, a whole prompt, a 1-token prompt
+    q_lens = torch.tensor([1, 20, 37, 1], dtype=torch.int32)
+    context_lens = torch.tensor([70, 50, 37, 1], dtype=torch.int32)
+    q_starts = torch.cumsum(q_lens, 0, dtype=torch.int32) - q_lens
+    blocks = torch.randperm(num_blocks)[:4 * 5].view(4, 5).to(torch.int32)  # scattered, not in order
+    T = int(q_lens.sum())
+    qkv = torch.randn(T, (nh + 2 * nkv) * d).to(dtype)  # q as a strided view, as the model passes it
+    q = qkv[:, :nh * d].view(T, nh, d)
+    scale = d ** -0.5
+    got = cuda_kernels.paged_attention(q.to(DEVICE), k_cache.to(DEVICE), v_cache.to(DEVICE), blocks.to(DEVICE),
+                                       q_starts.to(DEVICE), q_lens.to(DEVICE), context_lens.to(DEVICE),
+                                       int(q_lens.max()), block_size, scale).cpu()
+    want = reference_attention(q, k_cache, v_cache, blocks, q_starts, q_lens, context_lens, block_size, scale)
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got.float(), want, atol=tolerance, rtol=tolerance)
+
+
+def test_paged_attention_skips_padded_rows():
+    """A padded CUDA-graph row (query length 0) is neither read nor written."""
+    k_cache = torch.randn(2, 64, 16)
+    out = torch.full((2, 4 * 16), 7.0)
+    q = torch.randn(2, 4, 16)
+    cuda_kernels.paged_attention(q.to(DEVICE), k_cache.to(DEVICE), k_cache.to(DEVICE),
+                                 torch.zeros((2, 4), dtype=torch.int32, device=DEVICE),
+                                 torch.tensor([0, 1], dtype=torch.int32, device=DEVICE),
+                                 torch.tensor([1, 0], dtype=torch.int32, device=DEVICE),
+                                 torch.tensor([3, 0], dtype=torch.int32, device=DEVICE), 1, 16, 0.25,
+                                 out=out.to(DEVICE))
+    assert torch.equal(out[1], torch.full((4 * 16,), 7.0))
+
+
+@pytest.mark.parametrize("with_residual", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_add_rms_norm(with_residual, dtype):
+    from rillet.models.llama import RMSNorm
+
+    torch.manual_seed(1)
+    norm = RMSNorm(96, 1e-5)
+    norm.weight.data = torch.randn(96)
+    norm = norm.to(dtype)
+    x, residual = torch.randn(5, 96).to(dtype), torch.randn(5, 96).to(dtype)
+    want_residual = residual + x if with_residual else x
+    want = norm(want_residual)
+    got_residual = residual.clone().to(DEVICE) if with_residual else None
+    got, got_residual = cuda_kernels.add_rms_norm(x.to(DEVICE), got_residual, norm.weight.data.to(DEVICE), 1e-5)
+    torch.testing.assert_close(got_residual.cpu(), want_residual)
+    if dtype == torch.float32:
+        torch.testing.assert_close(got.cpu(), want, atol=1e-5, rtol=1e-5)
+    else:  # one rounding of the weight product apart at most
+        torch.testing.assert_close(got.cpu().float(), want.float(), atol=3e-2, rtol=1e-2)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rope_and_cache(dtype):
+    from transformers import LlamaConfig
+
+    from rillet.models.llama import rope_tables
+
+    nh, nkv, d, T = 6, 2, 32, 5
+    config = LlamaConfig(hidden_size=nh * d, num_attention_heads=nh, num_key_value_heads=nkv, head_dim=d,
+                         rope_theta=10000.0, max_position_embeddings=64)
+    cos, sin = rope_tables(config, 64)
+    signed_sin = torch.cat((-sin[:, :d // 2], sin[:, d // 2:]), dim=-1)
+    torch.manual_seed(2)
+    qkv = torch.randn(T, (nh + 2 * nkv) * d).to(dtype)
+    positions = torch.tensor([0, 3, 17, 40, 63], dtype=torch.int32)
+    slots = torch.tensor([5, -1, 0, 31, 12], dtype=torch.int32)  # -1: a padded row writes nothing
+    k_cache, v_cache = torch.zeros(nkv, 32, d, dtype=dtype), torch.zeros(nkv, 32, d, dtype=dtype)
+    heads = qkv.view(T, nh + 2 * nkv, d).float()
+    c, s = cos[positions.long()][:, None], signed_sin[positions.long()][:, None]
+    rotated = heads[:, :nh + nkv] * c + heads[:, :nh + nkv].roll(d // 2, dims=-1) * s
+
+    got_qkv, got_k, got_v = qkv.to(DEVICE), k_cache.to(DEVICE), v_cache.to(DEVICE)
+    q = cuda_kernels.rope_and_cache(got_qkv, positions.to(DEVICE), cos.to(DEVICE), signed_sin.to(DEVICE), got_k,
+                                    got_v, slots.to(DEVICE), nh, nkv, d)
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(q.cpu().float(), rotated[:, :nh], atol=tolerance, rtol=tolerance)
+    for t, slot in enumerate(slots.tolist()):
+        if slot < 0:
+            continue
+        torch.testing.assert_close(got_k.cpu()[:, slot].float(), rotated[t, nh:], atol=tolerance, rtol=tolerance)
+        assert torch.equal(got_v.cpu()[:, slot], qkv.view(T, nh + 2 * nkv, d)[t, nh + nkv:])
+    written = {s for s in slots.tolist() if s >= 0}
+    untouched = [s for s in range(32) if s not in written]
+    assert not got_k.cpu()[:, untouched].any() and not got_v.cpu()[:, untouched].any()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_silu_mul(dtype):
+    torch.manual_seed(3)
+    gate_up = torch.randn(3, 2 * 1100).to(dtype)  # not a multiple of the kernel's block
+    gate, up = gate_up.split(1100, dim=-1)
+    want = torch.nn.functional.silu(gate) * up
+    got = cuda_kernels.silu_mul(gate_up.to(DEVICE)).cpu()
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(got.float(), want.float(), atol=tolerance, rtol=tolerance)
