@@ -226,6 +226,16 @@ class OpenAIAnswer:
             chunk.usage = usage
         return chunk.model_dump(exclude_unset=True)
 
+    def plain_chunk(self, obj: str, choice: dict[str, Any]) -> dict[str, Any]:
+        """What `dump` makes of a chunk with one choice, without the pydantic models: the chunk of
+        nearly every streamed token (~0.5 us instead of ~9; test_streaming_chunks holds the two equal)."""
+        chunk: dict[str, Any] = {"id": self.id, "created": self.created, "model": self.model}
+        if self.include_usage:
+            chunk["usage"] = None
+        chunk["object"] = obj
+        chunk["choices"] = [choice]
+        return chunk
+
 
 LogprobFormat = Callable[[RequestOutput, int], dict[str, Any]]  # (output, text offset of its choice)
 

@@ -74,6 +74,11 @@ class _Chat(OpenAIAnswer):
         return self.dump(oa.ChatCompletionChunk(id=self.id, object="chat.completion.chunk", created=self.created,
                                                 model=self.model, choices=choices), usage)
 
+    def text_chunk(self, index: int, text: str) -> dict[str, Any]:
+        """chunk([_choice(index, {"content": text})]), the streamed token's chunk, built directly."""
+        return self.plain_chunk("chat.completion.chunk", {"index": index, "logprobs": None, "finish_reason": None,
+                                                          "delta": {"content": text}})
+
 
 def _choice(index: int, delta: dict[str, Any], logprobs: dict[str, Any] | None = None,
             finish_reason: str | None = None) -> oa.ChatCompletionChunkChoice:
@@ -106,11 +111,14 @@ class ServingChat(ServingBase):
                 reason = out.finish_reason
                 if reason == "error" or reason == "abort":
                     if out.text:
-                        yield chat.chunk([_choice(out.index, {"content": out.text})])
+                        yield chat.text_chunk(out.index, out.text)
                     message, code = self.error_message(out)
                     yield openai_error_event(message, code)
                     return
                 if not out.text and reason is None and not out.logprobs:
+                    continue
+                if chat.tools is None and reason is None and not out.logprobs:
+                    yield chat.text_chunk(out.index, out.text)  # most tokens: no models to build
                     continue
                 if chat.tools is not None:  # content and tool_calls parsed out of the text
                     deltas = chat.tools.openai_deltas(out.index, out.text, reason is not None) or [{}]

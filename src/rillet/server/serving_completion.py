@@ -52,6 +52,11 @@ class _Completion(OpenAIAnswer):
         return self.dump(oa.CompletionChunk(id=self.id, object="text_completion", created=self.created,
                                             model=self.model, choices=choices), usage)
 
+    def text_chunk(self, index: int, text: str) -> dict[str, Any]:
+        """chunk([_choice(index, text)]), the streamed token's chunk, built directly."""
+        return self.plain_chunk("text_completion", {"index": index, "logprobs": None, "finish_reason": None,
+                                                    "text": text})
+
 
 def _choice(index: int, text: str, logprobs: dict[str, Any] | None = None,
             finish_reason: str | None = None) -> oa.CompletionChoice:
@@ -84,10 +89,13 @@ class ServingCompletion(ServingBase):
                 reason = out.finish_reason
                 if reason == "error" or reason == "abort":
                     if out.text:
-                        yield completion.chunk([_choice(out.index, out.text)])
+                        yield completion.text_chunk(out.index, out.text)
                     yield openai_error_event(*self.error_message(out))
                     return
-                if not out.text and reason is None and not out.logprobs:
+                if reason is None and not out.logprobs:
+                    if out.text:  # most tokens: no models to build
+                        offsets[out.index] += len(out.text)
+                        yield completion.text_chunk(out.index, out.text)
                     continue
                 logprobs = None
                 if completion.logprobs and out.logprobs:

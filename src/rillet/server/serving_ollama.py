@@ -37,9 +37,13 @@ def _load_response(model: str, chat: bool) -> dict[str, Any]:
 
 def _delta(model: str, chat: bool, text: str, tool_calls: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """One streamed line: new text (and, in a chat, the tool calls completed by it)."""
+    # Built directly, without the models (~0.5 us instead of ~9 a token; test_streaming_chunks
+    # holds them equal), except where tool calls need validating.
     if not chat:
-        return ol.GenerateResponse(model=model, created_at=ollama_timestamp(), response=text,
-                                   done=False).model_dump(exclude_unset=True)
+        return {"model": model, "created_at": ollama_timestamp(), "response": text, "done": False}
+    if not tool_calls:
+        return {"model": model, "created_at": ollama_timestamp(), "message": {"role": "assistant", "content": text},
+                "done": False}
     message = ol.AssistantMessage(role="assistant", content=text)
     if tool_calls:
         message.tool_calls = [ol.ToolCall.model_validate(c) for c in tool_calls]
