@@ -31,6 +31,8 @@ class CudaModelRunner(ModelRunner):
         super().__init__(model, num_blocks, block_size, path)
         self.max_blocks_per_seq = -(-max_model_len // block_size)
         self.graphs: DecodeGraphs | None = None
+        if self.device.type == "cuda":
+            self._compile_prompt_kernels()
         if not enforce_eager and self.device.type == "cuda":
             self.graphs = DecodeGraphs(self, max_num_seqs)
             logger.info("CUDA graphs captured for decode batch sizes %s in %.1f s",
@@ -43,6 +45,20 @@ class CudaModelRunner(ModelRunner):
                  context_lens: torch.Tensor, max_q_len: int) -> CudaAttentionMetadata:
         return CudaAttentionMetadata(slot_mapping=slots, block_tables=block_tables, q_starts=q_starts, q_lens=q_lens,
                                      context_lens=context_lens, max_q_len=max_q_len, block_size=self.block_size)
+
+    @torch.inference_mode()
+    def _compile_prompt_kernels(self) -> None:
+        """Run a dummy prompt step once, so that Triton compiles the prompt variant of the kernels
+        now rather than in the first request's time to first token. Its slots are -1: the cache
+        is not written."""
+        n = 4
+        ints = torch.zeros(n, dtype=torch.int32, device=self.device)
+        meta = self.metadata(torch.full((n,), -1, dtype=torch.int32, device=self.device),
+                             torch.zeros((1, 1), dtype=torch.int32, device=self.device), ints[:1],
+                             torch.full((1,), n, dtype=torch.int32, device=self.device),
+                             torch.full((1,), n, dtype=torch.int32, device=self.device), max_q_len=n)
+        self.model.compute_logits(self.model(ints, torch.arange(n, device=self.device), self.kv_caches, meta))
+        torch.cuda.synchronize(self.device)
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch, block_manager: BlockManager) -> tuple[torch.Tensor, list[int]]:
