@@ -91,15 +91,21 @@ class DecodeGraphs:
         torch.cuda.current_stream(self.runner.device).wait_stream(stream)
         torch.cuda.synchronize(self.runner.device)
 
-    def run(self, seqs: list[Sequence], block_manager: BlockManager) -> torch.Tensor:
-        """Logits [len(seqs), V] of one decode token per sequence (each feeds its last token)."""
+    def run(self, seqs: list[Sequence], block_manager: BlockManager, ahead: torch.Tensor | None = None
+            ) -> torch.Tensor:
+        """Logits [len(seqs), V] of one decode token per sequence (each feeds its last token).
+        `ahead`: the token ids [B] just sampled on the GPU and not yet read back (their step's
+        outputs are still to be processed): each sequence feeds that token instead, one
+        position further (engine/overlap.py)."""
         B = len(seqs)
         size = next(s for s in self.sizes if s >= B)
         host, tables = self._inputs_np, self._tables_np
         self._copied.synchronize()
+        shift = 0 if ahead is None else 1
         for row, seq in enumerate(seqs):
-            position = seq.num_computed_tokens
-            host[IDS, row] = seq.token_at(position)
+            position = seq.num_computed_tokens + shift
+            if ahead is None:
+                host[IDS, row] = seq.token_at(position)
             host[POSITIONS, row] = position
             host[SLOTS, row] = block_manager.slot(seq, position)
             host[CONTEXT_LENS, row] = position + 1
@@ -112,5 +118,7 @@ class DecodeGraphs:
         self.inputs.copy_(self.host_inputs, non_blocking=True)
         self.block_tables[:size].copy_(self.host_tables[:size], non_blocking=True)
         self._copied.record()
+        if ahead is not None:  # after the host copy, on the same stream
+            self.inputs[IDS, :B].copy_(ahead)
         self.graphs[size].replay()
         return self.logits[:B]

@@ -19,6 +19,7 @@ from rillet.engine.block_manager import BlockManager
 from rillet.engine.cuda_graphs import DecodeGraphs
 from rillet.engine.model_runner import ModelRunner
 from rillet.engine.scheduler import ScheduledBatch
+from rillet.engine.sequence import Sequence
 from rillet.models.backend import KernelPath
 from rillet.models.llama import CausalLM, CudaAttentionMetadata
 
@@ -60,15 +61,27 @@ class CudaModelRunner(ModelRunner):
         self.model.compute_logits(self.model(ints, torch.arange(n, device=self.device), self.kv_caches, meta))
         torch.cuda.synchronize(self.device)
 
+    def replays(self, batch: ScheduledBatch) -> bool:
+        """Whether this batch runs as a CUDA graph: decodes only (each sequence feeds its last
+        token), no more than the largest captured batch."""
+        return self.graphs is not None and len(batch.seqs) <= self.graphs.max_batch \
+            and all(n == 1 for n in batch.num_new_tokens) \
+            and all(seq.num_computed_tokens + 1 == seq.num_tokens for seq in batch.seqs)
+
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch, block_manager: BlockManager) -> tuple[torch.Tensor, list[int]]:
         """One forward pass over the batch. Returns logits [R, V] of the R sequences that feed
         their last token this step, in batch order, and their positions in `batch.seqs`."""
-        seqs, counts = batch.seqs, batch.num_new_tokens
-        if self.graphs is not None and all(n == 1 for n in counts) and len(seqs) <= self.graphs.max_batch \
-                and all(seq.num_computed_tokens + 1 == seq.num_tokens for seq in seqs):
-            return self.graphs.run(seqs, block_manager), list(range(len(seqs)))
+        if self.graphs is not None and self.replays(batch):
+            return self.graphs.run(batch.seqs, block_manager), list(range(len(batch.seqs)))
         return self._execute_eager(batch, block_manager)
+
+    @torch.inference_mode()
+    def execute_ahead(self, seqs: list[Sequence], block_manager: BlockManager, tokens: torch.Tensor) -> torch.Tensor:
+        """The decode step after the one just queued, fed its sampled ids [B] straight from the
+        GPU (engine/overlap.py): logits [B, V]. Every sequence has a slot for that position."""
+        assert self.graphs is not None
+        return self.graphs.run(seqs, block_manager, ahead=tokens)
 
     def _execute_eager(self, batch: ScheduledBatch, block_manager: BlockManager) -> tuple[torch.Tensor, list[int]]:
         input_ids: list[int] = []

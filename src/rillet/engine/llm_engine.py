@@ -21,6 +21,7 @@ from rillet.engine.detokenizer import Detokenizer
 from rillet.engine.errors import EngineDeadError
 from rillet.engine.model_runner import ModelRunner, kv_bytes_per_token
 from rillet.engine.outputs import RequestOutput, TokenLogprob
+from rillet.engine.overlap import InFlight
 from rillet.engine.prompts import Prompt, PromptEncoder
 from rillet.engine.sampler import Sampler
 from rillet.engine.scheduler import ScheduledBatch, Scheduler
@@ -97,6 +98,7 @@ class LLMEngine:
         self.prompts = PromptEncoder(self.tokenizer, self.vocab_size, self.max_model_len)
         self.requests: dict[str, list[Sequence]] = {}
         self._masks: MaskFiller | None = None  # built with the first constrained request's grammar
+        self._in_flight: InFlight | None = None  # a decode step queued, its tokens not read back yet
         self.num_aborted_total = 0
         self.num_failed_total = 0
         self._consecutive_failures = 0
@@ -238,6 +240,8 @@ class LLMEngine:
         return outputs
 
     def step(self) -> list[RequestOutput]:
+        if self._in_flight is not None:
+            return self._step_overlapped(self._in_flight)
         outputs = self.expire_waiting() if self.scheduler.waiting else []
         batch = self.scheduler.schedule()
         if not batch.seqs:
@@ -258,6 +262,9 @@ class LLMEngine:
                 logits, sampling = self.runner.execute(batch, self.block_manager)
             finally:
                 bitmask = masks.result() if masks is not None else None  # joined before anything else
+            if self._defers(batch):  # read back in the next step, behind the step it queues
+                self._in_flight = InFlight.start(batch, self.sampler.sample_ids(logits, batch.seqs))
+                return outputs
             sampling_seqs = [batch.seqs[i] for i in sampling]
             allowed = None
             if bitmask is not None:
@@ -267,15 +274,64 @@ class LLMEngine:
         except Exception as exc:
             return outputs + self._fail_batch(batch, exc)
         self._consecutive_failures = 0
+        self._commit(batch)
+        if result is None:
+            return outputs
+        return outputs + self._process(sampling_seqs, result.token_ids, result.logprobs)
 
+    # ---- overlapped decode steps (engine/overlap.py) ---------------------------------------
+
+    def _defers(self, batch: ScheduledBatch) -> bool:
+        return self.before_forward is None and self.runner.replays(batch) \
+            and all(Sampler.defers(seq) for seq in batch.seqs)
+
+    def _continues(self, flight: InFlight) -> bool:
+        """Whether the step after `flight` can be queued before its tokens are read back: the same
+        sequences, all still running, nobody else waiting or running, room for one more token each."""
+        seqs = flight.batch.seqs
+        if self.scheduler.waiting or len(self.scheduler.running) != len(seqs) \
+                or any(seq.is_finished or seq.num_computed_tokens + 2 > self.max_model_len for seq in seqs):
+            return False
+        bm = self.block_manager
+        return sum(bm.blocks_needed(seq, seq.num_computed_tokens + 2) for seq in seqs) <= bm.num_free_blocks
+
+    def _step_overlapped(self, flight: InFlight) -> list[RequestOutput]:
+        """Queue the next decode step if it can go, then read back and process `flight`'s tokens."""
+        self._in_flight = None
+        seqs = flight.batch.seqs
+        try:
+            if self._continues(flight):
+                for seq in seqs:
+                    self.block_manager.grow(seq, seq.num_computed_tokens + 2)
+                logits = self.runner.execute_ahead(seqs, self.block_manager, flight.ids)
+                self._in_flight = InFlight.start(ScheduledBatch(list(seqs), [1] * len(seqs)),
+                                                 self.sampler.sample_ids(logits, seqs))
+            token_ids = flight.token_ids()
+        except Exception as exc:
+            queued, self._in_flight = self._in_flight, None
+            outputs = self._fail_batch(flight.batch, exc)
+            return outputs + (self._fail_batch(queued.batch, exc) if queued is not None else [])
+        self._consecutive_failures = 0
+        live = [row for row, seq in enumerate(seqs) if not seq.is_finished]  # aborted meanwhile: dropped
+        live_seqs = [seqs[row] for row in live]
+        self._commit(ScheduledBatch(live_seqs, [1] * len(live)))
+        return self._process(live_seqs, [token_ids[row] for row in live], None)
+
+    # ---- after the forward pass -------------------------------------------------------------
+
+    def _commit(self, batch: ScheduledBatch) -> None:
+        """The batch's tokens are in the KV cache now."""
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             seq.num_computed_tokens += n
             self.block_manager.register_full_blocks(seq)
-        if result is None:
-            return outputs
+
+    def _process(self, seqs: list[Sequence], token_ids: list[int],
+                 logprobs: list[tuple[float, list[tuple[int, float]]] | None] | None) -> list[RequestOutput]:
+        """Append each sequence's sampled token; detokenize, check stops, build the outputs."""
+        outputs: list[RequestOutput] = []
         grammar_errors: dict[str, str] = {}
-        for row, seq in enumerate(sampling_seqs):
-            token = result.token_ids[row]
+        for row, seq in enumerate(seqs):
+            token = token_ids[row]
             guide = seq.guide
             if guide is not None and not guide.accept(token):
                 grammar_errors[seq.request_id] = guide.error  # ends only this request, below
@@ -291,16 +347,16 @@ class LLMEngine:
                 elif seq.num_output_tokens >= (seq.params.max_tokens or self.max_model_len) \
                         or seq.num_tokens >= self.max_model_len:
                     reason = "length"
-            logprobs = None
-            row_logprobs = None if result.logprobs is None else result.logprobs[row]
+            token_logprobs = None
+            row_logprobs = None if logprobs is None else logprobs[row]
             if row_logprobs is not None:
-                logprobs = [self._token_logprob(token, *row_logprobs)]
+                token_logprobs = [self._token_logprob(token, *row_logprobs)]
             delta = self.detokenizer.take_delta(seq, finished=reason is not None)
             if reason is not None:
                 seq.finish_reason, seq.stop_reason = reason, stop_reason
                 self.scheduler.finish(seq, reason)
                 self._forget(seq)
-            outputs.append(self._output(seq, [token], delta, logprobs))
+            outputs.append(self._output(seq, [token], delta, token_logprobs))
         for request_id, error in grammar_errors.items():
             logger.warning("request %s: structured output failed: %s", request_id, error)
             outputs += self.abort(request_id, reason="error", error=f"structured output failed: {error}")

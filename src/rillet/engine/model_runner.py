@@ -59,6 +59,15 @@ class ModelRunner:
         step = "decode step in C" if self.decode_forward is not None else "decode attention in C"
         return f"CPU kernels: {kernels.isa} ({flags or 'no ISA flags'}), weights {'/'.join(formats)}, {step}"
 
+    def replays(self, batch: ScheduledBatch) -> bool:
+        """Whether the batch runs as a captured graph (engine/cuda_runner.py); never here."""
+        return False
+
+    def execute_ahead(self, seqs: list[Sequence], block_manager: BlockManager, tokens: torch.Tensor) -> torch.Tensor:
+        """Queue the decode step after one whose ids are still on the GPU (engine/overlap.py):
+        only a runner that `replays` batches does."""
+        raise RuntimeError("this runner does not queue decode steps ahead (replays() is False)")
+
     @staticmethod
     def _padded_tables(block_tables: list[list[int]], num_blocks: int) -> list[int]:
         """The first num_blocks blocks of each table, flat, padded with block 0 (masked or unread)."""

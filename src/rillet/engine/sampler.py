@@ -11,6 +11,7 @@ random number per row, not one per vocabulary entry.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -61,12 +62,7 @@ class Sampler:
         if allowed is not None and allowed[0]:
             logits = apply_token_bitmask_(logits, *allowed)
 
-        greedy = [s.params.is_greedy for s in seqs]
-        if all(greedy):
-            chosen = logits.argmax(dim=-1)
-        else:
-            chosen = self._sample(logits, seqs, greedy)
-        token_ids = chosen.tolist()
+        token_ids = self._choose(logits, seqs).tolist()
         logprobs: list[tuple[float, list[tuple[int, float]]] | None] | None = None
         if raw_logprobs is not None:
             logprobs = []
@@ -82,6 +78,32 @@ class Sampler:
                     top = list(zip(indices.tolist(), values.tolist()))
                 logprobs.append((chosen_lp, top))
         return SampleResult(token_ids, logprobs)
+
+    @staticmethod
+    def defers(seq: Sequence) -> bool:
+        """Whether `sample_ids` can take this row: nothing read back from its logits (logprobs)
+        and nothing that depends on its latest token on the host (penalties, bias, a grammar)."""
+        p = seq.params
+        return seq.guide is None and p.logprobs is None and not p.logit_bias and not p.needs_penalties
+
+    def sample_ids(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        """The sampled ids [B] left on the logits' device, for rows that `defers`: the engine reads
+        them back after it has queued the next step (engine/overlap.py)."""
+        return self._choose(logits[:, : self.vocab_size], seqs)
+
+    def _choose(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        greedy = [s.params.is_greedy for s in seqs]
+        if all(greedy):
+            return logits.argmax(dim=-1)
+        return self._sample(logits, seqs, greedy)
+
+    def _tensor(self, values: list[Any], dtype: torch.dtype) -> torch.Tensor:
+        """A small per-row tensor on the logits' device without waiting for the GPU: a blocking
+        copy would wait for every step queued before it (engine/overlap.py queues one ahead)."""
+        host = torch.tensor(values, dtype=dtype)
+        if self.device.type != "cuda":
+            return host
+        return host.pin_memory().to(self.device, non_blocking=True)
 
     @staticmethod
     def _top_p(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
@@ -136,25 +158,24 @@ class Sampler:
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence], greedy: list[bool]) -> torch.Tensor:
         B, V = logits.shape
-        temps = torch.tensor([s.params.temperature if not g else 1.0 for s, g in zip(seqs, greedy)],
-                             dtype=logits.dtype, device=logits.device)
+        temps = self._tensor([s.params.temperature if not g else 1.0 for s, g in zip(seqs, greedy)], logits.dtype)
         scaled = logits / temps[:, None]
         top_ks = [s.params.top_k for s in seqs]
         if any(0 < k < V for k in top_ks):
             k_max = max(k if 0 < k < V else V for k in top_ks)
             kth = scaled.topk(min(k_max, V), dim=-1).values  # [B, k_max], sorted
-            index = torch.tensor([(k if 0 < k < V else min(k_max, V)) - 1 for k in top_ks], device=logits.device)
+            index = self._tensor([(k if 0 < k < V else min(k_max, V)) - 1 for k in top_ks], torch.long)
             threshold = kth.gather(1, index[:, None])
-            no_k = torch.tensor([not (0 < k < V) for k in top_ks], device=logits.device)
+            no_k = self._tensor([not (0 < k < V) for k in top_ks], torch.bool)
             threshold = torch.where(no_k[:, None], torch.full_like(threshold, -float("inf")), threshold)
             scaled = scaled.masked_fill(scaled < threshold, -float("inf"))
         probs = torch.softmax(scaled, dim=-1)
         top_ps = [s.params.top_p for s in seqs]
         if any(p < 1.0 for p in top_ps):
-            probs = self._top_p(probs, torch.tensor(top_ps, dtype=probs.dtype, device=probs.device))
+            probs = self._top_p(probs, self._tensor(top_ps, probs.dtype))
         min_ps = [s.params.min_p for s in seqs]
         if any(p > 0.0 for p in min_ps):
-            min_p = torch.tensor(min_ps, dtype=probs.dtype, device=probs.device)[:, None]
+            min_p = self._tensor(min_ps, probs.dtype)[:, None]
             probs = probs.masked_fill(probs < min_p * probs.max(dim=-1, keepdim=True).values, 0.0)
 
         # Inverse-CDF sampling: one uniform draw per row (from the row's own generator when the
@@ -167,11 +188,13 @@ class Sampler:
         for i, s in enumerate(seqs):
             if s.seed is not None and not greedy[i]:
                 uniforms[i] = torch.rand(1, dtype=torch.float64, generator=self._generator_for(s, s.seed))
+        if self.device.type == "cuda":
+            uniforms = uniforms.pin_memory().to(self.device, non_blocking=True)
         cdf = probs.double().cumsum_(dim=-1)
-        targets = (uniforms.to(cdf.device) * cdf[:, -1])[:, None]
+        targets = (uniforms * cdf[:, -1])[:, None]
         # The first token whose cumulative mass exceeds the target: never a zero-probability one.
         sampled = torch.searchsorted(cdf, targets, right=True).squeeze(1).clamp_(max=V - 1)
         if any(greedy):
-            greedy_mask = torch.tensor(greedy, device=logits.device)
+            greedy_mask = self._tensor(greedy, torch.bool)
             sampled = torch.where(greedy_mask, logits.argmax(dim=-1), sampled)
         return sampled
