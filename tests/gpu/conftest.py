@@ -197,18 +197,20 @@ def make_module_engine():
 
 def generate(engine, requests: dict, *, on_step=None) -> dict[str, list[int]]:
     """Add `requests` ({request_id: (prompt ids, SamplingParams)}), step until none is left and
-    return {request_id: output token ids}. `on_step(step_number, engine)` runs after each step."""
+    return {request_id: output token ids}. `on_step(step_number, engine, outputs)` runs after each
+    step (it may add or abort requests)."""
     got: dict[str, list[int]] = {rid: [] for rid in requests}
     for rid, (ids, params) in requests.items():
         engine.add_request(rid, None, params, prompt_token_ids=list(ids))
     step = 0
     while engine.has_unfinished():
-        for out in engine.step():
+        outputs = engine.step()
+        for out in outputs:
             assert out.error is None, (out.request_id, out.error)
             got.setdefault(out.request_id, []).extend(out.token_ids)
         step += 1
         if on_step is not None:
-            on_step(step, engine)
+            on_step(step, engine, outputs)
     return got
 
 

@@ -5,12 +5,13 @@
 - float32, greedy: token for token (near-ties aside, see conftest), 3 prompts x 32 new tokens, on
   the CUDA-graph path and with enforce_eager; and an 8,000-token prompt (max_model_len 8192,
   chunked prefill) x 64 new tokens.
-- bfloat16, greedy: rillet and transformers both round, so their greedy paths can part at any
-  near-tie and then differ; the bar is on each token rillet picks instead. The float32 forward
-  pass on the same bf16 weights, given the tokens rillet chose so far, must rank rillet's token
-  within BF16_MAX_GAP of its best logit at every position and pick it at >= BF16_MIN_ARGMAX of
-  them (bf16 rounding of activations moves logits by a few hundredths here), and rillet must
-  follow transformers' bf16 greedy path for its first BF16_PREFIX tokens on every prompt.
+- bfloat16, greedy: rillet and transformers both round, so on random weights (whose top two
+  logits are often within bf16 noise) their greedy paths part early and then differ; token
+  equality is no bar. Each token is judged instead: the float32 forward pass on the same bf16
+  weights, given the tokens chosen so far, must find rillet's token to be its argmax about as
+  often as transformers' bf16 generate's tokens are (at most BF16_ARGMAX_SLACK less, and at
+  least BF16_MIN_ARGMAX overall), and rillet's worst token at most max(2x transformers' worst,
+  BF16_GAP_FLOOR) logits under the best (and at most BF16_MAX_GAP); 8 prompts x 32 tokens.
 """
 
 from __future__ import annotations
@@ -23,9 +24,10 @@ import torch
 from rillet.sampling_params import SamplingParams
 
 NEW_TOKENS = 32
-BF16_MAX_GAP = 0.25  # logit units; the random model's top-1/top-2 gap averages ~0.2
-BF16_MIN_ARGMAX = 0.90
-BF16_PREFIX = 8
+BF16_ARGMAX_SLACK = 0.08  # ~3 standard deviations of the difference of two rates over 256 tokens
+BF16_MIN_ARGMAX = 0.75
+BF16_GAP_FLOOR = 0.05  # logit units; the random model's logits have a spread of ~0.9
+BF16_MAX_GAP = 0.5
 
 
 def random_ids(n: int, seed: int) -> list[int]:
@@ -48,27 +50,36 @@ def test_float32_greedy_equals_transformers(enforce_eager, model_dirs, reference
         gpu.assert_greedy_equal(got[f"p{i}"], ref.greedy(ids, NEW_TOKENS), ids, ref, what=f"prompt {i}")
 
 
-def test_bfloat16_greedy_agrees_with_transformers(model_dirs, reference, make_engine, gpu):
+def fidelity(ref32, prompt: list[int], tokens: list[int]) -> list[float]:
+    """For each token, how far under the float32 reference's best logit it lies (0: its argmax)."""
+    logits = ref32.forced_logits(prompt, tokens)
+    chosen = logits.gather(1, torch.tensor(tokens, device=logits.device)[:, None])[:, 0]
+    return (logits.max(dim=1).values - chosen).tolist()
+
+
+def test_bfloat16_greedy_is_as_faithful_as_transformers(model_dirs, reference, make_engine, gpu):
+    prompts = PROMPTS + [random_ids(16 + 5 * i, 40 + i) for i in range(5)]
     ref16 = reference("1b", torch.bfloat16)
     ref32 = reference("1b", torch.float32, weights=torch.bfloat16)  # float32 maths, the same bf16 weights
     engine = make_engine(model_dirs("1b", torch.bfloat16), dtype="bfloat16", max_num_seqs=8)
-    got = gpu.generate(engine, {f"p{i}": (ids, greedy(NEW_TOKENS)) for i, ids in enumerate(PROMPTS)})
-    argmax_hits, report = 0, []
-    for i, ids in enumerate(PROMPTS):
-        tokens = got[f"p{i}"]
-        assert len(tokens) == NEW_TOKENS
-        logits = ref32.forced_logits(ids, tokens)
-        chosen = logits.gather(1, torch.tensor(tokens, device=logits.device)[:, None])[:, 0]
-        gaps = (logits.max(dim=1).values - chosen).tolist()
-        argmax_hits += sum(g == 0 for g in gaps)
+    got = gpu.generate(engine, {f"p{i}": (ids, greedy(NEW_TOKENS)) for i, ids in enumerate(prompts)})
+    ours, theirs, prefixes = [], [], []
+    for i, ids in enumerate(prompts):
+        assert len(got[f"p{i}"]) == NEW_TOKENS
         want16 = ref16.greedy(ids, NEW_TOKENS)
-        prefix = gpu.first_divergence(tokens, want16)
-        prefix = NEW_TOKENS if prefix is None else prefix
-        report.append(f"prompt {i}: max gap {max(gaps):.3f}, same as transformers bf16 for {prefix} tokens")
-        assert max(gaps) <= BF16_MAX_GAP, report[-1] + f"; gaps {[round(g, 3) for g in gaps]}"
-        assert prefix >= BF16_PREFIX, report[-1] + f"\n got  {tokens}\n want {want16}"
-    rate = argmax_hits / (NEW_TOKENS * len(PROMPTS))
-    assert rate >= BF16_MIN_ARGMAX, f"float32 argmax picked at {rate:.0%} of positions; " + "; ".join(report)
+        ours += fidelity(ref32, ids, got[f"p{i}"])
+        theirs += fidelity(ref32, ids, want16)
+        d = gpu.first_divergence(got[f"p{i}"], want16)
+        prefixes.append(NEW_TOKENS if d is None else d)
+
+    def rate(gaps):
+        return sum(g == 0 for g in gaps) / len(gaps)
+
+    report = (f"float32 argmax at {rate(ours):.1%} of rillet's tokens, {rate(theirs):.1%} of transformers'; "
+              f"worst gap {max(ours):.3f} vs {max(theirs):.3f}; same tokens as transformers bf16 for {prefixes}")
+    print(report)
+    assert rate(ours) >= rate(theirs) - BF16_ARGMAX_SLACK and rate(ours) >= BF16_MIN_ARGMAX, report
+    assert max(ours) <= min(max(2 * max(theirs), BF16_GAP_FLOOR), BF16_MAX_GAP), report
 
 
 def test_8k_context_float32_equals_transformers(model_dirs, reference, make_engine, gpu):
