@@ -18,7 +18,9 @@
    forced new tokens, at batch 1 / 32 / 128 after a warm-up (eager; --compile-transformers tries
    torch.compile first and falls back);
 4. rillet's decode step at batch 1 in-process (LLMEngine, CUDA graphs): --steps steps timed
-   together, no sync between them, against the HBM bound;
+   together, no sync between them, against the HBM bound; then the engine alone at each level
+   (LLMEngine.step() until the requests are done, no HTTP), to tell the engine's share of a gap
+   from the serving layer's;
 5. `rillet serve --device cuda --dtype bfloat16 --max-num-seqs <largest level>
    --max-num-batched-tokens 8192` driven over HTTP by rillet.bench.loadgen.run_level: streaming
    chat, --levels concurrent streams, 2 requests a stream (at least 8), chat prompts of ~64 tokens
@@ -216,6 +218,41 @@ def bench_step(model_dir: Path, steps: int) -> dict:
         free_cuda()
     return {"steps": steps, "tokens": tokens, "mean_ms": round(seconds / steps * 1e3, 4),
             "tokens_per_s": round(tokens / seconds, 1)}
+
+
+def bench_engine(model_dir: Path, levels: list[int]) -> dict:
+    """rillet's engine with no HTTP in front: LLMEngine.step() until `streams` requests of
+    PROMPT_TOKENS prompts and OUTPUT_TOKENS forced tokens are done (prefill, sampling and
+    detokenizing included), warmed up at each level on other prompts first. Set beside the HTTP
+    levels, it says how much of a gap is the engine's and how much the serving layer's."""
+    from rillet.engine.llm_engine import LLMEngine
+    from rillet.sampling_params import SamplingParams
+
+    engine = LLMEngine(model=str(model_dir), device="cuda", dtype="bfloat16", max_model_len=1024,
+                       max_num_seqs=max(levels), max_num_batched_tokens=8192)
+    params = SamplingParams(max_tokens=OUTPUT_TOKENS, temperature=0.0, ignore_eos=True)
+    out = {}
+
+    def run(streams: int, tag: int) -> tuple[int, float]:
+        for i in range(streams):
+            ids = [(7 * i + 13 * j + 101 * tag) % 49000 + 100 for j in range(PROMPT_TOKENS)]
+            engine.add_request(f"e{tag}-{streams}-{i}", None, params, prompt_token_ids=ids)
+        t, tokens = time.perf_counter(), 0
+        while engine.has_unfinished():
+            tokens += sum(len(o.token_ids) for o in engine.step())
+        torch.cuda.synchronize()
+        return tokens, time.perf_counter() - t
+
+    try:
+        for streams in levels:
+            run(streams, 0)  # warm-up
+            tokens, seconds = run(streams, 1)
+            out[str(streams)] = {"tokens_per_s": round(tokens / seconds, 1), "seconds": round(seconds, 3)}
+            log(f"engine in-process, {streams} streams: {out[str(streams)]['tokens_per_s']:,.0f} tok/s")
+    finally:
+        engine = None
+        free_cuda()
+    return out
 
 
 # ---- 5. rillet serve over HTTP -----------------------------------------------------------------
@@ -425,6 +462,7 @@ def main(argv: list[str] | None = None) -> int:
             if not args.skip_transformers:
                 part("transformers", hf)
             part("decode_step_batch1", step)
+            part("engine_in_process", lambda: result.update(engine_in_process=bench_engine(model_dir, args.levels)))
             if not args.skip_serve:
                 part("serve", lambda: bench_serve(args, model_dir, deadline, result))
         finally:
