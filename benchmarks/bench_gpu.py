@@ -172,7 +172,9 @@ def bench_transformers(model_dir: Path, vocab: int, compile_model: bool) -> dict
 
     for batch in TRANSFORMERS_BATCHES:
         try:
-            generate(batch, 16)  # warm-up, other prompts
+            # warm-up on other prompts, the same lengths: generate's static cache is sized by them, and a
+            # new size recompiles the forward it compiles for that cache (26 s at batch 1 otherwise)
+            generate(batch, OUTPUT_TOKENS)
             seconds = generate(batch, OUTPUT_TOKENS)
         except Exception as exc:  # noqa: BLE001
             if not out["compiled"]:
@@ -180,7 +182,7 @@ def bench_transformers(model_dir: Path, vocab: int, compile_model: bool) -> dict
             out["compile_error"] = f"batch {batch}: {type(exc).__name__}: {exc}"[:500]
             model.forward = model.__class__.forward.__get__(model)  # back to eager
             out["compiled"] = False
-            generate(batch, 16)
+            generate(batch, OUTPUT_TOKENS)
             seconds = generate(batch, OUTPUT_TOKENS)
         out["batches"][str(batch)] = {"seconds": round(seconds, 3),
                                       "tokens_per_s": round(batch * OUTPUT_TOKENS / seconds, 1)}

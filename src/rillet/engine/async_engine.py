@@ -18,6 +18,7 @@ import logging
 import os
 import threading
 import uuid
+from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any, Protocol
@@ -28,7 +29,7 @@ from rillet.engine.core_process import CoreProcess
 from rillet.engine.core_thread import CoreThread
 from rillet.engine.errors import EngineDeadError, EngineNotReadyError, QueueFullError
 from rillet.engine.llm_engine import EngineStats
-from rillet.engine.outputs import RequestOutput
+from rillet.engine.outputs import RequestOutput, merged
 from rillet.engine.prompts import Prompt, PromptEncoder
 from rillet.sampling_params import SamplingParams
 from rillet.structured.grammar import grammar_compiler, is_compiled
@@ -61,13 +62,18 @@ class _Aborts(Protocol):
 
 
 class RequestStream:
-    """Async iterator over one request's output deltas; ends once every choice has finished."""
+    """Async iterator over one request's output deltas; ends once every choice has finished.
+
+    Deltas of a choice that arrive while the consumer is busy come out as one (outputs.merged):
+    a consumer that keeps up sees one delta per engine step, one that lags is not left working
+    through a backlog a token at a time."""
 
     def __init__(self, engine: _Aborts, request_id: str, num_prompt_tokens: int, n: int):
         self._engine = engine
         self.request_id = request_id
         self.num_prompt_tokens = num_prompt_tokens
-        self._queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+        self._pending: deque[RequestOutput | BaseException] = deque()
+        self._waiter: asyncio.Future[None] | None = None
         self._unfinished = n  # choices the consumer has not seen finish
         self._undelivered = n  # choices whose final output has not been routed here yet
 
@@ -76,7 +82,10 @@ class RequestStream:
         return self._unfinished == 0
 
     def _put(self, item: RequestOutput | BaseException) -> None:
-        self._queue.put_nowait(item)
+        self._pending.append(item)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def __aiter__(self) -> "RequestStream":
         return self
@@ -84,10 +93,23 @@ class RequestStream:
     async def __anext__(self) -> RequestOutput:
         if self._unfinished == 0:
             raise StopAsyncIteration
-        item = await self._queue.get()
+        pending = self._pending
+        while not pending:
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        item = pending.popleft()
         if isinstance(item, BaseException):
             self._unfinished = 0
             raise item
+        while item.finish_reason is None and pending:
+            following = pending[0]
+            if isinstance(following, BaseException) or following.index != item.index:
+                break
+            pending.popleft()
+            item = merged(item, following)
         if item.finish_reason is not None:
             self._unfinished -= 1
         return item

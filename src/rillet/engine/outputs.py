@@ -1,4 +1,8 @@
-"""What the engine yields: one delta per choice per step, the last one with a finish_reason."""
+"""What the engine yields: one delta per choice per step, the last one with a finish_reason.
+
+A consumer that falls behind gets the deltas that piled up meanwhile as one (`merged`), as vLLM's
+output collector does: under load each chunk of a stream carries several tokens instead of the
+event loop, the HTTP layer and the client paying per token for a backlog."""
 
 from __future__ import annotations
 
@@ -36,3 +40,16 @@ class RequestOutput:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+
+def merged(first: RequestOutput, then: RequestOutput) -> RequestOutput:
+    """One delta for two successive deltas of the same choice (`first` not finished): texts,
+    token ids and logprobs joined; counts, finish and stop reasons, error from `then`."""
+    logprobs = None
+    if first.logprobs is not None or then.logprobs is not None:
+        logprobs = (first.logprobs or []) + (then.logprobs or [])
+    return RequestOutput(
+        request_id=then.request_id, index=then.index, text=first.text + then.text,
+        token_ids=first.token_ids + then.token_ids, num_prompt_tokens=then.num_prompt_tokens or first.num_prompt_tokens,
+        num_output_tokens=then.num_output_tokens, finish_reason=then.finish_reason, stop_reason=then.stop_reason,
+        logprobs=logprobs, error=then.error, num_cached_tokens=max(first.num_cached_tokens, then.num_cached_tokens))
