@@ -103,7 +103,7 @@ class ServingChat(ServingBase):
         return await self.respond(request, handle, bool(body.stream), lambda: self._events(handle, chat),
                                   lambda: self._whole(handle, chat))
 
-    async def _events(self, handle: RequestHandle, chat: _Chat) -> AsyncIterator[dict[str, Any]]:
+    async def _events(self, handle: RequestHandle, chat: _Chat) -> AsyncIterator[dict[str, Any] | bytes]:
         try:
             for i in range(chat.n):
                 yield chat.chunk([_choice(i, {"role": "assistant", "content": ""})])
@@ -118,7 +118,7 @@ class ServingChat(ServingBase):
                 if not out.text and reason is None and not out.logprobs:
                     continue
                 if chat.tools is None and reason is None and not out.logprobs:
-                    yield chat.text_chunk(out.index, out.text)  # most tokens: no models to build
+                    yield chat.text_event(out.index, out.text)  # most tokens: a template, no models
                     continue
                 if chat.tools is not None:  # content and tool_calls parsed out of the text
                     deltas = chat.tools.openai_deltas(out.index, out.text, reason is not None) or [{}]

@@ -78,7 +78,8 @@ class ServingCompletion(ServingBase):
         return await self.respond(request, handle, bool(body.stream), lambda: self._events(handle, completion),
                                   lambda: self._whole(handle, completion))
 
-    async def _events(self, handle: RequestHandle, completion: _Completion) -> AsyncIterator[dict[str, Any]]:
+    async def _events(self, handle: RequestHandle, completion: _Completion
+                      ) -> AsyncIterator[dict[str, Any] | bytes]:
         offsets = [0] * completion.n
         try:
             if completion.echo:
@@ -93,9 +94,9 @@ class ServingCompletion(ServingBase):
                     yield openai_error_event(*self.error_message(out))
                     return
                 if reason is None and not out.logprobs:
-                    if out.text:  # most tokens: no models to build
+                    if out.text:  # most tokens: a template, no models
                         offsets[out.index] += len(out.text)
-                        yield completion.text_chunk(out.index, out.text)
+                        yield completion.text_event(out.index, out.text)
                     continue
                 logprobs = None
                 if completion.logprobs and out.logprobs:
