@@ -143,3 +143,51 @@ def test_silu_mul(dtype):
     got = cuda_kernels.silu_mul(gate_up.to(DEVICE)).cpu()
     tolerance = 1e-5 if dtype == torch.float32 else 1e-2
     torch.testing.assert_close(got.float(), want.float(), atol=tolerance, rtol=tolerance)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,k", [(37, 96), (64, 2048), (8, 4096), (5, 1100)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_gemv_matches_linear(dtype, n, k, bias):
+    """One row through a weight: odd N (padding rows), K below, at and past one 1024-wide slice,
+    K not a multiple of it (masked loads), the wide-K block sizes; bias or not."""
+    torch.manual_seed(0)
+    x = torch.randn(1, k).to(dtype)
+    w = (torch.randn(n, k) * 0.05).to(dtype)
+    b = torch.randn(n).to(dtype) if bias else None
+    want = torch.nn.functional.linear(x.float(), w.float(), None if b is None else b.float())
+    got = cuda_kernels.gemv(x.to(DEVICE), w.to(DEVICE), None if b is None else b.to(DEVICE))
+    assert got.dtype == dtype and got.shape == (1, n)
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got.cpu().float(), want, atol=tol * (k ** 0.5), rtol=tol)
+    logits = torch.empty(1, n, dtype=torch.float32, device=DEVICE)  # float32 out from half inputs: the head
+    cuda_kernels.gemv(x.to(DEVICE), w.to(DEVICE), None if b is None else b.to(DEVICE), out=logits)
+    torch.testing.assert_close(logits.cpu(), want, atol=tol * (k ** 0.5), rtol=tol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gemv_on_silu_mul_input_equals_the_two_kernels(dtype):
+    """The down projection reading SiLU(gate) * up on the fly: the same row silu_mul would have
+    written, so the same result as silu_mul then the GEMV."""
+    torch.manual_seed(0)
+    width, n = 1536, 40
+    gate_up = torch.randn(1, 2 * width).to(dtype).to(DEVICE)
+    w = (torch.randn(n, width) * 0.05).to(dtype).to(DEVICE)
+    fused = cuda_kernels.gemv(gate_up, w, silu_mul_input=True)
+    apart = cuda_kernels.gemv(cuda_kernels.silu_mul(gate_up), w)
+    torch.testing.assert_close(fused, apart, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_argmax_rows_matches_torch_first_maximum(dtype):
+    torch.manual_seed(0)
+    logits = torch.randn(5, 9000).to(dtype)
+    logits[1, 4100] = logits[1, 8999] = 50.0  # a tie across parts: the first wins
+    logits[2, 7] = logits[2, 9] = 50.0  # a tie inside a part
+    logits[3] = -float("inf")
+    logits[4, 8999] = 60.0  # the last column, in a part past which there is padding
+    wide = torch.randn(5, 9100).to(dtype)
+    wide[:, :9000] = logits  # a view with a row stride past its width, as the sampler's vocabulary slice
+    for x in (logits, wide[:, :9000]):
+        got = cuda_kernels.argmax_rows(x.to(DEVICE)).cpu()
+        assert got.tolist() == x.argmax(dim=-1).tolist() == [int(logits[0].argmax()), 4100, 7, 0, 8999]

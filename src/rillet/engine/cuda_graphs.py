@@ -65,6 +65,8 @@ class DecodeGraphs:
 
     @torch.inference_mode()
     def _body(self, size: int) -> None:
+        from rillet.models import cuda_kernels  # Triton: imported with the GPU path only
+
         runner, inputs = self.runner, self.inputs
         meta = runner.metadata(inputs[SLOTS, :size], self.block_tables[:size], self.q_starts[:size],
                                inputs[Q_LENS, :size], inputs[CONTEXT_LENS, :size], max_q_len=1)
@@ -72,7 +74,10 @@ class DecodeGraphs:
         model = runner.model
         weight = model.embed_tokens.weight if model.lm_head is None else model.lm_head.weight
         bias = None if model.lm_head is None else model.lm_head.bias
-        self.logits[:size].copy_(torch.nn.functional.linear(hidden, weight, bias))  # float32 out, one kernel
+        if size == 1 and weight.dtype in (torch.bfloat16, torch.float16) and weight.stride(1) == 1:
+            cuda_kernels.gemv(hidden, weight, bias, out=self.logits[:1])  # float32 logits from the kernel
+        else:
+            self.logits[:size].copy_(torch.nn.functional.linear(hidden, weight, bias))
 
     @torch.inference_mode()
     def _capture(self) -> None:

@@ -85,15 +85,18 @@ class LLMEngine:
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.runner: ModelRunner
+        argmax = None
         if kernel_path.gpu_kernels:
             from rillet.engine.cuda_runner import CudaModelRunner
+            from rillet.models.cuda_kernels import argmax_rows
 
             self.runner = CudaModelRunner(self.model, num_blocks, config.block_size, kernel_path,
                                           max_num_seqs=config.max_num_seqs, max_model_len=self.max_model_len,
                                           enforce_eager=config.enforce_eager)
+            argmax = argmax_rows
         else:
             self.runner = ModelRunner(self.model, num_blocks, config.block_size, kernel_path)
-        self.sampler = Sampler(self.vocab_size, self.device, seed=config.seed)
+        self.sampler = Sampler(self.vocab_size, self.device, seed=config.seed, argmax=argmax)
         self.detokenizer = Detokenizer(self.tokenizer)
         self.prompts = PromptEncoder(self.tokenizer, self.vocab_size, self.max_model_len)
         self.requests: dict[str, list[Sequence]] = {}

@@ -10,6 +10,7 @@ random number per row, not one per vocabulary entry.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,9 +30,14 @@ TOP_P_CANDIDATES = (256, 4096)  # nucleus search widths before a full sort, see 
 
 
 class Sampler:
-    def __init__(self, vocab_size: int, device: torch.device, seed: int = 0):
+    """`argmax`: the greedy rows' pick, [B, V] -> [B] ids (first maximum): the GPU path passes
+    its Triton kernel (models/cuda_kernels.argmax_rows)."""
+
+    def __init__(self, vocab_size: int, device: torch.device, seed: int = 0,
+                 argmax: Callable[[torch.Tensor], torch.Tensor] | None = None):
         self.vocab_size = vocab_size
         self.device = device
+        self._argmax = argmax or (lambda logits: logits.argmax(dim=-1))
         # Uniform draws are made on the CPU (a handful a step), so the same seed gives the same
         # tokens on any device.
         self._cpu_generator = torch.Generator()
@@ -94,7 +100,7 @@ class Sampler:
     def _choose(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         greedy = [s.params.is_greedy for s in seqs]
         if all(greedy):
-            return logits.argmax(dim=-1)
+            return self._argmax(logits)
         return self._sample(logits, seqs, greedy)
 
     def _tensor(self, values: list[Any], dtype: torch.dtype) -> torch.Tensor:

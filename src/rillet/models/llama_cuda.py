@@ -7,7 +7,9 @@ fewer launches per layer and no gather of the KV context:
     -> add + RMSNorm -> gate/up matmul -> SiLU * up -> down matmul
 
 Nine launches a layer, none of which asks the host for a shape that changes between decode
-steps, so engine/cuda_graphs.py can capture a whole decode step as one CUDA graph.
+steps, so engine/cuda_graphs.py can capture a whole decode step as one CUDA graph. At one row (a
+lone stream's decode step) in bf16/fp16 the matmuls are Triton GEMVs instead of cuBLAS, and the
+down projection reads SiLU * up on the fly: eight launches.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
+from torch import nn
 
 from rillet.models import cuda_kernels
 
@@ -24,6 +27,26 @@ if TYPE_CHECKING:
 
 def _add_norm(x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
     return cuda_kernels.add_rms_norm(x, residual, norm.weight, norm.eps)
+
+
+def _gemv_fits(x: torch.Tensor, layer: nn.Module) -> bool:
+    """A lone row through a plain half-precision nn.Linear: the GEMV's case (float32 stays on
+    cuBLAS, whose sums the float32 parity with the torch path is measured on)."""
+    return (x.shape[0] == 1 and type(layer) is nn.Linear
+            and layer.weight.dtype in (torch.bfloat16, torch.float16) and layer.weight.stride(1) == 1)
+
+
+def _linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    if _gemv_fits(x, layer):
+        return cuda_kernels.gemv(x, layer.weight, layer.bias)
+    return layer(x)
+
+
+def _mlp(mlp: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    gate_up = _linear(mlp.gate_up_proj, h)
+    if _gemv_fits(h, mlp.down_proj):
+        return cuda_kernels.gemv(gate_up, mlp.down_proj.weight, mlp.down_proj.bias, silu_mul_input=True)
+    return mlp.down_proj(cuda_kernels.silu_mul(gate_up))
 
 
 def forward(model: CausalLM, input_ids: torch.Tensor, positions: torch.Tensor,
@@ -37,7 +60,7 @@ def forward(model: CausalLM, input_ids: torch.Tensor, positions: torch.Tensor,
         attn = layer.self_attn
         nh, nkv, d = attn.num_heads, attn.num_kv_heads, attn.head_dim
         h, residual = _add_norm(x, residual, layer.input_layernorm)
-        qkv = attn.qkv_proj(h)
+        qkv = _linear(attn.qkv_proj, h)
         if attn.q_norm is not None:  # Qwen3: per-head norms of q and k before the rotation
             heads = qkv.view(T, nh + 2 * nkv, d)
             heads[:, :nh] = attn.q_norm(heads[:, :nh])
@@ -46,6 +69,6 @@ def forward(model: CausalLM, input_ids: torch.Tensor, positions: torch.Tensor,
                                         meta.slot_mapping, nh, nkv, d)
         o = cuda_kernels.paged_attention(q, k_cache, v_cache, meta.block_tables, meta.q_starts, meta.q_lens,
                                          meta.context_lens, meta.max_q_len, meta.block_size, attn.scale)
-        h, residual = _add_norm(attn.o_proj(o), residual, layer.post_attention_layernorm)
-        x = layer.mlp.down_proj(cuda_kernels.silu_mul(layer.mlp.gate_up_proj(h)))
+        h, residual = _add_norm(_linear(attn.o_proj, o), residual, layer.post_attention_layernorm)
+        x = _mlp(layer.mlp, h)
     return _add_norm(x, residual, model.norm)[0]
