@@ -1,7 +1,7 @@
 """rillet on a CUDA GPU against the issue's bars: random Llama-3.2-1B-shaped weights in bfloat16.
 
     python -m benchmarks.bench_gpu --tokenizer-dir DIR [--out benchmarks/results/bench_gpu.json]
-        [--levels 1,32,128,256] [--skip-serve] [--skip-transformers] [--budget-s 360]
+        [--levels 1,32,128,256] [--client-procs N] [--skip-serve] [--skip-transformers] [--budget-s 360]
 
 (with PYTHONPATH=src where rillet is not installed; `rillet serve` is started as
 `sys.executable -m rillet.cli serve` with this process's environment). In one run:
@@ -22,7 +22,9 @@
    (LLMEngine.step() until the requests are done, no HTTP), to tell the engine's share of a gap
    from the serving layer's;
 5. `rillet serve --device cuda --dtype bfloat16 --max-num-seqs <largest level>
-   --max-num-batched-tokens 8192` driven over HTTP by rillet.bench.loadgen.run_level: streaming
+   --max-num-batched-tokens 8192` driven over HTTP by rillet.bench.loadgen (run_level; from 32
+   streams on, run_level_processes: the streams spread over --client-procs client processes, as
+   one Python client tops out near 10k events/s and would measure itself): streaming
    chat, --levels concurrent streams, 2 requests a stream (at least 8), chat prompts of ~64 tokens
    (template included, each opening with its own tag, so only the template's system part is
    shared), 128 forced output tokens (ignore_eos, greedy), after a warm-up on other prompts.
@@ -57,6 +59,7 @@ from benchmarks.bench_cuda import LLAMA_32_1B, make_model_dir
 
 PROMPT_TOKENS = 64
 OUTPUT_TOKENS = 128
+CLIENT_PROCS_FROM = 32  # streams from which the load generator runs in several processes
 TRANSFORMERS_BATCHES = (1, 32, 128)
 BARS = {"stream1_tok_s": 1000.0, "streams256_tok_s": 40000.0, "streams256_ttft_p50_ms": 300.0,
         "streams128_over_transformers128": 2.0, "batch1_step_over_hbm_bound": 1.3}
@@ -299,14 +302,15 @@ def python_path_env() -> dict[str, str]:
 def bench_serve(args, model_dir: Path, deadline: float, result: dict) -> None:
     from transformers import AutoTokenizer
 
-    from rillet.bench.loadgen import run_level
+    from rillet.bench.loadgen import run_level, run_level_processes
     from rillet.bench.servers import RilletServer
 
     prompts = PromptMaker(AutoTokenizer.from_pretrained(model_dir))
     top = max(args.levels)
     flags = ["--model", str(model_dir), "--device", "cuda", "--dtype", "bfloat16", "--max-num-seqs", str(top),
              "--max-num-batched-tokens", "8192", "--max-model-len", "1024", *args.serve_arg]
-    serve = result["serve"] = {"command": "rillet serve " + " ".join(flags), "levels": {}}
+    serve = result["serve"] = {"command": "rillet serve " + " ".join(flags), "levels": {},
+                               "client_processes": {"processes": args.client_procs, "from_streams": CLIENT_PROCS_FROM}}
     log_path = RESULTS_DIR / "logs" / "bench_gpu_serve.log"
     t0 = time.monotonic()
     server = RilletServer(*flags, env=python_path_env(), log_path=log_path,
@@ -318,8 +322,11 @@ def bench_serve(args, model_dir: Path, deadline: float, result: dict) -> None:
 
         def level(concurrency: int, num: int, tag: str, filler: list[str], max_tokens: int) -> dict:
             texts = [prompts.make(f"{tag}.{i}", filler, 7 * i) for i in range(num)]
-            return asyncio.run(run_level(server.url, model=None, concurrency=concurrency, num_requests=num,
-                                         max_tokens=max_tokens, ignore_eos=True, temperature=0.0, prompts=texts))
+            options = dict(model=None, concurrency=concurrency, num_requests=num, max_tokens=max_tokens,
+                           ignore_eos=True, temperature=0.0, prompts=texts)
+            if concurrency >= CLIENT_PROCS_FROM and args.client_procs > 1:
+                return run_level_processes(server.url, processes=args.client_procs, **options)
+            return asyncio.run(run_level(server.url, **options))
 
         level(top, top, "warmup", WARMUP_FILLER, 16)
         level(1, 2, "warmup1", WARMUP_FILLER, 16)
@@ -402,6 +409,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--levels", type=lambda s: [int(x) for x in s.split(",") if x], default=[1, 32, 128, 256],
                         help="concurrent streams, comma-separated (default 1,32,128,256)")
     parser.add_argument("--skip-serve", action="store_true", help="skip rillet serve")
+    parser.add_argument("--client-procs", type=int, default=min(8, max(1, (os.cpu_count() or 2) // 2)),
+                        help=f"load-generator processes for levels of {CLIENT_PROCS_FROM}+ streams (one Python "
+                             "process parses ~10k events/s; default: half the cores, at most 8)")
     parser.add_argument("--skip-transformers", action="store_true", help="skip transformers' generate")
     parser.add_argument("--compile-transformers", action="store_true",
                         help="try torch.compile on transformers' forward (falls back to eager)")

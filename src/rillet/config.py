@@ -75,6 +75,12 @@ class EngineConfig:
                                      "at once (HTTP 429).", min=0, max=1_000_000)
     queue_timeout_s: float = option(120.0, "A request that waits longer than this for a slot ends with an error.",
                                     min=0.001, max=86400)
+    max_stream_events_per_s: float = option(
+        8000.0, "Streamed deltas per second that all streams together get at most, under load: a stream's "
+        "next delta waits until (live streams / this) seconds after its last one and carries every token "
+        "made meanwhile; the first and the last never wait. A client parses every event, and at hundreds of "
+        "streams a token each outruns most clients; a lone stream still gets a delta every engine step. "
+        "0: a delta every step whatever the load.", min=0, max=1e9)
     seed: int = option(0, "Seed of the global generator used by unseeded sampling requests.")
     num_threads: int | None = option(None, "Torch CPU threads (default: all cores for offline LLM and an engine "
                                      "process; all but one for an engine thread, leaving a core to the event "

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 
 def test_bench_writes_json_and_plot(server, run_cli, tmp_path):
     out, png = tmp_path / "run.json", tmp_path / "run.png"
@@ -49,3 +51,20 @@ def test_bench_ollama_api_and_dataset_and_error_kinds(server, run_cli, tmp_path)
     assert res.returncode == 1  # every request failed
     level = json.loads(bad.read_text())["levels"][0]
     assert level["errors"] == {"http_401": 2} and "401" in level["sample_error"]
+
+
+def test_a_level_spread_over_client_processes_counts_every_request(server):
+    """run_level_processes: 4 streams from 2 client processes, 6 requests of 8 forced tokens, each
+    prompt its own; one summary over all of them, as run_level's."""
+    from rillet.bench.loadgen import run_level_processes
+
+    prompts = [f"Name a colour ({i})." for i in range(6)]
+    result = run_level_processes(server.url, processes=2, model=None, concurrency=4, num_requests=6, max_tokens=8,
+                                 prompts=prompts, temperature=0.0, api_key=server.api_key)
+    assert (result["num_requests"], result["completed"], result["failed"]) == (6, 6, 0)
+    assert result["total_output_tokens"] == 48 and result["tokens_counted_from"] == "usage"
+    assert result["duration_s"] > 0 and result["output_token_throughput"] > 0
+    assert result["ttft_ms"]["p50"] is not None and result["model"]
+    with pytest.raises(RuntimeError, match="401"):  # a client process's failure, named
+        run_level_processes(server.url, processes=2, model=None, concurrency=2, num_requests=2, max_tokens=4,
+                            api_key="wrong")

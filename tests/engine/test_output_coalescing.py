@@ -11,11 +11,15 @@ from rillet.engine.outputs import RequestOutput, TokenLogprob
 
 
 class NoAborts:
-    def __init__(self):
+    def __init__(self, gap=0.0):
         self.aborted = []
+        self.gap = gap
 
     def abort_nowait(self, request_id):
         self.aborted.append(request_id)
+
+    def min_event_gap(self):
+        return self.gap
 
 
 def delta(index, token, num, finish=None, logprob=False):
@@ -112,3 +116,36 @@ def test_a_lagging_consumer_of_the_real_engine_gets_the_rest_in_one_delta():
     assert first.token_ids + last.token_ids == [t for out in eager for t in out.token_ids]
     assert first.text + last.text == "".join(out.text for out in eager)
     assert len(last.logprobs) == len(last.token_ids)
+
+
+def test_under_load_a_delta_waits_out_the_gap_gathering_the_tokens_made_meanwhile():
+    """min_event_gap 50 ms: the first delta goes at once; the next ones, put one at a time while
+    the consumer waits, come out as one delta once the gap has passed; the last never waits."""
+    owner = NoAborts(gap=0.05)
+    stream = RequestStream(owner, "r", 7, n=1)
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        stream._put(delta(0, 1, 1))
+        first = await stream.__anext__()
+        sent = loop.time()
+        for i in range(2, 5):  # three more, 5 ms apart, while the consumer waits
+            loop.call_later(0.005 * (i - 1), stream._put, delta(0, i, i))
+        second = await stream.__anext__()
+        gap = loop.time() - sent
+        stream._put(delta(0, 5, 5, finish="stop"))
+        before = loop.time()
+        last = await stream.__anext__()
+        return first, second, gap, last, loop.time() - before
+
+    first, second, gap, last, last_wait = asyncio.run(main())
+    assert first.token_ids == [1]
+    assert second.token_ids == [2, 3, 4] and gap >= 0.05
+    assert last.token_ids == [5] and last.finish_reason == "stop" and last_wait < 0.04
+
+
+def test_the_gap_is_live_streams_over_the_event_budget():
+    engine = AsyncEngine(dtype="float32", max_stream_events_per_s=1000)
+    engine._streams = {str(i): None for i in range(50)}
+    assert engine.min_event_gap() == 0.05
+    assert AsyncEngine(dtype="float32", max_stream_events_per_s=0).min_event_gap() == 0.0

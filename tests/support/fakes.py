@@ -201,6 +201,9 @@ class FakeEngine:
     async def abort(self, request_id: str) -> None:
         self.abort_nowait(request_id)
 
+    def min_event_gap(self) -> float:
+        return 0.0  # a delta per token: the tests on fakes count them
+
     def abort_nowait(self, request_id: str) -> None:
         stream = self.streams.pop(request_id, None)
         if stream is None:

@@ -30,7 +30,7 @@ from rillet.client import (
 )
 
 __all__ = ["DEFAULT_PROMPTS", "WARMUP_PROMPT", "RequestRecord", "load_prompts", "percentile", "resolve_model",
-           "run_level", "stats_ms", "summarize", "tagged"]
+           "run_level", "run_level_processes", "stats_ms", "summarize", "tagged"]
 
 DEFAULT_PROMPTS: tuple[str, ...] = (
     "Write a short story about a lighthouse keeper who finds a message in a bottle.",
@@ -287,6 +287,31 @@ async def run_level(url: str, *, model: str | None, concurrency: int, num_reques
     adds a logit_bias of -100 on that token for servers without `ignore_eos`.
     `on_request_done` is called after each request (e.g. to advance a progress bar).
     """
+    records, start, end, model = await _run_records(
+        url, model=model, concurrency=concurrency, num_requests=num_requests, max_tokens=max_tokens, api=api,
+        ignore_eos=ignore_eos, prompts=prompts, api_key=api_key, eos_token_id=eos_token_id,
+        temperature=temperature, extra_params=extra_params, timeout=timeout, on_request_done=on_request_done,
+        tag=tag)
+    return _level_result(records, end - start, concurrency, max_tokens, model, api, url)
+
+
+def _level_result(records: list[RequestRecord], duration: float, concurrency: int, max_tokens: int,
+                  model: str, api: str, url: str) -> dict:
+    result = summarize(records, duration, concurrency=concurrency, max_tokens=max_tokens)
+    result["model"] = model
+    result["api"] = api
+    result["url"] = url
+    return result
+
+
+async def _run_records(url: str, *, model: str | None, concurrency: int, num_requests: int, max_tokens: int,
+                       api: str = "openai", ignore_eos: bool = True, prompts: Sequence[Prompt] | None = None,
+                       api_key: str | None = None, eos_token_id: int | None = None,
+                       temperature: float | None = None, extra_params: dict | None = None,
+                       timeout: float = 600.0, on_request_done: Callable[[RequestRecord], None] | None = None,
+                       tag: str | None = None, first_index: int = 0
+                       ) -> tuple[list[RequestRecord], float, float, str]:
+    """run_level's requests: (records, start, end on time.monotonic(), the model)."""
     if concurrency < 1 or num_requests < 1 or max_tokens < 1:
         raise ValueError("concurrency, num_requests and max_tokens must be >= 1")
     prompt_list = list(prompts or DEFAULT_PROMPTS)
@@ -299,7 +324,7 @@ async def run_level(url: str, *, model: str | None, concurrency: int, num_reques
         queue: asyncio.Queue[Prompt] = asyncio.Queue()
         for i in range(num_requests):
             prompt = prompt_list[i % len(prompt_list)]
-            queue.put_nowait(prompt if tag is None else tagged(prompt, f"{tag}-{i}"))
+            queue.put_nowait(prompt if tag is None else tagged(prompt, f"{tag}-{first_index + i}"))
         records: list[RequestRecord] = []
 
         async def worker() -> None:
@@ -313,11 +338,47 @@ async def run_level(url: str, *, model: str | None, concurrency: int, num_reques
                 if on_request_done is not None:
                     on_request_done(record)
 
-        start = time.perf_counter()
+        start = time.monotonic()
         await asyncio.gather(*(worker() for _ in range(min(concurrency, num_requests))))
-        duration = time.perf_counter() - start
-    result = summarize(records, duration, concurrency=concurrency, max_tokens=max_tokens)
-    result["model"] = model
-    result["api"] = api
-    result["url"] = url
-    return result
+        end = time.monotonic()
+    return records, start, end, model
+
+
+def _records_in_process(kwargs: dict) -> tuple[list[RequestRecord], float, float, str]:
+    """One client process's share of run_level_processes (libuv's loop where installed). A failure
+    comes back as a RuntimeError naming it: the client's errors do not all survive pickling."""
+    try:
+        try:
+            import uvloop
+        except ImportError:
+            return asyncio.run(_run_records(**kwargs))
+        return uvloop.run(_run_records(**kwargs))
+    except Exception as exc:
+        raise RuntimeError(f"{type(exc).__name__}: {exc}") from None
+
+
+def run_level_processes(url: str, *, processes: int, model: str | None, concurrency: int, num_requests: int,
+                        max_tokens: int, prompts: Sequence[Prompt] | None = None, **options: Any) -> dict:
+    """run_level with the streams spread over `processes` client processes, for levels where one
+    Python client cannot parse the events as fast as the server sends them (~10k events/s: at
+    hundreds of streams a single-process client measures itself). Request i goes to process
+    i % processes, each runs its share at concurrency / processes; the level's duration runs
+    from the first process's start to the last one's end. Options as run_level's, but no
+    on_request_done (it would run in the child processes)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    processes = max(1, min(processes, concurrency, num_requests))
+    prompt_list = list(prompts or DEFAULT_PROMPTS)
+    shares = []
+    for p in range(processes):
+        count = len(range(p, num_requests, processes))
+        shares.append(dict(url=url, model=model, concurrency=max(1, concurrency // processes + (p < concurrency % processes)),
+                           num_requests=count, max_tokens=max_tokens,
+                           prompts=[prompt_list[i % len(prompt_list)] for i in range(p, num_requests, processes)],
+                           first_index=p * num_requests, **options))
+    with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn")) as pool:
+        parts = list(pool.map(_records_in_process, shares))
+    records = [r for part in parts for r in part[0]]
+    duration = max(part[2] for part in parts) - min(part[1] for part in parts)
+    return _level_result(records, duration, concurrency, max_tokens, parts[0][3], options.get("api", "openai"), url)

@@ -57,8 +57,10 @@ def _prompt_chars(prompt: Prompt) -> int:
     return total
 
 
-class _Aborts(Protocol):
+class _StreamOwner(Protocol):
     def abort_nowait(self, request_id: str) -> None: ...
+
+    def min_event_gap(self) -> float: ...
 
 
 class RequestStream:
@@ -66,9 +68,11 @@ class RequestStream:
 
     Deltas of a choice that arrive while the consumer is busy come out as one (outputs.merged):
     a consumer that keeps up sees one delta per engine step, one that lags is not left working
-    through a backlog a token at a time."""
+    through a backlog a token at a time. Under load a delta is also held until the engine's
+    `min_event_gap` has passed since this stream's last one (EngineConfig.max_stream_events_per_s),
+    gathering the tokens made meanwhile; a choice's first and last deltas are never held."""
 
-    def __init__(self, engine: _Aborts, request_id: str, num_prompt_tokens: int, n: int):
+    def __init__(self, engine: _StreamOwner, request_id: str, num_prompt_tokens: int, n: int):
         self._engine = engine
         self.request_id = request_id
         self.num_prompt_tokens = num_prompt_tokens
@@ -76,6 +80,7 @@ class RequestStream:
         self._waiter: asyncio.Future[None] | None = None
         self._unfinished = n  # choices the consumer has not seen finish
         self._undelivered = n  # choices whose final output has not been routed here yet
+        self._last_at: dict[int, float] = {}  # loop time of each choice's last delta
 
     @property
     def finished(self) -> bool:
@@ -83,9 +88,24 @@ class RequestStream:
 
     def _put(self, item: RequestOutput | BaseException) -> None:
         self._pending.append(item)
+        self._wake()
+
+    def _wake(self) -> None:
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
+
+    async def _wait(self, timeout: float | None = None) -> None:
+        """Until the next _put (or `timeout` seconds)."""
+        loop = asyncio.get_running_loop()
+        self._waiter = loop.create_future()
+        timer = None if timeout is None else loop.call_later(timeout, self._wake)
+        try:
+            await self._waiter
+        finally:
+            self._waiter = None
+            if timer is not None:
+                timer.cancel()
 
     def __aiter__(self) -> "RequestStream":
         return self
@@ -94,22 +114,28 @@ class RequestStream:
         if self._unfinished == 0:
             raise StopAsyncIteration
         pending = self._pending
-        while not pending:
-            self._waiter = asyncio.get_running_loop().create_future()
-            try:
-                await self._waiter
-            finally:
-                self._waiter = None
-        item = pending.popleft()
-        if isinstance(item, BaseException):
-            self._unfinished = 0
-            raise item
-        while item.finish_reason is None and pending:
-            following = pending[0]
-            if isinstance(following, BaseException) or following.index != item.index:
+        loop = asyncio.get_running_loop()
+        while True:
+            while not pending:
+                await self._wait()
+            item = pending.popleft()
+            if isinstance(item, BaseException):
+                self._unfinished = 0
+                raise item
+            while item.finish_reason is None and pending:
+                following = pending[0]
+                if isinstance(following, BaseException) or following.index != item.index:
+                    break
+                pending.popleft()
+                item = merged(item, following)
+            last = self._last_at.get(item.index)
+            hold = 0.0 if last is None or item.finish_reason is not None else \
+                last + self._engine.min_event_gap() - loop.time()
+            if hold <= 0:
                 break
-            pending.popleft()
-            item = merged(item, following)
+            pending.appendleft(item)  # too soon after this choice's last delta: gather more
+            await self._wait(hold)
+        self._last_at[item.index] = loop.time()
         if item.finish_reason is not None:
             self._unfinished -= 1
         return item
@@ -301,6 +327,11 @@ class AsyncEngine:
     def abort_nowait(self, request_id: str) -> None:
         if self._core is not None:
             self._core.send(AbortRequest(request_id))
+
+    def min_event_gap(self) -> float:
+        """Seconds a stream's deltas keep apart now: live streams / max_stream_events_per_s."""
+        budget = self.config.max_stream_events_per_s
+        return len(self._streams) / budget if budget > 0 else 0.0
 
     # ---- from the core's thread -----------------------------------------------------------
 
