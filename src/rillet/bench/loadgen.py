@@ -30,7 +30,7 @@ from rillet.client import (
 )
 
 __all__ = ["DEFAULT_PROMPTS", "WARMUP_PROMPT", "RequestRecord", "load_prompts", "percentile", "resolve_model",
-           "run_level", "run_level_processes", "stats_ms", "summarize", "tagged"]
+           "run_level", "run_level_processes", "run_records", "stats_ms", "summarize", "tagged"]
 
 DEFAULT_PROMPTS: tuple[str, ...] = (
     "Write a short story about a lighthouse keeper who finds a message in a bottle.",
@@ -272,27 +272,12 @@ def _sampling_params(api: str, max_tokens: int, ignore_eos: bool, eos_token_id: 
     return params
 
 
-async def run_level(url: str, *, model: str | None, concurrency: int, num_requests: int, max_tokens: int,
-                    api: str = "openai", ignore_eos: bool = True, prompts: Sequence[Prompt] | None = None,
-                    api_key: str | None = None, eos_token_id: int | None = None,
-                    temperature: float | None = None, extra_params: dict | None = None,
-                    timeout: float = 600.0, on_request_done: Callable[[RequestRecord], None] | None = None,
-                    tag: str | None = None) -> dict:
-    """Send `num_requests` streaming chat requests, at most `concurrency` at a time, and summarize them.
-    With `tag`, request i's prompt starts with "[tag-i]" (see `tagged`): no two requests share more
-    than the chat template's prefix.
-
-    `model=None` takes the first id from /v1/models (or /api/tags). `ignore_eos` asks the
-    server to generate exactly `max_tokens` tokens (vLLM/rillet extra); `eos_token_id`
-    adds a logit_bias of -100 on that token for servers without `ignore_eos`.
-    `on_request_done` is called after each request (e.g. to advance a progress bar).
-    """
-    records, start, end, model = await _run_records(
-        url, model=model, concurrency=concurrency, num_requests=num_requests, max_tokens=max_tokens, api=api,
-        ignore_eos=ignore_eos, prompts=prompts, api_key=api_key, eos_token_id=eos_token_id,
-        temperature=temperature, extra_params=extra_params, timeout=timeout, on_request_done=on_request_done,
-        tag=tag)
-    return _level_result(records, end - start, concurrency, max_tokens, model, api, url)
+async def run_level(url: str, **options: Any) -> dict:
+    """Send `num_requests` streaming chat requests, at most `concurrency` at a time, and summarize
+    them (summarize's keys, plus "model", "api" and "url"). Options: run_records'."""
+    records, start, end, model = await run_records(url, **options)
+    return _level_result(records, end - start, options["concurrency"], options["max_tokens"], model,
+                         options.get("api", "openai"), url)
 
 
 def _level_result(records: list[RequestRecord], duration: float, concurrency: int, max_tokens: int,
@@ -304,14 +289,21 @@ def _level_result(records: list[RequestRecord], duration: float, concurrency: in
     return result
 
 
-async def _run_records(url: str, *, model: str | None, concurrency: int, num_requests: int, max_tokens: int,
+async def run_records(url: str, *, model: str | None, concurrency: int, num_requests: int, max_tokens: int,
                        api: str = "openai", ignore_eos: bool = True, prompts: Sequence[Prompt] | None = None,
                        api_key: str | None = None, eos_token_id: int | None = None,
                        temperature: float | None = None, extra_params: dict | None = None,
                        timeout: float = 600.0, on_request_done: Callable[[RequestRecord], None] | None = None,
                        tag: str | None = None, first_index: int = 0
                        ) -> tuple[list[RequestRecord], float, float, str]:
-    """run_level's requests: (records, start, end on time.monotonic(), the model)."""
+    """The requests of one level: (records, start, end on time.monotonic(), the model).
+    With `tag`, request i's prompt starts with "[tag-i]" (i from `first_index`; see `tagged`): no
+    two requests share more than the chat template's prefix.
+
+    `model=None` takes the first id from /v1/models (or /api/tags). `ignore_eos` asks the
+    server to generate exactly `max_tokens` tokens (vLLM/rillet extra); `eos_token_id`
+    adds a logit_bias of -100 on that token for servers without `ignore_eos`.
+    `on_request_done` is called after each request (e.g. to advance a progress bar)."""
     if concurrency < 1 or num_requests < 1 or max_tokens < 1:
         raise ValueError("concurrency, num_requests and max_tokens must be >= 1")
     prompt_list = list(prompts or DEFAULT_PROMPTS)
@@ -351,8 +343,8 @@ def _records_in_process(kwargs: dict) -> tuple[list[RequestRecord], float, float
         try:
             import uvloop
         except ImportError:
-            return asyncio.run(_run_records(**kwargs))
-        return uvloop.run(_run_records(**kwargs))
+            return asyncio.run(run_records(**kwargs))
+        return uvloop.run(run_records(**kwargs))
     except Exception as exc:
         raise RuntimeError(f"{type(exc).__name__}: {exc}") from None
 
