@@ -218,11 +218,27 @@ def bench_step(model_dir: Path, steps: int) -> dict:
         torch.cuda.synchronize()
         seconds = time.perf_counter() - t
         engine.abort("step")
+        while engine.has_unfinished():
+            engine.step()
+        first_token_ms = []  # a lone prompt into an idle engine, to its first token on the host
+        for i in range(12):
+            ids = [(31 * i + 7 * j) % 40000 + 100 for j in range(PROMPT_TOKENS)]
+            t = time.perf_counter()
+            engine.add_request(f"ttft{i}", None, SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True),
+                               prompt_token_ids=ids)
+            while not any(out.token_ids for out in engine.step()):
+                pass
+            first_token_ms.append((time.perf_counter() - t) * 1e3)
+            while engine.has_unfinished():
+                engine.step()
     finally:
         engine = None
         free_cuda()
+    first_token_ms = sorted(first_token_ms[2:])  # the first two warm the prompt path up
     return {"steps": steps, "tokens": tokens, "mean_ms": round(seconds / steps * 1e3, 4),
-            "tokens_per_s": round(tokens / seconds, 1)}
+            "tokens_per_s": round(tokens / seconds, 1),
+            "first_token_in_process_ms": {"p50": round(first_token_ms[len(first_token_ms) // 2], 3),
+                                          "min": round(first_token_ms[0], 3), "max": round(first_token_ms[-1], 3)}}
 
 
 def bench_engine(model_dir: Path, levels: list[int]) -> dict:
@@ -397,7 +413,9 @@ def markdown(result: dict) -> str:
     step, hbm = result.get("decode_step_batch1", {}), result.get("hbm", {})
     lines += ["", f"Decode step at batch 1 (in-process, mean of {step.get('steps')}): {f(step.get('mean_ms'), 3)} ms; HBM bound "
               f"{f(hbm.get('bound_ms'), 3)} ms ({f((hbm.get('weight_bytes') or 0) / 1e9, 2)} GB of weights at "
-              f"{f(hbm.get('bandwidth_gb_s'), 0)} GB/s): {f(step.get('over_hbm_bound'), 2)}x the bound.", ""]
+              f"{f(hbm.get('bandwidth_gb_s'), 0)} GB/s): {f(step.get('over_hbm_bound'), 2)}x the bound. A lone "
+              f"{PROMPT_TOKENS}-token prompt's first token, in-process: "
+              f"{f(step.get('first_token_in_process_ms', {}).get('p50'), 2)} ms (p50).", ""]
     lines += [f"- {name}: {'-' if ok is None else ('met' if ok else 'MISSED')}" for name, ok in result["bars"].items()]
     return "\n".join(lines)
 
