@@ -149,3 +149,13 @@ def test_the_gap_is_live_streams_over_the_event_budget():
     engine._streams = {str(i): None for i in range(50)}
     assert engine.min_event_gap() == 0.05
     assert AsyncEngine(dtype="float32", max_stream_events_per_s=0).min_event_gap() == 0.0
+
+
+def test_outputs_cross_the_process_pipe_whole():
+    """RequestOutput pickles as its fields in order (engine process -> server): every field back."""
+    import pickle
+
+    out = RequestOutput("r", 1, "é", [5, 6], 7, 9, finish_reason="stop", stop_reason="</s>",
+                        logprobs=[TokenLogprob(5, "é", -0.25, [(6, "x", -1.5)])], error=None, num_cached_tokens=4)
+    assert pickle.loads(pickle.dumps(out)) == out
+    assert pickle.loads(pickle.dumps(delta(0, 3, 1))) == delta(0, 3, 1)

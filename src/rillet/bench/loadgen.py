@@ -294,7 +294,7 @@ async def run_records(url: str, *, model: str | None, concurrency: int, num_requ
                        api_key: str | None = None, eos_token_id: int | None = None,
                        temperature: float | None = None, extra_params: dict | None = None,
                        timeout: float = 600.0, on_request_done: Callable[[RequestRecord], None] | None = None,
-                       tag: str | None = None, first_index: int = 0
+                       tag: str | None = None, first_index: int = 0, ready: Callable[[], Any] | None = None
                        ) -> tuple[list[RequestRecord], float, float, str]:
     """The requests of one level: (records, start, end on time.monotonic(), the model).
     With `tag`, request i's prompt starts with "[tag-i]" (i from `first_index`; see `tagged`): no
@@ -303,7 +303,8 @@ async def run_records(url: str, *, model: str | None, concurrency: int, num_requ
     `model=None` takes the first id from /v1/models (or /api/tags). `ignore_eos` asks the
     server to generate exactly `max_tokens` tokens (vLLM/rillet extra); `eos_token_id`
     adds a logit_bias of -100 on that token for servers without `ignore_eos`.
-    `on_request_done` is called after each request (e.g. to advance a progress bar)."""
+    `on_request_done` is called after each request (e.g. to advance a progress bar); `ready`, once
+    the client is set up, just before the first request (run_level_processes: a barrier)."""
     if concurrency < 1 or num_requests < 1 or max_tokens < 1:
         raise ValueError("concurrency, num_requests and max_tokens must be >= 1")
     prompt_list = list(prompts or DEFAULT_PROMPTS)
@@ -330,6 +331,8 @@ async def run_records(url: str, *, model: str | None, concurrency: int, num_requ
                 if on_request_done is not None:
                     on_request_done(record)
 
+        if ready is not None:
+            await asyncio.to_thread(ready)
         start = time.monotonic()
         await asyncio.gather(*(worker() for _ in range(min(concurrency, num_requests))))
         end = time.monotonic()
@@ -339,13 +342,15 @@ async def run_records(url: str, *, model: str | None, concurrency: int, num_requ
 def _records_in_process(kwargs: dict) -> tuple[list[RequestRecord], float, float, str]:
     """One client process's share of run_level_processes (libuv's loop where installed). A failure
     comes back as a RuntimeError naming it: the client's errors do not all survive pickling."""
+    barrier = kwargs.pop("barrier")
     try:
         try:
             import uvloop
         except ImportError:
-            return asyncio.run(run_records(**kwargs))
-        return uvloop.run(run_records(**kwargs))
+            return asyncio.run(run_records(ready=barrier.wait, **kwargs))
+        return uvloop.run(run_records(ready=barrier.wait, **kwargs))
     except Exception as exc:
+        barrier.abort()  # the others stop waiting for this one
         raise RuntimeError(f"{type(exc).__name__}: {exc}") from None
 
 
@@ -354,9 +359,10 @@ def run_level_processes(url: str, *, processes: int, model: str | None, concurre
     """run_level with the streams spread over `processes` client processes, for levels where one
     Python client cannot parse the events as fast as the server sends them (~10k events/s: at
     hundreds of streams a single-process client measures itself). Request i goes to process
-    i % processes, each runs its share at concurrency / processes; the level's duration runs
-    from the first process's start to the last one's end. Options as run_level's, but no
-    on_request_done (it would run in the child processes)."""
+    i % processes, each runs its share at concurrency / processes; all start together, once every
+    one has its client set up (a barrier: spawning takes a second or more, as long as a whole
+    level), and the level's duration runs from that start to the last one's end. Options as
+    run_level's, but no on_request_done (it would run in the child processes)."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
@@ -369,7 +375,11 @@ def run_level_processes(url: str, *, processes: int, model: str | None, concurre
                            num_requests=count, max_tokens=max_tokens,
                            prompts=[prompt_list[i % len(prompt_list)] for i in range(p, num_requests, processes)],
                            first_index=p * num_requests, **options))
-    with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn")) as pool:
+    context = multiprocessing.get_context("spawn")
+    with context.Manager() as manager, ProcessPoolExecutor(processes, mp_context=context) as pool:
+        barrier = manager.Barrier(processes, timeout=120)
+        for share in shares:
+            share["barrier"] = barrier
         parts = list(pool.map(_records_in_process, shares))
     records = [r for part in parts for r in part[0]]
     duration = max(part[2] for part in parts) - min(part[1] for part in parts)

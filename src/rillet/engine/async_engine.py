@@ -81,6 +81,7 @@ class RequestStream:
         self._unfinished = n  # choices the consumer has not seen finish
         self._undelivered = n  # choices whose final output has not been routed here yet
         self._last_at: dict[int, float] = {}  # loop time of each choice's last delta
+        self._holding = False  # a delta waits out the gap: only its timer, a last delta or an error wake us
 
     @property
     def finished(self) -> bool:
@@ -88,7 +89,10 @@ class RequestStream:
 
     def _put(self, item: RequestOutput | BaseException) -> None:
         self._pending.append(item)
-        self._wake()
+        # a held stream sleeps through new deltas (at hundreds of streams, waking each one every
+        # step would cost the event loop as much as sending them)
+        if not self._holding or isinstance(item, BaseException) or item.finish_reason is not None:
+            self._wake()
 
     def _wake(self) -> None:
         waiter = self._waiter
@@ -134,7 +138,11 @@ class RequestStream:
             if hold <= 0:
                 break
             pending.appendleft(item)  # too soon after this choice's last delta: gather more
-            await self._wait(hold)
+            self._holding = True
+            try:
+                await self._wait(hold)
+            finally:
+                self._holding = False
         self._last_at[item.index] = loop.time()
         if item.finish_reason is not None:
             self._unfinished -= 1
