@@ -371,7 +371,7 @@ def bench_serve(args, model_dir: Path, deadline: float, result: dict) -> None:
 
 def judge(result: dict) -> None:
     levels = result.get("serve", {}).get("levels", {})
-    hf = result.get("transformers", {}).get("batches", {})
+    hf = result.get("transformers_generate", {}).get("batches", {})
 
     def tps(c: int) -> float | None:
         return levels.get(str(c), {}).get("tokens_per_s")
@@ -401,7 +401,7 @@ def markdown(result: dict) -> str:
         return "-" if v is None else f"{v:,.{digits}f}"
 
     levels = result.get("serve", {}).get("levels", {})
-    hf = result.get("transformers", {}).get("batches", {})
+    hf = result.get("transformers_generate", {}).get("batches", {})
     ratios = result.get("rillet_over_transformers", {})
     lines = ["| streams | rillet tok/s | ITL p50 ms | TTFT p50 ms | transformers tok/s (batch = streams) | rillet / transformers |",
              "|---:|---:|---:|---:|---:|---:|"]
@@ -482,7 +482,7 @@ def main(argv: list[str] | None = None) -> int:
                              "bound_ms": round(weights / (bw["bandwidth_gb_s"] * 1e9) * 1e3, 4)}
 
         def hf() -> None:
-            result["transformers"] = bench_transformers(model_dir, vocab, args.compile_transformers)
+            result["transformers_generate"] = bench_transformers(model_dir, vocab, args.compile_transformers)
 
         def step() -> None:
             result["decode_step_batch1"] = bench_step(model_dir, args.steps)
