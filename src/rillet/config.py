@@ -77,7 +77,7 @@ class EngineConfig:
                                     min=0.001, max=86400)
     max_stream_events_per_s: float = option(
         8000.0, "Streamed deltas per second that all streams together get at most, under load: a stream's "
-        "next delta waits until (live streams / this) seconds after its last one and carries every token "
+        "next delta waits until (running streams / this) seconds after its last one and carries every token "
         "made meanwhile; the first and the last never wait. A client parses every event, and at hundreds of "
         "streams a token each outruns most clients; a lone stream still gets a delta every engine step. "
         "0: a delta every step whatever the load.", min=0, max=1e9)

@@ -144,9 +144,16 @@ def test_under_load_a_delta_waits_out_the_gap_gathering_the_tokens_made_meanwhil
     assert last.token_ids == [5] and last.finish_reason == "stop" and last_wait < 0.04
 
 
-def test_the_gap_is_live_streams_over_the_event_budget():
+def test_the_gap_is_running_sequences_over_the_event_budget():
+    """Sequences waiting for a slot send nothing: only the running ones share the budget."""
+    from rillet.engine.llm_engine import EngineStats
+
     engine = AsyncEngine(dtype="float32", max_stream_events_per_s=1000)
-    engine._streams = {str(i): None for i in range(50)}
+    engine._streams = {str(i): None for i in range(500)}
+    assert engine.min_event_gap() == 0.5  # before the core's first stats: every stream
+    engine._stats = EngineStats(num_running=50, num_waiting=450, kv_cache_usage=0.5, num_kv_blocks_used=1,
+                                num_kv_blocks_total=2, num_preemptions_total=0, num_aborted_total=0,
+                                num_failed_total=0)
     assert engine.min_event_gap() == 0.05
     assert AsyncEngine(dtype="float32", max_stream_events_per_s=0).min_event_gap() == 0.0
 

@@ -69,7 +69,8 @@ class RequestStream:
     Deltas of a choice that arrive while the consumer is busy come out as one (outputs.merged):
     a consumer that keeps up sees one delta per engine step, one that lags is not left working
     through a backlog a token at a time. Under load a delta is also held until the engine's
-    `min_event_gap` has passed since this stream's last one (EngineConfig.max_stream_events_per_s),
+    `min_event_gap` has passed since this stream's last one (running sequences /
+    EngineConfig.max_stream_events_per_s),
     gathering the tokens made meanwhile; a choice's first and last deltas are never held."""
 
     def __init__(self, engine: _StreamOwner, request_id: str, num_prompt_tokens: int, n: int):
@@ -337,9 +338,13 @@ class AsyncEngine:
             self._core.send(AbortRequest(request_id))
 
     def min_event_gap(self) -> float:
-        """Seconds a stream's deltas keep apart now: live streams / max_stream_events_per_s."""
+        """Seconds a stream's deltas keep apart now: running sequences / max_stream_events_per_s
+        (those waiting for a slot send nothing, so they take no share of the budget)."""
         budget = self.config.max_stream_events_per_s
-        return len(self._streams) / budget if budget > 0 else 0.0
+        if budget <= 0:
+            return 0.0
+        stats = self._stats  # the core's, as of its last step
+        return (stats.num_running if stats is not None else len(self._streams)) / budget
 
     # ---- from the core's thread -----------------------------------------------------------
 
