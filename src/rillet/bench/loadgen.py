@@ -370,10 +370,10 @@ def run_level_processes(url: str, *, processes: int, model: str | None, concurre
     prompt_list = list(prompts or DEFAULT_PROMPTS)
     shares = []
     for p in range(processes):
-        count = len(range(p, num_requests, processes))
+        indices = range(p, num_requests, processes)
         shares.append(dict(url=url, model=model, concurrency=max(1, concurrency // processes + (p < concurrency % processes)),
-                           num_requests=count, max_tokens=max_tokens,
-                           prompts=[prompt_list[i % len(prompt_list)] for i in range(p, num_requests, processes)],
+                           num_requests=len(indices), max_tokens=max_tokens,
+                           prompts=[prompt_list[i % len(prompt_list)] for i in indices],
                            first_index=p * num_requests, **options))
     context = multiprocessing.get_context("spawn")
     with context.Manager() as manager, ProcessPoolExecutor(processes, mp_context=context) as pool:

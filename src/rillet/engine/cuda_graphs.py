@@ -21,6 +21,7 @@ import torch
 
 from rillet.engine.block_manager import BlockManager
 from rillet.engine.sequence import Sequence
+from rillet.models import cuda_kernels
 
 if TYPE_CHECKING:
     from rillet.engine.cuda_runner import CudaModelRunner
@@ -65,8 +66,6 @@ class DecodeGraphs:
 
     @torch.inference_mode()
     def _body(self, size: int) -> None:
-        from rillet.models import cuda_kernels  # Triton: imported with the GPU path only
-
         runner, inputs = self.runner, self.inputs
         meta = runner.metadata(inputs[SLOTS, :size], self.block_tables[:size], self.q_starts[:size],
                                inputs[Q_LENS, :size], inputs[CONTEXT_LENS, :size], max_q_len=1)
@@ -74,7 +73,7 @@ class DecodeGraphs:
         model = runner.model
         weight = model.embed_tokens.weight if model.lm_head is None else model.lm_head.weight
         bias = None if model.lm_head is None else model.lm_head.bias
-        if size == 1 and weight.dtype in (torch.bfloat16, torch.float16) and weight.stride(1) == 1:
+        if size == 1 and cuda_kernels.gemv_takes(weight):
             cuda_kernels.gemv(hidden, weight, bias, out=self.logits[:1])  # float32 logits from the kernel
         else:
             self.logits[:size].copy_(torch.nn.functional.linear(hidden, weight, bias))

@@ -6,7 +6,8 @@ event loop, the HTTP layer and the client paying per token for a backlog."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from operator import attrgetter
 
 
 @dataclass
@@ -44,9 +45,10 @@ class RequestOutput:
     def __reduce__(self) -> tuple[type, tuple[object, ...]]:
         # the engine process sends every step's outputs over a pipe: fields in order, without the
         # per-object dict a dataclass pickles by default (about half the bytes and the time)
-        return (RequestOutput, (self.request_id, self.index, self.text, self.token_ids, self.num_prompt_tokens,
-                                self.num_output_tokens, self.finish_reason, self.stop_reason, self.logprobs,
-                                self.error, self.num_cached_tokens))
+        return (RequestOutput, _field_values(self))
+
+
+_field_values = attrgetter(*(f.name for f in fields(RequestOutput)))  # every field, in __init__'s order
 
 
 def merged(first: RequestOutput, then: RequestOutput) -> RequestOutput:

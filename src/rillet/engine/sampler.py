@@ -202,5 +202,5 @@ class Sampler:
         sampled = torch.searchsorted(cdf, targets, right=True).squeeze(1).clamp_(max=V - 1)
         if any(greedy):
             greedy_mask = self._tensor(greedy, torch.bool)
-            sampled = torch.where(greedy_mask, logits.argmax(dim=-1), sampled)
+            sampled = torch.where(greedy_mask, self._argmax(logits), sampled)
         return sampled

@@ -275,6 +275,12 @@ def _gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, N, stride_w, K: tl.constexpr, 
     tl.store(out_ptr + rows, y.to(out_ptr.dtype.element_ty), mask=live)
 
 
+def gemv_takes(weight: torch.Tensor) -> bool:
+    """Whether `gemv` is used for this weight: half precision, contiguous along K (float32 stays
+    on cuBLAS, whose sums the float32 parity with the torch path is measured on)."""
+    return weight.dtype in (torch.bfloat16, torch.float16) and weight.stride(1) == 1
+
+
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
          out: torch.Tensor | None = None, silu_mul_input: bool = False) -> torch.Tensor:
     """F.linear(x, weight, bias) for one row x [1, K] and weight [N, K] (contiguous along K),

@@ -30,10 +30,8 @@ def _add_norm(x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm) -> 
 
 
 def _gemv_fits(x: torch.Tensor, layer: nn.Module) -> bool:
-    """A lone row through a plain half-precision nn.Linear: the GEMV's case (float32 stays on
-    cuBLAS, whose sums the float32 parity with the torch path is measured on)."""
-    return (x.shape[0] == 1 and type(layer) is nn.Linear
-            and layer.weight.dtype in (torch.bfloat16, torch.float16) and layer.weight.stride(1) == 1)
+    """A lone row through a plain nn.Linear whose weight the GEMV takes."""
+    return x.shape[0] == 1 and type(layer) is nn.Linear and cuda_kernels.gemv_takes(layer.weight)
 
 
 def _linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
