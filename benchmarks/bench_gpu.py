@@ -50,6 +50,8 @@ import subprocess
 import sys
 import time
 import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -315,37 +317,62 @@ def python_path_env() -> dict[str, str]:
     return {"PYTHONPATH": os.pathsep.join(entries)}
 
 
-def bench_serve(args, model_dir: Path, deadline: float, result: dict) -> None:
+class LevelRunner:
+    """One load level against a server: `level(concurrency, requests, tag, filler, max_tokens)`,
+    streaming chat with prompts of PROMPT_TOKENS tagged `tag.i`, greedy and forced to max_tokens;
+    from CLIENT_PROCS_FROM streams on, spread over `client_procs` processes."""
+
+    def __init__(self, url: str, prompts: PromptMaker, client_procs: int) -> None:
+        self.url, self.prompts, self.client_procs = url, prompts, client_procs
+
+    def __call__(self, concurrency: int, num: int, tag: str, filler: list[str], max_tokens: int) -> dict:
+        from rillet.bench.loadgen import run_level, run_level_processes
+
+        texts = [self.prompts.make(f"{tag}.{i}", filler, 7 * i) for i in range(num)]
+        options = dict(model=None, concurrency=concurrency, num_requests=num, max_tokens=max_tokens,
+                       ignore_eos=True, temperature=0.0, prompts=texts)
+        if concurrency >= CLIENT_PROCS_FROM and self.client_procs > 1:
+            return run_level_processes(self.url, processes=self.client_procs, **options)
+        return asyncio.run(run_level(self.url, **options))
+
+
+@contextmanager
+def warmed_server(flags: list[str], model_dir: Path, top: int, client_procs: int, log_path: Path,
+                  start_timeout_s: float, record: dict, env: dict[str, str] | None = None) -> Iterator[LevelRunner]:
+    """`rillet serve FLAGS` started and warmed up (`top` streams, then one, on other prompts than
+    the measured ones); yields the LevelRunner on it and stops it after. Records the start-up
+    time in `record`, and the server's log tail where anything fails."""
     from transformers import AutoTokenizer
 
-    from rillet.bench.loadgen import run_level, run_level_processes
     from rillet.bench.servers import RilletServer
 
-    prompts = PromptMaker(AutoTokenizer.from_pretrained(model_dir))
+    t0 = time.monotonic()
+    server = RilletServer(*flags, env={**python_path_env(), **(env or {})}, log_path=log_path,
+                          start_timeout_s=start_timeout_s)
+    try:
+        server.wait_ready()
+        record["startup_s"] = round(time.monotonic() - t0, 1)
+        log(f"rillet serve ready in {record['startup_s']} s; warm-up")
+        level = LevelRunner(server.url, PromptMaker(AutoTokenizer.from_pretrained(model_dir)), client_procs)
+        level(top, top, "warmup", WARMUP_FILLER, 16)
+        level(1, 2, "warmup1", WARMUP_FILLER, 16)
+        yield level
+    except BaseException:
+        record["log_tail"] = server.log_tail(3000)
+        raise
+    finally:
+        server.stop()
+
+
+def bench_serve(args, model_dir: Path, deadline: float, result: dict) -> None:
     top = max(args.levels)
     flags = ["--model", str(model_dir), "--device", "cuda", "--dtype", "bfloat16", "--max-num-seqs", str(top),
              "--max-num-batched-tokens", "8192", "--max-model-len", "1024", *args.serve_arg]
     serve = result["serve"] = {"command": "rillet serve " + " ".join(flags), "levels": {},
                                "client_processes": {"processes": args.client_procs, "from_streams": CLIENT_PROCS_FROM}}
-    log_path = RESULTS_DIR / "logs" / "bench_gpu_serve.log"
-    t0 = time.monotonic()
-    server = RilletServer(*flags, env=python_path_env(), log_path=log_path,
-                          start_timeout_s=max(30.0, min(args.start_timeout, deadline - time.monotonic())))
-    try:
-        server.wait_ready()
-        serve["startup_s"] = round(time.monotonic() - t0, 1)
-        log(f"rillet serve ready in {serve['startup_s']} s; warm-up")
-
-        def level(concurrency: int, num: int, tag: str, filler: list[str], max_tokens: int) -> dict:
-            texts = [prompts.make(f"{tag}.{i}", filler, 7 * i) for i in range(num)]
-            options = dict(model=None, concurrency=concurrency, num_requests=num, max_tokens=max_tokens,
-                           ignore_eos=True, temperature=0.0, prompts=texts)
-            if concurrency >= CLIENT_PROCS_FROM and args.client_procs > 1:
-                return run_level_processes(server.url, processes=args.client_procs, **options)
-            return asyncio.run(run_level(server.url, **options))
-
-        level(top, top, "warmup", WARMUP_FILLER, 16)
-        level(1, 2, "warmup1", WARMUP_FILLER, 16)
+    start_timeout = max(30.0, min(args.start_timeout, deadline - time.monotonic()))
+    with warmed_server(flags, model_dir, top, args.client_procs, RESULTS_DIR / "logs" / "bench_gpu_serve.log",
+                       start_timeout, serve) as level:
         for c in args.levels:
             if time.monotonic() > deadline:
                 serve["levels"][str(c)] = {"skipped": "time budget spent"}
@@ -360,11 +387,6 @@ def bench_serve(args, model_dir: Path, deadline: float, result: dict) -> None:
                 "mean_chunks_per_request": r["mean_chunks_per_request"], "duration_s": r["duration_s"]}
             log(f"{c} streams: {r['output_token_throughput']:,.0f} tok/s, ITL p50 {r['itl_ms']['p50']} ms, "
                 f"TTFT p50 {r['ttft_ms']['p50']} ms, failed {r['failed']}")
-    except BaseException:
-        serve["log_tail"] = server.log_tail(3000)
-        raise
-    finally:
-        server.stop()
 
 
 # ---- report ------------------------------------------------------------------------------------

@@ -54,6 +54,11 @@ class EngineConfig:
                                "int8). none: every weight in --dtype.",
                                choices=("auto", "none", "int8", "q4"))
     device: str = option("auto", "Where to run: auto (cuda when available), cpu, cuda or cuda:N.")
+    tensor_parallel_size: int = option(1, "Split the model across this many GPUs (or CPU processes), Megatron-style: "
+                                       "each holds a slice of every layer's heads and MLP and of the "
+                                       "vocabulary; one worker process per extra rank, NCCL between GPUs, "
+                                       "gloo between CPU processes. Needs float weights from a Hugging Face "
+                                       "checkpoint, and heads divisible by it.", min=1, max=64)
     max_model_len: int | None = option(None, "Longest prompt + output in tokens (default: the model's, capped at 8192).",
                                        min=16, max=1_048_576)
     max_num_seqs: int = option(32, "Most requests generating at once (batch size of a decode step).", min=1, max=1024)

@@ -233,8 +233,21 @@ def assert_greedy_equal(got: list[int], want: list[int], prompt: list[int], ref:
                          f"(float32 reference logit gap between them: {gap})\n got  {got}\n want {want}")
 
 
+def fidelity(ref32: Reference, prompt: list[int], tokens: list[int]) -> list[float]:
+    """For each token, how far under the float32 reference's best logit it lies (0: its argmax)."""
+    logits = ref32.forced_logits(prompt, tokens)
+    chosen = logits.gather(1, torch.tensor(tokens, device=logits.device)[:, None])[:, 0]
+    return (logits.max(dim=1).values - chosen).tolist()
+
+
+def argmax_rate(gaps: list[float]) -> float:
+    """The share of tokens that were the float32 reference's argmax (gap 0; see fidelity)."""
+    return sum(g == 0 for g in gaps) / len(gaps)
+
+
 @pytest.fixture(scope="session")
 def gpu():
     """The helpers above, for the test modules (gpu.generate, gpu.first_divergence, ...)."""
     return SimpleNamespace(generate=generate, first_divergence=first_divergence,
-                           assert_greedy_equal=assert_greedy_equal, free_cuda=_free_cuda)
+                           assert_greedy_equal=assert_greedy_equal, free_cuda=_free_cuda, fidelity=fidelity,
+                           argmax_rate=argmax_rate)

@@ -50,13 +50,6 @@ def test_float32_greedy_equals_transformers(enforce_eager, model_dirs, reference
         gpu.assert_greedy_equal(got[f"p{i}"], ref.greedy(ids, NEW_TOKENS), ids, ref, what=f"prompt {i}")
 
 
-def fidelity(ref32, prompt: list[int], tokens: list[int]) -> list[float]:
-    """For each token, how far under the float32 reference's best logit it lies (0: its argmax)."""
-    logits = ref32.forced_logits(prompt, tokens)
-    chosen = logits.gather(1, torch.tensor(tokens, device=logits.device)[:, None])[:, 0]
-    return (logits.max(dim=1).values - chosen).tolist()
-
-
 def test_bfloat16_greedy_is_as_faithful_as_transformers(model_dirs, reference, make_engine, gpu):
     prompts = PROMPTS + [random_ids(16 + 5 * i, 40 + i) for i in range(5)]
     ref16 = reference("1b", torch.bfloat16)
@@ -67,18 +60,15 @@ def test_bfloat16_greedy_is_as_faithful_as_transformers(model_dirs, reference, m
     for i, ids in enumerate(prompts):
         assert len(got[f"p{i}"]) == NEW_TOKENS
         want16 = ref16.greedy(ids, NEW_TOKENS)
-        ours += fidelity(ref32, ids, got[f"p{i}"])
-        theirs += fidelity(ref32, ids, want16)
+        ours += gpu.fidelity(ref32, ids, got[f"p{i}"])
+        theirs += gpu.fidelity(ref32, ids, want16)
         d = gpu.first_divergence(got[f"p{i}"], want16)
         prefixes.append(NEW_TOKENS if d is None else d)
 
-    def rate(gaps):
-        return sum(g == 0 for g in gaps) / len(gaps)
-
-    report = (f"float32 argmax at {rate(ours):.1%} of rillet's tokens, {rate(theirs):.1%} of transformers'; "
+    report = (f"float32 argmax at {gpu.argmax_rate(ours):.1%} of rillet's tokens, {gpu.argmax_rate(theirs):.1%} of transformers'; "
               f"worst gap {max(ours):.3f} vs {max(theirs):.3f}; same tokens as transformers bf16 for {prefixes}")
     print(report)
-    assert rate(ours) >= rate(theirs) - BF16_ARGMAX_SLACK and rate(ours) >= BF16_MIN_ARGMAX, report
+    assert gpu.argmax_rate(ours) >= gpu.argmax_rate(theirs) - BF16_ARGMAX_SLACK and gpu.argmax_rate(ours) >= BF16_MIN_ARGMAX, report
     assert max(ours) <= min(max(2 * max(theirs), BF16_GAP_FLOOR), BF16_MAX_GAP), report
 
 

@@ -13,6 +13,9 @@ A transport only moves commands in and outputs out. The rules live here, for bot
 - a step that fails ends its batch's requests with "error" (LLMEngine.step); once
   MAX_CONSECUTIVE_STEP_FAILURES steps in a row have failed it raises EngineDeadError, the loop
   stops and the transport hears `die(reason)`: every open stream gets that error;
+- with tensor parallelism a failed step is fatal at once, and a worker rank that exits is
+  reported by the workers' watchdog straight to the transport, even while the loop is idle or
+  blocked in a collective;
 - "stop" aborts every live request (finish_reason "abort") and publishes them as the last outputs.
 `core_setup(llm_engine)` (test hooks) runs on the LLMEngine once it is built, in the thread or
 process that runs the loop.
@@ -21,6 +24,7 @@ process that runs the loop.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, Union
@@ -150,6 +154,7 @@ class EngineCore:
             setup(self.engine)
         self.num_added = 0
         self.dead_reason: str | None = None
+        self._transport_lock = threading.Lock()  # the loop's publish and the TP watchdog's die
 
     def info(self) -> CoreInfo:
         engine = self.engine
@@ -175,16 +180,26 @@ class EngineCore:
     def run(self, transport: CoreTransport) -> None:
         """The loop, until Stop, the transport closing, or a failure it cannot get past (then
         `dead_reason` is set and the transport has been told)."""
-        if self.config.num_threads:  # OpenMP settings are per calling thread
-            torch.set_num_threads(self.config.num_threads)
+        threads = self.engine.config.num_threads  # the engine's: tensor parallelism on a CPU sets its share
+        if threads:  # OpenMP settings are per calling thread
+            torch.set_num_threads(threads)
+        if self.engine.workers is not None:
+            self.engine.workers.on_death = lambda reason: self._die(transport, reason)
         try:
             self._loop(transport)
         except TransportClosed:
             return
         except BaseException as exc:
             logger.exception("engine loop died")
-            self.dead_reason = f"{type(exc).__name__}: {exc}"
-            transport.die(self.dead_reason)
+            self._die(transport, f"{type(exc).__name__}: {exc}")
+        finally:
+            self.engine.close()
+
+    def _die(self, transport: CoreTransport, reason: str) -> None:
+        with self._transport_lock:
+            if self.dead_reason is None:
+                self.dead_reason = reason
+                transport.die(reason)
 
     def _loop(self, transport: CoreTransport) -> None:
         engine = self.engine
@@ -200,4 +215,5 @@ class EngineCore:
                     transport.publish(CoreOutputs(outputs, engine.stats(), self.num_added, final=True))
                     return
             outputs += engine.step()
-            transport.publish(CoreOutputs(outputs, engine.stats(), self.num_added))
+            with self._transport_lock:
+                transport.publish(CoreOutputs(outputs, engine.stats(), self.num_added))

@@ -7,7 +7,9 @@ for AsyncEngine, in a thread or a process of its own; `LLM` drives it inline.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import os
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -19,16 +21,19 @@ from rillet.config import EngineConfig
 from rillet.engine.block_manager import BlockManager
 from rillet.engine.detokenizer import Detokenizer
 from rillet.engine.errors import EngineDeadError
-from rillet.engine.model_runner import ModelRunner, kv_bytes_per_token
+from rillet.engine.model_runner import kv_bytes_per_token
 from rillet.engine.outputs import RequestOutput, TokenLogprob
 from rillet.engine.overlap import InFlight
 from rillet.engine.prompts import Prompt, PromptEncoder
 from rillet.engine.sampler import Sampler
 from rillet.engine.scheduler import ScheduledBatch, Scheduler
+from rillet.engine.runners import make_runner
 from rillet.engine.sequence import Sequence
+from rillet.engine.tp_executor import RankSpec, TensorParallelWorkers, check_devices, rank_device
 from rillet.models.backend import prepare_model, select_backend
 from rillet.models.loader import load_model
-from rillet.models.resolve import resolve_model
+from rillet.models.resolve import ResolvedModel, resolve_model
+from rillet.parallel.shard import Shard, check_shardable
 from rillet.sampling_params import SamplingParams
 from rillet.structured.grammar import GrammarCompiler, grammar_compiler
 from rillet.structured.matcher import Guide, MaskFiller
@@ -62,13 +67,54 @@ class LLMEngine:
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
         resolved = resolve_model(config.model)
-        self.backend = select_backend(config.dtype, config.quantization, config.device, gguf=resolved.gguf is not None)
+        # GGUF blocks run whole-tensor kernels: a tensor-parallel engine loads the converted float weights.
+        self.backend = select_backend(config.dtype, config.quantization, config.device,
+                                      gguf=resolved.gguf is not None and config.tensor_parallel_size == 1)
         self.device, self.dtype = self.backend.device, self.backend.dtype
         self.model_path = resolved.path
         self.model_name = config.served_model_name or resolved.name
 
         probe_len = config.max_model_len or DEFAULT_MAX_MODEL_LEN_CAP
-        loaded = load_model(resolved.path, self.dtype, self.device, max_positions=probe_len)
+        # Tensor parallelism: ranks 1.. start loading their shards now, beside ours (engine/tp_executor.py).
+        self.workers: TensorParallelWorkers | None = None
+        shard = Shard(0, config.tensor_parallel_size)
+        if shard.size > 1:
+            self.workers = self._start_workers(resolved, shard, probe_len)
+        try:
+            self._load(resolved, shard, probe_len)
+        except BaseException:
+            self.close()
+            raise
+
+    def _start_workers(self, resolved: ResolvedModel, shard: Shard, probe_len: int) -> TensorParallelWorkers:
+        """Check the split, spawn ranks 1.. and join their process group as rank 0."""
+        from transformers import AutoConfig
+
+        from rillet.parallel.group import init_group
+
+        if self.backend.quantized:
+            raise ValueError(f"tensor_parallel_size > 1 runs float weights, not --quantization {self.config.quantization}; "
+                             "use --quantization none or auto")
+        check_devices(self.device, shard.size)
+        check_shardable(AutoConfig.from_pretrained(resolved.path, local_files_only=True), shard.size)
+        threads = self.config.num_threads or max(1, (os.cpu_count() or 1) // shard.size)
+        if self.device.type == "cpu":  # the ranks share this machine's cores
+            self.config = dataclasses.replace(self.config, num_threads=threads)
+            torch.set_num_threads(threads)
+        spec = RankSpec(str(resolved.path), self.backend, probe_len, shard, "", threads, self.config.block_size,
+                        self.config.max_num_seqs)
+        workers = TensorParallelWorkers(spec)
+        try:
+            workers.wait_joining()
+            init_group(shard, rank_device(self.device, 0), workers.init_file)
+        except BaseException:
+            workers.close()
+            raise
+        return workers
+
+    def _load(self, resolved: ResolvedModel, shard: Shard, probe_len: int) -> None:
+        config = self.config
+        loaded = load_model(resolved.path, self.dtype, self.device, max_positions=probe_len, shard=shard)
         model_max = loaded.max_position_embeddings
         self.max_model_len = config.max_model_len or min(model_max, DEFAULT_MAX_MODEL_LEN_CAP)
         if self.max_model_len > model_max:
@@ -76,6 +122,10 @@ class LLMEngine:
         if self.max_model_len > probe_len:  # rope tables must cover every position
             loaded.model.set_rope_positions(self.max_model_len)
         self.model = loaded.model
+        if self.workers is not None:
+            from rillet.parallel.group import TensorParallelGroup
+
+            self.model.use_tensor_parallel(TensorParallelGroup(shard, loaded.config.vocab_size))
         kernel_path = prepare_model(self.model, self.backend, gguf=resolved.gguf, batch_hint=config.max_num_seqs)
         self.tokenizer = loaded.tokenizer
         self.eos_token_ids = set(loaded.eos_token_ids)
@@ -84,18 +134,16 @@ class LLMEngine:
         num_blocks = self._num_kv_blocks()
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
-        self.runner: ModelRunner
-        argmax = None
-        if kernel_path.gpu_kernels:
-            from rillet.engine.cuda_runner import CudaModelRunner
-            from rillet.models.cuda_kernels import argmax_rows
-
-            self.runner = CudaModelRunner(self.model, num_blocks, config.block_size, kernel_path,
+        if self.workers is not None:
+            self.workers.send("runner", num_blocks, self.max_model_len)
+        self.runner, argmax = make_runner(self.model, kernel_path, num_blocks, block_size=config.block_size,
                                           max_num_seqs=config.max_num_seqs, max_model_len=self.max_model_len,
-                                          enforce_eager=config.enforce_eager)
-            argmax = argmax_rows
-        else:
-            self.runner = ModelRunner(self.model, num_blocks, config.block_size, kernel_path)
+                                          enforce_eager=config.enforce_eager,
+                                          tensor_parallel=self.workers is not None)
+        if self.workers is not None:
+            self.workers.wait_ready()
+            assert self.model.tp is not None
+            self.model.tp.mirror = self.workers.send  # from now on every forward pass runs on every rank
         self.sampler = Sampler(self.vocab_size, self.device, seed=config.seed, argmax=argmax)
         self.detokenizer = Detokenizer(self.tokenizer)
         self.prompts = PromptEncoder(self.tokenizer, self.vocab_size, self.max_model_len)
@@ -111,6 +159,15 @@ class LLMEngine:
         logger.info("engine ready: model %s on %s (activations %s, weights %s, CPU kernels %s), max_model_len %d, "
                     "%d KV blocks of %d tokens", self.model_name, backend["device"], backend["dtype"],
                     backend["weights"], backend["cpu_isa"], self.max_model_len, num_blocks, config.block_size)
+
+    def close(self) -> None:
+        """Stop the tensor-parallel workers, if any, and leave their process group."""
+        workers, self.workers = self.workers, None
+        if workers is not None:
+            from rillet.parallel.group import leave_group
+
+            workers.close()
+            leave_group()
 
     def _num_kv_blocks(self) -> int:
         c = self.config
@@ -374,6 +431,8 @@ class LLMEngine:
         return None, None
 
     def _fail_batch(self, batch: ScheduledBatch, exc: Exception) -> list[RequestOutput]:
+        if self.workers is not None:  # the ranks' collectives are out of step: no next step
+            raise self.workers.failure(exc) from exc
         self._consecutive_failures += 1
         logger.exception("engine step failed; ending the %d requests in the batch", len(batch.seqs))
         if self._consecutive_failures >= MAX_CONSECUTIVE_STEP_FAILURES:

@@ -44,9 +44,10 @@ def _linears(layer) -> tuple:
 
 def supported(model: CausalLM) -> bool:
     """Whether this model, as loaded and packed, can decode through the C forward: the kernels
-    built, bf16 activations, and every projection a KernelLinear of the selected kernels."""
+    built, bf16 activations, and every projection a KernelLinear of the selected kernels. Not for
+    a tensor-parallel shard: the C forward has no all-reduce between its layers."""
     kernels = cpu_kernels.load()
-    if kernels is None or model.embed_tokens.weight.dtype != torch.bfloat16:
+    if model.shard.size > 1 or kernels is None or model.embed_tokens.weight.dtype != torch.bfloat16:
         return False
     if not kernels.supports_attention(model.num_heads, model.num_kv_heads, model.head_dim):
         return False

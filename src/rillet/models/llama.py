@@ -17,8 +17,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rillet.parallel.shard import Shard
+
 if TYPE_CHECKING:
     from rillet.models.cpu_kernels import Kernels
+    from rillet.parallel.group import TensorParallelGroup
 
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
@@ -99,11 +102,14 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, config, family: str):
+    """This rank's query and KV heads (all of them without tensor parallelism; see parallel/shard.py)."""
+
+    def __init__(self, config, family: str, shard: Shard):
         super().__init__()
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_key_value_heads
-        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
+        kv_heads = shard.kv_heads(config.num_key_value_heads)
+        self.num_heads = config.num_attention_heads // shard.size
+        self.num_kv_heads = kv_heads.stop - kv_heads.start
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         bias = family == "qwen2" or bool(getattr(config, "attention_bias", False))
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         self.split = (q_size, kv_size, kv_size)
@@ -117,6 +123,7 @@ class Attention(nn.Module):
             self.q_norm = self.k_norm = None
         self.scale = self.head_dim ** -0.5
         self.kernels: Kernels | None = None  # rillet's CPU kernels, set by CausalLM.use_cpu_kernels
+        self.tp: TensorParallelGroup | None = None  # sums o_proj's partial outputs (CausalLM.use_tensor_parallel)
         self.attention_float32 = False  # bf16 prompt attention as float32 matmuls (see attend_float32)
 
     def forward(self, x, cos, sin, k_cache, v_cache, meta: AttentionMetadata):
@@ -136,14 +143,16 @@ class Attention(nn.Module):
 
         only = meta.groups[0] if len(meta.groups) == 1 else None
         if only is not None and (isinstance(only, PagedDecodeAttention) or only.query_rows is None):
-            return self.o_proj(self._attend_group(q, k_cache, v_cache, only, meta.block_size))
-        out = torch.empty((T, nh * d), dtype=q.dtype, device=q.device)
-        for group in meta.groups:
-            o = self._attend_group(q, k_cache, v_cache, group, meta.block_size)
-            if isinstance(group, PaddedAttention) and group.real_rows is not None:
-                o = o.index_select(0, group.real_rows)
-            out[group.first_row:group.first_row + o.shape[0]] = o
-        return self.o_proj(out)
+            out = self._attend_group(q, k_cache, v_cache, only, meta.block_size)
+        else:
+            out = torch.empty((T, nh * d), dtype=q.dtype, device=q.device)
+            for group in meta.groups:
+                o = self._attend_group(q, k_cache, v_cache, group, meta.block_size)
+                if isinstance(group, PaddedAttention) and group.real_rows is not None:
+                    o = o.index_select(0, group.real_rows)
+                out[group.first_row:group.first_row + o.shape[0]] = o
+        out = self.o_proj(out)
+        return out if self.tp is None else self.tp.all_reduce(out)
 
     def _attend_group(self, q, k_cache, v_cache, group: AttentionGroup, block_size: int) -> torch.Tensor:
         """Attention of one group's queries over their cached keys: [B * L, nh * d]. Query heads are
@@ -220,24 +229,26 @@ def gather_rows(cache: torch.Tensor, rows: torch.Tensor, row_size: int) -> torch
 
 
 class MLP(nn.Module):
-    def __init__(self, config):
+    def __init__(self, config, shard: Shard):
         super().__init__()
-        self.intermediate = config.intermediate_size
-        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.intermediate = config.intermediate_size // shard.size  # this rank's rows
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * self.intermediate, bias=False)
+        self.down_proj = nn.Linear(self.intermediate, config.hidden_size, bias=False)
+        self.tp: TensorParallelGroup | None = None  # sums down_proj's partial outputs
 
     def forward(self, x):
         gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        out = self.down_proj(F.silu(gate) * up)
+        return out if self.tp is None else self.tp.all_reduce(out)
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config, family: str):
+    def __init__(self, config, family: str, shard: Shard):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = Attention(config, family)
+        self.self_attn = Attention(config, family, shard)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = MLP(config)
+        self.mlp = MLP(config, shard)
         self.kernels = None  # fuses each residual add with its norm where set (CausalLM.use_cpu_kernels)
 
     def add_norm(self, x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm):
@@ -260,16 +271,21 @@ class DecoderLayer(nn.Module):
 
 
 class CausalLM(nn.Module):
-    def __init__(self, config, family: str):
+    """The whole model, or one tensor-parallel rank's shard of it (`shard`; parallel/shard.py),
+    whose collectives are set by use_tensor_parallel."""
+
+    def __init__(self, config, family: str, shard: Shard = Shard()):
         super().__init__()
         self.config = config
         self.family = family
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config, family) for _ in range(config.num_hidden_layers))
+        self.shard = shard
+        vocab = shard.vocab_size(config.vocab_size)  # this rank's token ids (all of them at size 1)
+        self.embed_tokens = nn.Embedding(vocab, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, family, shard) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
-        self.lm_head = None if self.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size,
-                                                                        bias=False)
+        self.lm_head = None if self.tie_word_embeddings else nn.Linear(config.hidden_size, vocab, bias=False)
+        self.tp: TensorParallelGroup | None = None
         self.cos_table: torch.Tensor | None = None  # [P, d], filled by set_rope_positions
         self.signed_sin_table: torch.Tensor | None = None
 
@@ -297,11 +313,13 @@ class CausalLM(nn.Module):
     def forward(self, input_ids, positions, kv_caches, meta: AttentionMetadata | CudaAttentionMetadata
                 ) -> torch.Tensor:
         """input_ids, positions: [T]; kv_caches: per layer (k [nkv, S, d], v [nkv, S, d]). Returns [T, H]."""
+        if self.tp is not None and self.tp.mirror is not None:
+            self.tp.mirror("forward", input_ids, positions, meta)
         if isinstance(meta, CudaAttentionMetadata):
             from rillet.models import llama_cuda
 
             return llama_cuda.forward(self, input_ids, positions, kv_caches, meta)
-        x = self.embed_tokens(input_ids)
+        x = self.embed(input_ids)
         cos = self.cos_table[positions].to(x.dtype).unsqueeze(1)  # [T, 1, d]
         sin = self.signed_sin_table[positions].to(x.dtype).unsqueeze(1)
         residual = None
@@ -309,10 +327,26 @@ class CausalLM(nn.Module):
             x, residual = layer(x, residual, cos, sin, k_cache, v_cache, meta)
         return self.layers[-1].add_norm(x, residual, self.norm)[0]
 
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.tp is None:
+            return self.embed_tokens(input_ids)
+        return self.tp.embed(self.embed_tokens, input_ids)
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Float32 logits [R, vocab] of hidden states [R, H] (on a tensor-parallel worker: its slice)."""
+        if self.tp is not None and self.tp.mirror is not None:
+            self.tp.mirror("logits", hidden)
         if self.lm_head is not None:
-            return self.lm_head(hidden).float()
-        return F.linear(hidden, self.embed_tokens.weight).float()
+            logits = self.lm_head(hidden).float()
+        else:
+            logits = F.linear(hidden, self.embed_tokens.weight).float()
+        return logits if self.tp is None else self.tp.gather_logits(logits)
+
+    def use_tensor_parallel(self, group: TensorParallelGroup) -> None:
+        """Sum the row-parallel outputs and assemble the embeddings and logits across the group."""
+        self.tp = group
+        for layer in self.layers:
+            layer.self_attn.tp = layer.mlp.tp = group
 
     def use_cpu_kernels(self, kernels: Kernels, attention_float32: bool = False) -> None:
         """Decode attention and the residual add + RMSNorm on rillet's C kernels (bf16 on the

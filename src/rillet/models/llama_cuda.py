@@ -43,15 +43,17 @@ def _linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def _mlp(mlp: nn.Module, h: torch.Tensor) -> torch.Tensor:
     gate_up = _linear(mlp.gate_up_proj, h)
     if _gemv_fits(h, mlp.down_proj):
-        return cuda_kernels.gemv(gate_up, mlp.down_proj.weight, mlp.down_proj.bias, silu_mul_input=True)
-    return mlp.down_proj(cuda_kernels.silu_mul(gate_up))
+        out = cuda_kernels.gemv(gate_up, mlp.down_proj.weight, mlp.down_proj.bias, silu_mul_input=True)
+    else:
+        out = mlp.down_proj(cuda_kernels.silu_mul(gate_up))
+    return out if mlp.tp is None else mlp.tp.all_reduce(out)
 
 
 def forward(model: CausalLM, input_ids: torch.Tensor, positions: torch.Tensor,
             kv_caches: list[tuple[torch.Tensor, torch.Tensor]], meta: CudaAttentionMetadata) -> torch.Tensor:
     """Hidden states [T, H] after the final norm, for input_ids and positions [T]."""
     assert model.cos_table is not None and model.signed_sin_table is not None
-    x = model.embed_tokens(input_ids)
+    x = model.embed(input_ids)
     residual: torch.Tensor | None = None
     T = x.shape[0]
     for layer, (k_cache, v_cache) in zip(model.layers, kv_caches):
@@ -67,6 +69,9 @@ def forward(model: CausalLM, input_ids: torch.Tensor, positions: torch.Tensor,
                                         meta.slot_mapping, nh, nkv, d)
         o = cuda_kernels.paged_attention(q, k_cache, v_cache, meta.block_tables, meta.q_starts, meta.q_lens,
                                          meta.context_lens, meta.max_q_len, meta.block_size, attn.scale)
-        h, residual = _add_norm(_linear(attn.o_proj, o), residual, layer.post_attention_layernorm)
+        o = _linear(attn.o_proj, o)
+        if attn.tp is not None:  # row-parallel: every rank's partial sum
+            attn.tp.all_reduce(o)
+        h, residual = _add_norm(o, residual, layer.post_attention_layernorm)
         x = _mlp(layer.mlp, h)
     return _add_norm(x, residual, model.norm)[0]

@@ -12,6 +12,7 @@ from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 from rillet.models.config_check import check_supported
 from rillet.models.llama import CausalLM, family_of
+from rillet.parallel.shard import Shard, ShardPlan, check_shardable
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +57,10 @@ def _weight_files(path: Path) -> list[Path]:
     return files
 
 
-def load_model(path: Path, dtype: torch.dtype, device: torch.device, max_positions: int) -> LoadedModel:
+def load_model(path: Path, dtype: torch.dtype, device: torch.device, max_positions: int,
+               shard: Shard = Shard()) -> LoadedModel:
+    """The model in `path`, or one tensor-parallel rank's shard of it: each checkpoint tensor is
+    cut to the shard as it is read (parallel/shard.py)."""
     from safetensors import safe_open
     from transformers import AutoConfig
 
@@ -64,8 +68,10 @@ def load_model(path: Path, dtype: torch.dtype, device: torch.device, max_positio
     family = family_of(config)
     max_pos = int(getattr(config, "max_position_embeddings", 0) or max_positions)
     max_pos = check_supported(config, max_pos)  # refuses unimplemented math; caps for a sliding window
+    check_shardable(config, shard.size)
+    plan = ShardPlan.of(config, shard)
     with torch.device("meta"):
-        model = CausalLM(config, family)
+        model = CausalLM(config, family, shard)
     model = model.to_empty(device=device).to(dtype)
     model.set_rope_positions(max_positions)
 
@@ -94,7 +100,7 @@ def load_model(path: Path, dtype: torch.dtype, device: torch.device, max_positio
                 name = key.removeprefix("model.")
                 if "rotary_emb" in name:
                     continue
-                tensor = f.get_tensor(key)
+                tensor = plan.take(name, f.get_tensor(key))
                 for part, (fused_name, index, count) in fused.items():
                     if f".{part}." in name:
                         prefix, suffix = name.split(f".{part}.")

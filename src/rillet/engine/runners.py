@@ -1,0 +1,34 @@
+"""Which model runner a loaded model gets: the GPU kernels' (CUDA graphs unless eager), or the
+CPU/torch one. The same choice on every tensor-parallel rank."""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+import torch
+
+from rillet.engine.model_runner import ModelRunner
+from rillet.models.backend import KernelPath
+from rillet.models.llama import CausalLM
+
+logger = logging.getLogger(__name__)
+
+Argmax = Callable[[torch.Tensor], torch.Tensor]
+
+
+def make_runner(model: CausalLM, path: KernelPath, num_blocks: int, *, block_size: int, max_num_seqs: int,
+                max_model_len: int, enforce_eager: bool = False, tensor_parallel: bool = False
+                ) -> tuple[ModelRunner, Argmax | None]:
+    """The runner, and the GPU argmax the sampler uses with it (None: torch's)."""
+    if not path.gpu_kernels:
+        return ModelRunner(model, num_blocks, block_size, path), None
+    from rillet.engine.cuda_runner import CudaModelRunner
+    from rillet.models.cuda_kernels import argmax_rows
+
+    if tensor_parallel and not enforce_eager:
+        # A replayed graph would skip CausalLM.forward, which mirrors each step to the other ranks.
+        logger.info("tensor parallel: decode steps run eagerly (no CUDA graphs)")
+    runner = CudaModelRunner(model, num_blocks, block_size, path, max_num_seqs=max_num_seqs,
+                             max_model_len=max_model_len, enforce_eager=enforce_eager or tensor_parallel)
+    return runner, argmax_rows
