@@ -10,6 +10,11 @@ tensors are fixed at capture, so each step writes its inputs into the same buffe
 A batch of B decodes replays the graph of the smallest captured size G >= B; rows B..G-1 are
 padding (query length 0: attention skips them; slot -1: nothing is written to the cache), and
 their logits are ignored. Logits land in one float32 buffer shared by every graph.
+
+Under tensor parallelism every rank captures the same sizes in the same order, its all-reduces
+inside the graphs, and the head's vocabulary slices meet in an all-gather captured with them.
+Rank 0 hands each replay's host inputs to the other ranks (`mirror`), which copy them into
+their own buffers and replay their graph of the same size (`replay_mirrored`).
 """
 
 from __future__ import annotations
@@ -57,8 +62,13 @@ class DecodeGraphs:
         self._tables_np = self.host_tables.numpy()
         # the host buffers may be written again once this has passed
         self._copied = torch.cuda.Event()  # type: ignore[no-untyped-call]
-        vocab = runner.model.config.vocab_size
+        model = runner.model
+        vocab = model.config.vocab_size
         self.logits = torch.zeros((self.max_batch, vocab), dtype=torch.float32, device=device)
+        self.tp = model.tp  # tensor parallelism: the head's slices are all-gathered inside the graph
+        if self.tp is not None:
+            self.gathered = torch.zeros((model.shard.size, self.max_batch, self.tp.local_vocab),
+                                        dtype=torch.float32, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         start = time.perf_counter()
         self._capture()
@@ -73,7 +83,12 @@ class DecodeGraphs:
         model = runner.model
         weight = model.embed_tokens.weight if model.lm_head is None else model.lm_head.weight
         bias = None if model.lm_head is None else model.lm_head.bias
-        if size == 1 and cuda_kernels.gemv_takes(weight):
+        if self.tp is not None:
+            local = torch.nn.functional.linear(hidden, weight, bias).float()
+            self.tp.all_gather(self.gathered[:, :size], local)
+            full = self.gathered[:, :size].permute(1, 0, 2).reshape(size, -1)
+            self.logits[:size].copy_(full[:, :self.logits.shape[1]])
+        elif size == 1 and cuda_kernels.gemv_takes(weight):
             cuda_kernels.gemv(hidden, weight, bias, out=self.logits[:1])  # float32 logits from the kernel
         else:
             self.logits[:size].copy_(torch.nn.functional.linear(hidden, weight, bias))
@@ -119,10 +134,24 @@ class DecodeGraphs:
         host[Q_LENS, B:size] = 0
         host[SLOTS, B:size] = -1
         host[CONTEXT_LENS, B:size] = 0
+        if self.tp is not None and self.tp.mirror is not None:
+            assert ahead is None, "a tensor-parallel engine does not queue steps ahead"
+            self.tp.mirror("graph", size, self.host_inputs[:, :size].clone(), self.host_tables[:size].clone())
+        self._replay(size, ahead)
+        return self.logits[:B]
+
+    def _replay(self, size: int, ahead: torch.Tensor | None = None) -> None:
         self.inputs.copy_(self.host_inputs, non_blocking=True)
         self.block_tables[:size].copy_(self.host_tables[:size], non_blocking=True)
         self._copied.record()
         if ahead is not None:  # after the host copy, on the same stream
-            self.inputs[IDS, :B].copy_(ahead)
+            self.inputs[IDS, :ahead.shape[0]].copy_(ahead)
         self.graphs[size].replay()
-        return self.logits[:B]
+
+    def replay_mirrored(self, size: int, inputs: torch.Tensor, tables: torch.Tensor) -> None:
+        """A worker rank's replay of the step rank 0 replays: its host inputs [5, size] and block
+        tables [size, nb], copied in as they came."""
+        self._copied.synchronize()
+        self.host_inputs[:, :size].copy_(inputs)
+        self.host_tables[:size].copy_(tables)
+        self._replay(size)

@@ -102,7 +102,7 @@ class LLMEngine:
             self.config = dataclasses.replace(self.config, num_threads=threads)
             torch.set_num_threads(threads)
         spec = RankSpec(str(resolved.path), self.backend, probe_len, shard, "", threads, self.config.block_size,
-                        self.config.max_num_seqs)
+                        self.config.max_num_seqs, self.config.enforce_eager)
         workers = TensorParallelWorkers(spec)
         try:
             workers.wait_joining()
@@ -342,7 +342,8 @@ class LLMEngine:
     # ---- overlapped decode steps (engine/overlap.py) ---------------------------------------
 
     def _defers(self, batch: ScheduledBatch) -> bool:
-        return self.before_forward is None and self.runner.replays(batch) \
+        # Not under tensor parallelism: the next step's ids would have to reach every rank's GPU.
+        return self.before_forward is None and self.workers is None and self.runner.replays(batch) \
             and all(Sampler.defers(seq) for seq in batch.seqs)
 
     def _continues(self, flight: InFlight) -> bool:

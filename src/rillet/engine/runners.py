@@ -27,8 +27,11 @@ def make_runner(model: CausalLM, path: KernelPath, num_blocks: int, *, block_siz
     from rillet.models.cuda_kernels import argmax_rows
 
     if tensor_parallel and not enforce_eager:
-        # A replayed graph would skip CausalLM.forward, which mirrors each step to the other ranks.
-        logger.info("tensor parallel: decode steps run eagerly (no CUDA graphs)")
+        from rillet.parallel.group import graph_capturable
+
+        if not graph_capturable():  # gloo between GPU ranks (RILLET_TP_BACKEND=gloo, tests)
+            logger.info("tensor parallel over gloo: decode steps run eagerly (gloo cannot be captured in a graph)")
+            enforce_eager = True
     runner = CudaModelRunner(model, num_blocks, block_size, path, max_num_seqs=max_num_seqs,
-                             max_model_len=max_model_len, enforce_eager=enforce_eager or tensor_parallel)
+                             max_model_len=max_model_len, enforce_eager=enforce_eager)
     return runner, argmax_rows

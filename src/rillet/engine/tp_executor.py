@@ -60,6 +60,7 @@ class RankSpec:
     num_threads: int  # torch CPU threads of this rank
     block_size: int
     max_num_seqs: int
+    enforce_eager: bool
 
 
 def rank_device(device: torch.device, rank: int) -> torch.device:
@@ -248,6 +249,9 @@ def worker_main(spec: RankSpec, conn: Connection) -> None:
                     model(ids.to(device), positions.to(device), runner.kv_caches, to_device(meta, device))
                 elif message[0] == "logits":
                     model.compute_logits(message[1].to(device))
+                elif message[0] == "graph":  # a decode step replayed as a CUDA graph (engine/cuda_graphs.py)
+                    _, size, inputs, tables = message
+                    runner.graphs.replay_mirrored(size, inputs, tables)
                 else:  # ("stop",)
                     break
     except BaseException:
@@ -281,4 +285,4 @@ def _start_rank(spec: RankSpec, conn: Connection) -> Any:
     if max_model_len > spec.max_positions:
         model.set_rope_positions(max_model_len)
     return make_runner(model, path, num_blocks, block_size=spec.block_size, max_num_seqs=spec.max_num_seqs,
-                       max_model_len=max_model_len, tensor_parallel=True)[0]
+                       max_model_len=max_model_len, enforce_eager=spec.enforce_eager, tensor_parallel=True)[0]

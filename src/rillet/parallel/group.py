@@ -45,6 +45,11 @@ def leave_group() -> None:
         dist.destroy_process_group()
 
 
+def graph_capturable() -> bool:
+    """Whether the group's collectives can be captured in CUDA graphs: NCCL's can, gloo's cannot."""
+    return dist.is_initialized() and dist.get_backend() == "nccl"
+
+
 class TensorParallelGroup:
     """The collectives of one rank's sharded model (models/llama.py calls them where set)."""
 
@@ -69,6 +74,10 @@ class TensorParallelGroup:
             return x.copy_(host)
         dist.all_reduce(x)
         return x
+
+    def all_gather(self, out: torch.Tensor, local: torch.Tensor) -> None:
+        """out[r] = rank r's `local` (NCCL only: the decode graphs gather the head's slices)."""
+        dist.all_gather_into_tensor(out, local.contiguous())
 
     def embed(self, embedding: nn.Embedding, input_ids: torch.Tensor) -> torch.Tensor:
         """Vocab-parallel lookup: each rank fills the rows of the ids it holds, zeros elsewhere, and
