@@ -72,6 +72,16 @@ class LLM:
     def tokenizer(self):
         return self.engine.tokenizer
 
+    def close(self) -> None:
+        """Stop the engine's tensor-parallel workers, if any (also done at interpreter exit)."""
+        self.engine.close()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
     def generate(self, prompts: Prompt | SequenceType[Prompt], params: SamplingParams | None = None
                  ) -> GenerationResult | list[GenerationResult]:
         """Complete one prompt (a string or token ids) or a list of them; returns the same shape."""

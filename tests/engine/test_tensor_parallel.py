@@ -119,7 +119,21 @@ def test_the_ranks_pieces_put_back_together_are_the_checkpoint_tensors(size):
     vocab = torch.cat(pieces["embed_tokens.weight"])
     assert vocab.shape[0] == -(-10 // size) * size
     assert torch.equal(vocab[:10], full["embed_tokens.weight"]) and not vocab[10:].any()
-    assert all(p is full["norm.weight"] for p in pieces["norm.weight"])
+    assert all(torch.equal(p, full["norm.weight"]) for p in pieces["norm.weight"])
+
+
+def test_a_rank_reads_only_its_piece_from_a_safetensors_slice(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    config = SimpleNamespace(hidden_size=16, num_attention_heads=4, num_key_value_heads=2, intermediate_size=8,
+                             vocab_size=10, head_dim=4)
+    full = {"layers.0.self_attn.o_proj.weight": torch.randn(16, 16), "embed_tokens.weight": torch.randn(10, 16)}
+    save_file(full, str(tmp_path / "w.safetensors"))
+    plan = ShardPlan.of(config, Shard(1, 4))
+    with safe_open(str(tmp_path / "w.safetensors"), "pt") as f:
+        for name, tensor in full.items():
+            assert torch.equal(plan.take(name, f.get_slice(name)), plan.take(name, tensor))
 
 
 def test_a_model_that_cannot_split_is_refused_naming_why():
@@ -210,6 +224,7 @@ def test_a_dead_worker_ends_the_stream_with_an_error_and_the_server_exits_1(chec
                              api_key=None)
     try:
         server.wait_ready()
+        assert 'tensor_parallel_size="2"' in httpx.get(server.url + "/metrics", timeout=10).text
         worker = rh.poll_until(lambda: _worker_pid(server.pid), 30, "the rank-1 worker process")
         events: list[str] = []
         first_token = threading.Event()

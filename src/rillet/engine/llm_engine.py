@@ -155,10 +155,15 @@ class LLMEngine:
         self._consecutive_failures = 0
         # Test hook: called with the scheduled batch before each forward pass; may raise.
         self.before_forward: Callable[[ScheduledBatch], None] | None = None
-        backend = self.backend.describe()
-        logger.info("engine ready: model %s on %s (activations %s, weights %s, CPU kernels %s), max_model_len %d, "
-                    "%d KV blocks of %d tokens", self.model_name, backend["device"], backend["dtype"],
-                    backend["weights"], backend["cpu_isa"], self.max_model_len, num_blocks, config.block_size)
+        backend = self.describe_backend()
+        logger.info("engine ready: model %s on %s (activations %s, weights %s, CPU kernels %s, tensor parallel %s), "
+                    "max_model_len %d, %d KV blocks of %d tokens", self.model_name, backend["device"], backend["dtype"],
+                    backend["weights"], backend["cpu_isa"], backend["tensor_parallel_size"], self.max_model_len,
+                    num_blocks, config.block_size)
+
+    def describe_backend(self) -> dict[str, str]:
+        """The backend's facts (device, dtype, weights, cpu_isa) and the tensor-parallel size."""
+        return {**self.backend.describe(), "tensor_parallel_size": str(self.model.shard.size)}
 
     def close(self) -> None:
         """Stop the tensor-parallel workers, if any, and leave their process group."""
@@ -282,7 +287,7 @@ class LLMEngine:
         return EngineStats(len(running_requests), len(waiting_requests), bm.usage, bm.num_used_blocks,
                            bm.num_blocks, self.scheduler.num_preemptions_total, self.num_aborted_total,
                            self.num_failed_total, bm.num_queried_tokens_total, bm.num_cached_tokens_total,
-                           self.backend.describe())
+                           self.describe_backend())
 
     # ---- the step -------------------------------------------------------------------------
 

@@ -100,7 +100,8 @@ def load_model(path: Path, dtype: torch.dtype, device: torch.device, max_positio
                 name = key.removeprefix("model.")
                 if "rotary_emb" in name:
                     continue
-                tensor = plan.take(name, f.get_tensor(key))
+                # a tensor-parallel rank reads only its piece of each tensor
+                tensor = f.get_tensor(key) if shard.size == 1 else plan.take(name, f.get_slice(key))
                 for part, (fused_name, index, count) in fused.items():
                     if f".{part}." in name:
                         prefix, suffix = name.split(f".{part}.")

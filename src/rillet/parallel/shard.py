@@ -15,6 +15,7 @@ Norms and rotary tables are replicated. Everything here is shape arithmetic, no 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -80,24 +81,26 @@ class ShardPlan:
     def _heads(self, heads: slice) -> slice:
         return slice(heads.start * self.head_dim, heads.stop * self.head_dim)
 
-    def take(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+    def take(self, name: str, source: Any) -> torch.Tensor:
+        """This rank's piece of checkpoint tensor `name`, read from `source`: a tensor, or a
+        safetensors slice (`safe_open(...).get_slice(key)`), of which only that piece is read."""
         shard = self.shard
         if shard.size == 1:
-            return tensor
+            return source[:]
         if ".self_attn.q_proj." in name:
-            return tensor[self._heads(shard.part(self.num_heads))].clone()
+            return source[self._heads(shard.part(self.num_heads))]
         if ".self_attn.k_proj." in name or ".self_attn.v_proj." in name:
-            return tensor[self._heads(shard.kv_heads(self.num_kv_heads))].clone()
+            return source[self._heads(shard.kv_heads(self.num_kv_heads))]
         if ".self_attn.o_proj." in name:
-            return tensor[:, self._heads(shard.part(self.num_heads))].clone()
+            return source[:, self._heads(shard.part(self.num_heads))]
         if ".mlp.gate_proj." in name or ".mlp.up_proj." in name:
-            return tensor[shard.part(self.intermediate_size)].clone()
+            return source[shard.part(self.intermediate_size)]
         if ".mlp.down_proj." in name:
-            return tensor[:, shard.part(self.intermediate_size)].clone()
+            return source[:, shard.part(self.intermediate_size)]
         if name in ("embed_tokens.weight", "lm_head.weight"):
             local = shard.vocab_size(self.vocab_size)
-            rows = tensor[shard.rank * local:(shard.rank + 1) * local]
-            padded = tensor.new_zeros((local, tensor.shape[1]))  # the last rank's padding rows stay zero
+            rows = source[shard.rank * local:(shard.rank + 1) * local]
+            padded = rows.new_zeros((local, rows.shape[1]))  # the last rank's padding rows stay zero
             padded[:rows.shape[0]] = rows
             return padded
-        return tensor  # norms: replicated
+        return source[:]  # norms: replicated

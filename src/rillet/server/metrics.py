@@ -50,7 +50,8 @@ class _EngineCollector(Collector):
             yield kind(f"rillet:{name}", doc, value=value)
         if stats.backend:  # an info metric, as Prometheus spells them: the labels carry the facts
             info = GaugeMetricFamily("rillet:engine_backend_info", "How the model runs: device, activation dtype, "
-                                     "weight format and the CPU kernels' instruction set.", labels=sorted(stats.backend))
+                                     "weight format, the CPU kernels' instruction set and the tensor-parallel size.",
+                                     labels=sorted(stats.backend))
             info.add_metric([stats.backend[k] for k in sorted(stats.backend)], 1)
             yield info
 
