@@ -192,7 +192,9 @@ def main(argv: list[str] | None = None) -> int:
                     "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
                     "model": f"Llama {args.shape} shape, random weights (seed 0), bfloat16",
                     "settings": {"sizes": args.sizes, "levels": args.levels, "output_tokens": args.output_tokens,
-                                 "bars": BARS}, "sizes": {}, "errors": {}}
+                                 "bars": BARS, "transport": os.environ.get("RILLET_TP_BACKEND")
+                                 or ("nccl" if args.device == "cuda" else "gloo")},
+                    "sizes": {}, "errors": {}}
     model_dir = Path(tempfile.mkdtemp(prefix=f"rillet-tp-{args.shape}-"))
     try:
         t0 = time.monotonic()
