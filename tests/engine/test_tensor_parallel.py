@@ -5,6 +5,8 @@
 - a TP=2 engine gives TP=1's greedy tokens, token for token in float32, on random-initialised
   models: grouped KV heads, one KV head shared by both ranks with tied embeddings and an odd
   vocabulary, and Qwen2's QKV biases;
+- prefix-cache hits, preemption and an abort (rank 0's scheduling alone) leave every other
+  request with its TP=1 tokens, and no KV block in use;
 - models and options that cannot split are refused before any worker starts, naming why;
 - a worker that dies mid-stream ends the stream with an error event; /health turns 503 and
   `rillet serve` exits with status 1 (never a hang on a collective).
@@ -176,6 +178,43 @@ def test_tp2_gives_tp1_greedy_tokens_float32(name, checkpoints):
         engine.close()
     assert got == want
     assert all(not os.path.exists(f"/proc/{pid}") or _is_zombie(pid) for pid in workers.pids)
+
+
+def test_prefix_hits_preemption_and_aborts_under_tp2_keep_tp1_tokens(checkpoints):
+    """The scheduler's work (prefix cache, preemption, abort) is rank 0's alone; the workers only
+    see the batches. 10 requests sharing a long prefix in a 1 MiB KV cache (87 blocks a rank at
+    TP=2, fewer than they need, so some are preempted and recomputed), one aborted after 5 steps:
+    every other request gives its TP=1 tokens (float32: recomputation gives the same tokens)."""
+    shared = "The river flows past the mill, the meadow and the old stone bridge. " * 8
+    prompts = [f"{shared} Part {i}:" for i in range(10)]
+    params = SamplingParams(max_tokens=150, temperature=0.0, ignore_eos=True)
+
+    def run(size: int) -> tuple[dict[str, list[int]], LLMEngine]:
+        engine = LLMEngine(model=str(checkpoints("llama-gqa")), dtype="float32", device="cpu", max_model_len=512,
+                           kv_cache_gib=0.001, tensor_parallel_size=size)
+        tokens: dict[str, list[int]] = {}
+        for i, prompt in enumerate(prompts):
+            engine.add_request(f"r{i}", prompt, params)
+        steps = 0
+        while engine.has_unfinished():
+            for out in engine.step():
+                assert out.error is None, out.error
+                tokens.setdefault(out.request_id, []).extend(out.token_ids)
+            steps += 1
+            if steps == 5:
+                engine.abort("r3")
+        return tokens, engine
+
+    want, _ = run(1)
+    got, engine = run(2)
+    try:
+        stats = engine.stats()
+        assert stats.num_preemptions_total > 0 and stats.prefix_cache_hits_total > 0, stats
+        assert engine.block_manager.num_used_blocks == 0
+    finally:
+        engine.close()
+    del want["r3"], got["r3"]
+    assert got == want
 
 
 def _is_zombie(pid: int) -> bool:

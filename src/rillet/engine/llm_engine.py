@@ -25,9 +25,9 @@ from rillet.engine.model_runner import kv_bytes_per_token
 from rillet.engine.outputs import RequestOutput, TokenLogprob
 from rillet.engine.overlap import InFlight
 from rillet.engine.prompts import Prompt, PromptEncoder
+from rillet.engine.runners import make_runner
 from rillet.engine.sampler import Sampler
 from rillet.engine.scheduler import ScheduledBatch, Scheduler
-from rillet.engine.runners import make_runner
 from rillet.engine.sequence import Sequence
 from rillet.engine.tp_executor import RankSpec, TensorParallelWorkers, check_devices, rank_device
 from rillet.models.backend import prepare_model, select_backend

@@ -71,7 +71,13 @@ def rank_device(device: torch.device, rank: int) -> torch.device:
 
 
 def check_devices(device: torch.device, size: int) -> None:
-    if device.type == "cuda" and torch.cuda.device_count() < size and not os.environ.get("RILLET_TP_BACKEND"):
+    """Raise ValueError where the GPUs cannot hold `size` ranks (rank r takes GPU r)."""
+    if device.type != "cuda":
+        return
+    if device.index not in (None, 0):
+        raise ValueError(f"with tensor_parallel_size {size} rank r takes GPU r: use --device cuda and choose the "
+                         f"GPUs with CUDA_VISIBLE_DEVICES, not --device {device}")
+    if torch.cuda.device_count() < size and not os.environ.get("RILLET_TP_BACKEND"):
         raise ValueError(f"tensor_parallel_size {size} needs {size} GPUs; torch sees {torch.cuda.device_count()}")
 
 
