@@ -29,10 +29,11 @@ from rillet.engine.runners import make_runner
 from rillet.engine.sampler import Sampler
 from rillet.engine.scheduler import ScheduledBatch, Scheduler
 from rillet.engine.sequence import Sequence
-from rillet.engine.tp_executor import RankSpec, TensorParallelWorkers, check_devices, rank_device
+from rillet.engine.tp_executor import RankSpec, TensorParallelWorkers, check_devices, rank_device, shm_group
 from rillet.models.backend import prepare_model, select_backend
 from rillet.models.loader import load_model
 from rillet.models.resolve import ResolvedModel, resolve_model
+from rillet.parallel import shm_allreduce
 from rillet.parallel.shard import Shard, check_shardable
 from rillet.sampling_params import SamplingParams
 from rillet.structured.grammar import GrammarCompiler, grammar_compiler
@@ -96,13 +97,18 @@ class LLMEngine:
             raise ValueError(f"tensor_parallel_size > 1 runs float weights, not --quantization {self.config.quantization}; "
                              "use --quantization none or auto")
         check_devices(self.device, shard.size)
-        check_shardable(AutoConfig.from_pretrained(resolved.path, local_files_only=True), shard.size)
+        model_config = AutoConfig.from_pretrained(resolved.path, local_files_only=True)
+        check_shardable(model_config, shard.size)
         threads = self.config.num_threads or max(1, (os.cpu_count() or 1) // shard.size)
-        if self.device.type == "cpu":  # the ranks share this machine's cores
+        shm_capacity = 0
+        if self.device.type == "cpu":  # the ranks share this machine's cores, and its memory
             self.config = dataclasses.replace(self.config, num_threads=threads)
             torch.set_num_threads(threads)
+            if shm_allreduce.supported():  # a step's activations [tokens, hidden] or logits slices, float32
+                shm_capacity = 4 * max(self.config.max_num_batched_tokens * model_config.hidden_size,
+                                       self.config.max_num_seqs * shard.vocab_size(model_config.vocab_size))
         spec = RankSpec(str(resolved.path), self.backend, probe_len, shard, "", threads, self.config.block_size,
-                        self.config.max_num_seqs, self.config.enforce_eager)
+                        self.config.max_num_seqs, self.config.enforce_eager, shm_capacity)
         workers = TensorParallelWorkers(spec)
         try:
             workers.wait_joining()
@@ -125,7 +131,11 @@ class LLMEngine:
         if self.workers is not None:
             from rillet.parallel.group import TensorParallelGroup
 
-            self.model.use_tensor_parallel(TensorParallelGroup(shard, loaded.config.vocab_size))
+            shm = shm_group(self.workers.spec)
+            if shm is not None:  # a worker's death ends rank 0's wait for it
+                workers = self.workers
+                shm.abort_reason = lambda: workers.dead_reason
+            self.model.use_tensor_parallel(TensorParallelGroup(shard, loaded.config.vocab_size, shm))
         kernel_path = prepare_model(self.model, self.backend, gguf=resolved.gguf, batch_hint=config.max_num_seqs)
         self.tokenizer = loaded.tokenizer
         self.eos_token_ids = set(loaded.eos_token_ids)

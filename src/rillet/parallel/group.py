@@ -21,6 +21,7 @@ import torch.distributed as dist
 from torch import nn
 
 from rillet.parallel.shard import Shard
+from rillet.parallel.shm_allreduce import ShmAllReduce
 
 COLLECTIVE_TIMEOUT_S = 600  # a collective whose peers never come: raise rather than hang forever
 
@@ -53,8 +54,9 @@ def graph_capturable() -> bool:
 class TensorParallelGroup:
     """The collectives of one rank's sharded model (models/llama.py calls them where set)."""
 
-    def __init__(self, shard: Shard, vocab_size: int) -> None:
+    def __init__(self, shard: Shard, vocab_size: int, shm: ShmAllReduce | None = None) -> None:
         self.shard = shard
+        self.shm = shm  # CPU ranks: all-reduces through shared memory where they fit, not gloo
         self.vocab_size = vocab_size  # the model's; each rank holds shard.vocab_size(vocab_size) rows
         self.local_vocab = shard.vocab_size(vocab_size)
         self.vocab_start = shard.rank * self.local_vocab
@@ -68,6 +70,8 @@ class TensorParallelGroup:
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """The sum of every rank's partial x (row-parallel outputs), in place."""
+        if self.shm is not None and self.shm.fits(x):  # the same choice on every rank: it goes by shape
+            return self.shm.all_reduce(x)
         if self._staged(x):
             host = x.cpu()
             dist.all_reduce(host)
@@ -91,6 +95,9 @@ class TensorParallelGroup:
     def gather_logits(self, local: torch.Tensor) -> torch.Tensor:
         """Every rank's vocabulary slice of the logits [R, local_vocab], assembled on rank 0 as
         [R, vocab_size]; the other ranks get their own slice back (they do not sample)."""
+        if self.shm is not None and self.shm.fits(local):
+            parts = self.shm.gather(local)
+            return local if parts is None else torch.cat(parts, dim=-1)[:, :self.vocab_size]
         mine = local.cpu() if self._staged(local) else local.contiguous()
         if self.shard.rank != 0:
             dist.gather(mine, None, dst=0)
