@@ -185,8 +185,10 @@ def main(argv: list[str] | None = None) -> int:
         too_many = [n for n in args.sizes if n > torch.cuda.device_count()]
         if too_many and not os.environ.get("RILLET_TP_BACKEND"):  # gloo may put several ranks on one GPU
             parser.error(f"sizes {too_many} need more GPUs than the {torch.cuda.device_count()} torch sees")
+    from rillet.bench.machine import cpu_model
+
     gpu = torch.cuda.get_device_name() if args.device == "cuda" else None
-    result: dict = {"benchmark": "bench_tp", "device": gpu or platform.processor() or "cpu",
+    result: dict = {"benchmark": "bench_tp", "device": gpu or f"{cpu_model()}, {os.cpu_count()} cores",
                     "devices_seen": torch.cuda.device_count() if args.device == "cuda" else os.cpu_count(),
                     "torch": torch.__version__, "python": platform.python_version(), "commit": git_commit(),
                     "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
