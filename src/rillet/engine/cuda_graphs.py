@@ -66,8 +66,8 @@ class DecodeGraphs:
         vocab = model.config.vocab_size
         self.logits = torch.zeros((self.max_batch, vocab), dtype=torch.float32, device=device)
         self.tp = model.tp  # tensor parallelism: the head's slices are all-gathered inside the graph
-        if self.tp is not None:
-            self.gathered = torch.zeros((model.shard.size, self.max_batch, self.tp.local_vocab),
+        if self.tp is not None:  # flat, so that each size's [ranks, size, local vocab] view is contiguous
+            self.gathered = torch.zeros(model.shard.size * self.max_batch * self.tp.local_vocab,
                                         dtype=torch.float32, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         start = time.perf_counter()
@@ -85,8 +85,10 @@ class DecodeGraphs:
         bias = None if model.lm_head is None else model.lm_head.bias
         if self.tp is not None:
             local = torch.nn.functional.linear(hidden, weight, bias).float()
-            self.tp.all_gather(self.gathered[:, :size], local)
-            full = self.gathered[:, :size].permute(1, 0, 2).reshape(size, -1)
+            ranks = self.tp.shard.size
+            gathered = self.gathered[:ranks * local.numel()].view(ranks, size, -1)
+            self.tp.all_gather(gathered, local)
+            full = gathered.permute(1, 0, 2).reshape(size, -1)
             self.logits[:size].copy_(full[:, :self.logits.shape[1]])
         elif size == 1 and cuda_kernels.gemv_takes(weight):
             cuda_kernels.gemv(hidden, weight, bias, out=self.logits[:1])  # float32 logits from the kernel
