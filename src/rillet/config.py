@@ -57,8 +57,8 @@ class EngineConfig:
     tensor_parallel_size: int = option(1, "Split the model across this many GPUs (or CPU processes), Megatron-style: "
                                        "each holds a slice of every layer's heads and MLP and of the "
                                        "vocabulary; one worker process per extra rank, NCCL between GPUs, "
-                                       "gloo between CPU processes. Needs float weights from a Hugging Face "
-                                       "checkpoint, and heads divisible by it.", min=1, max=64)
+                                       "shared memory (x86) or gloo between CPU processes. Needs float weights "
+                                       "and heads divisible by it.", min=1, max=64)
     max_model_len: int | None = option(None, "Longest prompt + output in tokens (default: the model's, capped at 8192).",
                                        min=16, max=1_048_576)
     max_num_seqs: int = option(32, "Most requests generating at once (batch size of a decode step).", min=1, max=1024)

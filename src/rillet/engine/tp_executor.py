@@ -99,16 +99,16 @@ def to_device(value: Any, device: torch.device) -> Any:
 class TensorParallelWorkers:
     """Rank 0's handle on ranks 1..size-1: started, fed each mirrored call, watched, stopped."""
 
-    def __init__(self, spec: RankSpec, on_death: Callable[[str], None] | None = None) -> None:
+    def __init__(self, spec: RankSpec) -> None:
         self.size = spec.shard.size
         shm_dir = "/dev/shm" if os.path.isdir("/dev/shm") else None  # memory, not disk, behind the mapped file
         self._dir = tempfile.mkdtemp(prefix="rillet-tp-", dir=shm_dir)
         self.init_file = str(Path(self._dir) / "rendezvous")
         self.spec = dataclasses.replace(spec, init_file=self.init_file)
         if spec.shm_capacity:
-            shm_allreduce.create(self.shm_path, self.size, spec.shm_capacity)
+            shm_allreduce.create(shm_path(self.spec), self.size, spec.shm_capacity)
         self.dead_reason: str | None = None
-        self.on_death = on_death  # the engine core's: tells the front end at once
+        self.on_death: Callable[[str], None] | None = None  # the engine core's: tells the front end at once
         self._closing = False
         os.environ["NCCL_NVLS_ENABLE"] = "0"  # inherited by the workers
         context = multiprocessing.get_context("spawn")
@@ -126,10 +126,6 @@ class TensorParallelWorkers:
         self._watchdog = threading.Thread(target=self._watch, name="rillet-tp-watchdog", daemon=True)
         self._watchdog.start()
         atexit.register(self.close)  # before multiprocessing's own exit hook terminates the workers
-
-    @property
-    def shm_path(self) -> Path:
-        return Path(self._dir) / "allreduce"
 
     @property
     def pids(self) -> list[int]:
@@ -223,14 +219,19 @@ class TensorParallelWorkers:
         shutil.rmtree(self._dir, ignore_errors=True)
 
 
+def shm_path(spec: RankSpec) -> Path:
+    """The shared-memory all-reduce's file, beside the rendezvous (rank 0 makes both)."""
+    return Path(spec.init_file).parent / "allreduce"
+
+
 def shm_group(spec: RankSpec) -> shm_allreduce.ShmAllReduce | None:
     """This rank's side of the shared-memory all-reduce, where the spec has one."""
     if not spec.shm_capacity:
         return None
     from rillet.parallel.group import COLLECTIVE_TIMEOUT_S
 
-    path = Path(spec.init_file).parent / "allreduce"
-    return shm_allreduce.ShmAllReduce(path, spec.shard.rank, spec.shard.size, spec.shm_capacity, COLLECTIVE_TIMEOUT_S)
+    return shm_allreduce.ShmAllReduce(shm_path(spec), spec.shard.rank, spec.shard.size, spec.shm_capacity,
+                                      COLLECTIVE_TIMEOUT_S)
 
 
 def _exit_with_parent() -> None:

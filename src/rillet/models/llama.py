@@ -109,7 +109,7 @@ class Attention(nn.Module):
         kv_heads = shard.kv_heads(config.num_key_value_heads)
         self.num_heads = config.num_attention_heads // shard.size
         self.num_kv_heads = kv_heads.stop - kv_heads.start
-        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.head_dim = head_dim_of(config)
         bias = family == "qwen2" or bool(getattr(config, "attention_bias", False))
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         self.split = (q_size, kv_size, kv_size)
@@ -375,6 +375,11 @@ def rope_tables(config, max_positions: int) -> tuple[torch.Tensor, torch.Tensor]
     freqs = (inv_freq[:, None] @ positions[None, :]).T  # [P, d/2], same op order as transformers
     emb = torch.cat((freqs, freqs), dim=-1)
     return emb.cos() * rotary.attention_scaling, emb.sin() * rotary.attention_scaling
+
+
+def head_dim_of(config) -> int:
+    """Dimensions per attention head: the config's head_dim, else hidden size / heads."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
 def family_of(config) -> str:

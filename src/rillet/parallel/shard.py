@@ -74,8 +74,9 @@ class ShardPlan:
 
     @classmethod
     def of(cls, config, shard: Shard) -> ShardPlan:
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        return cls(shard, head_dim, config.num_attention_heads, config.num_key_value_heads,
+        from rillet.models.llama import head_dim_of
+
+        return cls(shard, head_dim_of(config), config.num_attention_heads, config.num_key_value_heads,
                    config.intermediate_size, config.vocab_size)
 
     def _heads(self, heads: slice) -> slice:
