@@ -4,10 +4,12 @@ Measures, on one machine:
   - greedy answers through Ray Serve against a single `rillet serve` (must be equal);
   - generated tok/s of `--streams` concurrent streams (OpenAI SSE, ignore_eos) spread over
     2 separate servers (round-robin by the client) and over 2 Ray Serve replicas (one URL);
-  - TTFT p50/p99 of both.
+  - TTFT p50/p99 of both;
+  - Ray at each `--stream-intervals` value (how long a replica gathers a stream's tokens into
+    one item through Ray; the first is the deployment's default).
 Each engine gets `cores / 2` threads. Writes benchmarks/results/bench_ray.json (CPU, commit).
 
-    .venv/bin/python -m benchmarks.bench_ray [--streams 16] [--requests 64] [--max-tokens 64]
+    .venv/bin/python -m benchmarks.bench_ray [--streams 16] [--requests 64] [--max-tokens 64] [--stream-intervals 50,200]
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from pathlib import Path
 import httpx
 
 from rillet.bench.machine import machine_info
+from rillet.deploy.ray import STREAM_INTERVAL_MS
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -128,7 +131,7 @@ def run_separate(args: argparse.Namespace, threads: int, extra: tuple[str, ...] 
             proc.wait(30)
 
 
-def run_ray(args: argparse.Namespace, threads: int) -> tuple[list[str], dict]:
+def run_ray(args: argparse.Namespace, threads: int, interval_ms: float) -> tuple[list[str], dict]:
     import ray
     from ray import serve
 
@@ -140,7 +143,8 @@ def run_ray(args: argparse.Namespace, threads: int) -> tuple[list[str], dict]:
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build_app({"num_replicas": 2, "num_cpus": cores / 2, "num_threads": threads,
-                             "max_num_seqs": args.streams}), name="rillet", route_prefix="/")
+                             "max_num_seqs": args.streams, "stream_interval_ms": interval_ms}),
+                  name="rillet", route_prefix="/")
         url = f"http://127.0.0.1:{port}"
 
         async def go() -> tuple[list[str], dict]:
@@ -167,31 +171,44 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=2, help="alternate separate/ray this many times")
+    parser.add_argument("--stream-intervals", default=f"{STREAM_INTERVAL_MS:g},200",
+                        help="Ray runs, one per stream_interval_ms (comma-separated; the first is the default)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/bench_ray.json")
     args = parser.parse_args()
     threads = max(1, (os.cpu_count() or 2) // 2)
     rounds = []
-    answers_single = answers_ray = None
+    intervals = [float(x) for x in args.stream_intervals.split(",") if x.strip()]
+    answers_single = None
+    ray_answers: list[list[str]] = []  # every Ray run's greedy answers: each must equal one server's
     for _ in range(args.rounds):
         answers_single, separate = run_separate(args, threads)
         print("separate", separate, flush=True)
         # like for like with a Ray replica: the engine in a thread of the serving process
         _, separate_thread = run_separate(args, threads, ("--no-engine-process",))
         print("separate (engine thread)", separate_thread, flush=True)
-        answers_ray, via_ray = run_ray(args, threads)
-        print("ray", via_ray, flush=True)
-        rounds.append({"separate": separate, "separate_engine_thread": separate_thread, "ray": via_ray})
+        entry = {"separate": separate, "separate_engine_thread": separate_thread}
+        for interval in intervals:
+            answers, via_ray = run_ray(args, threads, interval)
+            ray_answers.append(answers)
+            print(f"ray (stream_interval_ms={interval:g})", via_ray, flush=True)
+            entry["ray" if interval == intervals[0] else f"ray_interval_{interval:g}ms"] = via_ray
+        rounds.append(entry)
     best_sep = max(max(r["separate"]["tok_s"], r["separate_engine_thread"]["tok_s"]) for r in rounds)
     best_ray = max(r["ray"]["tok_s"] for r in rounds)
+    by_interval = {f"{i:g}": max(r["ray" if i == intervals[0] else f"ray_interval_{i:g}ms"]["tok_s"] for r in rounds)
+                   for i in intervals}
     report = {
         "benchmark": "bench_ray", "machine": machine_info(), "load_1m": os.getloadavg()[0],
         "command": f"python benchmarks/bench_ray.py --streams {args.streams} --requests {args.requests} "
-                   f"--max-tokens {args.max_tokens} --rounds {args.rounds}",
+                   f"--max-tokens {args.max_tokens} --rounds {args.rounds} --stream-intervals {args.stream_intervals}",
         "threads_per_engine": threads,
-        "greedy_equal": answers_single == answers_ray, "greedy_prompts": len(GREEDY_PROMPTS),
-        "greedy_single": answers_single, "greedy_ray": answers_ray,
+        "greedy_equal": all(answers == answers_single for answers in ray_answers), "greedy_prompts": len(GREEDY_PROMPTS),
+        "greedy_single": answers_single, "greedy_ray": ray_answers[-1],
         "rounds": rounds, "best_separate_tok_s (either mode)": best_sep, "best_ray_tok_s": best_ray,
         "ray_vs_separate": round(best_ray / best_sep, 3),
+        "stream_interval_ms_default": intervals[0],
+        "best_ray_tok_s_by_stream_interval_ms": by_interval,
+        "ray_vs_separate_by_stream_interval_ms": {k: round(v / best_sep, 3) for k, v in by_interval.items()},
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1) + "\n")

@@ -123,6 +123,26 @@ def test_run_asgi_streams_start_then_chunks():
     asyncio.run(main())
 
 
+def test_run_asgi_batches_the_chunks_of_each_interval():
+    async def main():
+        started, ended = [], []
+        loop = asyncio.get_running_loop()
+        stamped = []
+        async for item in run_asgi(_app(12, started, ended), TunnelRequest("POST", "/v1/x", body=b"hi"),
+                                   interval_s=0.05):
+            stamped.append((loop.time(), item))
+        items = [item for _, item in stamped]
+        assert isinstance(items[0], ResponseStart)
+        body = items[1:]
+        assert body[0] == b"data: 0\n\n"  # the first chunk is not held back
+        assert b"".join(body) == b"".join(f"data: {i}\n\n".encode() for i in range(12))  # nothing lost, in order
+        assert 2 <= len(body) < 12  # 12 chunks 10 ms apart: batched, several per item
+        gaps = [b[0] - a[0] for a, b in zip(stamped[1:], stamped[2:-1])]
+        assert all(gap >= 0.045 for gap in gaps), gaps  # at most one item per interval (the last flushes at once)
+        assert ended == ["done"]
+    asyncio.run(main())
+
+
 def test_closing_the_tunnel_disconnects_the_app():
     async def main():
         seen_disconnect = asyncio.Event()
