@@ -9,8 +9,8 @@ rillet.bench.schemas:
   at most); the length of each is recorded;
 - run A: the same prompts free, each forced (ignore_eos) to the length its run-B twin had.
 So both runs feed the engine the same prompts and the same numbers of tokens, 16 streams
-throughout, and differ only in the constraint. B then A, for --rounds rounds (drift hits both
-alike); every prompt opens with its own "[run.round.client.i]" tag, so no run reuses another's
+throughout, and differ only in the constraint. The rounds alternate B A, A B, ... (A forced to
+the latest B's lengths), so a drift of the machine's speed favours neither; every prompt opens with its own "[run.round.client.i]" tag, so no run reuses another's
 prompt prefix, and the warm-up uses other prompts and schemas than the measured ones.
 
 Reported: the measured (free) half's output tokens/s in B against A (bar: at most 5% lower),
@@ -143,10 +143,14 @@ async def bench(args: argparse.Namespace) -> dict:
                  for i, (_, schema) in enumerate(WARMUP_SCHEMAS)]
         await asyncio.gather(*warm)
         runs = []
+        lengths: dict[int, list[int]] = {}  # the latest run B's output lengths, which A is forced to
         for rnd in range(args.rounds):
-            lengths: dict[int, list[int]] = {}
-            for run in ("B", "A"):
+            # B A, then A B (A forced to the previous B's lengths), ...: a machine that speeds up
+            # or slows down during the benchmark favours neither run.
+            for run in ("B", "A") if rnd % 2 == 0 else ("A", "B"):
                 log(f"round {rnd + 1}/{args.rounds}, run {run}")
+                if run == "B":
+                    lengths = {}
                 result = await one_run(engine, run, rnd, args, lengths)
                 log(f"  free half {fmt(result['free_half']['output_token_throughput'])} tok/s")
                 runs.append(result)
@@ -190,13 +194,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=None, help="Hugging Face directory or .gguf (default: SmolLM2-135M-Instruct)")
     parser.add_argument("--dtype", default="bfloat16", choices=("auto", "float32", "bfloat16", "float16"))
-    parser.add_argument("--rounds", type=int, default=None, help="A/B pairs (default 2; --quick 1)")
+    parser.add_argument("--rounds", type=int, default=None, help="A/B pairs, order alternating (default 4; --quick 1)")
     parser.add_argument("--requests", type=int, default=None, help="requests per measured client (default 3; --quick 1)")
     parser.add_argument("--max-tokens", type=int, default=None, help="tokens per free request (default 96; --quick 16)")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
-    args.rounds = args.rounds or (1 if args.quick else 2)
+    args.rounds = args.rounds or (1 if args.quick else 4)
     args.requests = args.requests or (1 if args.quick else 3)
     args.max_tokens = args.max_tokens or (16 if args.quick else 96)
     out = args.out or RESULTS_DIR / ("bench_structured.quick.json" if args.quick else "bench_structured.json")

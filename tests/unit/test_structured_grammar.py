@@ -116,6 +116,34 @@ def test_bitmask_on_toy_logits_masks_only_its_rows_and_ids_past_the_mask():
     assert masked[1, 3] == before[1, 3]
 
 
+@pytest.mark.parametrize("vocab", [1000, 1024, 1100])  # the mask (32 words = 1024 ids) wider, equal, narrower
+def test_host_bitmask_path_equals_the_torch_path(vocab):
+    # Both shapes of mask the host path tells apart: nearly all allowed (inside a string) and
+    # nearly all forbidden (between JSON tokens), plus all-allowed and all-forbidden rows.
+    from rillet.structured.matcher import _apply_bitmask_numpy, _apply_bitmask_torch
+
+    gen = torch.Generator().manual_seed(0)
+    words = 32
+    loose = torch.full((3, words), -1, dtype=torch.int32)
+    loose.view(-1)[torch.randint(0, 3 * words, (12,), generator=gen)] = torch.randint(
+        -2**31, 2**31 - 1, (12,), generator=gen, dtype=torch.int64).to(torch.int32)
+    tight = torch.zeros((3, words), dtype=torch.int32)
+    tight.view(-1)[torch.randint(0, 3 * words, (5,), generator=gen)] = torch.tensor([1, -2**31, 6, 1 << 20, -1],
+                                                                                       dtype=torch.int32)
+    edge = torch.stack([torch.full((words,), -1, dtype=torch.int32), torch.zeros(words, dtype=torch.int32)])
+    bitmask = torch.cat([loose, tight, edge])
+    rows = [0, 2, 3, 5, 6, 8, 9, 10]
+    logits = torch.randn((12, vocab), generator=gen)
+    expected = _apply_bitmask_torch(logits.clone(), rows, bitmask)
+    got = _apply_bitmask_numpy(logits.clone(), rows, bitmask)
+    assert torch.equal(got, expected)
+    assert apply_token_bitmask_(logits.clone(), rows, bitmask).equal(expected)  # float32 on the host: this path
+    # a strided view (the sampler passes logits[:, :vocab_size] of a wider head)
+    wide = torch.randn((12, vocab + 7), generator=gen)
+    expected = _apply_bitmask_torch(wide.clone()[:, :vocab], rows, bitmask)
+    assert _apply_bitmask_numpy(wide.clone()[:, :vocab], rows, bitmask).equal(expected)
+
+
 def test_sampler_applies_the_mask_after_the_bias_and_before_temperature():
     V = 64
     logits = torch.zeros((2, V))
@@ -130,6 +158,48 @@ def test_sampler_applies_the_mask_after_the_bias_and_before_temperature():
     sampled = Sampler(V, torch.device("cpu"))(logits[:1].expand(200, -1).clone(), hot,
                                                (list(range(200)), bitmask.expand(200, -1).clone())).token_ids
     assert set(sampled) == {7, 9}  # a high temperature flattens only what the mask allowed
+
+
+def test_greedy_constrained_rows_pick_the_masked_argmax_without_a_mask(compiler, tokenizer, monkeypatch):
+    # Greedy rows on the host are picked by checking their best tokens against the grammar
+    # (Sampler._grammar_picks). Each case must pick what masking the row would: the top token
+    # allowed; the second; none of the 8 candidates (the whole mask decides); the top past the
+    # tokenizer's vocabulary; a tie (lowest id); a tie at the candidates' edge (the mask).
+    V = compiler.vocab_size + 10  # a head wider than the tokenizer, as many models have
+    digit = {d: tokenizer.convert_tokens_to_ids(d) for d in "0123456789"}
+    letters = [tokenizer.convert_tokens_to_ids(c) for c in "abcdefghijk"]
+    gen = torch.Generator().manual_seed(2)
+    logits = torch.randn((7, V), generator=gen)
+    logits[0, digit["5"]] = 30.0
+    logits[1, letters[0]], logits[1, digit["7"]] = 30.0, 29.0
+    for j, t in enumerate(letters[:9]):
+        logits[2, t] = 30.0 - j
+    logits[2, digit["3"]] = 20.0
+    logits[3, compiler.vocab_size + 3], logits[3, digit["1"]] = 30.0, 29.0
+    logits[4, digit["8"]] = logits[4, digit["2"]] = 30.0
+    marks = [tokenizer.convert_tokens_to_ids(c) for c in "!#$%&'("]
+    assert max(marks) < min(digit.values())  # the first maximum of row 5 is not allowed
+    logits[5, marks] = 30.0
+    logits[5, [digit["9"], digit["4"]]] = 30.0  # ties with the 8th candidate: tokens outside could tie too
+    seqs = []
+    for i in range(6):
+        seq = Sequence(f"s{i}", 0, [1], SamplingParams(temperature=0.0))
+        seq.guide = guide_for(compiler, StructuredOutputs(regex="[0-9]+"))
+        seqs.append(seq)
+    seqs.append(Sequence("free", 0, [1], SamplingParams(temperature=0.0)))
+    whole_masks = []
+    original = Guide.allowed_ids
+    monkeypatch.setattr(Guide, "allowed_ids", lambda self: whole_masks.append(1) or original(self))
+    picks = Sampler(V, torch.device("cpu"))(logits.clone(), seqs).token_ids
+    masked = logits.clone()
+    for i in range(6):
+        keep = torch.from_numpy(original(seqs[i].guide))
+        row = torch.full((V,), -float("inf"))
+        row[keep] = logits[i, keep]
+        masked[i] = row
+    assert picks == masked.argmax(dim=-1).tolist()
+    assert picks[:5] == [digit["5"], digit["7"], digit["3"], digit["1"], min(digit["8"], digit["2"])]
+    assert len(whole_masks) == 2  # rows 2 and 5 only
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")

@@ -326,9 +326,11 @@ class LLMEngine:
             if seq.first_scheduled_time is None:
                 seq.first_scheduled_time = now
         # Constrained sequences that sample this step (all their tokens fed): their masks depend
-        # only on tokens sampled before, so they are filled while the forward pass runs.
+        # only on tokens sampled before, so they are filled while the forward pass runs. On the
+        # host, greedy ones need none: the sampler checks their top tokens against the grammar.
         guided = [i for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens))
-                  if seq.guide is not None and seq.num_computed_tokens + n == seq.num_tokens]
+                  if seq.guide is not None and seq.num_computed_tokens + n == seq.num_tokens
+                  and not (self.device.type == "cpu" and Sampler.picks_by_grammar(seq))]
         masks = self._mask_filler().start([batch.seqs[i].guide for i in guided]) if guided else None
         try:
             try:

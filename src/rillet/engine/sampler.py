@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from rillet.engine.sequence import Sequence
-from rillet.structured.matcher import apply_token_bitmask_
+from rillet.structured.matcher import Guide, apply_token_bitmask_
 
 
 @dataclass
@@ -27,6 +27,7 @@ class SampleResult:
 
 
 TOP_P_CANDIDATES = (256, 4096)  # nucleus search widths before a full sort, see Sampler._top_p
+GRAMMAR_CANDIDATES = 32  # a constrained greedy row's best tokens checked against its grammar, see _grammar_picks
 
 
 class Sampler:
@@ -69,6 +70,7 @@ class Sampler:
             logits = apply_token_bitmask_(logits, *allowed)
 
         token_ids = self._choose(logits, seqs).tolist()
+        self._grammar_picks(logits, seqs, token_ids)
         logprobs: list[tuple[float, list[tuple[int, float]]] | None] | None = None
         if raw_logprobs is not None:
             logprobs = []
@@ -84,6 +86,56 @@ class Sampler:
                     top = list(zip(indices.tolist(), values.tolist()))
                 logprobs.append((chosen_lp, top))
         return SampleResult(token_ids, logprobs)
+
+    @staticmethod
+    def picks_by_grammar(seq: Sequence) -> bool:
+        """A constrained greedy row on the host: `_grammar_picks` chooses its token, unmasked."""
+        return seq.guide is not None and seq.guide.error is None and seq.params.is_greedy
+
+    @staticmethod
+    def _grammar_picks(logits: torch.Tensor, seqs: list[Sequence], token_ids: list[int]) -> None:
+        """Set the picks of the constrained greedy rows (`picks_by_grammar`) of host logits, in
+        `token_ids`, which hold each row's unmasked argmax: the first maximum among the tokens
+        the grammar allows, found without a mask. The argmax stays when the matcher accepts it
+        (well under a microsecond; ~60% of steps with the default model); else the row's
+        GRAMMAR_CANDIDATES best tokens are checked in order, and the first accepted is the
+        pick, unless a token outside the candidates could tie with it, when the whole mask
+        decides (as it does when none is accepted). A mask costs ~0.1 ms of llguidance's time per row and ~60 us to apply to a
+        49k-token row, every step, on cores the forward pass needs: on 2 cores that took 10-15%
+        from the free rows of a batch half constrained."""
+        rows = [row for row, seq in enumerate(seqs) if Sampler.picks_by_grammar(seq)]
+        if not rows or logits.device.type != "cpu":
+            return
+        k = min(GRAMMAR_CANDIDATES, logits.shape[1])
+        for row in rows:
+            guide = seqs[row].guide
+            assert guide is not None
+            if guide.failed():  # its logits stay as they are until the engine ends its request
+                continue
+            if guide.allows(token_ids[row]):  # the first maximum: also the first allowed one
+                continue
+            values, ids = logits[row].topk(k)
+            pick = Sampler._first_allowed(guide, values.tolist(), ids.tolist(), complete=k == logits.shape[1])
+            if pick is None:
+                allowed = guide.allowed_ids()
+                allowed = allowed[allowed < logits.shape[1]]
+                if allowed.size:  # else the matcher has failed: the engine ends the request
+                    pick = int(allowed[int(logits[row, torch.from_numpy(allowed)].argmax())])
+            if pick is not None:
+                token_ids[row] = pick
+
+    @staticmethod
+    def _first_allowed(guide: Guide, values: list[float], ids: list[int], complete: bool) -> int | None:
+        """The best candidate the grammar allows (ties: the lowest id), or None when none is, or
+        when it ties with the weakest candidate and a token outside the candidates could too."""
+        order = sorted(range(len(ids)), key=lambda j: (-values[j], ids[j]))
+        weakest = values[order[-1]]
+        for j in order:
+            if values[j] == weakest and not complete:
+                return None
+            if guide.allows(ids[j]):
+                return ids[j]
+        return None
 
     @staticmethod
     def defers(seq: Sequence) -> bool:

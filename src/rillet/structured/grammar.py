@@ -74,6 +74,7 @@ class CompiledGrammar:
     compile_s: float
     warnings: list[str]
     _template: llguidance.LLMatcher
+    vocab_size: int  # the tokenizer's: ids at or past it are never allowed
 
     def new_matcher(self) -> llguidance.LLMatcher:
         return self._template.deep_copy()
@@ -124,7 +125,7 @@ class GrammarCompiler:
             raise ValueError(f"the {_KIND_NAMES[spec.kind]} does not compile: {_shorten(template.get_error())}")
         elapsed = time.perf_counter() - start
         logger.debug("compiled %s grammar (%d chars) in %.1f ms", spec.kind, len(grammar), elapsed * 1e3)
-        return CompiledGrammar(spec, grammar, elapsed, template.get_grammar_warnings(), template)
+        return CompiledGrammar(spec, grammar, elapsed, template.get_grammar_warnings(), template, self.vocab_size)
 
     def contains(self, spec: StructuredOutputs) -> bool:
         with self._lock:

@@ -5,7 +5,8 @@ the engine asks `MaskFiller` for the masks of the constrained sequences that sam
 them on a worker thread while the forward pass runs (llguidance releases the GIL, and the
 tokens a mask depends on were all sampled in earlier steps), and the sampler applies them to
 the logits (`apply_token_bitmask_`) after logit bias and penalties, before temperature and
-truncation.
+truncation. Greedy constrained rows on the CPU take no mask: the sampler checks their best
+tokens with `Guide.allows` (engine/sampler.py, `Sampler._grammar_picks`).
 """
 
 from __future__ import annotations
@@ -27,7 +28,18 @@ class Guide:
 
     def __init__(self, compiled: CompiledGrammar):
         self.matcher = compiled.new_matcher()
+        self.vocab_size = compiled.vocab_size
         self.error: str | None = None
+
+    def allows(self, token: int) -> bool:
+        """Whether the grammar accepts `token` next, without consuming it (under a microsecond;
+        an id past the tokenizer's vocabulary is refused here: the matcher would fail on it)."""
+        return 0 <= token < self.vocab_size and self.matcher.validate_tokens([token]) == 1
+
+    def allowed_ids(self) -> np.ndarray:
+        """Every token the grammar accepts next, ascending: the whole mask, computed now."""
+        words = np.frombuffer(self.matcher.compute_bitmask(), dtype=np.int32)
+        return allowed_token_ids(words, self.vocab_size)
 
     @property
     def is_stopped(self) -> bool:
@@ -43,10 +55,14 @@ class Guide:
     def check_mask(self, bitmask: torch.Tensor, row: int) -> None:
         """After its mask was filled into `bitmask[row]`: a matcher that failed there gets `error`
         and an all-allowed row, so its logits stay finite until the engine ends its request."""
+        if self.failed():
+            bitmask[row].fill_(-1)
+
+    def failed(self) -> bool:
+        """Whether the matcher has failed (`error` is then set, and the engine ends the request)."""
         if self.error is None and self.matcher.is_error():
             self.error = self.matcher.get_error()
-        if self.error is not None:
-            bitmask[row].fill_(-1)
+        return self.error is not None
 
 
 class PendingMasks:
@@ -110,6 +126,13 @@ def apply_token_bitmask_(logits: torch.Tensor, rows: list[int], bitmask: torch.T
     vocabulary wider than the tokenizer's) are forbidden too; other rows are not touched. In
     place under inference mode because the model's logits are inference tensors, and a copy of
     the whole batch would cost the free rows too. Works on any device."""
+    if logits.device.type == "cpu" and logits.dtype == torch.float32:
+        return _apply_bitmask_numpy(logits, rows, bitmask)
+    return _apply_bitmask_torch(logits, rows, bitmask)
+
+
+def _apply_bitmask_torch(logits: torch.Tensor, rows: list[int], bitmask: torch.Tensor) -> torch.Tensor:
+    """apply_token_bitmask_ on any device: every bit unpacked, the rows masked by torch ops."""
     V = logits.shape[1]
     forbidden = forbidden_tokens(bitmask).to(logits.device, non_blocking=True)
     width = min(V, forbidden.shape[1])
@@ -118,4 +141,40 @@ def apply_token_bitmask_(logits: torch.Tensor, rows: list[int], bitmask: torch.T
     view.index_copy_(0, index, view.index_select(0, index).masked_fill_(forbidden[:, :width], -float("inf")))
     if V > width:
         logits[:, width:].index_fill_(0, index, -float("inf"))
+    return logits
+
+
+_BIT = np.arange(BITS)
+
+
+def allowed_token_ids(words: np.ndarray, width: int) -> np.ndarray:
+    """The ids (ascending, below `width`) that one row's int32 mask words allow."""
+    some = np.flatnonzero(words)  # words that allow any of their tokens
+    bits = np.unpackbits(words[some].view(np.uint8).reshape(-1, 4), axis=1, bitorder="little")
+    ids = (some[:, None] * BITS + _BIT)[bits == 1]
+    return ids[ids < width]
+
+
+def _apply_bitmask_numpy(logits: torch.Tensor, rows: list[int], bitmask: torch.Tensor) -> torch.Tensor:
+    """apply_token_bitmask_ for float32 logits on the host, touching only the words that matter:
+    inside a JSON string nearly every word allows all 32 of its tokens (-1), so only the others
+    are unpacked; between JSON tokens a handful of tokens are allowed, so the row is set to -inf
+    and those few put back. 0.1-0.15 ms for 8 of 16 rows of a 49k vocabulary, where unpacking
+    every bit and masking through torch took ~0.5 ms, on the engine's critical path."""
+    view = logits.numpy()  # shares the tensor's memory
+    words = bitmask.contiguous().numpy()
+    width = min(view.shape[1], BITS * words.shape[1])
+    for i, r in enumerate(rows):
+        row, row_words = view[r], words[i]
+        row[width:] = -np.inf
+        partial = np.flatnonzero(row_words != -1)  # words that forbid any of their tokens
+        if partial.size * 4 <= row_words.size:
+            bits = np.unpackbits(row_words[partial].view(np.uint8).reshape(-1, 4), axis=1, bitorder="little")
+            ids = (partial[:, None] * BITS + _BIT)[bits == 0]
+            row[ids[ids < width]] = -np.inf
+        else:
+            allowed = allowed_token_ids(row_words, width)
+            kept = row[allowed]
+            row[:width] = -np.inf
+            row[allowed] = kept
     return logits
