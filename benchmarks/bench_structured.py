@@ -13,6 +13,10 @@ throughout, and differ only in the constraint. The rounds alternate B A, A B, ..
 the latest B's lengths), so a drift of the machine's speed favours neither; every prompt opens with its own "[run.round.client.i]" tag, so no run reuses another's
 prompt prefix, and the warm-up uses other prompts and schemas than the measured ones.
 
+Then, with the AsyncEngine stopped, the same comparison inside the engine with the drift
+cancelled (benchmarks/structured_twin.py: two engines stepped alternately), as B's step time
+over A's.
+
 Reported: the measured (free) half's output tokens/s in B against A (bar: at most 5% lower),
 ITL p50 of the constrained streams against the free ones in B (bar: at most 1.15x), grammar
 compile time of each schema (a fresh compiler, so every schema is a miss) and how many
@@ -41,6 +45,7 @@ from rillet.bench.schemas import SCHEMAS
 from rillet.bench.workload import PROMPTS, WARMUP_PROMPTS, chat_messages
 
 from benchmarks import RESULTS_DIR
+from benchmarks.structured_twin import twin_steps
 
 STREAMS = 16
 BAR_FREE_LOSS = 0.05  # the free half's tok/s may drop at most 5% when the other half is constrained
@@ -197,18 +202,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=None, help="A/B pairs, order alternating (default 4; --quick 1)")
     parser.add_argument("--requests", type=int, default=None, help="requests per measured client (default 3; --quick 1)")
     parser.add_argument("--max-tokens", type=int, default=None, help="tokens per free request (default 96; --quick 16)")
+    parser.add_argument("--twin-steps", type=int, default=None,
+                        help="steps of the in-process twin-engine measurement (default 200; --quick 0: skipped)")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     args.rounds = args.rounds or (1 if args.quick else 4)
     args.requests = args.requests or (1 if args.quick else 3)
     args.max_tokens = args.max_tokens or (16 if args.quick else 96)
+    if args.twin_steps is None:
+        args.twin_steps = 0 if args.quick else 200
     out = args.out or RESULTS_DIR / ("bench_structured.quick.json" if args.quick else "bench_structured.json")
 
     bench_run = BenchRun.begin(dtype=args.dtype)
     info = bench_run.info
     result = asyncio.run(bench(args))
     summary = report(result["runs"])
+    if args.twin_steps:
+        log(f"in-process twin engines: {args.twin_steps} alternate steps each (benchmarks/structured_twin.py)")
+        summary["engine_twin"] = twin_steps(args.twin_steps, args.dtype)
     for run in result["runs"]:  # the raw gaps are summarized above; keep the JSON small
         run.pop("free_itl"), run.pop("other_itl")
     compile_ms = [v for k, v in result["compile_ms"].items() if not k.startswith("_")]
@@ -239,6 +251,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"ITL p50 in run B: constrained {fmt(summary['itl_ms_B_constrained']['p50'])} ms, free "
           f"{fmt(summary['itl_ms_B_free']['p50'])} ms, ratio {fmt_ratio(summary['itl_p50_ratio_constrained_vs_free'])} "
           f"(bar <= {BAR_ITL_RATIO}x: {'met' if summary['meets_itl_bar'] else 'MISSED'})")
+    twin = summary.get("engine_twin")
+    if twin:
+        print(f"engine step, in-process twins (B constrained / A free, alternate steps): mean "
+              f"{twin['B_constrained']['mean']} / {twin['A_free']['mean']} ms = {twin['B_over_A_mean']:.3f}x, p50 "
+              f"{twin['B_constrained']['p50']} / {twin['A_free']['p50']} ms = {twin['B_over_A_p50']:.3f}x")
     print(f"grammar compile per schema: mean {summary['compile_ms_per_schema']['mean']} ms, max "
           f"{summary['compile_ms_per_schema']['max']} ms ({len(compile_ms)} schemas); tokenizer tables "
           f"{result['compile_ms']['_tokenizer_tables']} ms once")
