@@ -132,6 +132,22 @@ def test_a_preempted_sequence_keeps_its_grammar_state(engine_fp32):
     assert "".join(texts) == expected[0]
 
 
+def test_greedy_picks_without_masks_equal_greedy_outputs_with_masks(engine_fp32, monkeypatch):
+    # On the CPU a greedy constrained row is picked by checking its best tokens against the
+    # grammar (Sampler._grammar_picks), not masked: the tokens must be those a mask gives.
+    from rillet.engine.sampler import Sampler
+
+    names = [name for name, _ in SCHEMAS][:12]
+    def requests():
+        return {name: (chat_ids(engine_fp32, schema_prompt(name, SCHEMA[name])),
+                       json_params(SCHEMA[name], temperature=0.0, max_tokens=80)) for name in names}
+    picked = run(engine_fp32, requests())
+    monkeypatch.setattr(Sampler, "picks_by_grammar", staticmethod(lambda seq: False))  # every row masked
+    masked = run(engine_fp32, requests())
+    assert {k: v[1] for k, v in picked.items()} == {k: v[1] for k, v in masked.items()}
+    assert sum(reason == "stop" for _, _, reason, _ in picked.values()) >= len(names) - 1
+
+
 def test_a_failing_matcher_ends_only_its_request(engine_fp32):
     schema = SCHEMA["person"]
     engine_fp32.add_request("bad", None, json_params(schema, temperature=0.0, max_tokens=40),

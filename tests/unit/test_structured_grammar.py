@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from rillet.engine.sampler import Sampler
+from rillet.engine.sampler import GRAMMAR_CANDIDATES, Sampler
 from rillet.engine.sequence import Sequence
 from rillet.models.loader import load_tokenizer
 from rillet.models.resolve import resolve_model
@@ -163,30 +163,32 @@ def test_sampler_applies_the_mask_after_the_bias_and_before_temperature():
 def test_greedy_constrained_rows_pick_the_masked_argmax_without_a_mask(compiler, tokenizer, monkeypatch):
     # Greedy rows on the host are picked by checking their best tokens against the grammar
     # (Sampler._grammar_picks). Each case must pick what masking the row would: the top token
-    # allowed; the second; none of the 8 candidates (the whole mask decides); the top past the
+    # allowed; the second; none of the candidates (the whole mask decides); the top past the
     # tokenizer's vocabulary; a tie (lowest id); a tie at the candidates' edge (the mask).
     V = compiler.vocab_size + 10  # a head wider than the tokenizer, as many models have
     digit = {d: tokenizer.convert_tokens_to_ids(d) for d in "0123456789"}
     letters = [tokenizer.convert_tokens_to_ids(c) for c in "abcdefghijk"]
     gen = torch.Generator().manual_seed(2)
     logits = torch.randn((7, V), generator=gen)
+    k = GRAMMAR_CANDIDATES
+    others = list(range(1000, 1000 + k + 4))  # none of them a digit
     logits[0, digit["5"]] = 30.0
     logits[1, letters[0]], logits[1, digit["7"]] = 30.0, 29.0
-    for j, t in enumerate(letters[:9]):
-        logits[2, t] = 30.0 - j
+    for j, t in enumerate(others[:k + 1]):  # more than the candidates above the digit
+        logits[2, t] = 30.0 - j / 100
     logits[2, digit["3"]] = 20.0
     logits[3, compiler.vocab_size + 3], logits[3, digit["1"]] = 30.0, 29.0
     logits[4, digit["8"]] = logits[4, digit["2"]] = 30.0
-    marks = [tokenizer.convert_tokens_to_ids(c) for c in "!#$%&'("]
-    assert max(marks) < min(digit.values())  # the first maximum of row 5 is not allowed
-    logits[5, marks] = 30.0
-    logits[5, [digit["9"], digit["4"]]] = 30.0  # ties with the 8th candidate: tokens outside could tie too
+    logits[5, others[:k - 1]] = 31.0  # the k-th candidate and more tie at 30 with two digits:
+    logits[5, others[k - 1:]] = 30.0  # a token outside the candidates could tie too
+    logits[5, [digit["9"], digit["4"]]] = 30.0
     seqs = []
     for i in range(6):
         seq = Sequence(f"s{i}", 0, [1], SamplingParams(temperature=0.0))
         seq.guide = guide_for(compiler, StructuredOutputs(regex="[0-9]+"))
         seqs.append(seq)
     seqs.append(Sequence("free", 0, [1], SamplingParams(temperature=0.0)))
+    assert not any(seqs[0].guide.allows(t) for t in others) and not seqs[0].guide.forced()
     whole_masks = []
     original = Guide.allowed_ids
     monkeypatch.setattr(Guide, "allowed_ids", lambda self: whole_masks.append(1) or original(self))
@@ -200,6 +202,21 @@ def test_greedy_constrained_rows_pick_the_masked_argmax_without_a_mask(compiler,
     assert picks == masked.argmax(dim=-1).tolist()
     assert picks[:5] == [digit["5"], digit["7"], digit["3"], digit["1"], min(digit["8"], digit["2"])]
     assert len(whole_masks) == 2  # rows 2 and 5 only
+
+
+def test_where_bytes_are_forced_the_greedy_pick_is_the_masks_canonical_token(compiler, tokenizer):
+    # An object with a required key forces `{"` first: the mask allows the token `{"` only, while
+    # the matcher would accept `{` too. A greedy row that prefers `{` must still get `{"`.
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    guide = guide_for(compiler, StructuredOutputs.from_schema(schema))
+    brace, brace_quote = tokenizer.convert_tokens_to_ids("{"), tokenizer.encode('{"')[0]
+    assert guide.forced() and guide.allows(brace) and brace_quote != brace
+    assert brace not in set(guide.allowed_ids().tolist())
+    logits = torch.zeros((1, compiler.vocab_size))
+    logits[0, brace], logits[0, brace_quote] = 5.0, 4.0
+    seq = Sequence("j", 0, [1], SamplingParams(temperature=0.0))
+    seq.guide = guide
+    assert Sampler(compiler.vocab_size, torch.device("cpu"))(logits, [seq]).token_ids == [brace_quote]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")

@@ -97,12 +97,13 @@ class Sampler:
         """Set the picks of the constrained greedy rows (`picks_by_grammar`) of host logits, in
         `token_ids`, which hold each row's unmasked argmax: the first maximum among the tokens
         the grammar allows, found without a mask. The argmax stays when the matcher accepts it
-        (well under a microsecond; ~60% of steps with the default model); else the row's
-        GRAMMAR_CANDIDATES best tokens are checked in order, and the first accepted is the
-        pick, unless a token outside the candidates could tie with it, when the whole mask
-        decides (as it does when none is accepted). A mask costs ~0.1 ms of llguidance's time per row and ~60 us to apply to a
-        49k-token row, every step, on cores the forward pass needs: on 2 cores that took 10-15%
-        from the free rows of a batch half constrained."""
+        (well under a microsecond); else the row's GRAMMAR_CANDIDATES best tokens are checked
+        in order, and the first accepted is the pick, unless a token outside the candidates
+        could tie with it, when the whole mask decides (as it does when none is accepted, and
+        where the grammar forces the next bytes: see Guide.forced). Masking every constrained
+        row cost ~0.1 ms of llguidance's time and ~60 us to apply to its 49k logits, every
+        step, on the cores the forward pass needs: 10-15% of the free rows' speed on 2 cores
+        with half the batch constrained."""
         rows = [row for row, seq in enumerate(seqs) if Sampler.picks_by_grammar(seq)]
         if not rows or logits.device.type != "cpu":
             return
@@ -112,10 +113,12 @@ class Sampler:
             assert guide is not None
             if guide.failed():  # its logits stay as they are until the engine ends its request
                 continue
-            if guide.allows(token_ids[row]):  # the first maximum: also the first allowed one
-                continue
-            values, ids = logits[row].topk(k)
-            pick = Sampler._first_allowed(guide, values.tolist(), ids.tolist(), complete=k == logits.shape[1])
+            pick = None
+            if not guide.forced():
+                if guide.allows(token_ids[row]):  # the first maximum: also the first allowed one
+                    continue
+                values, ids = logits[row].topk(k)
+                pick = Sampler._first_allowed(guide, values.tolist(), ids.tolist(), complete=k == logits.shape[1])
             if pick is None:
                 allowed = guide.allowed_ids()
                 allowed = allowed[allowed < logits.shape[1]]
