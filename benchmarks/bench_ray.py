@@ -178,6 +178,9 @@ def main() -> None:
     threads = max(1, (os.cpu_count() or 2) // 2)
     rounds = []
     intervals = [float(x) for x in args.stream_intervals.split(",") if x.strip()]
+
+    def ray_key(interval: float) -> str:  # a round's entry of one Ray run; the default's is plain "ray"
+        return "ray" if interval == intervals[0] else f"ray_interval_{interval:g}ms"
     answers_single = None
     ray_answers: list[list[str]] = []  # every Ray run's greedy answers: each must equal one server's
     for _ in range(args.rounds):
@@ -191,12 +194,11 @@ def main() -> None:
             answers, via_ray = run_ray(args, threads, interval)
             ray_answers.append(answers)
             print(f"ray (stream_interval_ms={interval:g})", via_ray, flush=True)
-            entry["ray" if interval == intervals[0] else f"ray_interval_{interval:g}ms"] = via_ray
+            entry[ray_key(interval)] = via_ray
         rounds.append(entry)
     best_sep = max(max(r["separate"]["tok_s"], r["separate_engine_thread"]["tok_s"]) for r in rounds)
     best_ray = max(r["ray"]["tok_s"] for r in rounds)
-    by_interval = {f"{i:g}": max(r["ray" if i == intervals[0] else f"ray_interval_{i:g}ms"]["tok_s"] for r in rounds)
-                   for i in intervals}
+    by_interval = {f"{i:g}": max(r[ray_key(i)]["tok_s"] for r in rounds) for i in intervals}
     report = {
         "benchmark": "bench_ray", "machine": machine_info(), "load_1m": os.getloadavg()[0],
         "command": f"python benchmarks/bench_ray.py --streams {args.streams} --requests {args.requests} "

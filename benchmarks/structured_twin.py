@@ -26,7 +26,9 @@ class _Run:
 
         self.constrained, self.lengths = constrained, lengths
         self.engine = LLMEngine(model=None, dtype=dtype, max_num_seqs=SEQS)
-        self.next_id, self.counts, self.times = SEQS, {}, []  # type: ignore[var-annotated]
+        self.next_id = SEQS
+        self.counts: dict[str, int] = {}  # request id -> output tokens so far (A's lengths, from B)
+        self.times: list[float] = []
         for i in range(SEQS):
             self._add(i, other=i % 2 == 0)
 
@@ -61,9 +63,11 @@ def twin_steps(steps: int = 200, dtype: str = "bfloat16") -> dict:
     for _ in range(3 * steps):  # B's lengths, for A's forced twins
         record.step()
     b, a = _Run(True, {}, dtype), _Run(False, record.counts, dtype)
-    for _ in range(10):
-        b.step(), a.step()
-    b.times.clear(), a.times.clear()
+    for _ in range(10):  # warm-up, not measured
+        b.step()
+        a.step()
+    b.times.clear()
+    a.times.clear()
     for s in range(steps):
         for run in (b, a) if s % 2 == 0 else (a, b):
             run.step()

@@ -330,7 +330,7 @@ class LLMEngine:
         # host, greedy ones need none: the sampler checks their top tokens against the grammar.
         guided = [i for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens))
                   if seq.guide is not None and seq.num_computed_tokens + n == seq.num_tokens
-                  and not (self.device.type == "cpu" and Sampler.picks_by_grammar(seq))]
+                  and not self.sampler.picks_by_grammar(seq)]
         masks = self._mask_filler().start([batch.seqs[i].guide for i in guided]) if guided else None
         try:
             try:

@@ -87,13 +87,13 @@ class Sampler:
                 logprobs.append((chosen_lp, top))
         return SampleResult(token_ids, logprobs)
 
-    @staticmethod
-    def picks_by_grammar(seq: Sequence) -> bool:
-        """A constrained greedy row on the host: `_grammar_picks` chooses its token, unmasked."""
-        return seq.guide is not None and seq.guide.error is None and seq.params.is_greedy
+    def picks_by_grammar(self, seq: Sequence) -> bool:
+        """A constrained greedy row on the host: `_grammar_picks` chooses its token, unmasked, so
+        the engine fills no mask for it."""
+        return self.device.type == "cpu" and seq.guide is not None and seq.guide.error is None \
+            and seq.params.is_greedy
 
-    @staticmethod
-    def _grammar_picks(logits: torch.Tensor, seqs: list[Sequence], token_ids: list[int]) -> None:
+    def _grammar_picks(self, logits: torch.Tensor, seqs: list[Sequence], token_ids: list[int]) -> None:
         """Set the picks of the constrained greedy rows (`picks_by_grammar`) of host logits, in
         `token_ids`, which hold each row's unmasked argmax: the first maximum among the tokens
         the grammar allows, found without a mask. The argmax stays when the matcher accepts it
@@ -104,8 +104,8 @@ class Sampler:
         row cost ~0.1 ms of llguidance's time and ~60 us to apply to its 49k logits, every
         step, on the cores the forward pass needs: 10-15% of the free rows' speed on 2 cores
         with half the batch constrained."""
-        rows = [row for row, seq in enumerate(seqs) if Sampler.picks_by_grammar(seq)]
-        if not rows or logits.device.type != "cpu":
+        rows = [row for row, seq in enumerate(seqs) if self.picks_by_grammar(seq)]
+        if not rows:
             return
         k = min(GRAMMAR_CANDIDATES, logits.shape[1])
         for row in rows:

@@ -3,8 +3,8 @@
 The process group is torch.distributed's default one: NCCL between GPUs, gloo between CPU
 processes (whose all-reduces and logits gather go through shared memory instead where
 parallel/shm_allreduce.py runs and the tensor fits). A rank joins it through a file rendezvous
-(engine/tp_executor.py makes the file), so there is no port to pick or collide on. NVLink multicast (NVLS) stays off: on shared hosts it
-can take the GPUs out of service.
+(engine/tp_executor.py makes the file), so there is no port to pick or collide on. NVLink
+multicast (NVLS) stays off: on shared hosts it can take the GPUs out of service.
 
 The driver (rank 0) also *mirrors* each forward pass and logits call to the other ranks before
 running its own (`mirror`), so that every rank enters the same collectives in the same order;
