@@ -1,7 +1,7 @@
 """rillet on a CUDA GPU against the issue's bars: random Llama-3.2-1B-shaped weights in bfloat16.
 
     python -m benchmarks.bench_gpu --tokenizer-dir DIR [--out benchmarks/results/bench_gpu.json]
-        [--levels 1,32,128,256] [--client-procs N] [--skip-serve] [--skip-transformers] [--budget-s 360]
+        [--levels 1,32,128,256] [--client-procs N] [--api-servers N] [--skip-serve] [--skip-transformers] [--budget-s 360]
 
 (with PYTHONPATH=src where rillet is not installed; `rillet serve` is started as
 `sys.executable -m rillet.cli serve` with this process's environment). In one run:
@@ -22,7 +22,7 @@
    (LLMEngine.step() until the requests are done, no HTTP), to tell the engine's share of a gap
    from the serving layer's;
 5. `rillet serve --device cuda --dtype bfloat16 --max-num-seqs <largest level>
-   --max-num-batched-tokens 8192` driven over HTTP by rillet.bench.loadgen (run_level; from 32
+   --max-num-batched-tokens 8192 [--api-servers N]` (its API servers recorded) driven over HTTP by rillet.bench.loadgen (run_level; from 32
    streams on, run_level_processes: the streams spread over --client-procs client processes, as
    one Python client tops out near 10k events/s and would measure itself): streaming
    chat, --levels concurrent streams, 2 requests a stream (at least 8), chat prompts of ~64 tokens
@@ -365,10 +365,17 @@ def warmed_server(flags: list[str], model_dir: Path, top: int, client_procs: int
 
 
 def bench_serve(args, model_dir: Path, deadline: float, result: dict) -> None:
+    from rillet.config import EngineConfig, ServerConfig
+    from rillet.server.runner import api_server_count
+
     top = max(args.levels)
     flags = ["--model", str(model_dir), "--device", "cuda", "--dtype", "bfloat16", "--max-num-seqs", str(top),
              "--max-num-batched-tokens", "8192", "--max-model-len", "1024", *args.serve_arg]
+    if args.api_servers:
+        flags += ["--api-servers", str(args.api_servers)]
     serve = result["serve"] = {"command": "rillet serve " + " ".join(flags), "levels": {},
+                               "api_servers": args.api_servers or api_server_count(
+                                   ServerConfig(), EngineConfig(device="cuda", engine_process=True)),
                                "client_processes": {"processes": args.client_procs, "from_streams": CLIENT_PROCS_FROM}}
     start_timeout = max(30.0, min(args.start_timeout, deadline - time.monotonic()))
     with warmed_server(flags, model_dir, top, args.client_procs, RESULTS_DIR / "logs" / "bench_gpu_serve.log",
@@ -456,6 +463,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compile-transformers", action="store_true",
                         help="try torch.compile on transformers' forward (falls back to eager)")
     parser.add_argument("--steps", type=int, default=100, help="timed batch-1 decode steps in-process")
+    parser.add_argument("--api-servers", type=int, default=None,
+                        help="rillet serve --api-servers (default: rillet's own choice, recorded in the JSON)")
     parser.add_argument("--serve-arg", action="append", default=[], help="extra `rillet serve` argument (repeatable)")
     parser.add_argument("--start-timeout", type=float, default=300.0, help="seconds rillet serve may take to start")
     parser.add_argument("--budget-s", type=float, default=360.0,

@@ -117,6 +117,11 @@ class ServerConfig:
                                            "the OS's autotuning). Smaller bounds the memory a client that stops "
                                            "reading pins before --stream-stall-timeout-s starts counting.",
                                            min=4096, max=1 << 28)
+    api_servers: int | None = option(None, "HTTP server processes sharing the one engine core, on one listening "
+                                     "socket (as vLLM's --api-server-count): each takes its connections' "
+                                     "tokenizing, routing of outputs and SSE framing, which one Python process "
+                                     "cannot keep up with at hundreds of streams on a GPU. Default: 1 on a CPU; "
+                                     "on a GPU one per 4 CPU cores, 4 at most.", min=1, max=64)
     log_level: str = option("info", "Log level.", choices=("debug", "info", "warning", "error"))
 
     def __post_init__(self) -> None:

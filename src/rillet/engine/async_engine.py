@@ -19,7 +19,7 @@ import os
 import threading
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from typing import Any, Protocol
 
@@ -55,6 +55,10 @@ def _prompt_chars(prompt: Prompt) -> int:
         if total >= INLINE_TOKENIZE_CHARS:
             break
     return total
+
+
+CoreClientFactory = Callable[[EngineConfig, Callable[[CoreOutputs], None], Callable[[str], None], CoreSetup | None],
+                            CoreClient]
 
 
 class _StreamOwner(Protocol):
@@ -160,10 +164,11 @@ class RequestStream:
 class AsyncEngine:
     """`core_setup`, if given, runs on the LLMEngine once it is built, in whichever thread or
     process runs it (test hooks); with `engine_process` it must be a picklable module-level
-    function."""
+    function. `transport` builds the CoreClient (default: CoreProcess with `engine_process`, else
+    CoreThread); rillet.engine.core_shared.AttachedCore joins a core another process started."""
 
     def __init__(self, config: EngineConfig | None = None, *, core_setup: CoreSetup | None = None,
-                 **options: Any) -> None:
+                 transport: CoreClientFactory | None = None, **options: Any) -> None:
         config = config or EngineConfig(**options)
         if config.num_threads is None and not config.engine_process:
             # Leave a core to the event loop: when it runs beside a forward pass that uses every
@@ -173,6 +178,7 @@ class AsyncEngine:
             config = replace(config, num_threads=max(1, (os.cpu_count() or 1) - 1))
         self.config = config
         self._core_setup = core_setup
+        self._transport = transport or (CoreProcess if config.engine_process else CoreThread)
         self._core: CoreClient | None = None
         self._prompts: PromptEncoder | None = None
         self._model_name = ""
@@ -221,8 +227,7 @@ class AsyncEngine:
         self._stopping = False
         with self._lock:
             self._num_sent = self._num_acknowledged = 0
-        transport = CoreProcess if self.config.engine_process else CoreThread
-        core = transport(self.config, self._on_outputs, self._die, self._core_setup)
+        core = self._transport(self.config, self._on_outputs, self._die, self._core_setup)
         try:
             info = await asyncio.to_thread(core.start)
         except BaseException as exc:

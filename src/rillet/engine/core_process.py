@@ -13,7 +13,8 @@ Protocol over one `multiprocessing` pipe (pickled objects, engine/core.py):
                      CoreOutputs                                      after each cycle (final after Stop)
                      ("dead", reason)                                 the loop cannot go on
 The core ignores SIGINT/SIGTERM: the front end decides when it stops (graceful drain), and it
-exits by itself when the front end goes away (its pipe reaches EOF).
+exits by itself when the front end goes away (its pipe reaches EOF). A core can also serve
+several front ends, one pipe each (engine/core_shared.py, `rillet serve --api-servers N`).
 """
 
 from __future__ import annotations
@@ -28,16 +29,20 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection
 
-from rillet.engine.core import Command, CoreClientBase, CoreInfo, CoreOutputs, TransportClosed
+from rillet.config import EngineConfig
+from rillet.engine.core import Command, CoreClientBase, CoreInfo, CoreOutputs, CoreSetup, TransportClosed
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CoreProcess", "core_main"]
+__all__ = ["CoreProcess", "PipeClient", "core_main", "spawn_core"]
 
+# argv: the setup pipe's fd, then (a core shared by several front ends) one pipe fd per front end
 CORE_ENTRY = ("import sys; from multiprocessing.connection import Connection; "
-              "from rillet.engine.core_process import core_main; core_main(Connection(int(sys.argv[1])))")
+              "from rillet.engine.core_process import core_main; "
+              "core_main(Connection(int(sys.argv[1])), [Connection(int(fd)) for fd in sys.argv[2:]])")
 GATHER_QUIET_S = 0.001
 GATHER_MAX_S = 0.005
 
@@ -80,8 +85,10 @@ class PipeTransport:
             pass
 
 
-def core_main(conn: Connection) -> None:
-    """Entry point of the engine process: the first message is (config, log level, setup)."""
+def core_main(conn: Connection, front_ends: list[Connection] | None = None) -> None:
+    """Entry point of the engine process: the first message on `conn` is (config, log level,
+    setup). With `front_ends` (rillet.engine.core_shared) the core serves those pipes instead
+    of `conn`, each of which hears ("ready", info) or ("failed", exception)."""
     config, log_level, setup = conn.recv()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -93,16 +100,28 @@ def core_main(conn: Connection) -> None:
         root.setLevel(log_level)
         root.propagate = False
     from rillet.engine.core import EngineCore
+    from rillet.engine.core_shared import SharedPipeTransport
 
+    pipes = front_ends or [conn]
     try:
         core = EngineCore(config, setup)
     except BaseException as exc:  # sent back whole when it pickles, so the caller sees its type
-        conn.send(("failed", _picklable(exc)))
+        _tell_all(pipes, ("failed", _picklable(exc)))
         return
-    conn.send(("ready", core.info()))
-    core.run(PipeTransport(conn))
+    # the first front end hears last: it alone serves (503 "loading") before it is ready, the
+    # others accept connections only once they are, so it must not say "ready" before them
+    _tell_all(pipes[::-1], ("ready", core.info()))
+    core.run(SharedPipeTransport(pipes) if front_ends else PipeTransport(conn))
     if core.dead_reason is not None:
         sys.exit(1)
+
+
+def _tell_all(pipes: list[Connection], message: object) -> None:
+    for pipe in pipes:
+        try:
+            pipe.send(message)
+        except OSError:  # that front end is gone already; the others still hear it
+            pass
 
 
 def _picklable(exc: BaseException) -> BaseException:
@@ -113,38 +132,27 @@ def _picklable(exc: BaseException) -> BaseException:
         return RuntimeError(f"{type(exc).__name__}: {exc}")
 
 
-class CoreProcess(CoreClientBase):
-    """The front end's side (CoreClient): start the core process, send it commands, hear from it.
-
-    `on_outputs` and `on_dead` are called on a reader thread; a core that exits without saying
-    why reaches `on_dead` too."""
+class PipeClient(CoreClientBase):
+    """The front end's side (CoreClient) of a core's pipe: a writer thread sends the commands, a
+    reader thread hears the outputs. `on_outputs` and `on_dead` are called on the reader
+    thread; a core that goes away without saying why reaches `on_dead` too."""
 
     def _init_transport(self) -> None:
         self._conn: Connection | None = None
-        self.process: subprocess.Popen[bytes] | None = None
         self._outbox: queue.SimpleQueue[Command | None] = queue.SimpleQueue()
         self._threads: list[threading.Thread] = []
 
-    def start(self) -> CoreInfo:
-        # A fresh interpreter, not fork (the parent has torch's thread pools) nor multiprocessing's
-        # spawn (it re-runs the caller's __main__ script).
-        ours, theirs = socket.socketpair()
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
-        process = self.process = subprocess.Popen([sys.executable, "-c", CORE_ENTRY, str(theirs.fileno())],
-                                                  pass_fds=[theirs.fileno()], env=env)
-        theirs.close()
-        conn = Connection(ours.detach())
-        conn.send((self.config, logging.getLogger("rillet").getEffectiveLevel(), self._setup))
+    def _handshake(self, conn: Connection, exited: Callable[[], str]) -> CoreInfo:
+        """Wait for the core's ("ready", info), then start the threads. Raises what building the
+        engine raised, or RuntimeError (with `exited()`'s account) if the pipe closes first."""
         try:
             kind, payload = conn.recv()
-        except EOFError:
-            status = process.wait()
-            raise RuntimeError(f"the engine process exited while starting (status {status})") from None
+        except (EOFError, OSError):
+            raise RuntimeError(f"the engine process exited while starting ({exited()})") from None
         if kind == "failed":
-            process.wait()
             raise payload
         self._conn = conn
-        self._threads = [threading.Thread(target=self._read, args=(conn, process), name="rillet-core-reader",
+        self._threads = [threading.Thread(target=self._read, args=(conn, exited), name="rillet-core-reader",
                                           daemon=True),
                          threading.Thread(target=self._write, args=(conn,), name="rillet-core-writer", daemon=True)]
         for thread in self._threads:
@@ -159,12 +167,6 @@ class CoreProcess(CoreClientBase):
         if self._threads:
             self._threads[0].join(timeout)
         self._outbox.put(None)
-        if self.process is not None:
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
 
     def _write(self, conn: Connection) -> None:
         while (command := self._outbox.get()) is not None:
@@ -173,16 +175,12 @@ class CoreProcess(CoreClientBase):
             except OSError:
                 return  # the core is gone; the reader reports it
 
-    def _read(self, conn: Connection, process: subprocess.Popen[bytes]) -> None:
+    def _read(self, conn: Connection, exited: Callable[[], str]) -> None:
         while True:
             try:
                 message = conn.recv()
             except (EOFError, OSError):
-                try:
-                    status: int | str = process.wait(5)
-                except subprocess.TimeoutExpired:
-                    status = "still running"
-                self._on_dead(f"the engine process exited (status {status})")
+                self._on_dead(f"the engine process exited ({exited()})")
                 return
             if isinstance(message, CoreOutputs):
                 self._on_outputs(message)
@@ -191,3 +189,52 @@ class CoreProcess(CoreClientBase):
             else:  # ("dead", reason)
                 self._on_dead(message[1])
                 return
+
+
+class CoreProcess(PipeClient):
+    """A PipeClient that starts the core's process itself, in a fresh interpreter."""
+
+    def _init_transport(self) -> None:
+        super()._init_transport()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> CoreInfo:
+        conn, process = spawn_core(self.config, self._setup)
+        self.process = process
+        try:
+            return self._handshake(conn, lambda: _exit_status(process))
+        except BaseException:
+            process.wait()
+            raise
+
+    def join(self, timeout: float | None = None) -> None:
+        super().join(timeout)
+        if self.process is not None:
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def spawn_core(config: EngineConfig, setup: CoreSetup | None, front_end_fds: Sequence[int] = ()
+               ) -> tuple[Connection, subprocess.Popen[bytes]]:
+    """Start the engine process and send it its setup; returns the setup pipe and the process.
+    A fresh interpreter, not fork (the parent has torch's thread pools) nor multiprocessing's
+    spawn (it re-runs the caller's __main__ script). With `front_end_fds` the core serves those
+    pipes (their other ends held by the front ends) instead of the setup pipe."""
+    ours, theirs = socket.socketpair()
+    fds = [theirs.fileno(), *front_end_fds]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    process = subprocess.Popen([sys.executable, "-c", CORE_ENTRY, *map(str, fds)], pass_fds=fds, env=env)
+    theirs.close()
+    conn = Connection(ours.detach())
+    conn.send((config, logging.getLogger("rillet").getEffectiveLevel(), setup))
+    return conn, process
+
+
+def _exit_status(process: subprocess.Popen[bytes]) -> str:
+    try:
+        return f"status {process.wait(5)}"
+    except subprocess.TimeoutExpired:
+        return "status: still running"

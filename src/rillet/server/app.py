@@ -109,12 +109,14 @@ def _install_error_handlers(app: FastAPI) -> None:
 
 
 def create_app(server_config: ServerConfig | None = None, engine_config: EngineConfig | None = None, *,
-               engine: EngineClient | None = None) -> FastAPI:
+               engine: EngineClient | None = None, serve_once_ready: bool = False) -> FastAPI:
     """Build the ASGI app over an engine: an AsyncEngine created from `engine_config` unless
     `engine` (any EngineClient) is given.
 
-    The lifespan starts the engine in the background (/health answers 503 "loading" meanwhile)
-    and shuts it down at exit. Mount it in your own app or run it with uvicorn.
+    The lifespan starts the engine in the background (/health answers 503 "loading" meanwhile),
+    or with `serve_once_ready` before the server accepts a connection (the API servers beside
+    the first, rillet.server.api_servers: the first answers "loading" for all of them), and
+    shuts it down at exit. Mount it in your own app or run it with uvicorn.
     """
     server_config = server_config or ServerConfig()
     fault_env = os.environ.get(faults.ENV_VAR)
@@ -164,7 +166,9 @@ def create_app(server_config: ServerConfig | None = None, engine_config: EngineC
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        if engine.health != "ready":
+        if engine.health != "ready" and serve_once_ready:
+            await start_engine()
+        elif engine.health != "ready":
             ctx.start_task = asyncio.create_task(start_engine())
         else:
             ctx.watch_task = asyncio.create_task(watch_engine())

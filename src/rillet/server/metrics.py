@@ -1,11 +1,17 @@
-"""Prometheus metrics in vLLM's style under a `rillet:` prefix, on a per-app registry."""
+"""Prometheus metrics in vLLM's style under a `rillet:` prefix, on a per-app registry.
+
+Under several API servers (rillet.server.api_servers sets PROMETHEUS_MULTIPROC_DIR before they
+start) the counters and histograms live in that directory's files and a scrape of any server
+sums those of all; the engine's gauges are read from the local view of the shared core."""
 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterator
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -80,7 +86,13 @@ class Metrics:
         self.request_rejected = Counter("rillet:request_rejected",
                                         "Requests refused at admission (queue full, not ready, draining).",
                                         ["reason"], registry=r)
-        r.register(_EngineCollector(engine))
+        self._engine_collector = _EngineCollector(engine)
+        r.register(self._engine_collector)
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            return generate_latest(self.registry)
+        registry = CollectorRegistry()  # every API server's counters, summed, and the engine's gauges
+        MultiProcessCollector(registry)  # type: ignore[no-untyped-call]  # prometheus_client leaves it unannotated
+        registry.register(self._engine_collector)
+        return generate_latest(registry)

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import os
 import signal
 import socket
 import sys
@@ -28,7 +29,11 @@ from rillet.engine.engine_client import EngineClient
 from rillet.server.app import create_app
 from rillet.server.context import AppContext
 
-__all__ = ["DrainingServer", "configure_logging", "serve"]
+__all__ = ["DrainingServer", "api_server_count", "configure_logging", "listen_socket", "run_app", "serve"]
+
+API_SERVER_CORES = 4  # CPU cores per API server when their number is left to rillet
+AUTO_API_SERVERS_MAX = 4
+LISTEN_BACKLOG = 2048  # uvicorn's default
 
 logger = logging.getLogger("rillet.server")
 
@@ -105,27 +110,61 @@ def configure_logging(level: str) -> None:
 
 def serve(server_config: ServerConfig | None = None, engine_config: EngineConfig | None = None, *,
           engine: EngineClient | None = None) -> int:
-    """Serve until SIGTERM/SIGINT; returns the process exit status."""
+    """Serve until SIGTERM/SIGINT; returns the process exit status. With more than one API
+    server (ServerConfig.api_servers; not with an `engine` of your own) this process supervises
+    them (rillet.server.api_servers)."""
     server_config = server_config or ServerConfig()
     configure_logging(server_config.log_level)
     engine_config = engine_config or EngineConfig()
     if engine_config.engine_process is None:
         engine_config = dataclasses.replace(engine_config, engine_process=True)
+    count = 1 if engine is not None else api_server_count(server_config, engine_config)
+    if count > 1:
+        from rillet.server.api_servers import serve_api_servers
+
+        return serve_api_servers(server_config, engine_config, count)
     app = create_app(server_config, engine_config, engine=engine)
+    return run_app(app, server_config, listen_socket(server_config) if server_config.send_buffer_bytes else None)
+
+
+def api_server_count(server_config: ServerConfig, engine_config: EngineConfig) -> int:
+    """ServerConfig.api_servers, or its default: one on a CPU (its cores run the model), and on
+    a CUDA GPU one per API_SERVER_CORES cores, AUTO_API_SERVERS_MAX at most."""
+    count = server_config.api_servers
+    if count is None:
+        count = 1
+        if engine_config.device != "cpu" and engine_config.engine_process:
+            import torch
+
+            if engine_config.device.startswith("cuda") or torch.cuda.is_available():
+                count = max(1, min(AUTO_API_SERVERS_MAX, (os.cpu_count() or 1) // API_SERVER_CORES))
+    if count > 1 and not engine_config.engine_process:
+        raise ValueError("several API servers need the engine in a process of its own (--engine-process)")
+    return count
+
+
+def listen_socket(server_config: ServerConfig) -> socket.socket:
+    """The bound listening socket (with SO_REUSEADDR and uvicorn's backlog), with --send-buffer-bytes applied:
+    accepted connections inherit its SO_SNDBUF (which also turns off the kernel's autotuning of
+    it, up to net.ipv4.tcp_wmem's max: 4 MiB on common systems)."""
+    host = server_config.host
+    sock = socket.create_server((host, server_config.port), backlog=LISTEN_BACKLOG,
+                                family=socket.AF_INET6 if ":" in host else socket.AF_INET)
+    if server_config.send_buffer_bytes:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, server_config.send_buffer_bytes)
+    return sock
+
+
+def run_app(app: Any, server_config: ServerConfig, sock: socket.socket | None = None) -> int:
+    """Run `app` (from create_app) on uvicorn until drained; returns the exit status. `sock`: a
+    listening socket to accept on (else uvicorn binds --host/--port)."""
     config = uvicorn.Config(app, host=server_config.host, port=server_config.port,
                             log_level=server_config.log_level, access_log=False, lifespan="on",
                             timeout_graceful_shutdown=5, ws="none", server_header=False)
     server = DrainingServer(config, app.state.rillet, server_config.drain_timeout_s)
     app.state.rillet.on_engine_failure = server.engine_failed
-    sockets = None
-    if server_config.send_buffer_bytes:
-        # Accepted connections inherit the listening socket's SO_SNDBUF (which also turns off the
-        # kernel's autotuning of it, up to net.ipv4.tcp_wmem's max: 4 MiB on common systems).
-        sock = config.bind_socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, server_config.send_buffer_bytes)
-        sockets = [sock]
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:
-        runner.run(server.serve(sockets=sockets))
+        runner.run(server.serve(sockets=None if sock is None else [sock]))
     return server.exit_code
 
 
