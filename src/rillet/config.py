@@ -71,6 +71,12 @@ class EngineConfig:
     enforce_eager: bool = option(False, "On a CUDA GPU, run every step eagerly instead of replaying the decode "
                                  "steps as CUDA graphs (captured at start for padded batch sizes up to "
                                  "max_num_seqs). Slower; for debugging, or to start faster.")
+    scheduler_delay_factor: float | None = option(
+        None, "While others decode, new prompts wait until the oldest has waited this many times the last "
+        "prompt step's duration (or enough wait to fill the batch), so that prompts arriving one by one "
+        "are taken in together (as vLLM's --scheduler-delay-factor). Default: 1 where decode steps replay "
+        "CUDA graphs (a step that takes in a prompt runs eagerly and costs several decode steps), else 0.",
+        min=0, max=100)
     enable_prefix_caching: bool = option(True, "Reuse the KV cache of prompt prefixes seen before (shared system "
                                          "prompts, multi-turn chats) instead of recomputing them: a much "
                                          "lower TTFT for long shared prefixes. On the CPU in bfloat16 the "

@@ -92,3 +92,34 @@ def test_finish_and_abort_return_every_block():
         sched.finish(s, "abort")
     assert bm.num_free_blocks == 16 and not sched.has_work()
     assert all(s.status is SequenceStatus.FINISHED for s in seqs)
+
+
+def test_an_admission_window_gathers_prompts_that_arrive_while_others_decode():
+    sched = Scheduler(BlockManager(1000, 4), max_num_seqs=4, max_num_batched_tokens=512)
+    sched.admission_window_s = 0.010
+    first = make_seq("first", 5)
+    sched.add(first)
+    assert run_step(sched).seqs == [first]  # nothing decodes: no wait
+    late = make_seq("late", 5)
+    late.arrival_time = t0 = 100.0
+    sched.add(late)
+    assert sched.schedule(now=t0 + 0.004).seqs == [first]  # the decode goes on, the prompt waits
+    later = make_seq("later", 5)
+    later.arrival_time = t0 + 0.006
+    sched.add(later)
+    assert not sched.admits(now=t0 + 0.009)
+    batch = sched.schedule(now=t0 + 0.010)  # the oldest has waited the window: both go in together
+    assert batch.seqs == [first, late, later] and batch.num_new_tokens == [1, 5, 5]
+
+
+def test_an_admission_window_never_holds_prompts_that_fill_the_batch():
+    sched = Scheduler(BlockManager(1000, 4), max_num_seqs=3, max_num_batched_tokens=512)
+    sched.admission_window_s = 10.0
+    running = make_seq("running", 5)
+    sched.add(running)
+    run_step(sched)
+    for rid in ("a", "b"):
+        sched.add(make_seq(rid, 5))  # two waiting, two free slots: nothing to wait for
+    assert [s.request_id for s in sched.schedule().seqs] == ["running", "a", "b"]
+    sched.add(make_seq("c", 5))
+    assert not sched.admits()  # no free slot: nothing would be taken in anyway

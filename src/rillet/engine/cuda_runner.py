@@ -61,6 +61,10 @@ class CudaModelRunner(ModelRunner):
         self.model.compute_logits(self.model(ints, torch.arange(n, device=self.device), self.kv_caches, meta))
         torch.cuda.synchronize(self.device)
 
+    @property
+    def replays_decodes(self) -> bool:
+        return self.graphs is not None
+
     def replays(self, batch: ScheduledBatch) -> bool:
         """Whether this batch runs as a CUDA graph: decodes only (each sequence feeds its last
         token), no more than the largest captured batch."""

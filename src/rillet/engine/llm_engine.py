@@ -155,6 +155,8 @@ class LLMEngine:
             assert self.model.tp is not None
             self.model.tp.mirror = self.workers.send  # from now on every forward pass runs on every rank
         self.sampler = Sampler(self.vocab_size, self.device, seed=config.seed, argmax=argmax)
+        delay = config.scheduler_delay_factor
+        self._delay_factor = delay if delay is not None else (1.0 if self.runner.replays_decodes else 0.0)
         self.detokenizer = Detokenizer(self.tokenizer)
         self.prompts = PromptEncoder(self.tokenizer, self.vocab_size, self.max_model_len)
         self.requests: dict[str, list[Sequence]] = {}
@@ -350,6 +352,8 @@ class LLMEngine:
             result = self.sampler(logits, sampling_seqs, allowed) if sampling_seqs else None
         except Exception as exc:
             return outputs + self._fail_batch(batch, exc)
+        if self._delay_factor and not self.runner.replays(batch):  # an eager step (prompts in it): its time
+            self.scheduler.admission_window_s = self._delay_factor * (time.monotonic() - now)
         self._consecutive_failures = 0
         self._commit(batch)
         if result is None:
@@ -365,9 +369,10 @@ class LLMEngine:
 
     def _continues(self, flight: InFlight) -> bool:
         """Whether the step after `flight` can be queued before its tokens are read back: the same
-        sequences, all still running, nobody else waiting or running, room for one more token each."""
+        sequences, all still running, nobody else running nor to be admitted now (Scheduler.admits),
+        room for one more token each."""
         seqs = flight.batch.seqs
-        if self.scheduler.waiting or len(self.scheduler.running) != len(seqs) \
+        if self.scheduler.admits() or len(self.scheduler.running) != len(seqs) \
                 or any(seq.is_finished or seq.num_computed_tokens + 2 > self.max_model_len for seq in seqs):
             return False
         bm = self.block_manager

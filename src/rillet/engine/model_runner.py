@@ -63,6 +63,11 @@ class ModelRunner:
         """Whether the batch runs as a captured graph (engine/cuda_runner.py); never here."""
         return False
 
+    @property
+    def replays_decodes(self) -> bool:
+        """Whether decode-only batches run as captured graphs (engine/cuda_runner.py); not here."""
+        return False
+
     def execute_ahead(self, seqs: list[Sequence], block_manager: BlockManager, tokens: torch.Tensor) -> torch.Tensor:
         """Queue the decode step after one whose ids are still on the GPU (engine/overlap.py):
         only a runner that `replays` batches does."""

@@ -7,6 +7,13 @@ streams keep flowing, then prefill chunks of running sequences, then new admissi
 cache runs out, the newest running sequence is preempted: its blocks are freed and it goes back
 to the front of the waiting queue to be recomputed later.
 
+Where decode steps replay CUDA graphs, a step that takes in a prompt runs eagerly and costs
+several decode steps. Arrivals spread over time (streams ending and their clients sending the
+next request) would make nearly every step such a step, so new prompts wait while others decode,
+until the oldest has waited `admission_window_s` (set by the engine from the last prompt step's
+duration, as vLLM's --scheduler-delay-factor), or enough wait to fill the batch; a step that takes
+in prompts then takes them together.
+
 A prompt whose rest would overflow the budget by at most an eighth is fed whole rather than
 split: its first token comes a step sooner, and the step grows by a few percent (a burst of short
 prompts otherwise leaves one of them a sliver for the next step, after every decode of the
@@ -15,6 +22,7 @@ others).
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -44,6 +52,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions_total = 0
+        self.admission_window_s = 0.0  # see the module doc; 0: admit at once
 
     @property
     def num_waiting(self) -> int:
@@ -78,11 +87,23 @@ class Scheduler:
         self.waiting.appendleft(seq)
         self.num_preemptions_total += 1
 
+    def admits(self, now: float | None = None) -> bool:
+        """Whether a step now would take in waiting prompts (see the module doc): always when
+        nothing decodes, when the oldest has waited the window, or when enough wait to fill the
+        batch."""
+        if not self.waiting or len(self.running) >= self.max_num_seqs:
+            return False
+        if self.admission_window_s <= 0 or not self.running or \
+                len(self.waiting) >= self.max_num_seqs - len(self.running):
+            return True
+        now = time.monotonic() if now is None else now
+        return now - self.waiting[0].arrival_time >= self.admission_window_s
+
     def _chunk(self, remaining: int, budget: int, overrun: int) -> int:
         """Tokens of a prefill to feed this step: all of them if they fit in budget + overrun."""
         return remaining if remaining <= budget + overrun else min(remaining, budget)
 
-    def schedule(self) -> ScheduledBatch:
+    def schedule(self, now: float | None = None) -> ScheduledBatch:
         batch = ScheduledBatch()
         budget = self.max_num_batched_tokens
         overrun = self.max_num_batched_tokens // 8  # spent at most once a step, see the module doc
@@ -114,7 +135,7 @@ class Scheduler:
         order = {id(s): i for i, s in enumerate(self.running)}
         self.running = sorted(kept, key=lambda s: order[id(s)])
 
-        if batch.preempted:
+        if batch.preempted or not self.admits(now):
             return batch
         while self.waiting and len(self.running) < self.max_num_seqs and budget > 0:
             seq = self.waiting[0]
