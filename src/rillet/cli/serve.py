@@ -33,6 +33,8 @@ def run(args: argparse.Namespace) -> int:
     if getattr(args, "ray", False):
         if args.replicas < 1:
             raise ValueError("--replicas must be >= 1")
+        if server_config.api_servers is not None:
+            raise ValueError("--api-servers does not apply with --ray: Ray Serve's proxy is the HTTP front end")
         try:
             from rillet.deploy.ray import serve_forever
         except ImportError as exc:
