@@ -96,6 +96,7 @@ def serve_api_servers(server_config: ServerConfig, engine_config: EngineConfig, 
 
 def _supervise(servers: list[subprocess.Popen[bytes]], core: subprocess.Popen[bytes]) -> int:
     live = {server.pid: server for server in servers}
+    index = {server.pid: i for i, server in enumerate(servers)}
     signalled = False
 
     def forward(signum: int, frame: FrameType | None) -> None:
@@ -123,7 +124,7 @@ def _supervise(servers: list[subprocess.Popen[bytes]], core: subprocess.Popen[by
             if code != 0 or not signalled:
                 exit_code = 1
                 if not signalled:  # one went down by itself: take the rest down with it, drained
-                    logger.error("API server %d exited (status %d); stopping the others", pid, code)
+                    logger.error("API server %d exited (status %d); stopping the others", index[pid], code)
                     forward(signal.SIGTERM, None)
         if core.returncode is None:
             try:
