@@ -191,3 +191,20 @@ def test_argmax_rows_matches_torch_first_maximum(dtype):
     for x in (logits, wide[:, :9000]):
         got = cuda_kernels.argmax_rows(x.to(DEVICE)).cpu()
         assert got.tolist() == x.argmax(dim=-1).tolist() == [int(logits[0].argmax()), 4100, 7, 0, 8999]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,k", [(40, 1536), (9, 1100)])
+def test_gemv_with_add_rms_norm_equals_the_two_kernels(dtype, n, k):
+    """add + RMSNorm folded into the GEMV that reads its row: the same row add_rms_norm writes,
+    so the same output, and the same new residual."""
+    torch.manual_seed(0)
+    x = torch.randn(1, k).to(dtype).to(DEVICE)
+    residual = torch.randn(1, k).to(dtype).to(DEVICE)
+    norm = (torch.rand(k) + 0.5).to(dtype).to(DEVICE)
+    w = (torch.randn(n, k) * 0.05).to(dtype).to(DEVICE)
+    fused, summed = cuda_kernels.add_rms_norm_gemv(x, residual.clone(), norm, 1e-5, w)
+    h, apart_residual = cuda_kernels.add_rms_norm(x, residual.clone(), norm, 1e-5)
+    torch.testing.assert_close(summed, apart_residual, atol=0, rtol=0)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2  # the sum of squares may add up in another order
+    torch.testing.assert_close(fused.float(), cuda_kernels.gemv(h, w).float(), atol=tol, rtol=tol)

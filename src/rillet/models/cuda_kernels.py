@@ -246,12 +246,21 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
 # ---- one row times a weight (batch-1 decode) ----------------------------------------------------
 
 @triton.jit
-def _gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, N, stride_w, K: tl.constexpr, HAS_BIAS: tl.constexpr,
-                 SILU_MUL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, N, stride_w, residual_ptr, norm_ptr, sum_ptr, eps,
+                 K: tl.constexpr, HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr, ADD_NORM: tl.constexpr,
+                 NORM_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     live = rows < N
     rows = tl.where(live, rows, 0).to(tl.int64)  # padding rows read row 0: no mask on the weight loads
     cols = tl.arange(0, BLOCK_K)
+    if ADD_NORM:  # the row is rms_norm(x + residual) * norm: every program takes the (few-KB) row's norm
+        every = tl.arange(0, NORM_BLOCK)
+        summed = tl.load(x_ptr + every, mask=every < K, other=0.0) + \
+            tl.load(residual_ptr + every, mask=every < K, other=0.0)
+        if tl.program_id(0) == 0:  # the new residual, for the next add + norm
+            tl.store(sum_ptr + every, summed, mask=every < K)
+        s32 = summed.to(tl.float32)
+        rstd = 1.0 / tl.sqrt(tl.sum(s32 * s32, 0) / K + eps)
     acc = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)  # summed across K once, at the end
     for k0 in range(0, K, BLOCK_K):
         k = k0 + cols
@@ -260,14 +269,22 @@ def _gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, N, stride_w, K: tl.constexpr, 
             x = tl.load(x_ptr + k)
             if SILU_MUL:  # x = [gate | up]: silu_mul's arithmetic, element by element
                 up = tl.load(x_ptr + K + k)
+            if ADD_NORM:
+                x = x + tl.load(residual_ptr + k)
+                scale = tl.load(norm_ptr + k)
         else:
             w = tl.load(w_ptr + rows[:, None] * stride_w + k[None, :], mask=(k < K)[None, :], other=0.0)
             x = tl.load(x_ptr + k, mask=k < K, other=0.0)
             if SILU_MUL:
                 up = tl.load(x_ptr + K + k, mask=k < K, other=0.0)
+            if ADD_NORM:
+                x = x + tl.load(residual_ptr + k, mask=k < K, other=0.0)
+                scale = tl.load(norm_ptr + k, mask=k < K, other=0.0)
         if SILU_MUL:
             g = x.to(tl.float32)
             x = (g / (1.0 + tl.exp(-g))).to(up.dtype) * up
+        if ADD_NORM:  # add_rms_norm's arithmetic: normalise in float32, round, scale by the weight
+            x = (x.to(tl.float32) * rstd).to(scale.dtype) * scale
         acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
     y = tl.sum(acc, axis=1)
     if HAS_BIAS:
@@ -294,14 +311,35 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     come from a sweep there (a launch of one config per shape, no autotuning at run time)."""
     K = weight.shape[1]
     assert x.shape == (1, 2 * K if silu_mul_input else K) and x.is_contiguous() and weight.stride(1) == 1
-    N = weight.shape[0]
+    return _launch_gemv(x, weight, bias, out, silu_mul_input=silu_mul_input)
+
+
+def add_rms_norm_gemv(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+                      weight: torch.Tensor, bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(gemv(h, weight, bias), residual + x) where h, residual + x = add_rms_norm(x, residual, ...):
+    one launch instead of two for a lone row [1, K]. Each program sums the row's squares itself
+    (the row is a few KB, read from L2); the first writes the new residual, into a new tensor
+    since the others still read the old one."""
+    K = weight.shape[1]
+    assert x.shape == residual.shape == (1, K) and x.is_contiguous() and residual.is_contiguous()
+    summed = torch.empty_like(x)
+    out = _launch_gemv(x, weight, bias, None, norm=(residual, norm_weight, eps, summed))
+    return out, summed
+
+
+def _launch_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor | None, *,
+                 silu_mul_input: bool = False,
+                 norm: tuple[torch.Tensor, torch.Tensor, float, torch.Tensor] | None = None) -> torch.Tensor:
+    N, K = weight.shape
     if out is None:
         out = torch.empty((1, N), dtype=x.dtype, device=x.device)
+    residual, norm_weight, eps, summed = norm if norm is not None else (x, x, 0.0, x)
     wide = K >= 4096
     block_n = 8 if wide else 4
     _gemv_kernel[(triton.cdiv(N, block_n),)](
-        x, weight, weight if bias is None else bias, out, N, weight.stride(0), K=K, HAS_BIAS=bias is not None,
-        SILU_MUL=silu_mul_input, BLOCK_N=block_n, BLOCK_K=min(1024, triton.next_power_of_2(K)),
+        x, weight, weight if bias is None else bias, out, N, weight.stride(0), residual, norm_weight, summed, eps,
+        K=K, HAS_BIAS=bias is not None, SILU_MUL=silu_mul_input, ADD_NORM=norm is not None,
+        NORM_BLOCK=triton.next_power_of_2(K), BLOCK_N=block_n, BLOCK_K=min(1024, triton.next_power_of_2(K)),
         num_warps=8 if wide else 4, num_stages=4 if wide or 1 << 25 <= N * K < 1 << 27 else 2)
     return out
 

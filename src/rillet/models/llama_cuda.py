@@ -8,8 +8,9 @@ fewer launches per layer and no gather of the KV context:
 
 Nine launches a layer, none of which asks the host for a shape that changes between decode
 steps, so engine/cuda_graphs.py can capture a whole decode step as one CUDA graph. At one row (a
-lone stream's decode step) in bf16/fp16 the matmuls are Triton GEMVs instead of cuBLAS, and the
-down projection reads SiLU * up on the fly: eight launches.
+lone stream's decode step) in bf16/fp16 the matmuls are Triton GEMVs instead of cuBLAS, the
+down projection reads SiLU * up on the fly and the QKV and gate/up GEMVs read add + RMSNorm on
+the fly: six launches.
 """
 
 from __future__ import annotations
@@ -40,9 +41,18 @@ def _linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return layer(x)
 
 
-def _mlp(mlp: nn.Module, h: torch.Tensor) -> torch.Tensor:
-    gate_up = _linear(mlp.gate_up_proj, h)
-    if _gemv_fits(h, mlp.down_proj):
+def _norm_linear(layer: nn.Module, x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(layer(h), new residual) for h, new residual = _add_norm(x, residual, norm): at one row,
+    one launch (the GEMV reads rms_norm(x + residual) itself)."""
+    if residual is not None and _gemv_fits(x, layer):
+        return cuda_kernels.add_rms_norm_gemv(x, residual, norm.weight, norm.eps, layer.weight, layer.bias)
+    h, residual = _add_norm(x, residual, norm)
+    return _linear(layer, h), residual
+
+
+def _down(mlp: nn.Module, gate_up: torch.Tensor) -> torch.Tensor:
+    if _gemv_fits(gate_up, mlp.down_proj):
         out = cuda_kernels.gemv(gate_up, mlp.down_proj.weight, mlp.down_proj.bias, silu_mul_input=True)
     else:
         out = mlp.down_proj(cuda_kernels.silu_mul(gate_up))
@@ -59,8 +69,7 @@ def forward(model: CausalLM, input_ids: torch.Tensor, positions: torch.Tensor,
     for layer, (k_cache, v_cache) in zip(model.layers, kv_caches):
         attn = layer.self_attn
         nh, nkv, d = attn.num_heads, attn.num_kv_heads, attn.head_dim
-        h, residual = _add_norm(x, residual, layer.input_layernorm)
-        qkv = _linear(attn.qkv_proj, h)
+        qkv, residual = _norm_linear(attn.qkv_proj, x, residual, layer.input_layernorm)
         if attn.q_norm is not None:  # Qwen3: per-head norms of q and k before the rotation
             heads = qkv.view(T, nh + 2 * nkv, d)
             heads[:, :nh] = attn.q_norm(heads[:, :nh])
@@ -72,6 +81,6 @@ def forward(model: CausalLM, input_ids: torch.Tensor, positions: torch.Tensor,
         o = _linear(attn.o_proj, o)
         if attn.tp is not None:  # row-parallel: every rank's partial sum
             attn.tp.all_reduce(o)
-        h, residual = _add_norm(o, residual, layer.post_attention_layernorm)
-        x = _mlp(layer.mlp, h)
+        gate_up, residual = _norm_linear(layer.mlp.gate_up_proj, o, residual, layer.post_attention_layernorm)
+        x = _down(layer.mlp, gate_up)
     return _add_norm(x, residual, model.norm)[0]
