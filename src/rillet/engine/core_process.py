@@ -106,17 +106,17 @@ def core_main(conn: Connection, front_ends: list[Connection] | None = None) -> N
     try:
         core = EngineCore(config, setup)
     except BaseException as exc:  # sent back whole when it pickles, so the caller sees its type
-        _tell_all(pipes, ("failed", _picklable(exc)))
+        tell_all(pipes, ("failed", _picklable(exc)))
         return
     # the first front end hears last: it alone serves (503 "loading") before it is ready, the
     # others accept connections only once they are, so it must not say "ready" before them
-    _tell_all(pipes[::-1], ("ready", core.info()))
+    tell_all(pipes[::-1], ("ready", core.info()))
     core.run(SharedPipeTransport(pipes) if front_ends else PipeTransport(conn))
     if core.dead_reason is not None:
         sys.exit(1)
 
 
-def _tell_all(pipes: list[Connection], message: object) -> None:
+def tell_all(pipes: list[Connection], message: object) -> None:
     for pipe in pipes:
         try:
             pipe.send(message)

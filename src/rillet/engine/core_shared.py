@@ -28,7 +28,7 @@ from multiprocessing.connection import Connection, wait as wait_for
 from rillet.config import EngineConfig
 from rillet.engine.core import AbortRequest, AddRequest, Command, CoreInfo, CoreOutputs, CoreSetup, Stop, \
     TransportClosed
-from rillet.engine.core_process import GATHER_MAX_S, GATHER_QUIET_S, PipeClient
+from rillet.engine.core_process import GATHER_MAX_S, GATHER_QUIET_S, PipeClient, tell_all
 from rillet.engine.outputs import RequestOutput
 
 __all__ = ["AttachedCore", "SharedPipeTransport"]
@@ -114,11 +114,7 @@ class SharedPipeTransport:
             pass
 
     def die(self, reason: str) -> None:
-        for pipe in self._pipes + self._stopping:
-            try:
-                pipe.send(("dead", reason))
-            except OSError:
-                pass
+        tell_all(self._pipes + self._stopping, ("dead", reason))
 
 
 class AttachedCore(PipeClient):
