@@ -28,6 +28,8 @@ def reference_attention(q, k_cache, v_cache, tables, q_starts, q_lens, context_l
     out = torch.zeros((T, nh * d), dtype=torch.float32)
     for seq in range(len(q_lens)):
         n, ctx, q0 = int(q_lens[seq]), int(context_lens[seq]), int(q_starts[seq])
+        if n == 0:  # a padded sequence
+            continue
         slots = torch.tensor([int(tables[seq, p // block_size]) * block_size + p % block_size for p in range(ctx)])
         keys = k_cache[:, slots].float()  # [nkv, ctx, d]
         values = v_cache[:, slots].float()
@@ -76,6 +78,32 @@ def test_paged_attention_skips_padded_rows():
                                  torch.tensor([3, 0], dtype=torch.int32, device=DEVICE), 1, 16, 0.25,
                                  out=out.to(DEVICE))
     assert torch.equal(out[1], torch.full((4 * 16,), 7.0))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_paged_attention_over_a_padded_prompt_batch(dtype):
+    """A prompt-graph batch: sequences of mixed lengths (tiles that straddle sequences), rows past
+    the last one's padding, sequences of q_len 0 at the end; max_q_len is the padded size. Real
+    rows equal the reference; padded rows are not written."""
+    torch.manual_seed(1)
+    nh, nkv, d, block_size = 8, 2, 32, 16
+    k_cache = torch.randn(nkv, 40 * block_size, d).to(dtype)
+    v_cache = torch.randn(nkv, 40 * block_size, d).to(dtype)
+    q_lens = torch.tensor([5, 1, 33, 16, 17, 0, 0], dtype=torch.int32)
+    context_lens = torch.tensor([5, 40, 60, 16, 17, 0, 0], dtype=torch.int32)
+    q_starts = torch.cumsum(q_lens, 0, dtype=torch.int32) - q_lens
+    blocks = torch.randperm(40)[:7 * 4].view(7, 4).to(torch.int32)
+    real, padded = int(q_lens.sum()), 96
+    q = torch.randn(padded, nh, d).to(dtype)
+    out = torch.full((padded, nh * d), 7.0, dtype=dtype)
+    cuda_kernels.paged_attention(q.to(DEVICE), k_cache.to(DEVICE), v_cache.to(DEVICE), blocks.to(DEVICE),
+                                 q_starts.to(DEVICE), q_lens.to(DEVICE), context_lens.to(DEVICE), padded,
+                                 block_size, d ** -0.5, out=out.to(DEVICE) if DEVICE != "cpu" else out)
+    got = out.cpu()
+    want = reference_attention(q, k_cache, v_cache, blocks, q_starts, q_lens, context_lens, block_size, d ** -0.5)
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got[:real].float(), want[:real], atol=tolerance, rtol=tolerance)
+    assert torch.equal(got[real:], torch.full((padded - real, nh * d), 7.0, dtype=dtype))
 
 
 @pytest.mark.parametrize("with_residual", [False, True])

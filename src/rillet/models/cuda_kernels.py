@@ -20,20 +20,46 @@ import triton.language as tl
 # ---- paged attention ----------------------------------------------------------------------------
 
 @triton.jit
+def _tile_owner(q_starts_ptr, num_seqs, tile, TOKENS: tl.constexpr):
+    """The sequence whose tiles include flat tile number `tile`, when sequence s's tiles start at
+    q_starts[s] // TOKENS + s (monotonic: q_starts are packed in order): a binary search."""
+    left = tile * 0  # int32 tensors from the start: the loop carries them
+    right = left + num_seqs
+    while left < right:
+        mid = (left + right) // 2
+        if tl.load(q_starts_ptr + mid) // TOKENS + mid <= tile:
+            left = mid + 1
+        else:
+            right = mid
+    return left - 1
+
+
+@triton.jit(do_not_specialize=["num_seqs"])  # one compiled kernel for any number of sequences
 def _paged_attention_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_tables_ptr, q_starts_ptr, q_lens_ptr, context_lens_ptr,
-    scale, stride_q_token, stride_q_head, stride_cache_head, stride_tables, stride_out_token,
+    scale, num_seqs, stride_q_token, stride_q_head, stride_cache_head, stride_tables, stride_out_token,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, PAGE: tl.constexpr, IEEE_DOT: tl.constexpr,
+    BLOCK_N: tl.constexpr, PAGE: tl.constexpr, IEEE_DOT: tl.constexpr, FLAT_TILES: tl.constexpr,
 ):
     """One program: up to BLOCK_M // GROUP consecutive query tokens of one sequence times the GROUP
     query heads that share KV head `kv_head` (GQA heads packed into the rows of one tile, so a
     decode token's heads share each K/V load). Causal by position: a query at position p sees
-    keys 0..p; the sequence's new tokens are the last q_len of its context_len."""
-    seq = tl.program_id(0)
-    tile = tl.program_id(1)
-    kv_head = tl.program_id(2)
+    keys 0..p; the sequence's new tokens are the last q_len of its context_len.
+
+    Decodes (FLAT_TILES false): program (seq, 0, kv_head). Prompts (FLAT_TILES true): program
+    (tile, kv_head) over every sequence's tiles laid end to end (as vLLM's unified attention
+    does), so the grid is bounded by the tokens plus the sequences, not sequences x the longest
+    prompt, and does not depend on how the tokens split into sequences (a CUDA graph fixes it)."""
     TOKENS: tl.constexpr = BLOCK_M // GROUP
+    if FLAT_TILES:
+        flat = tl.program_id(0)
+        kv_head = tl.program_id(1)
+        seq = _tile_owner(q_starts_ptr, num_seqs, flat, TOKENS)
+        tile = flat - (tl.load(q_starts_ptr + seq) // TOKENS + seq)
+    else:
+        seq = tl.program_id(0)
+        tile = tl.program_id(1)
+        kv_head = tl.program_id(2)
     q_len = tl.load(q_lens_ptr + seq)
     if tile * TOKENS >= q_len:  # past this sequence's queries (or a padded graph row: q_len 0)
         return
@@ -97,8 +123,10 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     q: [T, nh, d] (any token and head strides, last dim contiguous: a view into the fused QKV
     output works); k_cache, v_cache: [nkv, S, d]; sequence i's queries are rows
     q_starts[i]..q_starts[i] + q_lens[i] of q, and the last q_lens[i] of its context_lens[i]
-    tokens, whose blocks of block_size slots are block_tables[i] (int32 [B, nb]). max_q_len: the largest q_lens, or
-    any bound above it (it only sizes the grid). Returns [T, nh * d]."""
+    tokens, whose blocks of block_size slots are block_tables[i] (int32 [B, nb]). The sequences lie in q in
+    order (q_starts[i + 1] = q_starts[i] + q_lens[i]); rows past the last one's are padding, and so are
+    sequences of q_len 0 at the end. max_q_len: 1 for decodes only (every q_len 1 or 0), else anything
+    above 1. Returns [T, nh * d]."""
     T, nh, d = q.shape
     nkv = k_cache.shape[0]
     group = nh // nkv
@@ -107,14 +135,17 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     if T == 0:
         return out
     assert q.stride(2) == 1 and k_cache.is_contiguous() and v_cache.is_contiguous()
-    block_m = max(16, triton.next_power_of_2(group)) if max_q_len == 1 else max(64, triton.next_power_of_2(group))
+    decode = max_q_len == 1
+    block_m = max(16, triton.next_power_of_2(group)) if decode else max(64, triton.next_power_of_2(group))
     tokens_per_tile = block_m // group
-    grid = (q_lens.shape[0], triton.cdiv(max_q_len, tokens_per_tile), nkv)
+    num_seqs = q_lens.shape[0]
+    # prompts: sequence s needs cdiv(q_len, tokens_per_tile) tiles <= its share of T // tokens_per_tile + 1
+    grid = (num_seqs, 1, nkv) if decode else (T // tokens_per_tile + num_seqs, nkv)
     _paged_attention_kernel[grid](
         q, k_cache, v_cache, out, block_tables, q_starts, q_lens, context_lens,
-        scale, q.stride(0), q.stride(1), k_cache.stride(0), block_tables.stride(0), out.stride(0),
+        scale, num_seqs, q.stride(0), q.stride(1), k_cache.stride(0), block_tables.stride(0), out.stride(0),
         GROUP=group, HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d), BLOCK_M=block_m, BLOCK_N=64 if d <= 128 else 32,
-        PAGE=block_size, IEEE_DOT=q.dtype == torch.float32,
+        PAGE=block_size, IEEE_DOT=q.dtype == torch.float32, FLAT_TILES=not decode,
     )
     return out
 
