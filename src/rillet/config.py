@@ -68,9 +68,10 @@ class EngineConfig:
     kv_cache_gib: float | None = option(None, "KV cache size in GiB (default: room for max_num_seqs full-length "
                                         "sequences, capped at 4 GiB on CPU).", min=0.001, max=4096)
     block_size: int = option(16, "Tokens per KV cache block.", min=1, max=1024)
-    enforce_eager: bool = option(False, "On a CUDA GPU, run every step eagerly instead of replaying the decode "
-                                 "steps as CUDA graphs (captured at start for padded batch sizes up to "
-                                 "max_num_seqs). Slower; for debugging, or to start faster.")
+    enforce_eager: bool = option(False, "On a CUDA GPU, run every step eagerly instead of replaying CUDA graphs "
+                                 "(captured at start: decode steps for padded batch sizes up to max_num_seqs, "
+                                 "steps with prompts for padded token counts up to max_num_batched_tokens, "
+                                 "2048 at most). Slower; for debugging, or to start faster.")
     scheduler_delay_factor: float | None = option(
         None, "While others decode, new prompts wait until the oldest has waited this many times the last "
         "prompt step's duration (or enough wait to fill the batch), so that prompts arriving one by one "

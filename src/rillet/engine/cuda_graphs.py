@@ -20,6 +20,7 @@ their own buffers and replay their graph of the same size (`replay_mirrored`).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -29,6 +30,8 @@ from rillet.engine.sequence import Sequence
 from rillet.models import cuda_kernels
 
 if TYPE_CHECKING:
+    from torch.cuda import _POOL_HANDLE
+
     from rillet.engine.cuda_runner import CudaModelRunner
 
 IDS, POSITIONS, SLOTS, CONTEXT_LENS, Q_LENS = range(5)
@@ -43,6 +46,25 @@ def capture_sizes(max_batch: int) -> list[int]:
     if not sizes or sizes[-1] != max_batch:
         sizes.append(max_batch)
     return sorted(set(sizes))
+
+
+def capture(device: torch.device, sizes: list[int], body: Callable[[int], None], graphs: dict[int, torch.cuda.CUDAGraph],
+            pool: _POOL_HANDLE | None = None) -> _POOL_HANDLE | None:
+    """Capture `body(size)` as graphs[size] for each size, largest first so that the smaller ones
+    reuse its memory, all in one memory pool (`pool`, or a new one): returned."""
+    stream = torch.cuda.Stream(device)  # type: ignore[no-untyped-call]
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        for size in sorted(sizes, reverse=True):
+            body(size)  # warm-up: Triton compiles, cuBLAS picks its kernels
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool, stream=stream):
+                body(size)
+            pool = graph.pool()
+            graphs[size] = graph
+    torch.cuda.current_stream(device).wait_stream(stream)
+    torch.cuda.synchronize(device)
+    return pool
 
 
 class DecodeGraphs:
@@ -98,19 +120,8 @@ class DecodeGraphs:
     @torch.inference_mode()
     def _capture(self) -> None:
         self.inputs[SLOTS].fill_(-1)  # every row padding: nothing touches the cache
-        pool = None
-        stream = torch.cuda.Stream(self.runner.device)  # type: ignore[no-untyped-call]
-        stream.wait_stream(torch.cuda.current_stream(self.runner.device))
-        with torch.cuda.stream(stream):
-            for size in reversed(self.sizes):  # largest first, so smaller graphs reuse its memory
-                self._body(size)  # warm-up: Triton compiles, cuBLAS picks its kernels
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool, stream=stream):
-                    self._body(size)
-                pool = graph.pool()
-                self.graphs[size] = graph
-        torch.cuda.current_stream(self.runner.device).wait_stream(stream)
-        torch.cuda.synchronize(self.runner.device)
+        # the prompt graphs' pool too: one graph runs at a time, and none leaves anything in it
+        self.pool = capture(self.runner.device, self.sizes, self._body, self.graphs)
 
     def run(self, seqs: list[Sequence], block_manager: BlockManager, ahead: torch.Tensor | None = None
             ) -> torch.Tensor:

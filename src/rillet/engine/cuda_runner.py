@@ -6,7 +6,9 @@ batched matmuls, this runner hands the GPU kernels (models/llama_cuda.py) every 
 tokens in batch order with `CudaAttentionMetadata`, prefill chunks and decodes alike. A step of
 decodes only, no larger than the largest captured batch, replays the CUDA graph of the next
 padded batch size (engine/cuda_graphs.py) with its inputs copied in by two host-to-device copies;
-every other step runs eagerly on the same kernels.
+a step with prompt tokens, up to a couple of thousand tokens, replays the graph of its padded
+token count (engine/prompt_graphs.py). Larger steps run eagerly on the same kernels, as does
+every step under --enforce-eager.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch
 from rillet.engine.block_manager import BlockManager
 from rillet.engine.cuda_graphs import DecodeGraphs
 from rillet.engine.model_runner import ModelRunner
+from rillet.engine.prompt_graphs import PromptGraphs
 from rillet.engine.scheduler import ScheduledBatch
 from rillet.engine.sequence import Sequence
 from rillet.models.backend import KernelPath
@@ -28,16 +31,24 @@ logger = logging.getLogger(__name__)
 
 class CudaModelRunner(ModelRunner):
     def __init__(self, model: CausalLM, num_blocks: int, block_size: int, path: KernelPath, *,
-                 max_num_seqs: int, max_model_len: int, enforce_eager: bool = False) -> None:
+                 max_num_seqs: int, max_model_len: int, max_num_batched_tokens: int | None = None,
+                 enforce_eager: bool = False) -> None:
         super().__init__(model, num_blocks, block_size, path)
         self.max_blocks_per_seq = -(-max_model_len // block_size)
         self.graphs: DecodeGraphs | None = None
+        self.prompt_graphs: PromptGraphs | None = None
         if self.device.type == "cuda":
             self._compile_prompt_kernels()
         if not enforce_eager and self.device.type == "cuda":
             self.graphs = DecodeGraphs(self, max_num_seqs)
             logger.info("CUDA graphs captured for decode batch sizes %s in %.1f s",
                         self.graphs.sizes, self.graphs.capture_seconds)
+            if model.tp is None:  # a tensor-parallel worker would have to replay them too
+                self.prompt_graphs = PromptGraphs(self, max_num_batched_tokens or max_model_len, max_num_seqs,
+                                                  pool=self.graphs.pool)
+                logger.info("CUDA graphs captured for prompt steps of up to %d tokens (%d sizes) in %.1f s",
+                            self.prompt_graphs.max_tokens, len(self.prompt_graphs.sizes),
+                            self.prompt_graphs.capture_seconds)
 
     def describe_kernels(self) -> str:
         return "GPU kernels: Triton paged attention, fused norms, rotary and SiLU"
@@ -65,6 +76,10 @@ class CudaModelRunner(ModelRunner):
     def replays_decodes(self) -> bool:
         return self.graphs is not None
 
+    @property
+    def replays_prompts(self) -> bool:
+        return self.prompt_graphs is not None
+
     def replays(self, batch: ScheduledBatch) -> bool:
         """Whether this batch runs as a CUDA graph: decodes only (each sequence feeds its last
         token), no more than the largest captured batch."""
@@ -78,6 +93,8 @@ class CudaModelRunner(ModelRunner):
         their last token this step, in batch order, and their positions in `batch.seqs`."""
         if self.graphs is not None and self.replays(batch):
             return self.graphs.run(batch.seqs, block_manager), list(range(len(batch.seqs)))
+        if self.prompt_graphs is not None and self.prompt_graphs.fits(batch):
+            return self.prompt_graphs.run(batch, block_manager)
         return self._execute_eager(batch, block_manager)
 
     @torch.inference_mode()

@@ -148,6 +148,7 @@ class LLMEngine:
             self.workers.send("runner", num_blocks, self.max_model_len)
         self.runner, argmax = make_runner(self.model, kernel_path, num_blocks, block_size=config.block_size,
                                           max_num_seqs=config.max_num_seqs, max_model_len=self.max_model_len,
+                                          max_num_batched_tokens=config.max_num_batched_tokens,
                                           enforce_eager=config.enforce_eager,
                                           tensor_parallel=self.workers is not None)
         if self.workers is not None:

@@ -68,6 +68,12 @@ class ModelRunner:
         """Whether decode-only batches run as captured graphs (engine/cuda_runner.py); not here."""
         return False
 
+    @property
+    def replays_prompts(self) -> bool:
+        """Whether steps with prompt tokens run as captured graphs (engine/prompt_graphs.py): then
+        a lone prompt's step is short; not here."""
+        return False
+
     def execute_ahead(self, seqs: list[Sequence], block_manager: BlockManager, tokens: torch.Tensor) -> torch.Tensor:
         """Queue the decode step after one whose ids are still on the GPU (engine/overlap.py):
         only a runner that `replays` batches does."""

@@ -18,8 +18,8 @@ Argmax = Callable[[torch.Tensor], torch.Tensor]
 
 
 def make_runner(model: CausalLM, path: KernelPath, num_blocks: int, *, block_size: int, max_num_seqs: int,
-                max_model_len: int, enforce_eager: bool = False, tensor_parallel: bool = False
-                ) -> tuple[ModelRunner, Argmax | None]:
+                max_model_len: int, max_num_batched_tokens: int | None = None, enforce_eager: bool = False,
+                tensor_parallel: bool = False) -> tuple[ModelRunner, Argmax | None]:
     """The runner, and the GPU argmax the sampler uses with it (None: torch's)."""
     if not path.gpu_kernels:
         return ModelRunner(model, num_blocks, block_size, path), None
@@ -33,5 +33,6 @@ def make_runner(model: CausalLM, path: KernelPath, num_blocks: int, *, block_siz
             logger.info("tensor parallel over gloo: decode steps run eagerly (gloo cannot be captured in a graph)")
             enforce_eager = True
     runner = CudaModelRunner(model, num_blocks, block_size, path, max_num_seqs=max_num_seqs,
-                             max_model_len=max_model_len, enforce_eager=enforce_eager)
+                             max_model_len=max_model_len, max_num_batched_tokens=max_num_batched_tokens,
+                             enforce_eager=enforce_eager)
     return runner, argmax_rows
