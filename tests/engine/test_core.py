@@ -19,8 +19,10 @@ class ScriptedTransport:
         self.batches = list(batches)
         self.published: list[CoreOutputs] = []
         self.dead: str | None = None
+        self.gathers: list[bool] = []
 
-    def receive(self, wait: bool) -> list[Command]:
+    def receive(self, wait: bool, gather: bool = True) -> list[Command]:
+        self.gathers.append(gather)
         return self.batches.pop(0) if self.batches else [Stop()]
 
     def publish(self, outputs: CoreOutputs) -> None:
@@ -63,6 +65,7 @@ def test_requests_run_to_the_end_and_stop_ends_the_loop(core: EngineCore) -> Non
     done = [o for o in transport.outputs if o.request_id == "a" and o.finish_reason]
     assert [o.finish_reason for o in done] == ["length"]
     assert transport.published[-1].num_added == core.num_added
+    assert all(transport.gathers)  # a CPU engine's prompt steps are long: a burst is worth gathering
 
 
 def test_an_add_the_engine_refuses_ends_with_an_error_not_a_hang(core: EngineCore) -> None:

@@ -45,7 +45,7 @@ def add_one_each(transport: SharedPipeTransport, a: Connection, b: Connection) -
 
 def test_each_front_end_hears_its_own_requests_and_the_shared_stats():
     core_ends, (a, b) = pipes(2)
-    transport = SharedPipeTransport(core_ends)
+    transport = SharedPipeTransport(core_ends, stats_every_s=0.0)  # the stats every cycle
     a.send(AddRequest("ra", [1, 2], SamplingParams()))
     b.send(AddRequest("rb", [1, 2], SamplingParams(n=2, temperature=1.0)))
     b.send(AddRequest("rb2", [1], SamplingParams()))
@@ -109,3 +109,16 @@ def test_a_front_end_that_goes_away_has_its_requests_aborted():
     b.close()
     with pytest.raises(TransportClosed):
         transport.receive(wait=True)
+
+
+def test_a_front_end_with_nothing_new_is_not_sent_every_cycle():
+    core_ends, (a, b) = pipes(2)
+    transport = SharedPipeTransport(core_ends, stats_every_s=3600.0)  # never for staleness alone
+    add_one_each(transport, a, b)
+    transport.publish(CoreOutputs([out("ra")], STATS, 2))
+    assert [o.request_id for o in heard(a).outputs] == ["ra"]
+    assert heard(b).num_added == 1  # its add was taken: news for b
+    transport.publish(CoreOutputs([out("ra")], STATS, 2))
+    assert [o.request_id for o in heard(a).outputs] == ["ra"] and not b.poll()  # publish has sent what it sends
+    transport.publish(CoreOutputs([out("rb", finish="stop")], STATS, 2))
+    assert heard(b).outputs[0].finish_reason == "stop" and not a.poll()

@@ -97,9 +97,10 @@ class TransportClosed(Exception):
 class CoreTransport(Protocol):
     """The core's side of a transport."""
 
-    def receive(self, wait: bool) -> list[Command]:
+    def receive(self, wait: bool, gather: bool = True) -> list[Command]:
         """The commands that have arrived, in order. `wait`: block until there is at least one
-        (the core is idle). Raises TransportClosed when the front end is gone."""
+        (the core is idle); then with `gather`, a transport that can tell a burst is arriving may
+        wait a moment for the rest of it. Raises TransportClosed when the front end is gone."""
         ...
 
     def publish(self, outputs: CoreOutputs) -> None:
@@ -203,9 +204,13 @@ class EngineCore:
 
     def _loop(self, transport: CoreTransport) -> None:
         engine = self.engine
+        # A burst is worth gathering where the first step would otherwise be a lone prompt the
+        # rest queue behind for long; where prompt steps replay graphs (~1-2 ms) the rest join
+        # the next step, and a lone request would only wait.
+        gather = not engine.runner.replays_prompts
         while True:
             outputs: list[RequestOutput] = []
-            for command in transport.receive(wait=not engine.has_unfinished()):
+            for command in transport.receive(wait=not engine.has_unfinished(), gather=gather):
                 if isinstance(command, AddRequest):
                     outputs += self.add(command)
                 elif isinstance(command, AbortRequest):

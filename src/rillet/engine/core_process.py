@@ -57,12 +57,13 @@ class PipeTransport:
     def __init__(self, conn: Connection) -> None:
         self._conn = conn
 
-    def receive(self, wait: bool) -> list[Command]:
+    def receive(self, wait: bool, gather: bool = True) -> list[Command]:
         conn = self._conn
         try:
             commands: list[Command] = []
             if wait:
                 commands.append(conn.recv())
+            if wait and gather:
                 deadline = time.monotonic() + GATHER_MAX_S
                 while time.monotonic() < deadline and conn.poll(GATHER_QUIET_S):
                     commands.append(conn.recv())

@@ -10,7 +10,10 @@ Each front end has its own pipe to the core, with the protocol of engine/core_pr
 core's side, SharedPipeTransport:
 - takes the commands of every pipe, and remembers which pipe added each request;
 - sends each front end the outputs of its own requests, with the shared stats and its own count
-  of adds taken, every cycle;
+  of adds taken, in every cycle that has any of these for it or that has taken one of its adds;
+  a front end with nothing new hears the stats every STATS_EVERY_S (at one stream on a GPU a
+  message to every idle front end each millisecond cost the core's loop, and woke them, for
+  nothing);
 - a front end's Stop aborts its own requests only, and their outputs, marked final, are the last
   it hears; a pipe that closes has its requests aborted. The loop stops once every front end
   has stopped or gone;
@@ -33,20 +36,25 @@ from rillet.engine.outputs import RequestOutput
 
 __all__ = ["AttachedCore", "SharedPipeTransport"]
 
+STATS_EVERY_S = 0.01  # how stale an idle front end's stats (/metrics, queue checks) may grow
+
 
 class SharedPipeTransport:
     """The core's side (CoreTransport) over one pipe per front end."""
 
-    def __init__(self, pipes: Sequence[Connection]) -> None:
+    def __init__(self, pipes: Sequence[Connection], stats_every_s: float = STATS_EVERY_S) -> None:
         self._pipes = list(pipes)  # front ends still served
         self._added = {id(pipe): 0 for pipe in pipes}
+        self._told: dict[int, tuple[int, float]] = {}  # pipe -> (adds it was told of, when)
+        self._stats_every_s = stats_every_s
         self._owner: dict[str, tuple[Connection, int]] = {}  # request id -> (its pipe, choices unfinished)
         self._stopping: list[Connection] = []  # sent Stop: their final outputs go with the next publish
 
-    def receive(self, wait: bool) -> list[Command]:
+    def receive(self, wait: bool, gather: bool = True) -> list[Command]:
         commands: list[Command] = []
         if wait and self._pipes:
             self._take(self._ready(None), commands)
+        if wait and gather and self._pipes:
             deadline = time.monotonic() + GATHER_MAX_S  # let a burst gather, as PipeTransport does
             while time.monotonic() < deadline and (ready := self._ready(GATHER_QUIET_S)):
                 self._take(ready, commands)
@@ -101,8 +109,13 @@ class SharedPipeTransport:
                 else:
                     del self._owner[out.request_id]
         stopping, self._stopping = self._stopping, []
+        now = time.monotonic()
         for pipe in self._pipes:
-            self._send(pipe, CoreOutputs(by_pipe.get(id(pipe), []), outputs.stats, self._added[id(pipe)]))
+            key, mine, added = id(pipe), by_pipe.get(id(pipe), []), self._added[id(pipe)]
+            told, told_at = self._told.get(key, (-1, 0.0))
+            if mine or added != told or now - told_at >= self._stats_every_s:
+                self._told[key] = (added, now)
+                self._send(pipe, CoreOutputs(mine, outputs.stats, added))
         for pipe in stopping:
             self._send(pipe, CoreOutputs(by_pipe.get(id(pipe), []), outputs.stats, self._added[id(pipe)], final=True))
             self._owner = {rid: owner for rid, owner in self._owner.items() if owner[0] is not pipe}

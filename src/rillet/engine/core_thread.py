@@ -42,7 +42,7 @@ class CoreThread(CoreClientBase):
 
     # ---- the core's side (CoreTransport)
 
-    def receive(self, wait: bool) -> list[Command]:
+    def receive(self, wait: bool, gather: bool = True) -> list[Command]:  # nothing to gather: sends are instant
         with self._cv:
             while wait and not self._inbox:
                 self._cv.wait()
