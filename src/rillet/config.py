@@ -75,9 +75,8 @@ class EngineConfig:
     scheduler_delay_factor: float | None = option(
         None, "While others decode, new prompts wait until the oldest has waited this many times the last "
         "prompt step's duration (or enough wait to fill the batch), so that prompts arriving one by one "
-        "are taken in together (as vLLM's --scheduler-delay-factor). Default: 2.5 where prompt steps replay "
-        "CUDA graphs too, 1 where only decode steps do (a step that takes in a prompt is not overlapped with "
-        "the host's work and costs several decode steps), else 0.",
+        "are taken in together (as vLLM's --scheduler-delay-factor). Default: 1 where decode steps replay "
+        "CUDA graphs (a step that takes in a prompt runs eagerly and costs several decode steps), else 0.",
         min=0, max=100)
     enable_prefix_caching: bool = option(True, "Reuse the KV cache of prompt prefixes seen before (shared system "
                                          "prompts, multi-turn chats) instead of recomputing them: a much "

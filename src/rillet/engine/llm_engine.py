@@ -21,7 +21,7 @@ from rillet.config import EngineConfig
 from rillet.engine.block_manager import BlockManager
 from rillet.engine.detokenizer import Detokenizer
 from rillet.engine.errors import EngineDeadError
-from rillet.engine.model_runner import ModelRunner, kv_bytes_per_token
+from rillet.engine.model_runner import kv_bytes_per_token
 from rillet.engine.outputs import RequestOutput, TokenLogprob
 from rillet.engine.overlap import InFlight
 from rillet.engine.prompts import Prompt, PromptEncoder
@@ -59,16 +59,6 @@ class EngineStats:
     prefix_cache_queries_total: int = 0  # prompt tokens looked up in the prefix cache
     prefix_cache_hits_total: int = 0  # of those, tokens whose KV came from the cache
     backend: dict[str, str] = field(default_factory=dict)  # device, dtype, weights, cpu_isa (Backend.describe)
-
-
-def default_delay_factor(runner: ModelRunner) -> float:
-    """--scheduler-delay-factor's default. A step that takes in prompts breaks the overlap of decode
-    steps with the host's work (engine/overlap.py); the window that gathers arrivals must cover a
-    few decode steps. A graphed prompt step (~2 ms at 128 streams on an H200) is ~2.5x shorter than
-    an eager one, so its window needs the larger factor to span as long; the CPU has no overlap."""
-    if runner.replays_prompts:
-        return 2.5
-    return 1.0 if runner.replays_decodes else 0.0
 
 
 class LLMEngine:
@@ -167,7 +157,7 @@ class LLMEngine:
             self.model.tp.mirror = self.workers.send  # from now on every forward pass runs on every rank
         self.sampler = Sampler(self.vocab_size, self.device, seed=config.seed, argmax=argmax)
         delay = config.scheduler_delay_factor
-        self._delay_factor = delay if delay is not None else default_delay_factor(self.runner)
+        self._delay_factor = delay if delay is not None else (1.0 if self.runner.replays_decodes else 0.0)
         self.detokenizer = Detokenizer(self.tokenizer)
         self.prompts = PromptEncoder(self.tokenizer, self.vocab_size, self.max_model_len)
         self.requests: dict[str, list[Sequence]] = {}
