@@ -48,7 +48,7 @@ def prompt_sizes(max_tokens: int) -> list[int]:
     top = min(max_tokens, LARGEST)
     sizes = [s for s in (16, 32, 64, 128, 256) if s < top]
     sizes += [s for s in (320, 384, 448, 512, 640, 768, 896, 1024, 1280, 1536, 1792, 2048) if s < top]
-    return sizes + [top] if top >= 2 else sizes
+    return sizes + [top]
 
 
 class PromptGraphs:
