@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 
 from rillet.engine.block_manager import BlockManager
@@ -36,6 +37,7 @@ def test_slot_maps_positions_through_the_block_table():
     bm.grow(seq, 6)
     b0, b1 = seq.block_table
     assert [bm.slot(seq, p) for p in range(6)] == [b0 * 4, b0 * 4 + 1, b0 * 4 + 2, b0 * 4 + 3, b1 * 4, b1 * 4 + 1]
+    assert bm.slots(seq, np.arange(2, 6)).tolist() == [bm.slot(seq, p) for p in range(2, 6)]
 
 
 def computed(bm: BlockManager, seq: Sequence) -> Sequence:

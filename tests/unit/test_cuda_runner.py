@@ -49,3 +49,26 @@ def test_gpu_kernel_path_matches_torch_path():
                                     max_num_seqs=4, max_model_len=engine.max_model_len, enforce_eager=True)
     assert greedy(engine, 4) == want
     assert engine.stats().prefix_cache_hits_total >= 16  # the cached-prefix read was exercised
+
+
+def test_flat_batch_lays_the_sequences_end_to_end():
+    """A prompt chunk that does not sample yet, a whole prompt, and a decode fed its last output."""
+    from rillet.engine.block_manager import BlockManager
+    from rillet.engine.prompt_graphs import flat_batch
+    from rillet.engine.scheduler import ScheduledBatch
+    from rillet.engine.sequence import Sequence
+
+    bm = BlockManager(16, 4)
+    chunk = Sequence("a", 0, list(range(100, 110)), SamplingParams())
+    whole = Sequence("b", 0, list(range(200, 205)), SamplingParams())
+    decode = Sequence("c", 0, [7, 8, 9], SamplingParams(), output_token_ids=[11, 12])
+    for seq, n in ((chunk, 10), (whole, 5), (decode, 5)):
+        bm.grow(seq, n)
+    decode.num_computed_tokens = 4
+    flat = flat_batch(ScheduledBatch([chunk, whole, decode], [6, 5, 1]), bm)
+    assert flat.tokens[0].tolist() == [100, 101, 102, 103, 104, 105, 200, 201, 202, 203, 204, 12]
+    assert flat.tokens[1].tolist() == [0, 1, 2, 3, 4, 5, 0, 1, 2, 3, 4, 4]
+    positions = [(chunk, range(6)), (whole, range(5)), (decode, [4])]
+    assert flat.tokens[2].tolist() == [bm.slot(seq, p) for seq, ps in positions for p in ps]
+    assert flat.seqs.tolist() == [[0, 6, 11], [6, 5, 1], [6, 5, 5]]
+    assert flat.logit_rows == [10, 11] and flat.sampling == [1, 2]

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from collections import OrderedDict, deque
 
+import numpy as np
+
 from rillet.engine.sequence import Sequence
 
 
@@ -79,6 +81,12 @@ class BlockManager:
 
     def slot(self, seq: Sequence, position: int) -> int:
         return seq.block_table[position // self.block_size] * self.block_size + position % self.block_size
+
+    def slots(self, seq: Sequence, positions: np.ndarray) -> np.ndarray:
+        """`slot` of each of `positions` at once."""
+        blocks = np.asarray(seq.block_table)[positions // self.block_size]
+        slots: np.ndarray = blocks * self.block_size + positions % self.block_size
+        return slots
 
     # ---- prefix caching -------------------------------------------------------------------
 

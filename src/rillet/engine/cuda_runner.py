@@ -20,7 +20,8 @@ import torch
 from rillet.engine.block_manager import BlockManager
 from rillet.engine.cuda_graphs import DecodeGraphs
 from rillet.engine.model_runner import ModelRunner
-from rillet.engine.prompt_graphs import PromptGraphs
+from rillet.engine.prompt_graphs import CONTEXT_LENS, IDS, POSITIONS, Q_LENS, Q_STARTS, SLOTS, PromptGraphs, \
+    flat_batch
 from rillet.engine.scheduler import ScheduledBatch
 from rillet.engine.sequence import Sequence
 from rillet.models.backend import KernelPath
@@ -37,8 +38,6 @@ class CudaModelRunner(ModelRunner):
         self.max_blocks_per_seq = -(-max_model_len // block_size)
         self.graphs: DecodeGraphs | None = None
         self.prompt_graphs: PromptGraphs | None = None
-        if self.device.type == "cuda":
-            self._compile_prompt_kernels()
         if not enforce_eager and self.device.type == "cuda":
             self.graphs = DecodeGraphs(self, max_num_seqs)
             logger.info("CUDA graphs captured for decode batch sizes %s in %.1f s",
@@ -49,6 +48,8 @@ class CudaModelRunner(ModelRunner):
                 logger.info("CUDA graphs captured for prompt steps of up to %d tokens (%d sizes) in %.1f s",
                             self.prompt_graphs.max_tokens, len(self.prompt_graphs.sizes),
                             self.prompt_graphs.capture_seconds)
+        if self.device.type == "cuda" and self.prompt_graphs is None:  # their capture compiled these already
+            self._compile_prompt_kernels()
 
     def describe_kernels(self) -> str:
         return "GPU kernels: Triton paged attention, fused norms, rotary and SiLU"
@@ -105,36 +106,18 @@ class CudaModelRunner(ModelRunner):
         return self.graphs.run(seqs, block_manager, ahead=tokens)
 
     def _execute_eager(self, batch: ScheduledBatch, block_manager: BlockManager) -> tuple[torch.Tensor, list[int]]:
-        input_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        q_starts: list[int] = []
-        context_lens: list[int] = []
-        logits_rows: list[int] = []
-        sampling: list[int] = []
-        for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
-            start = seq.num_computed_tokens
-            q_starts.append(len(input_ids))
-            for p in range(start, start + n):
-                input_ids.append(seq.token_at(p))
-                positions.append(p)
-                slots.append(block_manager.slot(seq, p))
-            context_lens.append(start + n)
-            if start + n == seq.num_tokens:  # everything fed: this sequence samples now
-                logits_rows.append(len(input_ids) - 1)
-                sampling.append(i)
-        counts = batch.num_new_tokens
-        num_blocks = max(-(-c // self.block_size) for c in context_lens)
+        flat = flat_batch(batch, block_manager)
+        num_blocks = max(-(-int(c) // self.block_size) for c in flat.seqs[CONTEXT_LENS])
         tables = self._padded_tables([seq.block_table for seq in batch.seqs], num_blocks)
-        host = torch.tensor([input_ids, positions, slots], dtype=torch.int32)
-        per_seq = torch.tensor([q_starts, list(counts), context_lens], dtype=torch.int32)
         device = self.device
-        host, per_seq = host.to(device, non_blocking=True), per_seq.to(device, non_blocking=True)
-        block_tables = torch.tensor(tables, dtype=torch.int32).view(len(counts), num_blocks).to(device,
-                                                                                              non_blocking=True)
-        meta = self.metadata(host[2], block_tables, per_seq[0], per_seq[1], per_seq[2], max(counts))
-        hidden = self.model(host[0], host[1], self.kv_caches, meta)
-        if not logits_rows:
+        host = torch.from_numpy(flat.tokens).to(device, non_blocking=True)
+        per_seq = torch.from_numpy(flat.seqs).to(device, non_blocking=True)
+        block_tables = torch.tensor(tables, dtype=torch.int32).view(len(batch.seqs), num_blocks).to(device,
+                                                                                                  non_blocking=True)
+        meta = self.metadata(host[SLOTS], block_tables, per_seq[Q_STARTS], per_seq[Q_LENS], per_seq[CONTEXT_LENS],
+                             max(batch.num_new_tokens))
+        hidden = self.model(host[IDS], host[POSITIONS], self.kv_caches, meta)
+        if not flat.sampling:
             return torch.empty((0, 0), dtype=torch.float32, device=device), []
-        rows = torch.tensor(logits_rows, dtype=torch.long).to(device, non_blocking=True)
-        return self.model.compute_logits(hidden.index_select(0, rows)), sampling
+        rows = torch.tensor(flat.logit_rows, dtype=torch.long).to(device, non_blocking=True)
+        return self.model.compute_logits(hidden.index_select(0, rows)), flat.sampling

@@ -23,6 +23,7 @@ Not under tensor parallelism (its workers would have to replay the same graphs).
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -40,6 +41,40 @@ if TYPE_CHECKING:
 IDS, POSITIONS, SLOTS = range(3)
 Q_STARTS, Q_LENS, CONTEXT_LENS, LOGIT_ROWS = range(4)
 LARGEST = 2048  # beyond this many tokens the GPU's work outlasts the launches: eager costs nothing
+
+
+@dataclass
+class FlatBatch:
+    """A step's sequences laid end to end, as the GPU kernels take them (host arrays, int32)."""
+
+    tokens: np.ndarray  # [3, T]: token ids, positions, KV slots
+    seqs: np.ndarray  # [3, B]: query starts, query lengths, context lengths
+    logit_rows: list[int]  # the row of each sequence that samples this step ...
+    sampling: list[int]  # ... and its index in the batch
+
+
+def flat_batch(batch: ScheduledBatch, block_manager: BlockManager) -> FlatBatch:
+    """The eager step's inputs, and what a prompt graph copies into its buffers."""
+    counts = batch.num_new_tokens
+    tokens = np.empty((3, sum(counts)), dtype=np.int32)
+    seqs = np.empty((3, len(counts)), dtype=np.int32)
+    logit_rows: list[int] = []
+    sampling: list[int] = []
+    at = 0
+    for i, (seq, n) in enumerate(zip(batch.seqs, counts)):
+        start = seq.num_computed_tokens
+        positions = np.arange(start, start + n)
+        prompt = seq.prompt_token_ids
+        tokens[IDS, at:at + n] = prompt[start:start + n] if start + n <= len(prompt) \
+            else seq.all_token_ids()[start:start + n]
+        tokens[POSITIONS, at:at + n] = positions
+        tokens[SLOTS, at:at + n] = block_manager.slots(seq, positions)
+        seqs[Q_STARTS, i], seqs[Q_LENS, i], seqs[CONTEXT_LENS, i] = at, n, start + n
+        at += n
+        if start + n == seq.num_tokens:  # everything fed: this sequence samples now
+            logit_rows.append(at - 1)
+            sampling.append(i)
+    return FlatBatch(tokens, seqs, logit_rows, sampling)
 
 
 def prompt_sizes(max_tokens: int) -> list[int]:
@@ -98,38 +133,25 @@ class PromptGraphs:
     def run(self, batch: ScheduledBatch, block_manager: BlockManager) -> tuple[torch.Tensor, list[int]]:
         """As CudaModelRunner.execute: logits [R, V] of the R sequences that feed their last token
         this step, and their positions in `batch.seqs`."""
-        total = sum(batch.num_new_tokens)
-        size = next(s for s in self.sizes if s >= total)
+        flat = flat_batch(batch, block_manager)
+        at, B, R = flat.tokens.shape[1], len(batch.seqs), len(flat.sampling)
+        size = next(s for s in self.sizes if s >= at)
         rows = self._rows(size)
         tokens, seqs, tables = self._tokens_np, self._seqs_np, self._tables_np
-        bs = block_manager.block_size
         self._copied.synchronize()
-        sampling: list[int] = []
-        at = 0
-        for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
-            start = seq.num_computed_tokens
-            positions = np.arange(start, start + n)
-            table = np.asarray(seq.block_table, dtype=np.int32)
-            prompt = seq.prompt_token_ids
-            tokens[IDS, at:at + n] = prompt[start:start + n] if start + n <= len(prompt) \
-                else seq.all_token_ids()[start:start + n]
-            tokens[POSITIONS, at:at + n] = positions
-            tokens[SLOTS, at:at + n] = table[positions // bs] * bs + positions % bs
-            seqs[Q_STARTS, i], seqs[Q_LENS, i], seqs[CONTEXT_LENS, i] = at, n, start + n
-            tables[i, :len(table)] = table
-            at += n
-            if start + n == seq.num_tokens:  # everything fed: this sequence samples now
-                seqs[LOGIT_ROWS, len(sampling)] = at - 1
-                sampling.append(i)
+        tokens[:, :at] = flat.tokens
         tokens[:, at:size] = 0
         tokens[SLOTS, at:size] = -1
-        B = len(batch.seqs)
+        seqs[:LOGIT_ROWS, :B] = flat.seqs
         seqs[Q_STARTS, B:rows], seqs[Q_LENS, B:rows], seqs[CONTEXT_LENS, B:rows] = at, 0, 0
-        seqs[LOGIT_ROWS, len(sampling):rows] = 0
+        seqs[LOGIT_ROWS, :R] = flat.logit_rows
+        seqs[LOGIT_ROWS, R:rows] = 0
+        for i, seq in enumerate(batch.seqs):
+            tables[i, :len(seq.block_table)] = seq.block_table
         self.tokens.copy_(self.host_tokens, non_blocking=True)  # whole: a column slice is not contiguous
         self.seqs.copy_(self.host_seqs, non_blocking=True)
         self.block_tables[:B].copy_(self.host_tables[:B], non_blocking=True)
         self._copied.record()
         self.graphs[size].replay()
         self.replays_total += 1
-        return self.logits[:len(sampling)], sampling
+        return self.logits[:R], flat.sampling
