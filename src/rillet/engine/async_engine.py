@@ -7,8 +7,9 @@ abort, step) runs over one of two transports:
 - a process of its own (`engine_process=True`, the default of `rillet serve`;
   engine/core_process.py): the core has every core and its own GIL.
 
-Either way prompts are validated and tokenized here, and each cycle's outputs come back in one
-`call_soon_threadsafe` and are routed to per-request asyncio queues.
+Either way prompts are validated and tokenized here, and each cycle's outputs are routed to
+per-request asyncio queues: from the core's thread in one `call_soon_threadsafe`, from a pipe
+as the loop reads it.
 """
 
 from __future__ import annotations
@@ -189,6 +190,7 @@ class AsyncEngine:
         self._num_acknowledged = 0  # ... and adds the core has taken into its scheduler
         self._health = "stopped"
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread = 0
         self._stopping = False
         self._streams: dict[str, RequestStream] = {}
         self.dead_reason: str | None = None
@@ -224,6 +226,7 @@ class AsyncEngine:
             return
         self._health = "loading"
         self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
         self._stopping = False
         with self._lock:
             self._num_sent = self._num_acknowledged = 0
@@ -351,12 +354,16 @@ class AsyncEngine:
         stats = self._stats  # the core's, as of its last step
         return (stats.num_running if stats is not None else len(self._streams)) / budget
 
-    # ---- from the core's thread -----------------------------------------------------------
+    # ---- from the core's thread (a pipe's: on the loop) ------------------------------------
 
     def _on_outputs(self, message: CoreOutputs) -> None:
         with self._lock:
             self._stats, self._num_acknowledged = message.stats, message.num_added
-        if message.outputs and self._loop is not None and not self._loop.is_closed():
+        if not message.outputs or self._loop is None or self._loop.is_closed():
+            return
+        if threading.get_ident() == self._loop_thread:  # a pipe's outputs are read on the loop
+            self._dispatch(message.outputs)
+        else:
             self._loop.call_soon_threadsafe(self._dispatch, message.outputs)
 
     def _die(self, reason: str) -> None:

@@ -19,10 +19,10 @@ several front ends, one pipe each (engine/core_shared.py, `rillet serve --api-se
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import pickle
-import queue
 import signal
 import socket
 import subprocess
@@ -34,6 +34,7 @@ from multiprocessing.connection import Connection
 
 from rillet.config import EngineConfig
 from rillet.engine.core import Command, CoreClientBase, CoreInfo, CoreOutputs, CoreSetup, TransportClosed
+from rillet.engine.loop_pipe import LoopPipe
 
 logger = logging.getLogger(__name__)
 
@@ -134,62 +135,67 @@ def _picklable(exc: BaseException) -> BaseException:
 
 
 class PipeClient(CoreClientBase):
-    """The front end's side (CoreClient) of a core's pipe: a writer thread sends the commands, a
-    reader thread hears the outputs. `on_outputs` and `on_dead` are called on the reader
-    thread; a core that goes away without saying why reaches `on_dead` too."""
+    """The front end's side (CoreClient) of a core's pipe, served on the event loop it is built
+    on (AsyncEngine builds it in start(), on its loop): commands are written and outputs read
+    there, with no thread (engine/loop_pipe.py says why); `on_outputs` and `on_dead` are called
+    on that loop. A core that goes away without saying why reaches `on_dead` too."""
 
     def _init_transport(self) -> None:
-        self._conn: Connection | None = None
-        self._outbox: queue.SimpleQueue[Command | None] = queue.SimpleQueue()
-        self._threads: list[threading.Thread] = []
+        self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
+        self._wire: LoopPipe | None = None
+        self._exited: Callable[[], str] = lambda: "unknown"
+        self._done = threading.Event()  # the final outputs, "dead", or EOF came
 
     def _handshake(self, conn: Connection, exited: Callable[[], str]) -> CoreInfo:
-        """Wait for the core's ("ready", info), then start the threads. Raises what building the
-        engine raised, or RuntimeError (with `exited()`'s account) if the pipe closes first."""
+        """Wait for the core's ("ready", info) (blocking: this runs off the loop), then start
+        reading on the loop. Raises what building the engine raised, or RuntimeError (with
+        `exited()`'s account) if the pipe closes first."""
         try:
             kind, payload = conn.recv()
         except (EOFError, OSError):
             raise RuntimeError(f"the engine process exited while starting ({exited()})") from None
         if kind == "failed":
             raise payload
-        self._conn = conn
-        self._threads = [threading.Thread(target=self._read, args=(conn, exited), name="rillet-core-reader",
-                                          daemon=True),
-                         threading.Thread(target=self._write, args=(conn,), name="rillet-core-writer", daemon=True)]
-        for thread in self._threads:
-            thread.start()
+        self._exited = exited
+        self._wire = LoopPipe(conn, self._loop, self._message, self._closed)
+        self._loop.call_soon_threadsafe(self._wire.start)
         info: CoreInfo = payload
         return info
 
     def send(self, command: Command) -> None:
-        self._outbox.put(command)  # a writer thread does the sending
+        """Queue a command (never blocks; from any thread, the loop's is quickest)."""
+        if self._wire is None:
+            return
+        if threading.get_ident() == self._loop_thread:
+            self._wire.send(command)
+        elif not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._wire.send, command)
 
     def join(self, timeout: float | None = None) -> None:
-        if self._threads:
-            self._threads[0].join(timeout)
-        self._outbox.put(None)
+        if self._wire is not None:
+            self._done.wait(timeout)
 
-    def _write(self, conn: Connection) -> None:
-        while (command := self._outbox.get()) is not None:
-            try:
-                conn.send(command)
-            except OSError:
-                return  # the core is gone; the reader reports it
+    def _message(self, message: object) -> None:
+        if isinstance(message, CoreOutputs):
+            self._on_outputs(message)
+            if message.final:
+                self._finish()
+        else:  # ("dead", reason)
+            assert isinstance(message, tuple)
+            self._finish()
+            self._on_dead(message[1])
 
-    def _read(self, conn: Connection, exited: Callable[[], str]) -> None:
-        while True:
-            try:
-                message = conn.recv()
-            except (EOFError, OSError):
-                self._on_dead(f"the engine process exited ({exited()})")
-                return
-            if isinstance(message, CoreOutputs):
-                self._on_outputs(message)
-                if message.final:
-                    return
-            else:  # ("dead", reason)
-                self._on_dead(message[1])
-                return
+    def _closed(self) -> None:
+        self._done.set()
+        # the exit status may take a moment to come: not on the loop
+        threading.Thread(target=lambda: self._on_dead(f"the engine process exited ({self._exited()})"),
+                         name="rillet-core-exit", daemon=True).start()
+
+    def _finish(self) -> None:
+        assert self._wire is not None
+        self._wire.stop()
+        self._done.set()
 
 
 class CoreProcess(PipeClient):
