@@ -17,7 +17,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -30,6 +29,7 @@ from rillet.engine.llm_engine import LLMEngine
 from rillet.models.resolve import resolve_model
 from rillet.parallel.shard import Shard, ShardPlan, check_shardable
 from rillet.sampling_params import SamplingParams
+from support.sse_stream import BackgroundStream
 
 PROMPTS = ["The river flows", "Count: one, two, three,", "你好，世界"]
 MODELS = {  # name: (config class, model class, config overrides)
@@ -265,23 +265,12 @@ def test_a_dead_worker_ends_the_stream_with_an_error_and_the_server_exits_1(chec
         server.wait_ready()
         assert 'tensor_parallel_size="2"' in httpx.get(server.url + "/metrics", timeout=10).text
         worker = rh.poll_until(lambda: _worker_pid(server.pid), 30, "the rank-1 worker process")
-        events: list[str] = []
-        first_token = threading.Event()
-
-        def stream() -> None:
-            body = rh.completion_body("The river flows", 480, ignore_eos=True, temperature=0)
-            with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=60) as res:
-                for line in res.iter_lines():
-                    if line.startswith("data: "):
-                        events.append(line[6:])
-                        first_token.set()
-
-        reader = threading.Thread(target=stream)
-        reader.start()
-        assert first_token.wait(60), server.log_tail()
+        stream = BackgroundStream(server.url + "/v1/completions",
+                                  rh.completion_body("The river flows", 480, ignore_eos=True, temperature=0), timeout=60)
+        assert stream.started.wait(60), server.log_tail()
         os.kill(worker, signal.SIGKILL)
-        reader.join(60)
-        assert not reader.is_alive(), "the stream hung after its worker died"
+        assert stream.join(60), "the stream hung after its worker died"
+        events = stream.events
         assert '"error"' in events[-1] and "tensor-parallel worker rank 1 exited" in events[-1], events[-3:]
         assert "[DONE]" not in events
 

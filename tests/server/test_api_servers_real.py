@@ -8,13 +8,13 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
-import threading
 
 import httpx
 import openai
 import psutil
 import pytest
 from support import rillet_proc
+from support.sse_stream import BackgroundStream
 from test_server_real import metric
 
 KEY = rillet_proc.API_KEY
@@ -99,24 +99,13 @@ def test_a_disconnect_aborts_its_request_through_either_server(two_servers):
 
 def test_sigterm_drains_both_servers_then_exits_0(two_servers):
     api, core = processes(two_servers)
-    events: list = []
-    started = threading.Event()
-
-    def stream() -> None:
-        body = {"prompt": "Once upon a time", "max_tokens": 48, "ignore_eos": True, "stream": True}
-        with httpx.stream("POST", two_servers.url + "/v1/completions", json=body, headers=two_servers.headers,
-                          timeout=120) as res:
-            for line in res.iter_lines():
-                if line.startswith("data: "):
-                    events.append(line[6:])
-                    started.set()
-
-    thread = threading.Thread(target=stream)
-    thread.start()
-    assert started.wait(60)
+    body = {"prompt": "Once upon a time", "max_tokens": 48, "ignore_eos": True, "stream": True}
+    stream = BackgroundStream(two_servers.url + "/v1/completions", body, two_servers.headers)
+    assert stream.started.wait(60)
     two_servers.proc.send_signal(signal.SIGTERM)  # the supervisor alone: it tells the API servers
     assert two_servers.proc.wait(60) == 0, two_servers.log_tail()
-    thread.join(10)
+    assert stream.join(10)
+    events = stream.events
     assert events[-1] == "[DONE]" and json.loads(events[-2])["choices"][0]["finish_reason"] == "length"
     assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in api + core)
 
@@ -125,27 +114,14 @@ def test_the_engine_dying_ends_every_stream_with_an_error_and_the_server_with_st
     server = rillet_proc.RilletServer("--api-servers", "2").wait_ready()
     try:
         api, (core,) = processes(server)
-        last: dict[int, str] = {}
-        started = [threading.Event() for _ in range(4)]
-
-        def stream(i: int) -> None:
-            body = {"prompt": f"Story {i}:", "max_tokens": 1500, "ignore_eos": True, "stream": True}
-            with httpx.stream("POST", server.url + "/v1/completions", json=body, headers=server.headers,
-                              timeout=120) as res:
-                for line in res.iter_lines():
-                    if line.startswith("data: "):
-                        last[i] = line[6:]
-                        started[i].set()
-
-        threads = [threading.Thread(target=stream, args=(i,)) for i in range(4)]
-        for t in threads:
-            t.start()
-        assert all(e.wait(60) for e in started)
+        streams = [BackgroundStream(server.url + "/v1/completions",
+                                    {"prompt": f"Story {i}:", "max_tokens": 1500, "ignore_eos": True, "stream": True},
+                                    server.headers) for i in range(4)]
+        assert all(s.started.wait(60) for s in streams)
         core.kill()  # what the OOM killer would do
-        for t in threads:
-            t.join(60)
-        for i in range(4):
-            event = json.loads(last[i])
+        for s in streams:
+            assert s.join(60), "a stream hung after the engine died"
+            event = json.loads(s.events[-1])
             assert "engine" in event["error"]["message"], event
         assert server.proc.wait(60) == 1, server.log_tail()
         assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in api)

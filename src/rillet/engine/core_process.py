@@ -13,8 +13,9 @@ Protocol over one `multiprocessing` pipe (pickled objects, engine/core.py):
                      CoreOutputs                                      after each cycle (final after Stop)
                      ("dead", reason)                                 the loop cannot go on
 The core ignores SIGINT/SIGTERM: the front end decides when it stops (graceful drain), and it
-exits by itself when the front end goes away (its pipe reaches EOF). A core can also serve
-several front ends, one pipe each (engine/core_shared.py, `rillet serve --api-servers N`).
+exits by itself when the front end goes away (its pipe reaches EOF). The core's side of the pipe
+is engine/core_shared.py's SharedPipeTransport, which also serves several front ends, one pipe
+each (`rillet serve --api-servers N`).
 """
 
 from __future__ import annotations
@@ -28,12 +29,11 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection
 
 from rillet.config import EngineConfig
-from rillet.engine.core import Command, CoreClientBase, CoreInfo, CoreOutputs, CoreSetup, TransportClosed
+from rillet.engine.core import Command, CoreClientBase, CoreInfo, CoreOutputs, CoreSetup
 from rillet.engine.loop_pipe import LoopPipe
 
 logger = logging.getLogger(__name__)
@@ -44,47 +44,6 @@ __all__ = ["CoreProcess", "PipeClient", "core_main", "spawn_core"]
 CORE_ENTRY = ("import sys; from multiprocessing.connection import Connection; "
               "from rillet.engine.core_process import core_main; "
               "core_main(Connection(int(sys.argv[1])), [Connection(int(fd)) for fd in sys.argv[2:]])")
-GATHER_QUIET_S = 0.001
-GATHER_MAX_S = 0.005
-
-
-class PipeTransport:
-    """The core's side (CoreTransport) over the pipe.
-
-    Between steps it takes whatever has arrived without waiting. While idle it blocks; then it
-    lets a burst of requests gather for a moment (until the pipe is quiet for GATHER_QUIET_S,
-    GATHER_MAX_S at most) so its first step is not a lone prompt the others queue behind."""
-
-    def __init__(self, conn: Connection) -> None:
-        self._conn = conn
-
-    def receive(self, wait: bool, gather: bool = True) -> list[Command]:
-        conn = self._conn
-        try:
-            commands: list[Command] = []
-            if wait:
-                commands.append(conn.recv())
-            if wait and gather:
-                deadline = time.monotonic() + GATHER_MAX_S
-                while time.monotonic() < deadline and conn.poll(GATHER_QUIET_S):
-                    commands.append(conn.recv())
-            while conn.poll():
-                commands.append(conn.recv())
-        except (EOFError, OSError) as exc:
-            raise TransportClosed from exc
-        return commands
-
-    def publish(self, outputs: CoreOutputs) -> None:
-        try:
-            self._conn.send(outputs)
-        except OSError as exc:  # BrokenPipeError, ConnectionResetError: the front end went away
-            raise TransportClosed from exc
-
-    def die(self, reason: str) -> None:
-        try:
-            self._conn.send(("dead", reason))
-        except OSError:
-            pass
 
 
 def core_main(conn: Connection, front_ends: list[Connection] | None = None) -> None:
@@ -102,7 +61,7 @@ def core_main(conn: Connection, front_ends: list[Connection] | None = None) -> N
         root.setLevel(log_level)
         root.propagate = False
     from rillet.engine.core import EngineCore
-    from rillet.engine.core_shared import SharedPipeTransport
+    from rillet.engine.core_shared import SharedPipeTransport  # one pipe or several: one transport
 
     pipes = front_ends or [conn]
     try:
@@ -113,7 +72,7 @@ def core_main(conn: Connection, front_ends: list[Connection] | None = None) -> N
     # the first front end hears last: it alone serves (503 "loading") before it is ready, the
     # others accept connections only once they are, so it must not say "ready" before them
     tell_all(pipes[::-1], ("ready", core.info()))
-    core.run(SharedPipeTransport(pipes) if front_ends else PipeTransport(conn))
+    core.run(SharedPipeTransport(pipes))
     if core.dead_reason is not None:
         sys.exit(1)
 

@@ -31,16 +31,20 @@ from multiprocessing.connection import Connection, wait as wait_for
 from rillet.config import EngineConfig
 from rillet.engine.core import AbortRequest, AddRequest, Command, CoreInfo, CoreOutputs, CoreSetup, Stop, \
     TransportClosed
-from rillet.engine.core_process import GATHER_MAX_S, GATHER_QUIET_S, PipeClient, tell_all
+from rillet.engine.core_process import PipeClient, tell_all
 from rillet.engine.outputs import RequestOutput
 
 __all__ = ["AttachedCore", "SharedPipeTransport"]
 
 STATS_EVERY_S = 0.01  # how stale an idle front end's stats (/metrics, queue checks) may grow
+GATHER_QUIET_S = 0.001  # an idle core lets a burst of adds gather until the pipes are this quiet ...
+GATHER_MAX_S = 0.005  # ... for this long at most, so its first step is not a lone prompt
 
 
 class SharedPipeTransport:
-    """The core's side (CoreTransport) over one pipe per front end."""
+    """The core's side (CoreTransport) over one pipe per front end (a core started by one
+    AsyncEngine has one). Between steps it takes whatever has arrived without waiting; while
+    idle it blocks, then lets a burst of requests gather (see GATHER_MAX_S)."""
 
     def __init__(self, pipes: Sequence[Connection], stats_every_s: float = STATS_EVERY_S) -> None:
         self._pipes = list(pipes)  # front ends still served
@@ -55,7 +59,7 @@ class SharedPipeTransport:
         if wait and self._pipes:
             self._take(self._ready(None), commands)
         if wait and gather and self._pipes:
-            deadline = time.monotonic() + GATHER_MAX_S  # let a burst gather, as PipeTransport does
+            deadline = time.monotonic() + GATHER_MAX_S
             while time.monotonic() < deadline and (ready := self._ready(GATHER_QUIET_S)):
                 self._take(ready, commands)
         while ready := self._ready(0):
