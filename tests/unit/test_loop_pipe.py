@@ -61,7 +61,7 @@ def test_messages_both_ways_in_order_whatever_their_size():
     assert closed == ["eof"] and count == len(sent_to_us)
 
 
-def test_stop_ends_delivery_at_once():
+def test_stop_ends_delivery_at_once_and_later_sends():
     ours, theirs = _pair()
 
     async def main() -> list[object]:
@@ -77,6 +77,8 @@ def test_stop_ends_delivery_at_once():
         for obj in ("a", "final", "never"):
             theirs.send(obj)
         pipe.start()  # reads what the socket holds at once: all three, delivered up to "final"
+        pipe.send("ignored")  # stopped for good
         return list(got)
 
     assert asyncio.run(main()) == ["a", "final"]
+    assert not theirs.poll(0)

@@ -51,18 +51,20 @@ class LoopPipe:
         self._on_closed = on_closed
         self._inbox = bytearray()
         self._outbox = bytearray()
-        self._reading = self._writing = False
+        self._reading = self._writing = self._stopped = False
         os.set_blocking(self._fd, False)
 
     def start(self) -> None:
         """Start reading (messages sent before wait in the socket)."""
-        if not self._reading:
+        if not self._reading and not self._stopped:
             self._reading = True
             self._loop.add_reader(self._fd, self._readable)
             self._readable()  # anything already buffered, without waiting for the next poll
 
     def stop(self) -> None:
-        """Stop reading and writing (unsent bytes are dropped)."""
+        """Stop reading and writing for good: unsent bytes are dropped, later sends ignored (the
+        fd may be closed and its number reused)."""
+        self._stopped = True
         if self._reading:
             self._reading = False
             self._loop.remove_reader(self._fd)
@@ -72,6 +74,8 @@ class LoopPipe:
         self._outbox.clear()
 
     def send(self, obj: object) -> None:
+        if self._stopped:
+            return
         self._outbox += frame(obj)
         if not self._writing:
             self._writable()
