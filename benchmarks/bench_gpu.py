@@ -28,7 +28,8 @@
    chat, --levels concurrent streams, 2 requests a stream (at least 8), --rounds times on new
    prompts (the round of median throughput is reported, all rounds' tok/s beside it), chat
    prompts of ~64 tokens (template included, each opening with its own tag, so only the
-   template's system part is shared), 128 forced output tokens (ignore_eos, greedy), after a warm-up on other prompts.
+   template's system part is shared), 128 forced output tokens (ignore_eos, greedy), after a
+   warm-up on other prompts.
 
 Records tok/s, ITL p50 and TTFT p50 per level, rillet / transformers tok/s where the batch equals
 the streams, and the bars as booleans (null when not measured): 1 stream >= 1,000 tok/s;

@@ -28,12 +28,9 @@ _SHORT = struct.Struct("!i")
 _LONG = struct.Struct("!Q")
 
 
-def frame(obj: object) -> bytes:
-    """obj as Connection.send writes it."""
-    payload = bytes(ForkingPickler.dumps(obj))
-    if len(payload) > 0x7fffffff:
-        return _SHORT.pack(-1) + _LONG.pack(len(payload)) + payload
-    return _SHORT.pack(len(payload)) + payload
+def header(size: int) -> bytes:
+    """The length prefix Connection.send writes before a payload of `size` bytes."""
+    return _SHORT.pack(-1) + _LONG.pack(size) if size > 0x7fffffff else _SHORT.pack(size)
 
 
 class LoopPipe:
@@ -44,7 +41,7 @@ class LoopPipe:
 
     def __init__(self, conn: Connection, loop: asyncio.AbstractEventLoop,
                  on_message: Callable[[object], None], on_closed: Callable[[], None]) -> None:
-        self._conn = conn
+        self._conn = conn  # held: the fd closes when the Connection is collected
         self._fd = conn.fileno()
         self._loop = loop
         self._on_message = on_message
@@ -76,7 +73,9 @@ class LoopPipe:
     def send(self, obj: object) -> None:
         if self._stopped:
             return
-        self._outbox += frame(obj)
+        payload = ForkingPickler.dumps(obj)
+        self._outbox += header(len(payload))
+        self._outbox += payload
         if not self._writing:
             self._writable()
 
