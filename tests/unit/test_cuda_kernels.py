@@ -69,15 +69,48 @@ def test_paged_attention_matches_gathered_attention(dtype, nh, nkv, d):
 def test_paged_attention_skips_padded_rows():
     """A padded CUDA-graph row (query length 0) is neither read nor written."""
     k_cache = torch.randn(2, 64, 16)
-    out = torch.full((2, 4 * 16), 7.0)
+    out = torch.full((2, 4 * 16), 7.0, device=DEVICE)
     q = torch.randn(2, 4, 16)
     cuda_kernels.paged_attention(q.to(DEVICE), k_cache.to(DEVICE), k_cache.to(DEVICE),
                                  torch.zeros((2, 4), dtype=torch.int32, device=DEVICE),
                                  torch.tensor([0, 1], dtype=torch.int32, device=DEVICE),
                                  torch.tensor([1, 0], dtype=torch.int32, device=DEVICE),
                                  torch.tensor([3, 0], dtype=torch.int32, device=DEVICE), 1, 16, 0.25,
-                                 out=out.to(DEVICE))
-    assert torch.equal(out[1], torch.full((4 * 16,), 7.0))
+                                 out=out)
+    assert torch.equal(out[1].cpu(), torch.full((4 * 16,), 7.0))
+
+
+@pytest.mark.parametrize("splits", [2, 16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_split_kv_decode_matches_gathered_attention(dtype, splits):
+    """Decodes with the context cut into runs (flash decoding): contexts shorter than one run per
+    split (empty runs), longer than a tile per split, and a padded graph row that stays unwritten."""
+    torch.manual_seed(2)
+    nh, nkv, d, block_size = 8, 2, 32, 16
+    k_cache = torch.randn(nkv, 128 * block_size, d).to(dtype)
+    v_cache = torch.randn(nkv, 128 * block_size, d).to(dtype)
+    q_lens = torch.tensor([1, 1, 1, 1, 0], dtype=torch.int32)
+    context_lens = torch.tensor([1, 70, 300, 64, 0], dtype=torch.int32)
+    q_starts = torch.arange(5, dtype=torch.int32)
+    blocks = torch.randperm(128)[:5 * 20].view(5, 20).to(torch.int32)
+    q = torch.randn(5, nh, d).to(dtype)
+    out = torch.full((5, nh * d), 7.0, dtype=dtype)
+    got = cuda_kernels.paged_attention(q.to(DEVICE), k_cache.to(DEVICE), v_cache.to(DEVICE), blocks.to(DEVICE),
+                                       q_starts.to(DEVICE), q_lens.to(DEVICE), context_lens.to(DEVICE), 1,
+                                       block_size, d ** -0.5, out=out.to(DEVICE), kv_splits=splits).cpu()
+    want = reference_attention(q, k_cache, v_cache, blocks, q_starts, q_lens, context_lens, block_size, d ** -0.5)
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got[:4].float(), want[:4], atol=tolerance, rtol=tolerance)
+    assert torch.equal(got[4], torch.full((nh * d,), 7.0, dtype=dtype))
+
+
+def test_decode_kv_splits_fill_the_gpu_only_for_small_batches():
+    assert cuda_kernels.decode_kv_splits(1, 8, torch.device("cpu")) == 1
+    if torch.cuda.is_available():
+        sms = torch.cuda.get_device_properties(0).multi_processor_count
+        one = cuda_kernels.decode_kv_splits(1, 8, torch.device("cuda"))
+        assert 1 < one <= cuda_kernels.MAX_KV_SPLITS and 8 * one <= sms
+        assert cuda_kernels.decode_kv_splits(sms, 8, torch.device("cuda")) == 1
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -95,10 +128,10 @@ def test_paged_attention_over_a_padded_prompt_batch(dtype):
     blocks = torch.randperm(40)[:7 * 4].view(7, 4).to(torch.int32)
     real, padded = int(q_lens.sum()), 96
     q = torch.randn(padded, nh, d).to(dtype)
-    out = torch.full((padded, nh * d), 7.0, dtype=dtype)
+    out = torch.full((padded, nh * d), 7.0, dtype=dtype, device=DEVICE)
     cuda_kernels.paged_attention(q.to(DEVICE), k_cache.to(DEVICE), v_cache.to(DEVICE), blocks.to(DEVICE),
                                  q_starts.to(DEVICE), q_lens.to(DEVICE), context_lens.to(DEVICE), padded,
-                                 block_size, d ** -0.5, out=out.to(DEVICE) if DEVICE != "cpu" else out)
+                                 block_size, d ** -0.5, out=out)
     got = out.cpu()
     want = reference_attention(q, k_cache, v_cache, blocks, q_starts, q_lens, context_lens, block_size, d ** -0.5)
     tolerance = 1e-5 if dtype == torch.float32 else 2e-2
