@@ -55,7 +55,8 @@ static inline float sum_lanes(const float *x, int n) {
 }
 
 /* Two kernels per instruction set, for head_dim d a multiple of 8:
-     key_scores: scores[g * stride] = scale * q_g . k for the group's queries against one key row;
+     key_scores: scores[g * stride] = scale * q_g . k for the group's queries against one key row
+                 (on x86, key_run16 / key_run8 below do a block's keys together);
      value_run:  acc[g * d + i] += p[g * stride + j] * v[j][i] for the n contiguous rows of a block.
    Each dot product sums in 16 (AVX-512, d a multiple of 16) or 8 lanes, then adds the lanes in a
    fixed tree; each acc element adds its rows in order. Neither depends on other sequences. */
@@ -111,6 +112,92 @@ static inline int value_run16(float *acc, const uint16_t *vp, const float *p, si
         }
     }
     return 0;
+}
+
+/* exp_nonpositive in 16 lanes (the same steps: floor, fraction, polynomial, exponent bits). */
+static inline __m512 exp_nonpositive16(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+    const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
+    const __m512 whole = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    const __m512 f = _mm512_sub_ps(t, whole);
+    __m512 p = _mm512_set1_ps(1.535336188319500e-4f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.339887440266574e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618437357674640e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550332471162809e-2f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402264791363012e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931472028550421e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+    const __m512i bits = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(whole), _mm512_set1_epi32(127)), 23);
+    return _mm512_mul_ps(p, _mm512_castsi512_ps(bits));
+}
+
+/* Lane j of the result = the sum of v[j]'s 16 lanes, for 16 vectors: pairs of lanes added
+   within 128-bit chunks (unpack ps, then pd), then chunks (two 128-bit shuffles), a fixed tree. */
+static inline __m512 lane_sums16(const __m512 *v) {
+    __m512 t[8], u[4], x[2];
+    for (int i = 0; i < 8; i++)
+        t[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+    for (int i = 0; i < 4; i++) {
+        const __m512d a = _mm512_castps_pd(t[2 * i]), b = _mm512_castps_pd(t[2 * i + 1]);
+        u[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+    }
+    for (int i = 0; i < 2; i++)
+        x[i] = _mm512_add_ps(_mm512_shuffle_f32x4(u[2 * i], u[2 * i + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+                             _mm512_shuffle_f32x4(u[2 * i], u[2 * i + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(x[0], x[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_f32x4(x[0], x[1], _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+/* key_scores for n contiguous keys, 16 at a time: each key's 16 lanes of products go through one
+   transposing tree for 16 keys (lane_sums16) instead of a horizontal sum each, the dominant cost
+   of a decode's attention at batch sizes where the projections are cheap. With AVX512-BF16 the
+   products come from vdpbf16ps on the cache's bf16 keys as they are (q is bf16 too, so its float
+   copy converts back exactly; the products are exact in float32, the sums round as the FMAs'),
+   else from FMAs on keys widened once per key. D constant at the call sites that matter. */
+static inline __attribute__((always_inline)) void key_run16(const float *qf, const uint16_t *kp, int n, int group,
+                                                            float scale, float *scores, size_t stride, const int D) {
+    const __m512 vscale = _mm512_set1_ps(scale);
+    for (int j0 = 0; j0 < n; j0 += 16) {
+        const int m = n - j0 < 16 ? n - j0 : 16;
+        const __mmask16 keep = (__mmask16)((1u << m) - 1);
+        const uint16_t *kj = kp + (size_t)j0 * D;
+#if defined(__AVX512BF16__)
+        if (D % 32 == 0) {
+            for (int g = 0; g < group; g++) {
+                __m512bh qb[MAX_HEAD_DIM / 32];
+                for (int c = 0; c < D / 32; c++)
+                    qb[c] = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(qf + g * D + c * 32 + 16), _mm512_loadu_ps(qf + g * D + c * 32));
+                __m512 part[16];
+                for (int j = 0; j < 16; j++) {
+                    __m512 acc = _mm512_setzero_ps();
+                    if (j < m)
+                        for (int c = 0; c < D / 32; c++)
+                            acc = _mm512_dpbf16_ps(acc, qb[c], (__m512bh)_mm512_loadu_si512((const void *)(kj + (size_t)j * D + c * 32)));
+                    part[j] = acc;
+                }
+                _mm512_mask_storeu_ps(scores + g * stride + j0, keep, _mm512_mul_ps(lane_sums16(part), vscale));
+            }
+            continue;
+        }
+#endif
+        float kf[16 * MAX_HEAD_DIM];
+        for (int j = 0; j < m; j++)
+            for (int c = 0; c < D / 16; c++) _mm512_storeu_ps(kf + j * D + c * 16, load_bf16x16(kj + (size_t)j * D + c * 16));
+        for (int g = 0; g < group; g++) {
+            const float *qg = qf + g * D;
+            __m512 part[16];
+            for (int j = 0; j < 16; j++) {
+                __m512 acc = _mm512_setzero_ps();
+                if (j < m) {
+                    acc = _mm512_mul_ps(_mm512_loadu_ps(qg), _mm512_loadu_ps(kf + j * D));
+                    for (int c = 1; c < D / 16; c++)
+                        acc = _mm512_fmadd_ps(_mm512_loadu_ps(qg + c * 16), _mm512_loadu_ps(kf + j * D + c * 16), acc);
+                }
+                part[j] = acc;
+            }
+            _mm512_mask_storeu_ps(scores + g * stride + j0, keep, _mm512_mul_ps(lane_sums16(part), vscale));
+        }
+    }
 }
 #endif
 
@@ -182,6 +269,69 @@ static inline void value_run8(float *acc, const uint16_t *vp, const float *p, si
                 case 3 * 4 + 2: TILE8(3, 2); break;
                 case 3 * 4 + 3: TILE8(3, 3); break;
                 default: TILE8(3, 4); break;
+            }
+        }
+    }
+}
+
+/* exp_nonpositive in 8 lanes (see exp_nonpositive16). */
+static inline __m256 exp_nonpositive8(__m256 x) {
+    x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+    const __m256 t = _mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f));
+    const __m256 whole = _mm256_floor_ps(t);
+    const __m256 f = _mm256_sub_ps(t, whole);
+    __m256 p = _mm256_set1_ps(1.535336188319500e-4f);
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.339887440266574e-3f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(9.618437357674640e-3f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(5.550332471162809e-2f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.402264791363012e-1f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(6.931472028550421e-1f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
+    const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(whole), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
+}
+
+/* Lane j of the result = the sum of v[j]'s 8 lanes, for 8 vectors (a fixed tree, as lane_sums16). */
+static inline __m256 lane_sums8(const __m256 *v) {
+    __m256 t[4], u[2];
+    for (int i = 0; i < 4; i++)
+        t[i] = _mm256_add_ps(_mm256_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm256_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+    for (int i = 0; i < 2; i++) {
+        const __m256d a = _mm256_castps_pd(t[2 * i]), b = _mm256_castps_pd(t[2 * i + 1]);
+        u[i] = _mm256_add_ps(_mm256_castpd_ps(_mm256_unpacklo_pd(a, b)), _mm256_castpd_ps(_mm256_unpackhi_pd(a, b)));
+    }
+    return _mm256_add_ps(_mm256_permute2f128_ps(u[0], u[1], 0x20), _mm256_permute2f128_ps(u[0], u[1], 0x31));
+}
+
+/* key_scores8 for n contiguous keys, 8 at a time, summed by lane_sums8 (see key_run16). */
+static inline __attribute__((always_inline)) void key_run8(const float *qf, const uint16_t *kp, int n, int group,
+                                                           float scale, float *scores, size_t stride, const int D) {
+    const __m256 vscale = _mm256_set1_ps(scale);
+    for (int j0 = 0; j0 < n; j0 += 8) {
+        const int m = n - j0 < 8 ? n - j0 : 8;
+        const uint16_t *kj = kp + (size_t)j0 * D;
+        float kf[8 * MAX_HEAD_DIM];
+        for (int j = 0; j < m; j++)
+            for (int c = 0; c < D / 8; c++) _mm256_storeu_ps(kf + j * D + c * 8, load_bf16x8(kj + (size_t)j * D + c * 8));
+        for (int g = 0; g < group; g++) {
+            const float *qg = qf + g * D;
+            __m256 part[8];
+            for (int j = 0; j < 8; j++) {
+                __m256 acc = _mm256_setzero_ps();
+                if (j < m) {
+                    acc = _mm256_mul_ps(_mm256_loadu_ps(qg), _mm256_loadu_ps(kf + j * D));
+                    for (int c = 1; c < D / 8; c++)
+                        acc = _mm256_fmadd_ps(_mm256_loadu_ps(qg + c * 8), _mm256_loadu_ps(kf + j * D + c * 8), acc);
+                }
+                part[j] = acc;
+            }
+            const __m256 sums = _mm256_mul_ps(lane_sums8(part), vscale);
+            if (m == 8) {
+                _mm256_storeu_ps(scores + g * stride + j0, sums);
+            } else {
+                float tmp[8];
+                _mm256_storeu_ps(tmp, sums);
+                memcpy(scores + g * stride + j0, tmp, sizeof(float) * (size_t)m);
             }
         }
     }
@@ -275,6 +425,45 @@ static inline void value_run(float *acc, const uint16_t *vp, const float *p, siz
     value_run8(acc, vp, p, stride, n, group, d);
 }
 
+/* s[pos] = exp(s[pos] - m) for pos < n (every s[pos] <= m). A scalar loop with the bit tricks of
+   exp_nonpositive does not vectorize, and was a third of a decode's attention time. */
+static inline void exp_shifted(float *s, int n, float m) {
+    int pos = 0;
+#if defined(__AVX512F__)
+    const __m512 vm = _mm512_set1_ps(m);
+    for (; pos + 16 <= n; pos += 16)
+        _mm512_storeu_ps(s + pos, exp_nonpositive16(_mm512_sub_ps(_mm512_loadu_ps(s + pos), vm)));
+    if (pos < n) {
+        const __mmask16 keep = (__mmask16)((1u << (n - pos)) - 1);
+        _mm512_mask_storeu_ps(s + pos, keep, exp_nonpositive16(_mm512_sub_ps(_mm512_maskz_loadu_ps(keep, s + pos), vm)));
+        return;
+    }
+#elif defined(__AVX2__) && defined(__FMA__)
+    const __m256 vm = _mm256_set1_ps(m);
+    for (; pos + 8 <= n; pos += 8)
+        _mm256_storeu_ps(s + pos, exp_nonpositive8(_mm256_sub_ps(_mm256_loadu_ps(s + pos), vm)));
+#endif
+#pragma omp simd
+    for (int i = pos; i < n; i++) s[i] = exp_nonpositive(s[i] - m);
+}
+
+/* Scores of the n contiguous keys of one block: scores[g * stride + j] = scale * q_g . k_j. */
+static inline void key_run(const float *qf, const uint16_t *kp, int n, int group, int d, float scale,
+                           float *scores, size_t stride) {
+#if defined(__AVX512F__)
+    if (d == 64) { key_run16(qf, kp, n, group, scale, scores, stride, 64); return; }
+    if (d == 128) { key_run16(qf, kp, n, group, scale, scores, stride, 128); return; }
+    if (d % 16 == 0) { key_run16(qf, kp, n, group, scale, scores, stride, d); return; }
+#endif
+#if defined(__AVX2__) && defined(__FMA__)
+    if (d == 64) { key_run8(qf, kp, n, group, scale, scores, stride, 64); return; }
+    if (d == 128) { key_run8(qf, kp, n, group, scale, scores, stride, 128); return; }
+    key_run8(qf, kp, n, group, scale, scores, stride, d);  /* d is a multiple of 8 */
+    return;
+#endif
+    for (int j = 0; j < n; j++) key_scores(qf, kp + (size_t)j * d, group, d, scale, scores + j, stride);
+}
+
 int rillet_max_head_dim(void) { return MAX_HEAD_DIM; }
 int rillet_max_group(void) { return MAX_GROUP; }
 
@@ -312,8 +501,7 @@ void rillet_paged_attention_part(
             for (int start = 0; start < ctx; start += block_size) {
                 const uint16_t *kp = k_head + (int64_t)table[start / block_size] * block_size * d;
                 const int n = ctx - start < block_size ? ctx - start : block_size;
-                for (int j = 0; j < n; j++)
-                    key_scores(qf, kp + (int64_t)j * d, group, d, scale, scores + start + j, (size_t)ctx);
+                key_run(qf, kp, n, group, d, scale, scores + start, (size_t)ctx);
             }
             float inv_sum[MAX_GROUP];
             for (int g = 0; g < group; g++) {
@@ -321,8 +509,7 @@ void rillet_paged_attention_part(
                 float m = s[0];
 #pragma omp simd reduction(max : m)
                 for (int pos = 1; pos < ctx; pos++) m = s[pos] > m ? s[pos] : m;  /* exact in any order */
-#pragma omp simd
-                for (int pos = 0; pos < ctx; pos++) s[pos] = exp_nonpositive(s[pos] - m);
+                exp_shifted(s, ctx, m);
                 inv_sum[g] = 1.0f / sum_lanes(s, ctx);
             }
             memset(acc, 0, sizeof(float) * (size_t)group * d);
