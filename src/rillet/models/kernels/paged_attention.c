@@ -21,22 +21,23 @@
 #define MAX_HEAD_DIM 256
 #define MAX_GROUP 16
 
+#define EXP_MIN_ARG -87.0f  /* below it exp underflows float32's normal range */
+#define LOG2_E 1.44269504088896341f
+/* 2^f for f in [0, 1), highest degree first; every lane width evaluates it the same way. */
+static const float EXP2_POLY[7] = {1.535336188319500e-4f, 1.339887440266574e-3f, 9.618437357674640e-3f,
+                                   5.550332471162809e-2f, 2.402264791363012e-1f, 6.931472028550421e-1f, 1.0f};
+
 /* exp(x) for x <= 0 (softmax after subtracting the max): 2^(x log2 e), a degree-6 polynomial for
    the fraction (relative error ~2e-7). Unlike libm's expf it vectorizes (floor by truncation:
    t <= 0 here), and it is the same on every row. */
 static inline float exp_nonpositive(float x) {
-    x = x < -87.0f ? -87.0f : x;
-    const float t = x * 1.44269504088896341f;
+    x = x < EXP_MIN_ARG ? EXP_MIN_ARG : x;
+    const float t = x * LOG2_E;
     const int32_t truncated = (int32_t)t;
     const int32_t whole = truncated - (t < (float)truncated);
     const float f = t - (float)whole;
-    float p = 1.535336188319500e-4f;
-    p = p * f + 1.339887440266574e-3f;
-    p = p * f + 9.618437357674640e-3f;
-    p = p * f + 5.550332471162809e-2f;
-    p = p * f + 2.402264791363012e-1f;
-    p = p * f + 6.931472028550421e-1f;
-    p = p * f + 1.0f;
+    float p = EXP2_POLY[0];
+    for (int i = 1; i < 7; i++) p = p * f + EXP2_POLY[i];
     union { uint32_t u; float f; } scale;
     scale.u = (uint32_t)(whole + 127) << 23;
     return p * scale.f;
@@ -55,8 +56,9 @@ static inline float sum_lanes(const float *x, int n) {
 }
 
 /* Two kernels per instruction set, for head_dim d a multiple of 8:
-     key_scores: scores[g * stride] = scale * q_g . k for the group's queries against one key row
-                 (on x86, key_run16 / key_run8 below do a block's keys together);
+     key scores: scores[g * stride + j] = scale * q_g . k_j for the group's queries against the
+                 keys of a block (x86: key_run16 / key_run8, a block's keys together; NEON and
+                 plain C: key_scores8, one key row at a time);
      value_run:  acc[g * d + i] += p[g * stride + j] * v[j][i] for the n contiguous rows of a block.
    Each dot product sums in 16 (AVX-512, d a multiple of 16) or 8 lanes, then adds the lanes in a
    fixed tree; each acc element adds its rows in order. Neither depends on other sequences. */
@@ -67,18 +69,6 @@ static inline float sum_lanes(const float *x, int n) {
 static inline __m512 load_bf16x16(const uint16_t *p) {
     const __m256i h = _mm256_loadu_si256((const __m256i *)p);
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
-
-static inline void key_scores16(const float *qf, const uint16_t *kp, int group, int d, float scale,
-                                float *scores, size_t stride) {
-    __m512 k[MAX_HEAD_DIM / 16];
-    for (int c = 0; c < d / 16; c++) k[c] = load_bf16x16(kp + c * 16);
-    for (int g = 0; g < group; g++) {
-        const float *qg = qf + g * d;
-        __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(qg), k[0]);
-        for (int c = 1; c < d / 16; c++) acc = _mm512_fmadd_ps(_mm512_loadu_ps(qg + c * 16), k[c], acc);
-        scores[g * stride] = _mm512_reduce_add_ps(acc) * scale;
-    }
 }
 
 /* value_run with the accumulators in registers (GROUP and D constants at every call site). */
@@ -116,17 +106,12 @@ static inline int value_run16(float *acc, const uint16_t *vp, const float *p, si
 
 /* exp_nonpositive in 16 lanes (the same steps: floor, fraction, polynomial, exponent bits). */
 static inline __m512 exp_nonpositive16(__m512 x) {
-    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
-    const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
+    x = _mm512_max_ps(x, _mm512_set1_ps(EXP_MIN_ARG));
+    const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(LOG2_E));
     const __m512 whole = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
     const __m512 f = _mm512_sub_ps(t, whole);
-    __m512 p = _mm512_set1_ps(1.535336188319500e-4f);
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.339887440266574e-3f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618437357674640e-3f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550332471162809e-2f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402264791363012e-1f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931472028550421e-1f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+    __m512 p = _mm512_set1_ps(EXP2_POLY[0]);
+    for (int i = 1; i < 7; i++) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(EXP2_POLY[i]));
     const __m512i bits = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(whole), _mm512_set1_epi32(127)), 23);
     return _mm512_mul_ps(p, _mm512_castsi512_ps(bits));
 }
@@ -148,7 +133,7 @@ static inline __m512 lane_sums16(const __m512 *v) {
                          _mm512_shuffle_f32x4(x[0], x[1], _MM_SHUFFLE(3, 1, 3, 1)));
 }
 
-/* key_scores for n contiguous keys, 16 at a time: each key's 16 lanes of products go through one
+/* The scores of n contiguous keys, 16 at a time: each key's 16 lanes of products go through one
    transposing tree for 16 keys (lane_sums16) instead of a horizontal sum each, the dominant cost
    of a decode's attention at batch sizes where the projections are cheap. With AVX512-BF16 the
    products come from vdpbf16ps on the cache's bf16 keys as they are (q is bf16 too, so its float
@@ -211,27 +196,6 @@ static inline __m256 load_bf16x8(const uint16_t *p) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
 }
 
-/* Lanes 0..7 added as (l, l+4), then (l, l+2), then (0, 1). */
-static inline float reduce8(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-    return _mm_cvtss_f32(s);
-}
-
-static inline void key_scores8(const float *qf, const uint16_t *kp, int group, int d, float scale,
-                               float *scores, size_t stride) {
-    float kf[MAX_HEAD_DIM];
-    for (int c = 0; c < d / 8; c++) _mm256_storeu_ps(kf + c * 8, load_bf16x8(kp + c * 8));
-    for (int g = 0; g < group; g++) {
-        const float *qg = qf + g * d;
-        __m256 acc = _mm256_mul_ps(_mm256_loadu_ps(qg), _mm256_loadu_ps(kf));
-        for (int c = 1; c < d / 8; c++)
-            acc = _mm256_fmadd_ps(_mm256_loadu_ps(qg + c * 8), _mm256_loadu_ps(kf + c * 8), acc);
-        scores[g * stride] = reduce8(acc) * scale;
-    }
-}
-
 /* GB queries x CH 8-wide chunks of acc in registers for the block's n rows. */
 static inline __attribute__((always_inline)) void value_tile8(
     float *acc, const uint16_t *vp, const float *p, size_t stride, int n, int d, const int GB, const int CH) {
@@ -277,17 +241,12 @@ static inline void value_run8(float *acc, const uint16_t *vp, const float *p, si
 
 /* exp_nonpositive in 8 lanes (see exp_nonpositive16). */
 static inline __m256 exp_nonpositive8(__m256 x) {
-    x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
-    const __m256 t = _mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f));
+    x = _mm256_max_ps(x, _mm256_set1_ps(EXP_MIN_ARG));
+    const __m256 t = _mm256_mul_ps(x, _mm256_set1_ps(LOG2_E));
     const __m256 whole = _mm256_floor_ps(t);
     const __m256 f = _mm256_sub_ps(t, whole);
-    __m256 p = _mm256_set1_ps(1.535336188319500e-4f);
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.339887440266574e-3f));
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(9.618437357674640e-3f));
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(5.550332471162809e-2f));
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.402264791363012e-1f));
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(6.931472028550421e-1f));
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
+    __m256 p = _mm256_set1_ps(EXP2_POLY[0]);
+    for (int i = 1; i < 7; i++) p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(EXP2_POLY[i]));
     const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(whole), _mm256_set1_epi32(127)), 23);
     return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
 }
@@ -304,7 +263,7 @@ static inline __m256 lane_sums8(const __m256 *v) {
     return _mm256_add_ps(_mm256_permute2f128_ps(u[0], u[1], 0x20), _mm256_permute2f128_ps(u[0], u[1], 0x31));
 }
 
-/* key_scores8 for n contiguous keys, 8 at a time, summed by lane_sums8 (see key_run16). */
+/* The scores of n contiguous keys, 8 at a time, summed by lane_sums8 (see key_run16). */
 static inline __attribute__((always_inline)) void key_run8(const float *qf, const uint16_t *kp, int n, int group,
                                                            float scale, float *scores, size_t stride, const int D) {
     const __m256 vscale = _mm256_set1_ps(scale);
@@ -409,17 +368,6 @@ static inline void value_run8(float *acc, const uint16_t *vp, const float *p, si
 }
 #endif
 
-static inline void key_scores(const float *qf, const uint16_t *kp, int group, int d, float scale,
-                              float *scores, size_t stride) {
-#if defined(__AVX512F__)
-    if (d % 16 == 0) {
-        key_scores16(qf, kp, group, d, scale, scores, stride);
-        return;
-    }
-#endif
-    key_scores8(qf, kp, group, d, scale, scores, stride);
-}
-
 static inline void value_run(float *acc, const uint16_t *vp, const float *p, size_t stride, int n, int group, int d) {
 #if defined(__AVX512F__)
     if (d % 16 == 0 && value_run16(acc, vp, p, stride, n, group, d)) return;
@@ -461,9 +409,9 @@ static inline void key_run(const float *qf, const uint16_t *kp, int n, int group
     if (d == 64) { key_run8(qf, kp, n, group, scale, scores, stride, 64); return; }
     if (d == 128) { key_run8(qf, kp, n, group, scale, scores, stride, 128); return; }
     key_run8(qf, kp, n, group, scale, scores, stride, d);  /* d is a multiple of 8 */
-    return;
+#else
+    for (int j = 0; j < n; j++) key_scores8(qf, kp + (size_t)j * d, group, d, scale, scores + j, stride);
 #endif
-    for (int j = 0; j < n; j++) key_scores(qf, kp + (size_t)j * d, group, d, scale, scores + j, stride);
 }
 
 int rillet_max_head_dim(void) { return MAX_HEAD_DIM; }
