@@ -269,3 +269,70 @@ def test_gemv_with_add_rms_norm_equals_the_two_kernels(dtype, n, k):
     torch.testing.assert_close(summed, apart_residual, atol=0, rtol=0)
     tol = 1e-5 if dtype == torch.float32 else 1e-2  # the sum of squares may add up in another order
     torch.testing.assert_close(fused.float(), cuda_kernels.gemv(h, w).float(), atol=tol, rtol=tol)
+
+
+def decode_batch(nh, nkv, d, block_size, context_lens, dtype, seed):
+    """A decode step's inputs: one token per sequence (q_len 0 for a padded row), its fused QKV
+    row, slots at each sequence's last position in scattered blocks, and caches full of noise."""
+    from transformers import LlamaConfig
+
+    from rillet.models.llama import rope_tables
+
+    torch.manual_seed(seed)
+    B = len(context_lens)
+    blocks_per_seq = max(-(-c // block_size) for c in context_lens) + 1
+    num_blocks = B * blocks_per_seq
+    config = LlamaConfig(hidden_size=nh * d, num_attention_heads=nh, num_key_value_heads=nkv, head_dim=d,
+                         rope_theta=10000.0, max_position_embeddings=1024)
+    cos, sin = rope_tables(config, 1024)
+    signed_sin = torch.cat((-sin[:, :d // 2], sin[:, d // 2:]), dim=-1)
+    tables = torch.randperm(num_blocks)[:B * blocks_per_seq].view(B, blocks_per_seq).to(torch.int32)
+    q_lens = torch.tensor([1 if c else 0 for c in context_lens], dtype=torch.int32)
+    contexts = torch.tensor(context_lens, dtype=torch.int32)
+    positions = (contexts - 1).clamp(min=0)
+    slots = torch.tensor([int(tables[i, (c - 1) // block_size]) * block_size + (c - 1) % block_size if c else -1
+                          for i, c in enumerate(context_lens)], dtype=torch.int32)
+    return dict(
+        qkv=torch.randn(B, (nh + 2 * nkv) * d).to(dtype), positions=positions, cos=cos, signed_sin=signed_sin,
+        k_cache=torch.randn(nkv, num_blocks * block_size, d).to(dtype),
+        v_cache=torch.randn(nkv, num_blocks * block_size, d).to(dtype), slots=slots, tables=tables,
+        q_starts=torch.arange(B, dtype=torch.int32), q_lens=q_lens, contexts=contexts)
+
+
+def run_decode(batch, nh, nkv, d, block_size, fused, splits, device=DEVICE):
+    """(attention output, k cache, v cache) of rope_and_cache + paged_attention, or of the fused
+    launch, on copies of the batch's tensors."""
+    b = {name: t.clone().to(device) for name, t in batch.items()}
+    if fused:
+        out = cuda_kernels.rope_cache_decode_attention(
+            b["qkv"], b["positions"], b["cos"], b["signed_sin"], b["k_cache"], b["v_cache"], b["slots"], nh, d,
+            b["tables"], b["q_starts"], b["q_lens"], b["contexts"], block_size, d ** -0.5, kv_splits=splits)
+    else:
+        q = cuda_kernels.rope_and_cache(b["qkv"], b["positions"], b["cos"], b["signed_sin"], b["k_cache"],
+                                        b["v_cache"], b["slots"], nh, nkv, d)
+        out = cuda_kernels.paged_attention(q, b["k_cache"], b["v_cache"], b["tables"], b["q_starts"], b["q_lens"],
+                                           b["contexts"], 1, block_size, d ** -0.5, kv_splits=splits)
+    return out.cpu(), b["k_cache"].cpu(), b["v_cache"].cpu()
+
+
+@pytest.mark.parametrize("splits", [1, 2, 16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_rope_cache_decode_attention_equals_the_two_kernels(dtype, splits):
+    """Rotary + cache write inside the decode attention launch (the new key from registers, in
+    split 0) against rope_and_cache then paged_attention: contexts of 1 key, at and past block
+    and tile boundaries, long enough for every split, and a padded row; GQA 4:1. The split
+    merge happens in the kernel (the last run to arrive) and leaves its counters at zero."""
+    nh, nkv, d, block_size = 8, 2, 32, 16
+    contexts = [1, 16, 17, 64, 65, 129, 300, 0]
+    batch = decode_batch(nh, nkv, d, block_size, contexts, dtype, seed=4)
+    got, got_k, got_v = run_decode(batch, nh, nkv, d, block_size, True, splits)
+    want, want_k, want_v = run_decode(batch, nh, nkv, d, block_size, False, splits)
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-3
+    real = len(contexts) - 1
+    torch.testing.assert_close(got[:real].float(), want[:real].float(), atol=tolerance, rtol=tolerance)
+    # the same slots; the same rotation (compiled, the two kernels may fuse its multiply-adds in
+    # another order: a float32 ulp apart)
+    assert torch.equal(got_v, want_v)
+    torch.testing.assert_close(got_k, want_k, atol=1e-6, rtol=1e-6 if dtype == torch.float32 else 2e-3)
+    if splits > 1:
+        assert not cuda_kernels._arrival_counts(1, torch.device(DEVICE)).any()

@@ -62,42 +62,60 @@ def _tile_owner(q_starts_ptr, num_seqs, tile, TOKENS: tl.constexpr):
     return left - 1
 
 
+@triton.jit
+def _kv_tile(k_cache_ptr, v_cache_ptr, block_tables_ptr, seq, cache_head, stride_tables, start, end, dims, dim_ok,
+             HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr):
+    """The cached keys and values start..start + BLOCK_N - 1 of `seq` (zeros from `end` on)."""
+    keys = start + tl.arange(0, BLOCK_N)
+    key_ok = keys < end
+    block = tl.load(block_tables_ptr + seq.to(tl.int64) * stride_tables + keys // PAGE, mask=key_ok, other=0)
+    kv_offsets = cache_head + (block.to(tl.int64) * PAGE + keys % PAGE)[:, None] * HEAD_DIM + dims[None, :]
+    kv_mask = key_ok[:, None] & dim_ok[None, :]
+    return tl.load(k_cache_ptr + kv_offsets, mask=kv_mask, other=0.0), \
+        tl.load(v_cache_ptr + kv_offsets, mask=kv_mask, other=0.0)
+
+
+@triton.jit
+def _attend_tile(q, k, v, visible, m_i, l_i, acc, scale, IEEE_DOT: tl.constexpr):
+    """One key tile of an online softmax (flash attention): the query rows q against keys k and
+    values v where `visible` ([rows, keys]), (m_i, l_i, acc) carried on."""
+    if IEEE_DOT:
+        s = tl.dot(q, tl.trans(k), input_precision="ieee")
+    else:
+        s = tl.dot(q, tl.trans(k))
+    s = tl.where(visible, s * scale, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    p = tl.exp(s - m_new[:, None])
+    alpha = tl.exp(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if IEEE_DOT:
+        pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
+    else:
+        pv = tl.dot(p.to(v.dtype), v)
+    return m_new, l_i, acc * alpha[:, None] + pv
+
+
 @triton.jit(do_not_specialize=["num_seqs"])  # one compiled kernel for any number of sequences
 def _paged_attention_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_tables_ptr, q_starts_ptr, q_lens_ptr, context_lens_ptr,
-    partial_ml_ptr, partial_acc_ptr,
     scale, num_seqs, stride_q_token, stride_q_head, stride_cache_head, stride_tables, stride_out_token,
-    stride_partial_token,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, PAGE: tl.constexpr, IEEE_DOT: tl.constexpr, FLAT_TILES: tl.constexpr,
-    SPLITS: tl.constexpr, USE_GDC: tl.constexpr,
+    BLOCK_N: tl.constexpr, PAGE: tl.constexpr, IEEE_DOT: tl.constexpr, USE_GDC: tl.constexpr,
 ):
-    """One program: up to BLOCK_M // GROUP consecutive query tokens of one sequence times the GROUP
-    query heads that share KV head `kv_head` (GQA heads packed into the rows of one tile, so a
-    decode token's heads share each K/V load). Causal by position: a query at position p sees
-    keys 0..p; the sequence's new tokens are the last q_len of its context_len.
-
-    Decodes (FLAT_TILES false): program (seq, split, kv_head). With SPLITS > 1 the context is cut
-    into SPLITS runs of whole key tiles (flash decoding, vLLM's paged attention v2): each program
-    writes its run's unnormalised output with its row max and sum to partial_*, and
-    _merge_splits_kernel combines them, so a small batch with a long context still fills the GPU
-    (one program per sequence and KV head is 8 programs at batch 1). Prompts (FLAT_TILES true): program
-    (tile, kv_head) over every sequence's tiles laid end to end (as vLLM's unified attention
-    does), so the grid is bounded by the tokens plus the sequences, not sequences x the longest
-    prompt, and does not depend on how the tokens split into sequences (a CUDA graph fixes it)."""
+    """Prompts (and any step with a query longer than one token). One program: up to
+    BLOCK_M // GROUP consecutive query tokens of one sequence times the GROUP query heads that
+    share KV head `kv_head` (GQA heads packed into the rows of one tile, so they share each K/V
+    load). Causal by position: a query at position p sees keys 0..p; the sequence's new tokens
+    are the last q_len of its context_len. Program (tile, kv_head) over every sequence's tiles
+    laid end to end (as vLLM's unified attention does), so the grid is bounded by the tokens plus
+    the sequences, not sequences x the longest prompt, and does not depend on how the tokens
+    split into sequences (a CUDA graph fixes it)."""
     _pdl_start(USE_GDC)
     TOKENS: tl.constexpr = BLOCK_M // GROUP
-    if FLAT_TILES:
-        flat = tl.program_id(0)
-        kv_head = tl.program_id(1)
-        seq = _tile_owner(q_starts_ptr, num_seqs, flat, TOKENS)
-        tile = flat - (tl.load(q_starts_ptr + seq) // TOKENS + seq)
-        split = 0
-    else:
-        seq = tl.program_id(0)
-        tile = 0
-        split = tl.program_id(1)
-        kv_head = tl.program_id(2)
+    flat = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    seq = _tile_owner(q_starts_ptr, num_seqs, flat, TOKENS)
+    tile = flat - (tl.load(q_starts_ptr + seq) // TOKENS + seq)
     q_len = tl.load(q_lens_ptr + seq)
     if tile * TOKENS >= q_len:  # past this sequence's queries (or a padded graph row: q_len 0)
         return
@@ -112,83 +130,146 @@ def _paged_attention_kernel(
     dim_ok = dims < HEAD_DIM
     q_offsets = (q_start + token).to(tl.int64)[:, None] * stride_q_token + head[:, None] * stride_q_head + dims[None, :]
     q = tl.load(q_ptr + q_offsets, mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
-
-    # Online softmax (flash attention); -1e30, not -inf, so rows that see nothing stay NaN-free.
+    # -1e30, not -inf, so rows that see nothing stay NaN-free.
     m_i = tl.full([BLOCK_M], -1e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    end = context - q_len + tl.minimum(q_len, (tile + 1) * TOKENS)  # keys this tile can see: 0..end-1
     cache_head = kv_head.to(tl.int64) * stride_cache_head
-    last_token = tl.minimum(q_len, (tile + 1) * TOKENS)
-    end = context - q_len + last_token  # keys this tile can see: 0..end-1
-    lo = 0
-    if SPLITS > 1:  # this program's run of keys: lo..end-1, in whole tiles (an empty run stores m = -1e30, l = 0)
-        run = tl.cdiv(tl.cdiv(end, SPLITS), BLOCK_N) * BLOCK_N
-        lo = split * run
-        end = tl.minimum(end, lo + run)
-    for start in range(lo, end, BLOCK_N):
+    for start in range(0, end, BLOCK_N):
+        k, v = _kv_tile(k_cache_ptr, v_cache_ptr, block_tables_ptr, seq, cache_head, stride_tables, start, end, dims,
+                        dim_ok, HEAD_DIM, BLOCK_N, PAGE)
         keys = start + tl.arange(0, BLOCK_N)
-        key_ok = keys < end
-        block = tl.load(block_tables_ptr + seq.to(tl.int64) * stride_tables + keys // PAGE, mask=key_ok, other=0)
-        slot = block.to(tl.int64) * PAGE + keys % PAGE
-        kv_offsets = cache_head + slot[:, None] * HEAD_DIM + dims[None, :]
-        kv_mask = key_ok[:, None] & dim_ok[None, :]
-        k = tl.load(k_cache_ptr + kv_offsets, mask=kv_mask, other=0.0)
-        if IEEE_DOT:
-            s = tl.dot(q, tl.trans(k), input_precision="ieee")
-        else:
-            s = tl.dot(q, tl.trans(k))
-        s = s * scale
-        visible = key_ok[None, :] & (keys[None, :] <= position[:, None])
-        s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.exp(s - m_new[:, None])
-        alpha = tl.exp(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_cache_ptr + kv_offsets, mask=kv_mask, other=0.0)
-        if IEEE_DOT:
-            pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
-        else:
-            pv = tl.dot(p.to(v.dtype), v)
-        acc = acc * alpha[:, None] + pv
-        m_i = m_new
-    if SPLITS > 1:
-        part = (q_start + token).to(tl.int64) * stride_partial_token + head * SPLITS + split
-        tl.store(partial_ml_ptr + part * 2, m_i, mask=row_ok)
-        tl.store(partial_ml_ptr + part * 2 + 1, l_i, mask=row_ok)
-        tl.store(partial_acc_ptr + part[:, None] * HEAD_DIM + dims[None, :], acc,
-                 mask=row_ok[:, None] & dim_ok[None, :])
-        return
+        visible = (keys < end)[None, :] & (keys[None, :] <= position[:, None])
+        m_i, l_i, acc = _attend_tile(q, k, v, visible, m_i, l_i, acc, scale, IEEE_DOT)
     l_i = tl.where(l_i == 0.0, 1.0, l_i)
-    out = acc / l_i[:, None]
     out_offsets = (q_start + token).to(tl.int64)[:, None] * stride_out_token + head[:, None] * HEAD_DIM + dims[None, :]
-    tl.store(out_ptr + out_offsets, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & dim_ok[None, :])
+    tl.store(out_ptr + out_offsets, (acc / l_i[:, None]).to(out_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & dim_ok[None, :])
 
 
 @triton.jit
-def _merge_splits_kernel(partial_ml_ptr, partial_acc_ptr, out_ptr, q_starts_ptr, q_lens_ptr, stride_partial_token,
-                         stride_out_token, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, SPLITS: tl.constexpr,
-                         USE_GDC: tl.constexpr):
-    """One decode token's query head (program (seq, head)): the softmax-weighted sum of its
-    SPLITS partial outputs, each rescaled from its own row max to the overall one."""
-    _pdl_start(USE_GDC)
+def _decode_attention_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_tables_ptr, q_starts_ptr, q_lens_ptr, context_lens_ptr,
+    partial_ml_ptr, partial_acc_ptr, arrivals_ptr, positions_ptr, cos_ptr, signed_sin_ptr, slots_ptr,
+    scale, stride_q_token, stride_q_head, stride_cache_head, stride_tables, stride_out_token, stride_partial_token,
+    stride_rope, k_offset, v_offset,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, PAGE: tl.constexpr, IEEE_DOT: tl.constexpr, SPLITS: tl.constexpr,
+    ROPE: tl.constexpr, USE_GDC: tl.constexpr,
+):
+    """Decodes (every q_len 1, or 0 for a padded graph row). Program (seq, split, kv_head): the
+    sequence's query heads that share KV head `kv_head` (GQA heads in the rows of one tile).
+
+    With SPLITS > 1 the context is cut into up to SPLITS runs of whole key tiles (flash decoding,
+    vLLM's paged attention v2) so that a small batch with a long context still fills the GPU (one
+    program per sequence and KV head is 8 programs at batch 1). Only the runs the context needs
+    are used (a context of one tile: one program, no merge); each writes its unnormalised output
+    with its row max and sum to partial_*, counts itself in arrivals[seq, kv_head], and the last
+    to arrive merges them into out and sets the count back to 0 (for the next launch, or the next
+    replay of a CUDA graph): no separate merge launch.
+
+    With ROPE the query row is the fused QKV output: the program rotates q and the new k itself
+    (rope_and_cache's arithmetic), and split 0 attends to the new key and value from registers
+    and writes them into the cache at the token's slot (none for a negative slot), while every
+    run reads only the keys before it from the cache: rotary + cache write without a launch."""
+    if not ROPE:  # the cache was just written by rope_and_cache: nothing before the wait
+        _pdl_start(USE_GDC)
     seq = tl.program_id(0)
-    head = tl.program_id(1)
+    split = tl.program_id(1)
+    kv_head = tl.program_id(2)
     if tl.load(q_lens_ptr + seq) == 0:  # a padded graph row
         return
+    context = tl.load(context_lens_ptr + seq)
+    end = context - 1 if ROPE else context  # the keys read from the cache: 0..end-1
+    lo = 0
+    runs = 1
+    if SPLITS > 1:  # this program's run: lo..end-1 in whole tiles
+        run = tl.maximum(tl.cdiv(tl.cdiv(end, SPLITS), BLOCK_N), 1) * BLOCK_N
+        runs = tl.maximum(tl.cdiv(end, run), 1)
+        if split >= runs:
+            return
+        lo = split * run
+        end = tl.minimum(end, lo + run)
     token = tl.load(q_starts_ptr + seq).to(tl.int64)
-    part = token * stride_partial_token + head * SPLITS + tl.arange(0, SPLITS)
-    m = tl.load(partial_ml_ptr + part * 2)
-    l = tl.load(partial_ml_ptr + part * 2 + 1)
+    rows = tl.arange(0, BLOCK_M)
+    head = kv_head * GROUP + rows
+    row_ok = rows < GROUP
     dims = tl.arange(0, BLOCK_D)
-    acc = tl.load(partial_acc_ptr + part[:, None] * HEAD_DIM + dims[None, :], mask=(dims < HEAD_DIM)[None, :],
-                  other=0.0)
-    weight = tl.exp(m - tl.max(m, 0))  # empty runs (m = -1e30) weigh 0
-    out = tl.sum(acc * weight[:, None], 0) / tl.sum(l * weight, 0)
-    tl.store(out_ptr + token * stride_out_token + head * HEAD_DIM + dims, out.to(out_ptr.dtype.element_ty),
-             mask=dims < HEAD_DIM)
+    dim_ok = dims < HEAD_DIM
+    q_mask = row_ok[:, None] & dim_ok[None, :]
+    cache_head = kv_head.to(tl.int64) * stride_cache_head
+    # With ROPE, the launch before (the QKV projection) writes only q, k and v: the cached keys,
+    # from earlier steps, and the rotary tables are read before the wait.
+    k, v = _kv_tile(k_cache_ptr, v_cache_ptr, block_tables_ptr, seq, cache_head, stride_tables, lo, end, dims, dim_ok,
+                    HEAD_DIM, BLOCK_N, PAGE)
+    q_row = q_ptr + token * stride_q_token
+    if ROPE:  # out = x * cos + roll(x, d/2) * signed_sin, in float32, rounded to the dtype
+        table = tl.load(positions_ptr + token).to(tl.int64) * stride_rope
+        cos = tl.load(cos_ptr + table + dims, mask=dim_ok, other=0.0)
+        sin = tl.load(signed_sin_ptr + table + dims, mask=dim_ok, other=0.0)
+        slot = tl.load(slots_ptr + token).to(tl.int64)
+        _pdl_start(USE_GDC)
+    q = tl.load(q_row + head[:, None] * stride_q_head + dims[None, :], mask=q_mask, other=0.0)
+    # -1e30, not -inf, so rows that see nothing stay NaN-free.
+    m_i = tl.full([BLOCK_M], -1e30, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    if ROPE:
+        rolled = (dims + HEAD_DIM // 2) % HEAD_DIM
+        q_roll = tl.load(q_row + head[:, None] * stride_q_head + rolled[None, :], mask=q_mask, other=0.0)
+        q = (q.to(tl.float32) * cos[None, :] + q_roll.to(tl.float32) * sin[None, :]).to(q.dtype)
+        if split == 0:  # the new key and value, from the QKV row: weight 1 at its own max
+            k_row = q_row + k_offset + kv_head * HEAD_DIM
+            k_new = tl.load(k_row + dims, mask=dim_ok, other=0.0)
+            k_roll = tl.load(k_row + rolled, mask=dim_ok, other=0.0)
+            k_new = (k_new.to(tl.float32) * cos + k_roll.to(tl.float32) * sin).to(k_new.dtype)
+            v_new = tl.load(q_row + v_offset + kv_head * HEAD_DIM + dims, mask=dim_ok, other=0.0)
+            m_i = tl.sum(q.to(tl.float32) * k_new.to(tl.float32)[None, :], 1) * scale
+            l_i = tl.full([BLOCK_M], 1.0, dtype=tl.float32)
+            acc = acc + v_new.to(tl.float32)[None, :]
+            if slot >= 0:
+                tl.store(k_cache_ptr + cache_head + slot * HEAD_DIM + dims, k_new, mask=dim_ok)
+                tl.store(v_cache_ptr + cache_head + slot * HEAD_DIM + dims, v_new, mask=dim_ok)
+    for start in range(lo, end, BLOCK_N):  # every key < end is at or before the query's position
+        keys = start + tl.arange(0, BLOCK_N)
+        m_i, l_i, acc = _attend_tile(q, k, v, (keys < end)[None, :], m_i, l_i, acc, scale, IEEE_DOT)
+        k, v = _kv_tile(k_cache_ptr, v_cache_ptr, block_tables_ptr, seq, cache_head, stride_tables, start + BLOCK_N,
+                        end, dims, dim_ok, HEAD_DIM, BLOCK_N, PAGE)  # the next tile's loads under this one's math
+    out_offsets = token * stride_out_token + head[:, None] * HEAD_DIM + dims[None, :]
+    if runs == 1:
+        l_i = tl.where(l_i == 0.0, 1.0, l_i)
+        tl.store(out_ptr + out_offsets, (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=q_mask)
+        return
+    part = token * stride_partial_token + head * SPLITS
+    tl.store(partial_ml_ptr + (part + split) * 2, m_i, mask=row_ok)
+    tl.store(partial_ml_ptr + (part + split) * 2 + 1, l_i, mask=row_ok)
+    tl.store(partial_acc_ptr + (part + split)[:, None] * HEAD_DIM + dims[None, :], acc, mask=q_mask)
+    tl.debug_barrier()  # every thread's partial stored before the count: the release below covers them
+    arrivals = arrivals_ptr + seq * tl.num_programs(2) + kv_head
+    if tl.atomic_add(arrivals, 1, sem="acq_rel", scope="gpu") != runs - 1:
+        return
+    tl.store(arrivals, 0)  # the last run: merge every run's rows, rescaled to their overall max
+    every = tl.arange(0, SPLITS)
+    m_all = tl.load(partial_ml_ptr + (part[:, None] + every[None, :]) * 2,
+                    mask=row_ok[:, None] & (every < runs)[None, :], other=-1e30, cache_modifier=".cg")
+    m_max = tl.max(m_all, 1)
+    total = tl.sum(tl.load(partial_ml_ptr + (part[:, None] + every[None, :]) * 2 + 1,
+                           mask=row_ok[:, None] & (every < runs)[None, :], other=0.0, cache_modifier=".cg")
+                   * tl.exp(m_all - m_max[:, None]), 1)
+    merged = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for r in tl.static_range(SPLITS):  # no branch: the loads of every run issue together
+        live = row_ok & (rows * 0 + r < runs)  # (a block, not a scalar, in masks)
+        m_r = tl.load(partial_ml_ptr + (part + r) * 2, mask=live, other=-1e30, cache_modifier=".cg")
+        acc_r = tl.load(partial_acc_ptr + (part + r)[:, None] * HEAD_DIM + dims[None, :],
+                        mask=live[:, None] & dim_ok[None, :], other=0.0, cache_modifier=".cg")
+        merged += acc_r * tl.exp(m_r - m_max)[:, None]
+    total = tl.where(total == 0.0, 1.0, total)
+    tl.store(out_ptr + out_offsets, (merged / total[:, None]).to(out_ptr.dtype.element_ty), mask=q_mask)
 
 
 MAX_KV_SPLITS = 16
+_arrivals: dict[torch.device, list[torch.Tensor]] = {}
 
 
 @functools.cache
@@ -197,10 +278,11 @@ def _multiprocessors(device_index: int) -> int:
 
 
 def decode_kv_splits(num_seqs: int, num_kv_heads: int, device: torch.device) -> int:
-    """How many runs a decode's context is cut into: doubled (to MAX_KV_SPLITS) while the grid
+    """How many runs a decode's context may be cut into: doubled (to MAX_KV_SPLITS) while the grid
     still fits in one wave of the GPU's multiprocessors, so at batch 1 (8 KV heads, 132 SMs) 16
     runs a head, and from ~16 sequences up none (the batch fills the GPU). Only the batch
-    decides, not the context: a CUDA graph fixes the grid for every context it replays."""
+    decides, not the context: a CUDA graph fixes the grid for every context it replays (the
+    kernel leaves the runs a short context does not need idle)."""
     if device.type != "cuda":
         return 1
     sms = _multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
@@ -208,6 +290,16 @@ def decode_kv_splits(num_seqs: int, num_kv_heads: int, device: torch.device) -> 
     while splits < MAX_KV_SPLITS and num_seqs * num_kv_heads * splits * 2 <= sms:
         splits *= 2
     return splits
+
+
+def _arrival_counts(n: int, device: torch.device) -> torch.Tensor:
+    """n zeroed int32 counters that the split decode kernel leaves zeroed, made once per device
+    (outside a graph's capture: a graph's warm-up run comes first). A larger set replaces the
+    current one for new launches; the old stays alive, as a captured graph may still use it."""
+    held = _arrivals.setdefault(device, [])
+    if not held or held[-1].numel() < n:
+        held.append(torch.zeros(max(n, 1024), dtype=torch.int32, device=device))
+    return held[-1]
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
@@ -226,39 +318,83 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     above 1. kv_splits (decodes only, a power of two): runs per context, decode_kv_splits' choice by
     default. Returns [T, nh * d]."""
     T, nh, d = q.shape
-    nkv = k_cache.shape[0]
-    group = nh // nkv
     if out is None:
         out = torch.empty((T, nh * d), dtype=q.dtype, device=q.device)
     if T == 0:
         return out
     assert q.stride(2) == 1 and k_cache.is_contiguous() and v_cache.is_contiguous()
-    decode = max_q_len == 1
-    block_m = max(16, triton.next_power_of_2(group)) if decode else max(64, triton.next_power_of_2(group))
-    tokens_per_tile = block_m // group
+    if max_q_len == 1:
+        _launch_decode(q, None, k_cache, v_cache, block_tables, q_starts, q_lens, context_lens, block_size, scale,
+                       out, kv_splits, nh, q.stride(0), q.stride(1))
+        return out
+    nkv = k_cache.shape[0]
+    group = nh // nkv
+    block_m = max(64, triton.next_power_of_2(group))
     num_seqs = q_lens.shape[0]
-    # prompts: sequence s needs cdiv(q_len, tokens_per_tile) tiles <= its share of T // tokens_per_tile + 1
-    splits = 1
-    if decode:
-        splits = decode_kv_splits(num_seqs, nkv, q.device) if kv_splits is None else kv_splits
-        assert splits & (splits - 1) == 0, "kv_splits is a power of two"
-    partial_ml = partial_acc = out
+    # sequence s needs cdiv(q_len, tokens_per_tile) tiles <= its share of T // tokens_per_tile + 1
+    _paged_attention_kernel[(T // (block_m // group) + num_seqs, nkv)](
+        q, k_cache, v_cache, out, block_tables, q_starts, q_lens, context_lens,
+        scale, num_seqs, q.stride(0), q.stride(1), k_cache.stride(0), block_tables.stride(0), out.stride(0),
+        GROUP=group, HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d), BLOCK_M=block_m, BLOCK_N=64 if d <= 128 else 32,
+        PAGE=block_size, IEEE_DOT=q.dtype == torch.float32, **_pdl_launch(),
+    )
+    return out
+
+
+def rope_cache_decode_attention(qkv: torch.Tensor, positions: torch.Tensor, cos_table: torch.Tensor,
+                                signed_sin_table: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                                slot_mapping: torch.Tensor, num_heads: int, head_dim: int,
+                                block_tables: torch.Tensor, q_starts: torch.Tensor, q_lens: torch.Tensor,
+                                context_lens: torch.Tensor, block_size: int, scale: float,
+                                kv_splits: int | None = None) -> torch.Tensor:
+    """rope_and_cache then paged_attention of a decode step (every q_len 1 or 0: max_q_len 1) in
+    one launch, from the fused QKV output [T, (nh + 2 nkv) * d]: the same rotation, cache write
+    and attention. Returns [T, nh * d]; qkv is left as it was."""
+    T = qkv.shape[0]
+    nkv = k_cache.shape[0]
+    out = torch.empty((T, num_heads * head_dim), dtype=qkv.dtype, device=qkv.device)
+    if T == 0:
+        return out
+    assert qkv.stride(1) == 1 and head_dim % 2 == 0 and qkv.shape[1] == (num_heads + 2 * nkv) * head_dim
+    assert k_cache.is_contiguous() and v_cache.is_contiguous()
+    _launch_decode(qkv, (positions, cos_table, signed_sin_table, slot_mapping), k_cache, v_cache, block_tables,
+                   q_starts, q_lens, context_lens, block_size, scale, out, kv_splits, num_heads, qkv.stride(0),
+                   head_dim)
+    return out
+
+
+def _decode_tile(head_dim: int, element_size: int) -> tuple[int, int]:
+    """(keys a tile, warps) of the decode kernel: 16 KB of keys a tile (128 keys at head dim 64
+    in bf16), so that a short context is one tile, read before the wait, and needs no merge."""
+    return max(16, 16384 // (head_dim * element_size)), 4
+
+
+def _launch_decode(q: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None,
+                   k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor, q_starts: torch.Tensor,
+                   q_lens: torch.Tensor, context_lens: torch.Tensor, block_size: int, scale: float, out: torch.Tensor,
+                   kv_splits: int | None, nh: int, stride_q_token: int, stride_q_head: int) -> None:
+    T = q.shape[0]
+    nkv, _, d = k_cache.shape
+    group = nh // nkv
+    num_seqs = q_lens.shape[0]
+    splits = decode_kv_splits(num_seqs, nkv, q.device) if kv_splits is None else kv_splits
+    assert splits & (splits - 1) == 0, "kv_splits is a power of two"
+    partial_ml = partial_acc = arrivals = out
     if splits > 1:  # (allocated inside a graph's capture, they live in its private pool)
         partial_ml = torch.empty((T, nh, splits, 2), dtype=torch.float32, device=q.device)
         partial_acc = torch.empty((T, nh, splits, d), dtype=torch.float32, device=q.device)
-    grid = (num_seqs, splits, nkv) if decode else (T // tokens_per_tile + num_seqs, nkv)
-    _paged_attention_kernel[grid](
-        q, k_cache, v_cache, out, block_tables, q_starts, q_lens, context_lens, partial_ml, partial_acc,
-        scale, num_seqs, q.stride(0), q.stride(1), k_cache.stride(0), block_tables.stride(0), out.stride(0),
-        nh * splits,
-        GROUP=group, HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d), BLOCK_M=block_m, BLOCK_N=64 if d <= 128 else 32,
-        PAGE=block_size, IEEE_DOT=q.dtype == torch.float32, FLAT_TILES=not decode, SPLITS=splits, **_pdl_launch(),
+        arrivals = _arrival_counts(num_seqs * nkv, q.device)
+    positions, cos, signed_sin, slots = rope if rope is not None else (q_lens, out, out, q_lens)
+    block_n, num_warps = _decode_tile(d, q.element_size())
+    _decode_attention_kernel[(num_seqs, splits, nkv)](
+        q, k_cache, v_cache, out, block_tables, q_starts, q_lens, context_lens, partial_ml, partial_acc, arrivals,
+        positions, cos, signed_sin, slots,
+        scale, stride_q_token, stride_q_head, k_cache.stride(0), block_tables.stride(0), out.stride(0), nh * splits,
+        cos.stride(0), nh * d, (nh + nkv) * d,
+        GROUP=group, HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d), BLOCK_M=max(16, triton.next_power_of_2(group)),
+        BLOCK_N=block_n, PAGE=block_size, IEEE_DOT=q.dtype == torch.float32, SPLITS=splits,
+        ROPE=rope is not None, num_warps=num_warps, **_pdl_launch(),
     )
-    if splits > 1:
-        _merge_splits_kernel[(num_seqs, nh)](
-            partial_ml, partial_acc, out, q_starts, q_lens, nh * splits, out.stride(0), HEAD_DIM=d,
-            BLOCK_D=triton.next_power_of_2(d), SPLITS=splits, **_pdl_launch())
-    return out
 
 
 # ---- residual add + RMSNorm ---------------------------------------------------------------------
@@ -498,14 +634,24 @@ def _launch_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     if out is None:
         out = torch.empty((1, N), dtype=x.dtype, device=x.device)
     residual, norm_weight, eps, summed = norm if norm is not None else (x, x, 0.0, x)
-    wide = K >= 4096
-    block_n = 4  # 8 for the wide down projection was 10% slower under PDL (11.3 vs 10.3 us on an H200)
+    block_n, block_k, num_warps, num_stages = _gemv_config(N, K)
     _gemv_kernel[(triton.cdiv(N, block_n),)](
         x, weight, weight if bias is None else bias, out, N, weight.stride(0), residual, norm_weight, summed, eps,
         K=K, HAS_BIAS=bias is not None, SILU_MUL=silu_mul_input, ADD_NORM=norm is not None,
-        NORM_BLOCK=triton.next_power_of_2(K), BLOCK_N=block_n, BLOCK_K=min(1024, triton.next_power_of_2(K)),
-        num_warps=8 if wide else 4, num_stages=4 if wide or 1 << 25 <= N * K < 1 << 27 else 2, **_pdl_launch())
+        NORM_BLOCK=triton.next_power_of_2(K), BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps,
+        num_stages=num_stages, **_pdl_launch())
     return out
+
+
+def _gemv_config(N: int, K: int) -> tuple[int, int, int, int]:
+    """(rows a program, K a tile, warps, stages) of the GEMV for weight [N, K]. A row of up to 2048
+    is one tile, all of it loaded before the PDL wait (the 1B model's QKV, O, gate/up and head:
+    0.4-0.9% off a batch-1 step on an H200 against 1024-wide tiles); a wider one 1024 a tile."""
+    wide = K >= 4096
+    block_n = 4  # 8 for the wide down projection was 10% slower under PDL (11.3 vs 10.3 us on an H200)
+    block_k = triton.next_power_of_2(K)
+    return block_n, block_k if block_k <= 2048 else 1024, 8 if wide else 4, \
+        4 if wide or 1 << 25 <= N * K < 1 << 27 else 2
 
 
 # ---- greedy: argmax of each row -----------------------------------------------------------------

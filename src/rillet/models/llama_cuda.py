@@ -7,10 +7,11 @@ fewer launches per layer and no gather of the KV context:
     -> add + RMSNorm -> gate/up matmul -> SiLU * up -> down matmul
 
 Nine launches a layer, none of which asks the host for a shape that changes between decode
-steps, so engine/cuda_graphs.py can capture a whole decode step as one CUDA graph. At one row (a
-lone stream's decode step) in bf16/fp16 the matmuls are Triton GEMVs instead of cuBLAS, the
-down projection reads SiLU * up on the fly and the QKV and gate/up GEMVs read add + RMSNorm on
-the fly: six launches.
+steps, so engine/cuda_graphs.py can capture a whole decode step as one CUDA graph. A step of
+decodes only (max_q_len 1) rotates q and k and writes the cache inside the attention launch:
+eight. At one row (a lone stream's decode step) in bf16/fp16 the matmuls are Triton GEMVs
+instead of cuBLAS, the down projection reads SiLU * up on the fly and the QKV and gate/up GEMVs
+read add + RMSNorm on the fly: five launches.
 """
 
 from __future__ import annotations
@@ -74,10 +75,15 @@ def forward(model: CausalLM, input_ids: torch.Tensor, positions: torch.Tensor,
             heads = qkv.view(T, nh + 2 * nkv, d)
             heads[:, :nh] = attn.q_norm(heads[:, :nh])
             heads[:, nh:nh + nkv] = attn.k_norm(heads[:, nh:nh + nkv])
-        q = cuda_kernels.rope_and_cache(qkv, positions, model.cos_table, model.signed_sin_table, k_cache, v_cache,
-                                        meta.slot_mapping, nh, nkv, d)
-        o = cuda_kernels.paged_attention(q, k_cache, v_cache, meta.block_tables, meta.q_starts, meta.q_lens,
-                                         meta.context_lens, meta.max_q_len, meta.block_size, attn.scale)
+        if meta.max_q_len == 1:  # decodes only: rotary and the cache write inside the attention launch
+            o = cuda_kernels.rope_cache_decode_attention(
+                qkv, positions, model.cos_table, model.signed_sin_table, k_cache, v_cache, meta.slot_mapping, nh, d,
+                meta.block_tables, meta.q_starts, meta.q_lens, meta.context_lens, meta.block_size, attn.scale)
+        else:
+            q = cuda_kernels.rope_and_cache(qkv, positions, model.cos_table, model.signed_sin_table, k_cache,
+                                            v_cache, meta.slot_mapping, nh, nkv, d)
+            o = cuda_kernels.paged_attention(q, k_cache, v_cache, meta.block_tables, meta.q_starts, meta.q_lens,
+                                             meta.context_lens, meta.max_q_len, meta.block_size, attn.scale)
         o = _linear(attn.o_proj, o)
         if attn.tp is not None:  # row-parallel: every rank's partial sum
             attn.tp.all_reduce(o)
