@@ -61,6 +61,7 @@ void rillet_add_rms_norm_bf16(uint16_t *residual, const uint16_t *x, const uint1
 #pragma weak rillet_add_rms_norm_row
 #pragma weak rillet_paged_decode_attention_bf16
 #pragma weak rillet_add_rms_norm_bf16
+#pragma weak rillet_argmax_rows
 
 #define U 0x1p-24     /* float32 unit roundoff */
 #define U_BF16 0x1p-8 /* bf16 unit roundoff */
@@ -859,6 +860,49 @@ static void check_attention(int32_t d, int32_t group, int32_t nkv, int32_t block
     check_attention_q(d, group, nkv, block_size, ctx, num_seqs, strided_q, 4.0);
 }
 
+/* ---- Argmax (sampling.c) ------------------------------------------------------------------- */
+
+/* out[r] = the first index of row r's maximum, a NaN counting as the maximum (torch's argmax),
+   exact: rows with a tie, a NaN after +inf, all -inf, signed zeros, the max last; a strided
+   row whose gap holds a larger value that must not be read; 1 and 2 threads. */
+static void check_argmax(int64_t cols) {
+    char name[96], detail[256] = "";
+    snprintf(name, sizeof name, "argmax_rows cols=%lld", (long long)cols);
+    if (!selected(name)) return;
+    if (!rillet_argmax_rows) {
+        missing(name, "rillet_argmax_rows");
+        return;
+    }
+    enum { ROWS = 6 };
+    const int64_t stride = cols + 3;
+    float *x = (float *)xmalloc(sizeof(float) * (size_t)(ROWS * stride));
+    int64_t expect[ROWS], got[ROWS];
+    for (int64_t i = 0; i < ROWS * stride; i++) x[i] = (float)(next_u64() % 1000) - 500.0f;
+    for (int r = 0; r < ROWS; r++)
+        for (int64_t i = cols; i < stride; i++) x[r * stride + i] = 1e30f;  /* the gap */
+    float *row = x;
+    row[cols / 3] = row[cols / 2] = 600.0f, expect[0] = cols / 3;  /* a tie */
+    row = x + stride, row[0] = INFINITY, row[cols - 1] = NAN, expect[1] = cols - 1;
+    row = x + 2 * stride;
+    for (int64_t i = 0; i < cols; i++) row[i] = -INFINITY;
+    expect[2] = 0;
+    row = x + 3 * stride;
+    for (int64_t i = 0; i < cols; i++) row[i] = i % 2 ? -0.0f : 0.0f;
+    expect[3] = 0;
+    row = x + 4 * stride, row[cols - 1] = 700.0f, expect[4] = cols - 1;
+    row = x + 5 * stride, row[cols / 2] = NAN, row[cols - 1] = NAN, row[0] = 800.0f, expect[5] = cols / 2;
+    int ok = 1;
+    for (int threads = 1; threads <= 2 && ok; threads++) {
+        rillet_argmax_rows(x, ROWS, cols, stride, got, threads);
+        for (int r = 0; r < ROWS && ok; r++)
+            if (got[r] != expect[r])
+                ok = 0, snprintf(detail, sizeof detail, "threads=%d row %d: got %lld, expected %lld", threads, r,
+                                 (long long)got[r], (long long)expect[r]);
+    }
+    report(ok, name, detail);
+    free(x);
+}
+
 /* ---- Residual add + RMSNorm ---------------------------------------------------------------- */
 
 /* residual' = bf16(residual + x) (torch's bf16 add: the float32 sum rounded) must be exact;
@@ -1003,6 +1047,10 @@ int main(int argc, char **argv) {
     check_attention(256, 1, 2, 16, ctx_c, 3, 1);
     check_attention(64, 16, 1, 16, ctx_c, 3, 0);
     check_attention_q(64, 2, 2, 16, ctx_a, 5, 0, 256.0);
+
+    check_argmax(1);
+    check_argmax(5);
+    check_argmax(49152);
 
     /* Residual add + RMSNorm. */
     static const int32_t dims[] = {1, 17, 64, 576, 1536};

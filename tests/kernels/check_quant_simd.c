@@ -14,11 +14,13 @@
 #define rillet_quant_packed_bytes plain_quant_packed_bytes
 #define rillet_quant_pack plain_quant_pack
 #define rillet_quantize_rows_part plain_quantize_rows_part
+#define rillet_quantize_blocks plain_quantize_blocks
 #define rillet_linear_quant_part plain_linear_quant_part
 #include "linear_quant.c"
 #undef rillet_quant_packed_bytes
 #undef rillet_quant_pack
 #undef rillet_quantize_rows_part
+#undef rillet_quantize_blocks
 #undef rillet_linear_quant_part
 
 #include <math.h>

@@ -9,6 +9,7 @@ import torch
 from rillet.models import cpu_kernels
 from rillet.models.cpu_linear import KernelLinear, PackedLinear, onednn_packing_supported, order_sensitive_rows
 from rillet.models.llama import attend
+from support.cpu_variants import load_variant
 
 DEFAULT_MODEL_SHAPES = [(1728, 576), (576, 576), (3072, 576), (576, 1536), (49152, 576)]  # SmolLM2-135M
 
@@ -18,15 +19,8 @@ needs_onednn = pytest.mark.skipif(not onednn_packing_supported(torch.bfloat16, t
 
 @pytest.fixture(scope="module", params=cpu_kernels.available_isas())
 def kernels(request):
-    """Every kernel variant this CPU runs (e.g. avx512, avx2 and generic on an AVX-512 machine)."""
-    if cpu_kernels.disabled():
-        pytest.skip("RILLET_CPU_KERNELS=0")
-    if cpu_kernels._compiler() is None:
-        pytest.skip("no C compiler: rillet's CPU kernels cannot be built here")
-    built = cpu_kernels.load(request.param)
-    if built is None:
-        pytest.fail(f"the {request.param} CPU kernels did not build; see the warning logged")
-    return built
+    """Every kernel variant this CPU runs (support/cpu_variants.py)."""
+    return load_variant(request.param)
 
 
 @needs_onednn

@@ -20,9 +20,11 @@ Argmax = Callable[[torch.Tensor], torch.Tensor]
 def make_runner(model: CausalLM, path: KernelPath, num_blocks: int, *, block_size: int, max_num_seqs: int,
                 max_model_len: int, max_num_batched_tokens: int | None = None, enforce_eager: bool = False,
                 tensor_parallel: bool = False) -> tuple[ModelRunner, Argmax | None]:
-    """The runner, and the GPU argmax the sampler uses with it (None: torch's)."""
+    """The runner, and the argmax the sampler uses with it: the GPU kernels' or the CPU kernels'
+    (None: torch's)."""
     if not path.gpu_kernels:
-        return ModelRunner(model, num_blocks, block_size, path), None
+        argmax = path.kernels.argmax_rows if path.kernels is not None else None
+        return ModelRunner(model, num_blocks, block_size, path), argmax
     from rillet.engine.cuda_runner import CudaModelRunner
     from rillet.models.cuda_kernels import argmax_rows
 

@@ -32,7 +32,8 @@ GRAMMAR_CANDIDATES = 32  # a constrained greedy row's best tokens checked agains
 
 class Sampler:
     """`argmax`: the greedy rows' pick, [B, V] -> [B] ids (first maximum): the GPU path passes
-    its Triton kernel (models/cuda_kernels.argmax_rows)."""
+    its Triton kernel (models/cuda_kernels.argmax_rows), the CPU path its C kernels' one
+    (models/cpu_kernels.Kernels.argmax_rows); None: torch's."""
 
     def __init__(self, vocab_size: int, device: torch.device, seed: int = 0,
                  argmax: Callable[[torch.Tensor], torch.Tensor] | None = None):

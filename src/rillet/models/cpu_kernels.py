@@ -34,7 +34,7 @@ from rillet.models import cpu_isa
 logger = logging.getLogger(__name__)
 
 KERNELS = Path(__file__).parent / "kernels"
-SOURCES = ("linear.c", "linear_bf16.c", "linear_quant.c", "paged_attention.c", "decode_forward.c")
+SOURCES = ("linear.c", "linear_bf16.c", "linear_quant.c", "paged_attention.c", "decode_forward.c", "sampling.c")
 HEADERS = ("rillet_kernels.h",)
 # Sources another change brings; until present the build leaves their formats out.
 OPTIONAL = {"linear_quant.c": "-DRILLET_NO_QUANT"}
@@ -62,6 +62,9 @@ _SIGNATURES = {  # name: (restype, argtypes), every function the library exports
     "rillet_weight_pack": (ctypes.c_int, [_I32, _P, _P, _P, _I64, _I64, _P]),
     "rillet_linear_scratch_bytes": (_I64, [_P, _I64]),
     "rillet_linear_part": (None, [_P, _P, _I64, _P, _I64, _P]),
+    "rillet_linear_prepare": (None, [_P, _P, _I64, _I64, _I64, _I64, _P]),
+    "rillet_linear_run_part": (None, [_P, _P, _I64, _P, _I64, _P]),
+    "rillet_quantize_blocks": (None, [_P, _I64, _P, _P, _P]),
     "rillet_linear": (None, [_P, _P, _I64, _P, _I64, _I32]),
     "rillet_kernel_features": (_I32, []),
     "rillet_max_head_dim": (ctypes.c_int, []),
@@ -70,9 +73,11 @@ _SIGNATURES = {  # name: (restype, argtypes), every function the library exports
                                            _F32, _P]),
     "rillet_paged_decode_attention_bf16": (None, [_P, _I64, _P, _P, _I64, _P, _I32, _P, _I32, _I32, _I32, _I32,
                                                   _I32, _F32, _P, _I32]),
+    "rillet_paged_attention_task": (None, [_P, _P, _P, _P, _I32, _I32, _I32, _I32, _F32, _P, _P, _P]),
     "rillet_add_rms_norm_row": (None, [_P, _P, _P, _P, _I32, _F32]),
     "rillet_add_rms_norm_bf16": (None, [_P, _P, _P, _P, _I64, _I32, _F32, _I32]),
     "rillet_decode_forward": (ctypes.c_int, [_P, _P, _P, _P, _P, _I32, _P, _I32, _P, _I32]),
+    "rillet_argmax_rows": (None, [_P, _I64, _I64, _I64, _P, _I32]),
 }
 
 
@@ -126,6 +131,16 @@ class Kernels:
         out = torch.empty((x.shape[0], weight.n), dtype=torch.bfloat16)
         self.lib.rillet_linear(ctypes.byref(weight), x.data_ptr(), x.stride(0), out.data_ptr(), x.shape[0],
                                torch.get_num_threads())
+        return out
+
+    def argmax_rows(self, logits: torch.Tensor) -> torch.Tensor:
+        """logits.argmax(dim=-1) for float32 [B, V] rows (a row's first maximum, a NaN counting as
+        the maximum, as torch's), spread over torch's threads; other dtypes go to torch."""
+        if logits.dtype != torch.float32 or logits.dim() != 2 or logits.stride(-1) != 1 or logits.shape[1] == 0:
+            return logits.argmax(dim=-1)
+        out = torch.empty(logits.shape[0], dtype=torch.int64)
+        self.lib.rillet_argmax_rows(logits.data_ptr(), logits.shape[0], logits.shape[1], logits.stride(0),
+                                    out.data_ptr(), torch.get_num_threads())
         return out
 
     def add_rms_norm(self, residual: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -88,56 +88,84 @@ int rillet_decode_forward(const rillet_model *m, const int64_t *tokens, const in
     uint16_t *residual = buffer, *normed = residual + rows * H, *x = normed + rows * H;
     uint16_t *wide = x + rows * H, *act = wide + rows * widest, *attn = act + rows * I;
 
+    /* Whether a KV head's attention output (its group of query heads) is whole RILLET_QBLOCKs of
+       the o projection's input, so that the attention task can prepare it for the o projection. */
+    const int64_t group = nh / nkv;
+    const int o_by_group = (group * d) % RILLET_QBLOCK == 0;
+
 #pragma omp parallel num_threads(num_threads)
     {
+        float *scores = NULL;  /* this thread's attention scratch */
+        size_t capacity = 0;
 #pragma omp for schedule(static)
         for (int64_t r = 0; r < rows; r++) {
             memcpy(residual + r * H, m->embed + tokens[r] * H, sizeof(uint16_t) * H);
             rillet_add_rms_norm_row(residual + r * H, NULL, m->layers[0].input_norm, normed + r * H, (int32_t)H, m->eps);
+            rillet_linear_prepare(m->layers[0].qkv, normed + r * H, r, rows, 0, H, scratch);
         }
         for (int l = 0; l < m->num_layers; l++) {
             const rillet_layer *layer = &m->layers[l];
-            if (l > 0) {
-#pragma omp for schedule(static)
-                for (int64_t r = 0; r < rows; r++)
-                    rillet_add_rms_norm_row(residual + r * H, x + r * H, layer->input_norm, normed + r * H, (int32_t)H, m->eps);
-            }
-            rillet_linear_part(layer->qkv, normed, H, wide, rows, scratch);
-            /* q and k heads: norm + rotary; then k and v into the cache at the token's slot. */
-#pragma omp for schedule(static)
-            for (int64_t task = 0; task < rows * (nh + nkv); task++) {
-                const int64_t r = task / (nh + nkv), head = task % (nh + nkv);
-                uint16_t *row = wide + r * qkv_width;
-                const float *cos = m->cos + positions[r] * d, *sin = m->sin + positions[r] * d;
-                norm_rope_head(row + head * d, head < nh ? layer->q_norm : layer->k_norm, m->eps, cos, sin, (int)d);
-                if (head >= nh) {
-                    const int64_t h = head - nh;
-                    memcpy(layer->k_cache + (h * m->num_slots + slots[r]) * d, row + head * d, sizeof(uint16_t) * d);
-                    memcpy(layer->v_cache + (h * m->num_slots + slots[r]) * d, row + (nh + nkv + h) * d,
-                           sizeof(uint16_t) * d);
+            /* Each stage prepares its rows for the next projection as it makes them: one barrier
+               (the `omp for`'s) between a stage and the projection that reads it. */
+            rillet_linear_run_part(layer->qkv, normed, H, wide, rows, scratch);
+            /* One task per (row, KV head): norm + rotary of its query heads and its key head, its
+               key and value into the cache at the token's slot, then attention over the context.
+               Only this task reads or writes that head of that row's cache slot. */
+#pragma omp for collapse(2) schedule(dynamic, 1)
+            for (int64_t r = 0; r < rows; r++) {
+                for (int64_t h = 0; h < nkv; h++) {
+                    uint16_t *row = wide + r * qkv_width;
+                    const float *cos = m->cos + positions[r] * d, *sin = m->sin + positions[r] * d;
+                    for (int64_t g = 0; g < group; g++)
+                        norm_rope_head(row + (h * group + g) * d, layer->q_norm, m->eps, cos, sin, (int)d);
+                    uint16_t *k = row + (nh + h) * d;
+                    norm_rope_head(k, layer->k_norm, m->eps, cos, sin, (int)d);
+                    uint16_t *k_head = layer->k_cache + h * m->num_slots * d, *v_head = layer->v_cache + h * m->num_slots * d;
+                    memcpy(k_head + slots[r] * d, k, sizeof(uint16_t) * d);
+                    memcpy(v_head + slots[r] * d, row + (nh + nkv + h) * d, sizeof(uint16_t) * d);
+                    uint16_t *out_group = attn + r * nh * d + h * group * d;
+                    rillet_paged_attention_task(row + h * group * d, k_head, v_head, block_tables + r * max_blocks,
+                                                context_lens[r], (int32_t)group, (int32_t)d, m->block_size, m->scale,
+                                                out_group, &scores, &capacity);
+                    if (o_by_group)
+                        rillet_linear_prepare(layer->o, attn + r * nh * d, r, rows, h * group * d, group * d, scratch);
                 }
             }
-            rillet_paged_attention_part(wide, qkv_width, layer->k_cache, layer->v_cache, m->num_slots, block_tables,
-                                        max_blocks, context_lens, rows, (int32_t)nh, (int32_t)nkv, (int32_t)d,
-                                        m->block_size, m->scale, attn);
-            rillet_linear_part(layer->o, attn, nh * d, x, rows, scratch);
+            if (!o_by_group) {
 #pragma omp for schedule(static)
-            for (int64_t r = 0; r < rows; r++)
+                for (int64_t r = 0; r < rows; r++)
+                    rillet_linear_prepare(layer->o, attn + r * nh * d, r, rows, 0, nh * d, scratch);
+            }
+            rillet_linear_run_part(layer->o, attn, nh * d, x, rows, scratch);
+#pragma omp for schedule(static)
+            for (int64_t r = 0; r < rows; r++) {
                 rillet_add_rms_norm_row(residual + r * H, x + r * H, layer->post_attention_norm, normed + r * H,
                                         (int32_t)H, m->eps);
-            rillet_linear_part(layer->gate_up, normed, H, wide, rows, scratch);
+                rillet_linear_prepare(layer->gate_up, normed + r * H, r, rows, 0, H, scratch);
+            }
+            rillet_linear_run_part(layer->gate_up, normed, H, wide, rows, scratch);
 #pragma omp for schedule(static)
             for (int64_t r = 0; r < rows; r++) {
                 const uint16_t *gate = wide + r * 2 * I, *up = gate + I;
                 uint16_t *a = act + r * I;
                 for (int64_t i = 0; i < I; i++)
                     a[i] = f32_to_bf16(silu(bf16_to_f32(gate[i])) * bf16_to_f32(up[i]));
+                rillet_linear_prepare(layer->down, a, r, rows, 0, I, scratch);
             }
-            rillet_linear_part(layer->down, act, I, x, rows, scratch);
-        }
+            rillet_linear_run_part(layer->down, act, I, x, rows, scratch);
+            const rillet_layer *next = l + 1 < m->num_layers ? &m->layers[l + 1] : NULL;
 #pragma omp for schedule(static)
-        for (int64_t r = 0; r < rows; r++)
-            rillet_add_rms_norm_row(residual + r * H, x + r * H, m->final_norm, out + r * H, (int32_t)H, m->eps);
+            for (int64_t r = 0; r < rows; r++) {
+                if (next != NULL) {
+                    rillet_add_rms_norm_row(residual + r * H, x + r * H, next->input_norm, normed + r * H, (int32_t)H,
+                                            m->eps);
+                    rillet_linear_prepare(next->qkv, normed + r * H, r, rows, 0, H, scratch);
+                } else {
+                    rillet_add_rms_norm_row(residual + r * H, x + r * H, m->final_norm, out + r * H, (int32_t)H, m->eps);
+                }
+            }
+        }
+        free(scores);
     }
     free(buffer);
     free(scratch);

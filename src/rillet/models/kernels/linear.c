@@ -47,22 +47,60 @@ int64_t rillet_linear_scratch_bytes(const rillet_weight *w, int64_t m) {
     return align_up(m * w->k) + align_up(blocks * (int64_t)sizeof(float)) + align_up(blocks * (int64_t)sizeof(int32_t));
 }
 
-void rillet_linear_part(const rillet_weight *w, const uint16_t *x, int64_t x_stride, uint16_t *y, int64_t m,
-                        void *scratch) {
+#ifndef RILLET_NO_QUANT
+/* Where the quantized activations of m rows sit in the scratch. */
+typedef struct {
+    int8_t *xq;
+    float *xscale;
+    int32_t *xsum;
+} quant_rows;
+
+static quant_rows scratch_rows(const rillet_weight *w, int64_t m, void *scratch) {
+    const int64_t blocks = m * (w->k / RILLET_QBLOCK);
+    quant_rows rows;
+    rows.xq = (int8_t *)scratch;
+    rows.xscale = (float *)((char *)scratch + align_up(m * w->k));
+    rows.xsum = (int32_t *)((char *)rows.xscale + align_up(blocks * (int64_t)sizeof(float)));
+    return rows;
+}
+#endif
+
+void rillet_linear_prepare(const rillet_weight *w, const uint16_t *x, int64_t r, int64_t m, int64_t first,
+                           int64_t count, void *scratch) {
+#ifndef RILLET_NO_QUANT
+    if (!is_quant(w->format)) return;
+    const quant_rows rows = scratch_rows(w, m, scratch);
+    const int64_t nb = w->k / RILLET_QBLOCK, b0 = first / RILLET_QBLOCK;
+    rillet_quantize_blocks(x + first, count / RILLET_QBLOCK, rows.xq + r * w->k + first, rows.xscale + r * nb + b0,
+                           rows.xsum + r * nb + b0);
+#else
+    (void)w, (void)x, (void)r, (void)m, (void)first, (void)count, (void)scratch;
+#endif
+}
+
+void rillet_linear_run_part(const rillet_weight *w, const uint16_t *x, int64_t x_stride, uint16_t *y, int64_t m,
+                            void *scratch) {
     if (w->format == RILLET_WEIGHT_BF16) {
         rillet_linear_bf16_part(x, x_stride, w->packed, w->bias, y, m, w->n, w->k);
         return;
     }
 #ifndef RILLET_NO_QUANT
-    const int64_t blocks = m * (w->k / RILLET_QBLOCK);
-    int8_t *xq = (int8_t *)scratch;
-    float *xscale = (float *)((char *)scratch + align_up(m * w->k));
-    int32_t *xsum = (int32_t *)((char *)xscale + align_up(blocks * (int64_t)sizeof(float)));
-    rillet_quantize_rows_part(x, x_stride, m, w->k, xq, xscale, xsum);  /* ends in a barrier */
-    rillet_linear_quant_part(w->format, w->packed, w->bias, xq, xscale, xsum, y, m, w->n, w->k);
+    const quant_rows rows = scratch_rows(w, m, scratch);
+    rillet_linear_quant_part(w->format, w->packed, w->bias, rows.xq, rows.xscale, rows.xsum, y, m, w->n, w->k);
 #else
     (void)scratch;
 #endif
+}
+
+void rillet_linear_part(const rillet_weight *w, const uint16_t *x, int64_t x_stride, uint16_t *y, int64_t m,
+                        void *scratch) {
+#ifndef RILLET_NO_QUANT
+    if (is_quant(w->format)) {
+        const quant_rows rows = scratch_rows(w, m, scratch);
+        rillet_quantize_rows_part(x, x_stride, m, w->k, rows.xq, rows.xscale, rows.xsum); /* ends in a barrier */
+    }
+#endif
+    rillet_linear_run_part(w, x, x_stride, y, m, scratch);
 }
 
 void rillet_linear(const rillet_weight *w, const uint16_t *x, int64_t x_stride, uint16_t *y, int64_t m,

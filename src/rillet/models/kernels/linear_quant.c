@@ -225,6 +225,17 @@ static inline void quantize_block_avx2(const uint16_t *x, int8_t *xq, float *dx_
 }
 #endif
 
+/* `blocks` consecutive RILLET_QBLOCKs of one row: x bf16 -> xq int8, xscale and xsum per block. */
+void rillet_quantize_blocks(const uint16_t *x, int64_t blocks, int8_t *xq, float *xscale, int32_t *xsum) {
+    for (int64_t b = 0; b < blocks; b++) {
+#if defined(RQ_VNNI) || defined(RQ_AVX2)
+        quantize_block_avx2(x + b * QB, xq + b * QB, xscale + b, xsum + b);
+#else
+        quantize_block_c(x + b * QB, xq + b * QB, xscale + b, xsum + b);
+#endif
+    }
+}
+
 /* x [m, k] bf16 (row stride x_stride) -> xq [m, k] int8, xscale and xsum [m, k/32]: an orphaned
    `omp for` over rows, ending in its barrier. */
 void rillet_quantize_rows_part(const uint16_t *x, int64_t x_stride, int64_t m, int64_t k, int8_t *xq,
@@ -232,13 +243,7 @@ void rillet_quantize_rows_part(const uint16_t *x, int64_t x_stride, int64_t m, i
     const int64_t nb = k / QB;
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < m; r++)
-        for (int64_t b = 0; b < nb; b++) {
-#if defined(RQ_VNNI) || defined(RQ_AVX2)
-            quantize_block_avx2(x + r * x_stride + b * QB, xq + r * k + b * QB, xscale + r * nb + b, xsum + r * nb + b);
-#else
-            quantize_block_c(x + r * x_stride + b * QB, xq + r * k + b * QB, xscale + r * nb + b, xsum + r * nb + b);
-#endif
-        }
+        rillet_quantize_blocks(x + r * x_stride, nb, xq + r * k, xscale + r * nb, xsum + r * nb);
 }
 
 /* ---- the output store: float accumulators (+ bias) -> bf16, nearest even ---- */

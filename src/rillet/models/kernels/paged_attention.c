@@ -417,6 +417,47 @@ static inline void key_run(const float *qf, const uint16_t *kp, int n, int group
 int rillet_max_head_dim(void) { return MAX_HEAD_DIM; }
 int rillet_max_group(void) { return MAX_GROUP; }
 
+void rillet_paged_attention_task(const uint16_t *q_group, const uint16_t *k_head, const uint16_t *v_head,
+                                 const int32_t *table, int32_t ctx, int32_t group, int32_t head_dim,
+                                 int32_t block_size, float scale, uint16_t *out_group, float **scores,
+                                 size_t *capacity) {
+    const int d = head_dim;
+    const size_t need = (size_t)group * (size_t)ctx;
+    if (need > *capacity) {
+        free(*scores);
+        *capacity = need;
+        *scores = (float *)malloc(need * sizeof(float));
+    }
+    float *s_all = *scores;
+    float qf[MAX_GROUP * MAX_HEAD_DIM];
+    float acc[MAX_GROUP * MAX_HEAD_DIM];
+    for (int i = 0; i < group * d; i++) qf[i] = bf16_to_f32(q_group[i]);
+
+    /* Blocks are block_size contiguous slots: walk them block by block. */
+    for (int start = 0; start < ctx; start += block_size) {
+        const uint16_t *kp = k_head + (int64_t)table[start / block_size] * block_size * d;
+        const int n = ctx - start < block_size ? ctx - start : block_size;
+        key_run(qf, kp, n, group, d, scale, s_all + start, (size_t)ctx);
+    }
+    float inv_sum[MAX_GROUP];
+    for (int g = 0; g < group; g++) {
+        float *s = s_all + (size_t)g * ctx;
+        float m = s[0];
+#pragma omp simd reduction(max : m)
+        for (int pos = 1; pos < ctx; pos++) m = s[pos] > m ? s[pos] : m;  /* exact in any order */
+        exp_shifted(s, ctx, m);
+        inv_sum[g] = 1.0f / sum_lanes(s, ctx);
+    }
+    memset(acc, 0, sizeof(float) * (size_t)group * d);
+    for (int start = 0; start < ctx; start += block_size) {
+        const uint16_t *vp = v_head + (int64_t)table[start / block_size] * block_size * d;
+        const int n = ctx - start < block_size ? ctx - start : block_size;
+        value_run(acc, vp, s_all + start, (size_t)ctx, n, group, d);
+    }
+    for (int g = 0; g < group; g++)
+        for (int i = 0; i < d; i++) out_group[g * d + i] = f32_to_bf16(acc[g * d + i] * inv_sum[g]);
+}
+
 /* The work of one thread in an enclosing parallel region (an orphaned `omp for`, which ends in a
    barrier); rillet_paged_decode_attention_bf16 below documents the arguments. */
 void rillet_paged_attention_part(
@@ -432,45 +473,11 @@ void rillet_paged_attention_part(
 #pragma omp for collapse(2) schedule(dynamic, 1)
     for (int b = 0; b < num_seqs; b++) {
         for (int h = 0; h < num_kv_heads; h++) {
-            const int ctx = context_lens[b];
-            const size_t need = (size_t)group * (size_t)ctx;
-            if (need > capacity) {
-                free(scores);
-                capacity = need;
-                scores = (float *)malloc(capacity * sizeof(float));
-            }
-            float qf[MAX_GROUP * MAX_HEAD_DIM];
-            float acc[MAX_GROUP * MAX_HEAD_DIM];
-            const uint16_t *qb = q + (int64_t)b * q_row_stride + (int64_t)h * group * d;
-            for (int i = 0; i < group * d; i++) qf[i] = bf16_to_f32(qb[i]);
-            const int32_t *table = block_tables + (int64_t)b * max_blocks;
-            const uint16_t *k_head = k_cache + (int64_t)h * num_slots * d;
-            const uint16_t *v_head = v_cache + (int64_t)h * num_slots * d;
-
-            /* Blocks are block_size contiguous slots: walk them block by block. */
-            for (int start = 0; start < ctx; start += block_size) {
-                const uint16_t *kp = k_head + (int64_t)table[start / block_size] * block_size * d;
-                const int n = ctx - start < block_size ? ctx - start : block_size;
-                key_run(qf, kp, n, group, d, scale, scores + start, (size_t)ctx);
-            }
-            float inv_sum[MAX_GROUP];
-            for (int g = 0; g < group; g++) {
-                float *s = scores + (size_t)g * ctx;
-                float m = s[0];
-#pragma omp simd reduction(max : m)
-                for (int pos = 1; pos < ctx; pos++) m = s[pos] > m ? s[pos] : m;  /* exact in any order */
-                exp_shifted(s, ctx, m);
-                inv_sum[g] = 1.0f / sum_lanes(s, ctx);
-            }
-            memset(acc, 0, sizeof(float) * (size_t)group * d);
-            for (int start = 0; start < ctx; start += block_size) {
-                const uint16_t *vp = v_head + (int64_t)table[start / block_size] * block_size * d;
-                const int n = ctx - start < block_size ? ctx - start : block_size;
-                value_run(acc, vp, scores + start, (size_t)ctx, n, group, d);
-            }
-            uint16_t *ob = out + (int64_t)b * num_heads * d + (int64_t)h * group * d;
-            for (int g = 0; g < group; g++)
-                for (int i = 0; i < d; i++) ob[g * d + i] = f32_to_bf16(acc[g * d + i] * inv_sum[g]);
+            rillet_paged_attention_task(q + (int64_t)b * q_row_stride + (int64_t)h * group * d,
+                                        k_cache + (int64_t)h * num_slots * d, v_cache + (int64_t)h * num_slots * d,
+                                        block_tables + (int64_t)b * max_blocks, context_lens[b], group, d,
+                                        block_size, scale, out + (int64_t)b * num_heads * d + (int64_t)h * group * d,
+                                        &scores, &capacity);
         }
     }
     free(scores);

@@ -10,6 +10,7 @@
 #ifndef RILLET_KERNELS_H
 #define RILLET_KERNELS_H
 
+#include <stddef.h>
 #include <stdint.h>
 
 static inline float bf16_to_f32(uint16_t h) {
@@ -76,6 +77,17 @@ int64_t rillet_linear_scratch_bytes(const rillet_weight *w, int64_t m);
 void rillet_linear_part(const rillet_weight *w, const uint16_t *x, int64_t x_stride, uint16_t *y, int64_t m,
                         void *scratch);
 
+/* linear.c: rillet_linear_part in two steps, so that a caller can prepare each row as it makes
+   it (no barrier of its own) and save a pass over the team. rillet_linear_prepare readies
+   inputs [first, first + count) of row r of x (whole RILLET_QBLOCKs; x points at that row) in
+   the scratch (Q8/Q4: quantized; BF16: nothing to do); once every row is ready and the team has
+   met at a barrier, rillet_linear_run_part is the rest of rillet_linear_part (ending in a
+   barrier). */
+void rillet_linear_prepare(const rillet_weight *w, const uint16_t *x, int64_t r, int64_t m, int64_t first,
+                           int64_t count, void *scratch);
+void rillet_linear_run_part(const rillet_weight *w, const uint16_t *x, int64_t x_stride, uint16_t *y, int64_t m,
+                            void *scratch);
+
 /* linear.c: the same as a whole call, with its own parallel region. */
 void rillet_linear(const rillet_weight *w, const uint16_t *x, int64_t x_stride, uint16_t *y, int64_t m,
                    int32_t num_threads);
@@ -94,6 +106,8 @@ void rillet_quant_pack(int32_t format, const void *values, const float *scales, 
    xscale and xsum [m, k / RILLET_QBLOCK]. */
 void rillet_quantize_rows_part(const uint16_t *x, int64_t x_stride, int64_t m, int64_t k, int8_t *xq,
                                float *xscale, int32_t *xsum);
+/* `blocks` consecutive RILLET_QBLOCKs of one row, the same arithmetic (no `omp for`). */
+void rillet_quantize_blocks(const uint16_t *x, int64_t blocks, int8_t *xq, float *xscale, int32_t *xsum);
 /* y [m, n] bf16 from quantized rows (an `omp for` over output tiles). */
 void rillet_linear_quant_part(int32_t format, const void *packed, const uint16_t *bias, const int8_t *xq,
                               const float *xscale, const int32_t *xsum, uint16_t *y, int64_t m, int64_t n,
@@ -108,8 +122,24 @@ void rillet_paged_attention_part(
     int32_t num_seqs, int32_t num_heads, int32_t num_kv_heads, int32_t head_dim, int32_t block_size,
     float scale, uint16_t *out);
 
+/* One (sequence, KV head) of rillet_paged_attention_part: the group of query heads that share
+   the KV head (q_group: group * head_dim bf16), over the sequence's ctx slots (table: its block
+   table; k_head, v_head: that KV head's [num_slots, head_dim] cache), into out_group. *scores
+   (capacity floats, grown with malloc as needed) is the caller's scratch, freed by the caller. */
+void rillet_paged_attention_task(const uint16_t *q_group, const uint16_t *k_head, const uint16_t *v_head,
+                                 const int32_t *table, int32_t ctx, int32_t group, int32_t head_dim,
+                                 int32_t block_size, float scale, uint16_t *out_group, float **scores,
+                                 size_t *capacity);
+
 /* One row of residual += x, then RMSNorm (x NULL: no add). */
 void rillet_add_rms_norm_row(uint16_t *res, const uint16_t *xr, const uint16_t *weight, uint16_t *o,
                              int32_t dim, float eps);
+
+/* ---- Sampling (sampling.c) --------------------------------------------------------------- */
+
+/* out[r] = the index of row r's first maximum (x [rows, cols] float32, row stride `stride`), as
+   torch's argmax: a NaN counts as the maximum, the first NaN wins. */
+void rillet_argmax_rows(const float *x, int64_t rows, int64_t cols, int64_t stride, int64_t *out,
+                        int32_t num_threads);
 
 #endif
