@@ -23,8 +23,14 @@ from support import rillet_proc
 REPO = Path(__file__).resolve().parents[2]
 
 
+# The machine's kernel choice stays: the shared server has it too, and greedy answers compared
+# between the CLI and that server must come from the same kernels (RILLET_CPU_ISA=avx2 make test).
+MACHINE_SETTINGS = ("RILLET_CPU_ISA", "RILLET_CPU_KERNELS")
+
+
 def cli_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RILLET_")}
+    """The test's environment without the RILLET_* settings a user might have (URL, API key...)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RILLET_") or k in MACHINE_SETTINGS}
     env.update(PYTHONUNBUFFERED="1", NO_COLOR="1", TERM="dumb", COLUMNS="120", LINES="40")
     return env
 

@@ -32,7 +32,8 @@ def test_matches_bf16_attend_up_to_rounding():
 def test_holds_on_torch_avx2_kernels():
     """The same invariance with torch and oneDNN held to AVX2, as on an AVX2-only CPU."""
     env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
-           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), str(Path(__file__).parents[1]),  # + support/
+                                           os.environ.get("PYTHONPATH", "")])}
     code = ("import torch, test_attend_float32 as t\n"
             "bad = [c for c in t.CASES\n"
             "       if not torch.equal(*t.attention_alone_and_together(t.attend_float32, *c))]\n"
