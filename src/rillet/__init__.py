@@ -17,6 +17,22 @@ from typing import Any
 # before rillet imports torch.
 os.environ.setdefault("LRU_CACHE_CAPACITY", "384")
 
+
+def _keep_onednn_off_amx() -> None:
+    """oneDNN's AMX kernels sum a bf16 matmul's products in an order that depends on the
+    matrix's width (on a Xeon with AMX, a prompt row's attention changed with its batch mates'
+    masked padding), which would make a request's tokens depend on what else runs; its AVX-512
+    kernels do not. rillet's projections run on its own kernels either way, so only the prompt
+    attention's matmuls (and the no-compiler path) lose AMX. Read when oneDNN first runs, so it
+    is set here, before rillet runs anything; a user's ONEDNN_MAX_CPU_ISA wins."""
+    from rillet.models.cpu_isa import cpu_flags
+
+    if "amx_bf16" in cpu_flags():
+        os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_FP16")
+
+
+_keep_onednn_off_amx()
+
 __version__ = "0.1.0"
 
 _LAZY = {

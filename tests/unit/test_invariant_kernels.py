@@ -63,7 +63,7 @@ def attention_alone_and_together(attend_fn, queries: int, context: int):
 
 @needs_onednn
 @pytest.mark.parametrize("queries", [1, 5, 40])
-@pytest.mark.parametrize("context", [48, 200, 496, 700, 1100])
+@pytest.mark.parametrize("context", [48, 104, 107, 200, 226, 496, 700, 1100])  # 104-226: AMX's oneDNN differs
 def test_attention_row_does_not_depend_on_batch_mates_or_padding(queries, context):
     assert torch.equal(*attention_alone_and_together(attend, queries, context))
 
