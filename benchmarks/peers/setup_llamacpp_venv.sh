@@ -6,12 +6,15 @@
 #
 #   bash benchmarks/peers/setup_llamacpp_venv.sh [VENV_DIR]                  # AVX2 build, /opt/llamacpp-venv
 #   BUILD=native bash benchmarks/peers/setup_llamacpp_venv.sh /opt/llamacpp-native-venv
+#   BUILD=avx512 bash benchmarks/peers/setup_llamacpp_venv.sh /opt/llamacpp-native-venv    # CPUs with AMX
 #
 # BUILD=avx2 (default): llama.cpp's x86 kernels for AVX2 alone (no AVX-512, whatever this CPU has),
 #   for the AVX2 stand-in comparison (bench_peers.py --rillet-isa avx2) or an AVX2-only CPU.
 # BUILD=native: -DGGML_NATIVE=ON, everything this CPU has (AVX-512, VNNI, BF16...): llama.cpp at its
 #   best for the AVX512-BF16 comparison. bench_peers.py records the build's flags
 #   (llama_print_system_info) and warns when they do not match the run's ISA.
+# BUILD=avx512: AVX-512 with VNNI, BF16 and VBMI, but no AMX: on a 2-core Xeon with AMX the native
+#   build (0.3.36) crashed with a segfault on its first prompt of more than a few tokens.
 set -euo pipefail
 VENV="${1:-/opt/llamacpp-venv}"
 BUILD="${BUILD:-avx2}"
@@ -20,7 +23,10 @@ PYTHON="${PYTHON:-python3}"
 case "$BUILD" in
     avx2) CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON" ;;
     native) CMAKE_ARGS="-DGGML_NATIVE=ON" ;;
-    *) echo "BUILD must be avx2 or native, not $BUILD" >&2; exit 2 ;;
+    avx512) CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON"
+            CMAKE_ARGS="$CMAKE_ARGS -DGGML_AVX_VNNI=ON -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON"
+            CMAKE_ARGS="$CMAKE_ARGS -DGGML_AVX512_BF16=ON" ;;
+    *) echo "BUILD must be avx2, native or avx512, not $BUILD" >&2; exit 2 ;;
 esac
 
 if [ ! -x "$VENV/bin/python" ]; then
