@@ -111,7 +111,10 @@ def open_chat(page: Page, server, api_key: str | None = None) -> None:
 
 
 def set_max_tokens(page: Page, n: int) -> None:
-    page.locator("#settings summary").click()
+    # A click on the summary toggles: the page may have opened Settings itself (to show the key
+    # field after a 401), and a second click would close it again.
+    if not page.locator("#settings").evaluate("el => el.open"):
+        page.locator("#settings summary").click()
     page.locator("#max-tokens").fill(str(n))
 
 
