@@ -25,9 +25,9 @@ def _keep_onednn_off_amx() -> None:
     kernels do not. rillet's projections run on its own kernels either way, so only the prompt
     attention's matmuls (and the no-compiler path) lose AMX. Read when oneDNN first runs, so it
     is set here, before rillet runs anything; a user's ONEDNN_MAX_CPU_ISA wins."""
-    from rillet.models.cpu_isa import cpu_flags
+    from rillet.models.cpu_isa import cpu_flags, machine
 
-    if "amx_bf16" in cpu_flags():
+    if machine() == "x86_64" and "amx_bf16" in cpu_flags():  # elsewhere the flags may cost a subprocess (macOS)
         os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_FP16")
 
 
