@@ -267,7 +267,7 @@ def test_a_dead_worker_ends_the_stream_with_an_error_and_the_server_exits_1(chec
         worker = rh.poll_until(lambda: _worker_pid(server.pid), 30, "the rank-1 worker process")
         stream = BackgroundStream(server.url + "/v1/completions",
                                   rh.completion_body("The river flows", 480, ignore_eos=True, temperature=0), timeout=60)
-        assert stream.started.wait(60), server.log_tail()
+        assert stream.wait_started(60), server.log_tail()
         os.kill(worker, signal.SIGKILL)
         assert stream.join(60), "the stream hung after its worker died"
         events = stream.events

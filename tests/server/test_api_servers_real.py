@@ -78,7 +78,16 @@ def test_two_api_servers_answer_as_one_server_does(two_servers, real_server):
     alone = asyncio.run(answers(real_server, stream=False))
     together = asyncio.run(answers(two_servers, stream=True))
     assert together == alone
-    metrics = two_servers.metrics()  # one scrape, whichever server answers it, counts both
+    # One scrape, whichever server answers it, counts both. A request is counted as its response
+    # closes, just after its last chunk has gone out: the client may scrape before the last does.
+    scrapes: list[str] = []
+
+    def all_counted() -> bool:
+        scrapes.append(two_servers.metrics())
+        return total(scrapes[-1], "rillet:request_success_total") >= len(PROMPTS)
+
+    rillet_proc.poll_until(all_counted, 30, "both servers to count every request")
+    metrics = scrapes[-1]
     assert total(metrics, "rillet:request_success_total") == len(PROMPTS)  # over finished_reason labels
     assert metric(metrics, "rillet:generation_tokens_total") == sum(tokens for _, tokens in alone)
 
@@ -97,11 +106,18 @@ def test_a_disconnect_aborts_its_request_through_either_server(two_servers):
                            "the aborted requests to leave the engine")
 
 
+def test_a_refused_stream_says_why_instead_of_waiting_for_its_first_event(two_servers):
+    body = {"prompt": "Once upon a time", "max_tokens": 4, "stream": True}
+    stream = BackgroundStream(two_servers.url + "/v1/completions", body, {"Authorization": "Bearer wrong"})
+    with pytest.raises(AssertionError, match="status 401"):
+        stream.wait_started(60)
+
+
 def test_sigterm_drains_both_servers_then_exits_0(two_servers):
     api, core = processes(two_servers)
     body = {"prompt": "Once upon a time", "max_tokens": 48, "ignore_eos": True, "stream": True}
     stream = BackgroundStream(two_servers.url + "/v1/completions", body, two_servers.headers)
-    assert stream.started.wait(60)
+    assert stream.wait_started(60)
     two_servers.proc.send_signal(signal.SIGTERM)  # the supervisor alone: it tells the API servers
     assert two_servers.proc.wait(60) == 0, two_servers.log_tail()
     assert stream.join(10)
@@ -117,7 +133,7 @@ def test_the_engine_dying_ends_every_stream_with_an_error_and_the_server_with_st
         streams = [BackgroundStream(server.url + "/v1/completions",
                                     {"prompt": f"Story {i}:", "max_tokens": 1500, "ignore_eos": True, "stream": True},
                                     server.headers) for i in range(4)]
-        assert all(s.started.wait(60) for s in streams)
+        assert all(s.wait_started(60) for s in streams), server.log_tail()
         core.kill()  # what the OOM killer would do
         for s in streams:
             assert s.join(60), "a stream hung after the engine died"
