@@ -368,24 +368,33 @@ class LLMEngine:
         return self.before_forward is None and self.workers is None and self.runner.replays(batch) \
             and all(Sampler.defers(seq) for seq in batch.seqs)
 
-    def _continues(self, flight: InFlight) -> bool:
-        """Whether the step after `flight` can be queued before its tokens are read back: the same
-        sequences, all still running, nobody else running nor to be admitted now (Scheduler.admits),
-        room for one more token each."""
+    def _growing(self, flight: InFlight) -> list[Sequence] | None:
+        """None unless the step after `flight` can be queued before its tokens are read back: the
+        same sequences, all still running, nobody else running nor to be admitted now
+        (Scheduler.admits), room for one more token each. Else the sequences that need a new
+        block for it (most steps none: a block holds block_size tokens)."""
         seqs = flight.batch.seqs
+        max_len = self.max_model_len
         if self.scheduler.admits() or len(self.scheduler.running) != len(seqs) \
-                or any(seq.is_finished or seq.num_computed_tokens + 2 > self.max_model_len for seq in seqs):
-            return False
+                or any(seq.is_finished or seq.num_computed_tokens + 2 > max_len for seq in seqs):
+            return None
         bm = self.block_manager
-        return sum(bm.blocks_needed(seq, seq.num_computed_tokens + 2) for seq in seqs) <= bm.num_free_blocks
+        growing, needed = [], 0
+        for seq in seqs:
+            blocks = bm.blocks_needed(seq, seq.num_computed_tokens + 2)
+            if blocks:
+                growing.append(seq)
+                needed += blocks
+        return growing if needed <= bm.num_free_blocks else None
 
     def _step_overlapped(self, flight: InFlight) -> list[RequestOutput]:
         """Queue the next decode step if it can go, then read back and process `flight`'s tokens."""
         self._in_flight = None
         seqs = flight.batch.seqs
         try:
-            if self._continues(flight):
-                for seq in seqs:
+            growing = self._growing(flight)
+            if growing is not None:
+                for seq in growing:
                     self.block_manager.grow(seq, seq.num_computed_tokens + 2)
                 logits = self.runner.execute_ahead(seqs, self.block_manager, flight.ids)
                 self._in_flight = InFlight.start(ScheduledBatch(list(seqs), [1] * len(seqs)),
@@ -414,45 +423,52 @@ class LLMEngine:
         """Append each sequence's sampled token; detokenize, check stops, build the outputs."""
         outputs: list[RequestOutput] = []
         grammar_errors: dict[str, str] = {}
+        # Once per row of every step (hundreds of rows a step on a GPU, where this loop paces the
+        # engine): bound methods and constants are looked up once, the checks are inline.
+        append_text, take_delta, max_len = self.detokenizer.append, self.detokenizer.take_delta, self.max_model_len
+        eos = self.eos_token_ids
         for row, seq in enumerate(seqs):
             token = token_ids[row]
             guide = seq.guide
             if guide is not None and not guide.accept(token):
                 grammar_errors[seq.request_id] = guide.error  # ends only this request, below
                 continue
-            seq.output_token_ids.append(token)
-            reason, stop_reason = self._check_token_stop(seq, token)
-            if reason is None:
-                stop: str | None = self.detokenizer.append(seq, token)
+            params = seq.params
+            generated = seq.output_token_ids
+            generated.append(token)
+            reason: str | None = None
+            stop_reason: str | int | None = None
+            if token in params.stop_token_ids:
+                reason, stop_reason = "stop", token
+            elif token in eos and not params.ignore_eos:
+                reason = "stop"
+            else:
+                stop = append_text(seq, token)
                 if stop is not None:
                     reason, stop_reason = "stop", stop
                 elif guide is not None and guide.is_stopped:  # the grammar is complete
                     reason = "stop"
-                elif seq.num_output_tokens >= (seq.params.max_tokens or self.max_model_len) \
-                        or seq.num_tokens >= self.max_model_len:
+                elif len(generated) >= (params.max_tokens or max_len) \
+                        or len(seq.prompt_token_ids) + len(generated) >= max_len:
                     reason = "length"
             token_logprobs = None
-            row_logprobs = None if logprobs is None else logprobs[row]
-            if row_logprobs is not None:
+            if logprobs is not None and (row_logprobs := logprobs[row]) is not None:
                 token_logprobs = [self._token_logprob(token, *row_logprobs)]
-            delta = self.detokenizer.take_delta(seq, finished=reason is not None)
+            delta = take_delta(seq, reason is not None)
             if reason is not None:
                 seq.finish_reason, seq.stop_reason = reason, stop_reason
                 self.scheduler.finish(seq, reason)
                 self._forget(seq)
-            outputs.append(self._output(seq, [token], delta, token_logprobs))
+            outputs.append(RequestOutput(
+                request_id=seq.request_id, index=seq.index, text=delta, token_ids=[token],
+                num_prompt_tokens=len(seq.prompt_token_ids), num_output_tokens=len(generated),
+                finish_reason=seq.finish_reason, stop_reason=seq.stop_reason, logprobs=token_logprobs,
+                error=seq.error, num_cached_tokens=seq.num_cached_tokens))
         for request_id, error in grammar_errors.items():
             logger.warning("request %s: structured output failed: %s", request_id, error)
             outputs += self.abort(request_id, reason="error", error=f"structured output failed: {error}")
             self.num_failed_total += 1
         return outputs
-
-    def _check_token_stop(self, seq: Sequence, token: int) -> tuple[str | None, str | int | None]:
-        if token in seq.params.stop_token_ids:
-            return "stop", token
-        if token in self.eos_token_ids and not seq.params.ignore_eos:
-            return "stop", None
-        return None, None
 
     def _fail_batch(self, batch: ScheduledBatch, exc: Exception) -> list[RequestOutput]:
         if self.workers is not None:  # the ranks' collectives are out of step: no next step
