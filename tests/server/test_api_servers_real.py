@@ -80,14 +80,9 @@ def test_two_api_servers_answer_as_one_server_does(two_servers, real_server):
     assert together == alone
     # One scrape, whichever server answers it, counts both. A request is counted as its response
     # closes, just after its last chunk has gone out: the client may scrape before the last does.
-    scrapes: list[str] = []
-
-    def all_counted() -> bool:
-        scrapes.append(two_servers.metrics())
-        return total(scrapes[-1], "rillet:request_success_total") >= len(PROMPTS)
-
-    rillet_proc.poll_until(all_counted, 30, "both servers to count every request")
-    metrics = scrapes[-1]
+    metrics = rillet_proc.poll_until(
+        lambda: text if total(text := two_servers.metrics(), "rillet:request_success_total") >= len(PROMPTS) else "",
+        30, "both servers to count every request")
     assert total(metrics, "rillet:request_success_total") == len(PROMPTS)  # over finished_reason labels
     assert metric(metrics, "rillet:generation_tokens_total") == sum(tokens for _, tokens in alone)
 

@@ -138,13 +138,10 @@ class DecodeGraphs:
         host, tables, rows = self._inputs_np, self._tables_np, self._table_rows
         self._copied.synchronize()
         shift = 0 if ahead is None else 1
-        block_size = block_manager.block_size
         positions = [seq.num_computed_tokens + shift for seq in seqs]
-        slots = []  # block_manager.slot's arithmetic, inline: once per row of every step
+        slots = [block_manager.slot(seq, position) for seq, position in zip(seqs, positions)]
         for row, seq in enumerate(seqs):
-            position = positions[row]
             table = seq.block_table
-            slots.append(table[position // block_size] * block_size + position % block_size)
             held, written = rows[row]
             if held is not table or written != len(table):
                 start = written if held is table else 0

@@ -50,8 +50,7 @@ class Detokenizer:
     def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
         self.tokenizer = tokenizer
         self._states: dict[int, DecodeState] = {}
-        self._fast_decode = _rust_decode(tokenizer)
-        self._decode_ids = self._fast_decode or self._decode
+        self._decode_ids = _rust_decode(tokenizer) or self._decode
 
     def start(self, seq: Sequence) -> None:
         tail = seq.prompt_token_ids[-PROMPT_CONTEXT_TOKENS:]

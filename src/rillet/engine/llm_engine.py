@@ -424,7 +424,7 @@ class LLMEngine:
         outputs: list[RequestOutput] = []
         grammar_errors: dict[str, str] = {}
         # Once per row of every step (hundreds of rows a step on a GPU, where this loop paces the
-        # engine): bound methods and constants are looked up once, the checks are inline.
+        # engine): bound methods and constants are looked up once, the stop checks are inline.
         append_text, take_delta, max_len = self.detokenizer.append, self.detokenizer.take_delta, self.max_model_len
         eos = self.eos_token_ids
         for row, seq in enumerate(seqs):
@@ -434,8 +434,7 @@ class LLMEngine:
                 grammar_errors[seq.request_id] = guide.error  # ends only this request, below
                 continue
             params = seq.params
-            generated = seq.output_token_ids
-            generated.append(token)
+            seq.output_token_ids.append(token)
             reason: str | None = None
             stop_reason: str | int | None = None
             if token in params.stop_token_ids:
@@ -448,8 +447,7 @@ class LLMEngine:
                     reason, stop_reason = "stop", stop
                 elif guide is not None and guide.is_stopped:  # the grammar is complete
                     reason = "stop"
-                elif len(generated) >= (params.max_tokens or max_len) \
-                        or len(seq.prompt_token_ids) + len(generated) >= max_len:
+                elif seq.num_output_tokens >= (params.max_tokens or max_len) or seq.num_tokens >= max_len:
                     reason = "length"
             token_logprobs = None
             if logprobs is not None and (row_logprobs := logprobs[row]) is not None:
@@ -459,11 +457,7 @@ class LLMEngine:
                 seq.finish_reason, seq.stop_reason = reason, stop_reason
                 self.scheduler.finish(seq, reason)
                 self._forget(seq)
-            outputs.append(RequestOutput(
-                request_id=seq.request_id, index=seq.index, text=delta, token_ids=[token],
-                num_prompt_tokens=len(seq.prompt_token_ids), num_output_tokens=len(generated),
-                finish_reason=seq.finish_reason, stop_reason=seq.stop_reason, logprobs=token_logprobs,
-                error=seq.error, num_cached_tokens=seq.num_cached_tokens))
+            outputs.append(self._output(seq, [token], delta, token_logprobs))
         for request_id, error in grammar_errors.items():
             logger.warning("request %s: structured output failed: %s", request_id, error)
             outputs += self.abort(request_id, reason="error", error=f"structured output failed: {error}")
