@@ -86,6 +86,37 @@ def test_detokenizer_holds_split_characters_back(engine_fp32):
     assert "".join(deltas) == tok.decode(ids)
 
 
+@pytest.mark.parametrize("skip_special", [True, False])
+def test_the_decode_stream_gives_the_window_decodes_text(engine_fp32, skip_special):
+    """The fast path (tokenizers' DecodeStream) against the window decodes, delta by delta, on
+    random token runs: split characters, special tokens, ids past the tokenizer's vocabulary,
+    stop strings cut and held back."""
+    import random
+
+    tok = engine_fp32.tokenizer
+    assert engine_fp32.detokenizer._streams  # the default model's tokenizer takes the fast path
+    rng = random.Random(7)
+    pieces = tok.encode("你好，世界 🌍🎉 naïve café 😀! {\"a\": [1, 2]}\n\tdef f(x):", add_special_tokens=False)
+    specials = sorted(tok.all_special_ids)
+    for trial in range(40):
+        ids = [rng.choice(pieces) if rng.random() < 0.6 else rng.choice(specials) if rng.random() < 0.1
+               else rng.randrange(len(tok) + 64) for _ in range(rng.randint(1, 60))]
+        params = SamplingParams(stop=["是", " the", "!\n"] if trial % 2 else [], skip_special_tokens=skip_special)
+        deltas = []
+        for use_stream in (True, False):
+            detok = Detokenizer(tok, use_stream=use_stream)
+            seq = Sequence("d", 0, tok.encode(f"prompt {trial} 日"), params)
+            detok.start(seq)
+            got, stop = [], None
+            for t in ids:
+                stop = detok.append(seq, t)
+                got.append(detok.take_delta(seq, finished=stop is not None))
+                if stop is not None:
+                    break
+            deltas.append((got, stop))
+        assert deltas[0] == deltas[1], (trial, ids)
+
+
 def test_abort_frees_the_slot_within_one_step(engine_fp32):
     engine_fp32.add_request("victim", chat("Tell me a long story."), SamplingParams(max_tokens=200))
     engine_fp32.add_request("bystander", chat("Say hi."), SamplingParams(max_tokens=20, temperature=0))
