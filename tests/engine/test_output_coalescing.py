@@ -6,6 +6,8 @@ import asyncio
 
 from rillet import AsyncEngine, SamplingParams
 from rillet.engine.async_engine import RequestStream
+from rillet.engine.core import CoreOutputs
+from rillet.engine.llm_engine import EngineStats
 from rillet.engine.errors import EngineDeadError
 from rillet.engine.outputs import RequestOutput, TokenLogprob
 
@@ -146,8 +148,6 @@ def test_under_load_a_delta_waits_out_the_gap_gathering_the_tokens_made_meanwhil
 
 def test_the_gap_is_running_sequences_over_the_event_budget():
     """Sequences waiting for a slot send nothing: only the running ones share the budget."""
-    from rillet.engine.llm_engine import EngineStats
-
     engine = AsyncEngine(dtype="float32", max_stream_events_per_s=1000)
     engine._streams = {str(i): None for i in range(500)}
     assert engine.min_event_gap() == 0.5  # before the core's first stats: every stream
@@ -166,3 +166,10 @@ def test_outputs_cross_the_process_pipe_whole():
                         logprobs=[TokenLogprob(5, "é", -0.25, [(6, "x", -1.5)])], error=None, num_cached_tokens=4)
     assert pickle.loads(pickle.dumps(out)) == out
     assert pickle.loads(pickle.dumps(delta(0, 3, 1))) == delta(0, 3, 1)
+    # a step's outputs travel as one CoreOutputs, its outputs as tuples of their fields
+    stats = EngineStats(num_running=2, num_waiting=0, kv_cache_usage=0.5, num_kv_blocks_used=1,
+                        num_kv_blocks_total=2, num_preemptions_total=0, num_aborted_total=0, num_failed_total=0)
+    step = CoreOutputs([out, delta(0, 3, 1)], stats, 12, final=True)
+    back = pickle.loads(pickle.dumps(step))
+    assert back == step and all(type(o) is RequestOutput for o in back.outputs)
+    assert pickle.loads(pickle.dumps(CoreOutputs([], stats, 0))) == CoreOutputs([], stats, 0)

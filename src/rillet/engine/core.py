@@ -33,7 +33,7 @@ import torch
 
 from rillet.config import EngineConfig
 from rillet.engine.llm_engine import EngineStats, LLMEngine
-from rillet.engine.outputs import RequestOutput
+from rillet.engine.outputs import RequestOutput, output_rows, outputs_from_rows
 from rillet.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -77,6 +77,14 @@ class CoreOutputs:
     stats: EngineStats
     num_added: int
     final: bool = False
+
+    def __reduce__(self) -> tuple[Callable[..., CoreOutputs], tuple[object, ...]]:
+        # sent to the front ends every step: one Python call for the batch, not one per output
+        return (_core_outputs, (output_rows(self.outputs), self.stats, self.num_added, self.final))
+
+
+def _core_outputs(rows: list[tuple[object, ...]], stats: EngineStats, num_added: int, final: bool) -> CoreOutputs:
+    return CoreOutputs(outputs_from_rows(rows), stats, num_added, final)
 
 
 @dataclass

@@ -51,6 +51,16 @@ class RequestOutput:
 _field_values = attrgetter(*(f.name for f in fields(RequestOutput)))  # every field, in __init__'s order
 
 
+def output_rows(outputs: list[RequestOutput]) -> list[tuple[object, ...]]:
+    """Each output as the tuple of its fields, in __init__'s order: a step's outputs pickle as
+    plain tuples, in C, ~2x faster than through one __reduce__ call per object."""
+    return [_field_values(out) for out in outputs]
+
+
+def outputs_from_rows(rows: list[tuple[object, ...]]) -> list[RequestOutput]:
+    return [RequestOutput(*row) for row in rows]  # type: ignore[arg-type]
+
+
 def merged(first: RequestOutput, then: RequestOutput) -> RequestOutput:
     """One delta for two successive deltas of the same choice (`first` not finished): texts,
     token ids and logprobs joined; counts, finish and stop reasons, error from `then`."""
