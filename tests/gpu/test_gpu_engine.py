@@ -15,7 +15,8 @@ and mixed prefill/decode steps, on a 4-layer cut of the Llama-3.2-1B shape (rand
   aborted mid-run, with a decode step queued ahead (engine/overlap.py), and then every KV block
   is free again; and when a new prompt is prefilled in the same step as running decodes;
 - float32, seeded sampling (temperature 0.8, top_p 0.9, seed 123): the same tokens twice alone,
-  and the same batch of seeded requests twice gives the same tokens twice. (Alone against
+  and the same batch of seeded requests twice gives the same tokens twice; greedy rows batched
+  with sampled ones give their solo tokens. (Alone against
   batched is not promised on a GPU: cuBLAS may sum a row in another order at another row count,
   and a prompt graph pads the rows to its size, so a sampled token at a probability boundary
   can flip.)
@@ -128,6 +129,22 @@ def test_seeded_sampling_is_reproducible_alone_and_batched_float32(engine32, gpu
     batched = gpu.generate(engine32, {"seeded": (ids, seeded()), **seeded_others})
     assert gpu.generate(engine32, {"seeded": (ids, seeded()), **seeded_others}) == batched
     assert solo(gpu, engine32, ids, seeded(124)) != first, "another seed should sample other tokens"
+
+
+def test_greedy_rows_batched_with_sampled_rows_give_their_solo_tokens_float32(engine32, reference, gpu):
+    # Greedy rows of a decode graph take the argmax the graph computed with the logits
+    # (DecodeGraphs.greedy), alone and beside rows that sample.
+    ref = reference("small")
+    greedy_rows = {f"g{i}": (random_ids(9 + 5 * i, 600 + i), greedy(40)) for i in range(3)}
+    sampled_rows = {f"s{i}": (random_ids(14 + 3 * i, 610 + i), SamplingParams(max_tokens=40, temperature=1.0,
+                                                                              seed=9 + i, ignore_eos=True))
+                    for i in range(3)}
+    got = gpu.generate(engine32, {**greedy_rows, **sampled_rows})
+    assert engine32.runner.greedy_ids(1) is not None  # the last step was a decode graph's
+    for rid, (ids, params) in greedy_rows.items():
+        gpu.assert_greedy_equal(got[rid], solo(gpu, engine32, ids, params), ids, ref, what=rid)
+        assert len(got[rid]) == 40
+    assert all(len(got[rid]) == 40 for rid in sampled_rows)
 
 
 def test_prefill_in_a_step_with_running_decodes_gives_the_solo_tokens_float32(engine32, reference, gpu):

@@ -252,6 +252,9 @@ def test_argmax_rows_matches_torch_first_maximum(dtype):
     for x in (logits, wide[:, :9000]):
         got = cuda_kernels.argmax_rows(x.to(DEVICE)).cpu()
         assert got.tolist() == x.argmax(dim=-1).tolist() == [int(logits[0].argmax()), 4100, 7, 0, 8999]
+    out = torch.full((8,), -1, dtype=torch.int64).to(DEVICE)  # a decode graph's buffer, its first rows
+    assert cuda_kernels.argmax_rows(logits.to(DEVICE), out=out[:5]).data_ptr() == out.data_ptr()
+    assert out.cpu().tolist() == [int(logits[0].argmax()), 4100, 7, 0, 8999, -1, -1, -1]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

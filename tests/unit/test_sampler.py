@@ -165,3 +165,20 @@ def test_a_penalised_token_is_drawn_less_often_as_its_probability_falls():
         if "repetition_penalty" in params:
             expected = torch.softmax(torch.tensor([1 / 3, 1.0, 1 / 3, 1.0]), dim=-1)
         assert_frequencies(counts, expected)
+
+
+def test_sample_ids_takes_the_forward_pass_argmax_for_greedy_rows_only():
+    # A decode graph takes each row's argmax with its logits (ModelRunner.greedy_ids). Given one,
+    # greedy rows use it and launch nothing; sampled rows still sample; a wider row than the
+    # sampler's vocabulary (its argmax could be past it) is not trusted.
+    V = 8
+    logits = torch.full((3, V), -50.0)
+    logits[:, 2] = 5.0  # the true argmax of every row
+    taken = torch.tensor([6, 6, 6])  # stands for the graph's argmax: a token the logits do not pick
+    sampler = Sampler(V, torch.device("cpu"), seed=3)
+    assert sampler.sample_ids(logits, seqs(3, temperature=0.0), taken).tolist() == [6, 6, 6]
+    assert sampler.sample_ids(logits, seqs(3, temperature=0.0)).tolist() == [2, 2, 2]
+    rows = seqs(1, temperature=0.0) + seqs(2, temperature=1.0)
+    assert sampler.sample_ids(logits, rows, taken).tolist() == [6, 2, 2]  # the sampled rows: p(2) ~ 1
+    wider = torch.cat([logits, torch.full((3, 4), -50.0)], dim=1)
+    assert sampler.sample_ids(wider, seqs(3, temperature=0.0), taken).tolist() == [2, 2, 2]

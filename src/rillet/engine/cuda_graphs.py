@@ -9,7 +9,11 @@ tensors are fixed at capture, so each step writes its inputs into the same buffe
 
 A batch of B decodes replays the graph of the smallest captured size G >= B; rows B..G-1 are
 padding (query length 0: attention skips them; slot -1: nothing is written to the cache), and
-their logits are ignored. Logits land in one float32 buffer shared by every graph.
+their logits are ignored. Logits land in one float32 buffer shared by every graph, and each
+row's argmax in an int64 one beside it (`greedy`): a batch whose rows are all greedy takes its
+tokens from there, with no launch of its own after the replay (the sampler's two argmax
+launches and their buffers cost the host ~170 us a step from Python, more than the GPU's work
+at batch 1). A batch that samples ignores them (a few microseconds of GPU time wasted).
 
 Under tensor parallelism every rank captures the same sizes in the same order, its all-reduces
 inside the graphs, and the head's vocabulary slices meet in an all-gather captured with them.
@@ -23,9 +27,9 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
-from rillet.engine.block_manager import BlockManager
 from rillet.engine.sequence import Sequence
 from rillet.models import cuda_kernels
 
@@ -67,6 +71,56 @@ def capture(device: torch.device, sizes: list[int], body: Callable[[int], None],
     return pool
 
 
+class DecodeHostInputs:
+    """The host side of a decode graph's inputs: `inputs` [5, max_batch] and `tables` [max_batch,
+    blocks a sequence] int32 (numpy views of pinned tensors on a GPU), filled for a batch of
+    decodes. Each row's KV slot is looked up in the table row just written, for all rows at once:
+    per row from Python it cost ~20 us more a step at 256 rows on a Xeon."""
+
+    def __init__(self, inputs: np.ndarray, tables: np.ndarray, block_size: int) -> None:
+        self.inputs, self.tables, self.block_size = inputs, tables, block_size
+        self.forget_tables()
+
+    def forget_tables(self) -> None:
+        """The table rows were written by someone else: write every row again next time."""
+        # What each table row holds: (the block table list written there, its length then). Block
+        # tables only grow by appends or are replaced by a new list (BlockManager), so a row still
+        # holding the same list needs only its new blocks: most steps none.
+        self._rows: list[tuple[list[int] | None, int]] = [(None, 0)] * self.tables.shape[0]
+        self._lengths = np.zeros(self.tables.shape[0], dtype=np.int64)
+
+    def fill(self, seqs: list[Sequence], size: int, feed_ids: bool, shift: int = 0) -> None:
+        """Rows 0..B-1: each sequence decoding the token at its position num_computed_tokens +
+        `shift` (that token's id only with `feed_ids`: else it comes from the GPU); rows B..size-1
+        padding (query length 0, no KV slot)."""
+        B = len(seqs)
+        host, tables, rows, lengths = self.inputs, self.tables, self._rows, self._lengths
+        for row, seq in enumerate(seqs):
+            table = seq.block_table
+            held, written = rows[row]
+            if held is not table or written != len(table):
+                start = written if held is table else 0
+                tables[row, start:len(table)] = table[start:]
+                rows[row] = (table, len(table))
+                lengths[row] = len(table)
+        positions = host[POSITIONS, :B]
+        positions[:] = [seq.num_computed_tokens for seq in seqs]
+        positions += shift
+        blocks = positions // self.block_size
+        if B and not (blocks < lengths[:B]).all():
+            row = int(np.argmin(blocks < lengths[:B]))
+            raise IndexError(f"decode row {row}: position {int(positions[row])} is past its "
+                             f"{int(lengths[row])} blocks")
+        host[SLOTS, :B] = tables[np.arange(B), blocks] * self.block_size + positions % self.block_size
+        if feed_ids:
+            host[IDS, :B] = [seq.token_at(int(position)) for seq, position in zip(seqs, positions)]
+        host[CONTEXT_LENS, :B] = positions + 1
+        host[Q_LENS, :B] = 1
+        host[Q_LENS, B:size] = 0
+        host[SLOTS, B:size] = -1
+        host[CONTEXT_LENS, B:size] = 0
+
+
 class DecodeGraphs:
     def __init__(self, runner: CudaModelRunner, max_batch: int) -> None:
         self.runner = runner
@@ -80,17 +134,13 @@ class DecodeGraphs:
         # Pinned host copies, written through numpy views: one contiguous copy each per step.
         self.host_inputs = torch.zeros((5, self.max_batch), dtype=torch.int32).pin_memory()
         self.host_tables = torch.zeros((self.max_batch, nb), dtype=torch.int32).pin_memory()
-        self._inputs_np = self.host_inputs.numpy()
-        self._tables_np = self.host_tables.numpy()
-        # What each host table row holds: (the block table list written there, its length then).
-        # Block tables only grow by appends or are replaced by a new list (BlockManager), so a row
-        # still holding the same list needs only its new blocks: most steps none.
-        self._table_rows: list[tuple[list[int] | None, int]] = [(None, 0)] * self.max_batch
+        self.host = DecodeHostInputs(self.host_inputs.numpy(), self.host_tables.numpy(), runner.block_size)
         # the host buffers may be written again once this has passed
         self._copied = torch.cuda.Event()  # type: ignore[no-untyped-call]
         model = runner.model
         vocab = model.config.vocab_size
         self.logits = torch.zeros((self.max_batch, vocab), dtype=torch.float32, device=device)
+        self.greedy = torch.zeros(self.max_batch, dtype=torch.int64, device=device)
         self.tp = model.tp  # tensor parallelism: the head's slices are all-gathered inside the graph
         if self.tp is not None:  # flat, so that each size's [ranks, size, local vocab] view is contiguous
             self.gathered = torch.zeros(model.shard.size * self.max_batch * self.tp.local_vocab,
@@ -120,6 +170,8 @@ class DecodeGraphs:
             cuda_kernels.gemv(hidden, weight, bias, out=self.logits[:1])  # float32 logits from the kernel
         else:
             self.logits[:size].copy_(torch.nn.functional.linear(hidden, weight, bias))
+        if self.tp is None:  # a tensor-parallel engine samples step by step: see LLMEngine._defers
+            cuda_kernels.argmax_rows(self.logits[:size], out=self.greedy[:size])
 
     @torch.inference_mode()
     def _capture(self) -> None:
@@ -127,40 +179,19 @@ class DecodeGraphs:
         # the prompt graphs' pool too: one graph runs at a time, and none leaves anything in it
         self.pool = capture(self.runner.device, self.sizes, self._body, self.graphs)
 
-    def run(self, seqs: list[Sequence], block_manager: BlockManager, ahead: torch.Tensor | None = None
-            ) -> torch.Tensor:
+    def run(self, seqs: list[Sequence], ahead: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [len(seqs), V] of one decode token per sequence (each feeds its last token).
         `ahead`: the token ids [B] just sampled on the GPU and not yet read back (their step's
         outputs are still to be processed): each sequence feeds that token instead, one
         position further (engine/overlap.py)."""
-        B = len(seqs)
-        size = next(s for s in self.sizes if s >= B)
-        host, tables, rows = self._inputs_np, self._tables_np, self._table_rows
+        size = next(s for s in self.sizes if s >= len(seqs))
         self._copied.synchronize()
-        shift = 0 if ahead is None else 1
-        positions = [seq.num_computed_tokens + shift for seq in seqs]
-        slots = [block_manager.slot(seq, position) for seq, position in zip(seqs, positions)]
-        for row, seq in enumerate(seqs):
-            table = seq.block_table
-            held, written = rows[row]
-            if held is not table or written != len(table):
-                start = written if held is table else 0
-                tables[row, start:len(table)] = table[start:]
-                rows[row] = (table, len(table))
-        if ahead is None:
-            host[IDS, :B] = [seq.token_at(position) for seq, position in zip(seqs, positions)]
-        host[POSITIONS, :B] = positions
-        host[SLOTS, :B] = slots
-        host[CONTEXT_LENS, :B] = host[POSITIONS, :B] + 1
-        host[Q_LENS, :B] = 1
-        host[Q_LENS, B:size] = 0
-        host[SLOTS, B:size] = -1
-        host[CONTEXT_LENS, B:size] = 0
+        self.host.fill(seqs, size, feed_ids=ahead is None, shift=0 if ahead is None else 1)
         if self.tp is not None and self.tp.mirror is not None:
             assert ahead is None, "a tensor-parallel engine does not queue steps ahead"
             self.tp.mirror("graph", size, self.host_inputs[:, :size].clone(), self.host_tables[:size].clone())
         self._replay(size, ahead)
-        return self.logits[:B]
+        return self.logits[:len(seqs)]
 
     def _replay(self, size: int, ahead: torch.Tensor | None = None) -> None:
         self.inputs.copy_(self.host_inputs, non_blocking=True)
@@ -176,5 +207,5 @@ class DecodeGraphs:
         self._copied.synchronize()
         self.host_inputs[:, :size].copy_(inputs)
         self.host_tables[:size].copy_(tables)
-        self._table_rows = [(None, 0)] * self.max_batch
+        self.host.forget_tables()
         self._replay(size)

@@ -38,6 +38,7 @@ class CudaModelRunner(ModelRunner):
         self.max_blocks_per_seq = -(-max_model_len // block_size)
         self.graphs: DecodeGraphs | None = None
         self.prompt_graphs: PromptGraphs | None = None
+        self._replayed_decodes = False  # whether the last logits came from a decode graph
         if not enforce_eager and self.device.type == "cuda":
             self.graphs = DecodeGraphs(self, max_num_seqs)
             logger.info("CUDA graphs captured for decode batch sizes %s in %.1f s",
@@ -92,8 +93,10 @@ class CudaModelRunner(ModelRunner):
     def execute(self, batch: ScheduledBatch, block_manager: BlockManager) -> tuple[torch.Tensor, list[int]]:
         """One forward pass over the batch. Returns logits [R, V] of the R sequences that feed
         their last token this step, in batch order, and their positions in `batch.seqs`."""
-        if self.graphs is not None and self.replays(batch):
-            return self.graphs.run(batch.seqs, block_manager), list(range(len(batch.seqs)))
+        self._replayed_decodes = self.graphs is not None and self.replays(batch)
+        if self._replayed_decodes:
+            assert self.graphs is not None
+            return self.graphs.run(batch.seqs), list(range(len(batch.seqs)))
         if self.prompt_graphs is not None and self.prompt_graphs.fits(batch):
             return self.prompt_graphs.run(batch, block_manager)
         return self._execute_eager(batch, block_manager)
@@ -103,7 +106,14 @@ class CudaModelRunner(ModelRunner):
         """The decode step after the one just queued, fed its sampled ids [B] straight from the
         GPU (engine/overlap.py): logits [B, V]. Every sequence has a slot for that position."""
         assert self.graphs is not None
-        return self.graphs.run(seqs, block_manager, ahead=tokens)
+        self._replayed_decodes = True
+        return self.graphs.run(seqs, ahead=tokens)
+
+    def greedy_ids(self, rows: int) -> torch.Tensor | None:
+        """The argmax each decode graph takes with its logits (DecodeGraphs.greedy)."""
+        if not self._replayed_decodes or self.graphs is None or self.graphs.tp is not None:
+            return None
+        return self.graphs.greedy[:rows]
 
     def _execute_eager(self, batch: ScheduledBatch, block_manager: BlockManager) -> tuple[torch.Tensor, list[int]]:
         flat = flat_batch(batch, block_manager)

@@ -343,7 +343,8 @@ class LLMEngine:
             finally:
                 bitmask = masks.result() if masks is not None else None  # joined before anything else
             if self._defers(batch):  # read back in the next step, behind the step it queues
-                self._in_flight = InFlight.start(batch, self.sampler.sample_ids(logits, batch.seqs))
+                greedy = self.runner.greedy_ids(len(batch.seqs))
+                self._in_flight = InFlight.start(batch, self.sampler.sample_ids(logits, batch.seqs, greedy))
                 return outputs
             sampling_seqs = [batch.seqs[i] for i in sampling]
             allowed = None
@@ -397,8 +398,8 @@ class LLMEngine:
                 for seq in growing:
                     self.block_manager.grow(seq, seq.num_computed_tokens + 2)
                 logits = self.runner.execute_ahead(seqs, self.block_manager, flight.ids)
-                self._in_flight = InFlight.start(ScheduledBatch(list(seqs), [1] * len(seqs)),
-                                                 self.sampler.sample_ids(logits, seqs))
+                ids = self.sampler.sample_ids(logits, seqs, self.runner.greedy_ids(len(seqs)))
+                self._in_flight = InFlight.start(ScheduledBatch(list(seqs), [1] * len(seqs)), ids)
             token_ids = flight.token_ids()
         except Exception as exc:
             queued, self._in_flight = self._in_flight, None

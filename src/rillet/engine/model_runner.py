@@ -79,6 +79,11 @@ class ModelRunner:
         only a runner that `replays` batches does."""
         raise RuntimeError("this runner does not queue decode steps ahead (replays() is False)")
 
+    def greedy_ids(self, rows: int) -> torch.Tensor | None:
+        """Each row's argmax [rows] of the logits the last `execute` or `execute_ahead` returned,
+        when the forward pass computed it with them (a decode graph); else None."""
+        return None
+
     @staticmethod
     def _padded_tables(block_tables: list[list[int]], num_blocks: int) -> list[int]:
         """The first num_blocks blocks of each table, flat, padded with block 0 (masked or unread)."""

@@ -148,16 +148,21 @@ class Sampler:
         p = seq.params
         return seq.guide is None and p.logprobs is None and not p.logit_bias and not p.needs_penalties
 
-    def sample_ids(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    def sample_ids(self, logits: torch.Tensor, seqs: list[Sequence], argmax: torch.Tensor | None = None
+                   ) -> torch.Tensor:
         """The sampled ids [B] left on the logits' device, for rows that `defers`: the engine reads
-        them back after it has queued the next step (engine/overlap.py)."""
-        return self._choose(logits[:, : self.vocab_size], seqs)
+        them back after it has queued the next step (engine/overlap.py). `argmax`: each row's
+        argmax, when the forward pass took it already (ModelRunner.greedy_ids)."""
+        if argmax is not None and logits.shape[1] != self.vocab_size:
+            argmax = None  # taken over a wider row than the sampler's vocabulary
+        return self._choose(logits[:, : self.vocab_size], seqs, argmax)
 
-    def _choose(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    def _choose(self, logits: torch.Tensor, seqs: list[Sequence], argmax: torch.Tensor | None = None
+                ) -> torch.Tensor:
         greedy = [s.params.is_greedy for s in seqs]
         if all(greedy):
-            return self._argmax(logits)
-        return self._sample(logits, seqs, greedy)
+            return argmax if argmax is not None else self._argmax(logits)
+        return self._sample(logits, seqs, greedy, argmax)
 
     def _tensor(self, values: list[Any], dtype: torch.dtype) -> torch.Tensor:
         """A small per-row tensor on the logits' device without waiting for the GPU: a blocking
@@ -218,7 +223,8 @@ class Sampler:
                 row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
         return logits
 
-    def _sample(self, logits: torch.Tensor, seqs: list[Sequence], greedy: list[bool]) -> torch.Tensor:
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence], greedy: list[bool],
+                argmax: torch.Tensor | None = None) -> torch.Tensor:
         B, V = logits.shape
         temps = self._tensor([s.params.temperature if not g else 1.0 for s, g in zip(seqs, greedy)], logits.dtype)
         scaled = logits / temps[:, None]
@@ -258,5 +264,5 @@ class Sampler:
         sampled = torch.searchsorted(cdf, targets, right=True).squeeze(1).clamp_(max=V - 1)
         if any(greedy):
             greedy_mask = self._tensor(greedy, torch.bool)
-            sampled = torch.where(greedy_mask, self._argmax(logits), sampled)
+            sampled = torch.where(greedy_mask, argmax if argmax is not None else self._argmax(logits), sampled)
         return sampled

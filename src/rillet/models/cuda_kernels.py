@@ -679,16 +679,18 @@ def _argmax_final_kernel(values_ptr, indices_ptr, out_ptr, PARTS: tl.constexpr, 
     tl.store(out_ptr + row, tl.load(indices_ptr + row * PARTS + at).to(tl.int64))
 
 
-def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
+def argmax_rows(logits: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """logits.argmax(dim=-1) for [B, V] (a row's first maximum, as torch), in two launches that
     spread each row over the GPU: torch's reduction took 28 us for one 49k-wide row on an H200,
-    a few percent of a batch-1 decode step."""
+    a few percent of a batch-1 decode step. Into `out` (int64 [B]) if given."""
     B, V = logits.shape
     block = 4096
     parts = triton.next_power_of_2(triton.cdiv(V, block))
     values = torch.empty((B, parts), dtype=torch.float32, device=logits.device)
     indices = torch.empty((B, parts), dtype=torch.int32, device=logits.device)
-    out = torch.empty(B, dtype=torch.int64, device=logits.device)
+    if out is None:
+        out = torch.empty(B, dtype=torch.int64, device=logits.device)
+    assert out.shape == (B,) and out.dtype == torch.int64 and out.is_contiguous()
     if B:
         _argmax_part_kernel[(B, parts)](logits, values, indices, logits.stride(0), V, PARTS=parts, BLOCK=block,
                                         **_pdl_launch())
