@@ -69,6 +69,49 @@ def test_generate_streams_deltas_and_ends_with_a_finish_reason(env):
     assert engine.stats().kv_cache_usage == 0.0
 
 
+def test_stop_strings_end_a_choice_in_the_front_end_as_the_engine_ends_it(env):
+    """The core sends token ids; AsyncEngine decodes them and looks for stop strings. A stop
+    string found there ends that choice at once ("stop", the text cut before it, the tokens up to
+    it counted) as LLMEngine ends it in process; the other choice of the request runs on; the
+    core frees the stopped choice, and it is not counted as aborted."""
+    from rillet.engine.llm_engine import LLMEngine
+
+    lt, engine = env
+
+    async def run(params):
+        outs = [o async for o in engine.generate(chat("Write two sentences about the sea."), params)]
+        await wait_idle(engine)
+        return outs
+
+    def by_choice(outs):
+        return {i: ("".join(o.text for o in outs if o.index == i), [t for o in outs if o.index == i for t in o.token_ids],
+                    [o for o in outs if o.index == i][-1]) for i in {o.index for o in outs}}
+
+    full = by_choice(lt.run(run(SamplingParams(max_tokens=30, temperature=1.0, seed=5, n=2, ignore_eos=True))))
+    (text0, tokens0, last0), (text1, _, last1) = full[0], full[1]
+    assert last0.finish_reason == last1.finish_reason == "length"
+    stop = next(text0[i:i + 3] for i in range(len(text0) // 2, len(text0) - 3) if text0[i:i + 3] not in text1
+                and text0[i:i + 3].strip())
+    aborted = engine.stats().num_aborted_total
+    cut = by_choice(lt.run(run(SamplingParams(max_tokens=30, temperature=1.0, seed=5, n=2, ignore_eos=True,
+                                               stop=[stop]))))
+    assert cut[0][0] == text0[:text0.index(stop)] and stop not in cut[0][0]
+    assert cut[0][2].finish_reason == "stop" and cut[0][2].stop_reason == stop
+    assert cut[0][1] == tokens0[:len(cut[0][1])] and cut[0][2].num_output_tokens == len(cut[0][1]) < 30
+    assert cut[1][0] == text1 and cut[1][2].finish_reason == "length"  # the other choice ran on
+    stats = engine.stats()
+    assert stats.num_aborted_total == aborted and stats.num_kv_blocks_used == 0 and stats.num_running == 0
+
+    # the same request in process (LLMEngine decodes and stops itself): the same text and count
+    alone = LLMEngine(dtype="float32", max_model_len=1024, kv_cache_gib=0.2)
+    alone.add_request("same", chat("Write two sentences about the sea."),
+                      SamplingParams(max_tokens=30, temperature=1.0, seed=5, n=2, ignore_eos=True, stop=[stop]))
+    outs = []
+    while alone.has_unfinished():
+        outs += alone.step()
+    assert by_choice(outs)[0][0] == cut[0][0] and by_choice(outs)[0][2].num_output_tokens == cut[0][2].num_output_tokens
+
+
 def test_leaving_the_iterator_early_aborts_the_request(env):
     lt, engine = env
 

@@ -59,6 +59,22 @@ def test_openai_sdk_sync_chat_and_completions(oa_client, model):
     assert comp.choices[0].finish_reason == "length" and comp.usage.completion_tokens == 5
     assert len(comp.choices[0].logprobs.tokens) == 5
 
+
+def test_a_stop_string_cuts_the_streamed_text_before_it(oa_client, model):
+    # The core sends token ids; the server process decodes them and finds the stop string.
+    messages = [{"role": "user", "content": "Write two sentences about the sea."}]
+    full = oa_client.chat.completions.create(model=model, messages=messages, max_tokens=40, temperature=0)
+    text = full.choices[0].message.content
+    stop = next(text[i:i + 4] for i in range(len(text) // 2, len(text) - 4) if text[i:i + 4].strip()
+                and text.index(text[i:i + 4]) == i)
+    stream = oa_client.chat.completions.create(model=model, messages=messages, max_tokens=40, temperature=0,
+                                               stop=[stop], stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == text[:text.index(stop)]
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["stop"]
+    assert 0 < chunks[-1].usage.completion_tokens < full.usage.completion_tokens
+
     with pytest.raises(openai.NotFoundError):
         oa_client.chat.completions.create(model="no-such-model", messages=[{"role": "user", "content": "x"}])
     with pytest.raises(openai.BadRequestError):

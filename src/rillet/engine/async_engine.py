@@ -9,7 +9,10 @@ abort, step) runs over one of two transports:
 
 Either way prompts are validated and tokenized here, and each cycle's outputs are routed to
 per-request asyncio queues: from the core's thread in one `call_soon_threadsafe`, from a pipe
-as the loop reads it.
+as the loop reads it. The core sends token ids; their text is decoded here, where stop strings
+are looked for too (as vLLM v1's front end does: at hundreds of rows a step on a GPU that work
+paced the core). A choice whose text hits a stop string ends here at once, and the core is told
+to end it too; the tokens it made meanwhile are dropped.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from rillet.config import EngineConfig
 from rillet.engine.core import AbortRequest, AddRequest, CoreClient, CoreOutputs, CoreSetup, Stop
 from rillet.engine.core_process import CoreProcess
 from rillet.engine.core_thread import CoreThread
+from rillet.engine.detokenizer import ChoiceText, Detokenizer
 from rillet.engine.errors import EngineDeadError, EngineNotReadyError, QueueFullError
 from rillet.engine.llm_engine import EngineStats
 from rillet.engine.outputs import RequestOutput, merged
@@ -78,10 +82,12 @@ class RequestStream:
     EngineConfig.max_stream_events_per_s),
     gathering the tokens made meanwhile; a choice's first and last deltas are never held."""
 
-    def __init__(self, engine: _StreamOwner, request_id: str, num_prompt_tokens: int, n: int):
+    def __init__(self, engine: _StreamOwner, request_id: str, num_prompt_tokens: int, n: int,
+                 texts: list[ChoiceText] | None = None):
         self._engine = engine
         self.request_id = request_id
         self.num_prompt_tokens = num_prompt_tokens
+        self.texts = texts or []  # each choice's text, decoded by AsyncEngine from the core's token ids
         self._pending: deque[RequestOutput | BaseException] = deque()
         self._waiter: asyncio.Future[None] | None = None
         self._unfinished = n  # choices the consumer has not seen finish
@@ -182,8 +188,10 @@ class AsyncEngine:
         self._transport = transport or (CoreProcess if config.engine_process else CoreThread)
         self._core: CoreClient | None = None
         self._prompts: PromptEncoder | None = None
+        self._detokenizer: Detokenizer | None = None
         self._model_name = ""
         self._eos_token_ids: list[int] = []
+        self._eos: frozenset[int] = frozenset()
         self._lock = threading.Lock()  # guards the three below, written by the core's thread
         self._stats: EngineStats | None = None
         self._num_sent = 0  # adds sent to the core ...
@@ -239,7 +247,9 @@ class AsyncEngine:
             raise
         self._core = core
         self._prompts = PromptEncoder(info.tokenizer, info.vocab_size, info.max_model_len)
+        self._detokenizer = Detokenizer(info.tokenizer)
         self._model_name, self._eos_token_ids = info.model_name, list(info.eos_token_ids)
+        self._eos = frozenset(info.eos_token_ids)
         with self._lock:
             self._stats = info.stats
         self._health = "ready"
@@ -312,7 +322,12 @@ class AsyncEngine:
         prompts.check_prompt_length(len(token_ids), params.max_tokens, what="messages" if chat else "prompt")
         core = self._check_accepting()
         self._check_queue()  # again: other requests may have been queued while this one was tokenized
-        stream = RequestStream(self, request_id, len(token_ids), params.n)
+        texts = [ChoiceText(params, token_ids) for _ in range(params.n)]
+        detokenizer = self._detokenizer
+        assert detokenizer is not None
+        for text in texts:
+            detokenizer.start(text)
+        stream = RequestStream(self, request_id, len(token_ids), params.n, texts)
         self._streams[request_id] = stream
         with self._lock:
             self._num_sent += 1
@@ -380,11 +395,49 @@ class AsyncEngine:
             stream = self._streams.get(out.request_id)
             if stream is None:
                 continue
-            stream._put(out)
-            if out.finish_reason is not None:
+            last = out.finish_reason is not None  # the core's last output of this choice
+            if self._decode(stream, out):
+                stream._put(out)
+            if last:
                 stream._undelivered -= 1
                 if stream._undelivered == 0:
                     del self._streams[out.request_id]
+
+    def _decode(self, stream: RequestStream, out: RequestOutput) -> bool:
+        """Fill `out.text` from its token ids, as LLMEngine does with `detokenize` on: a stop
+        token's or EOS's text is not output, a stop string ends the choice here (the core is told
+        to end it too). False: the choice already ended here, `out` is to be dropped."""
+        if out.index >= len(stream.texts):  # a stream made without texts: the core's text stands
+            return True
+        text, detokenizer = stream.texts[out.index], self._detokenizer
+        assert detokenizer is not None
+        if text.stopped:
+            return False
+        params, eos = text.params, self._eos
+        stop = None
+        for i, token in enumerate(out.token_ids):
+            if token in params.stop_token_ids or (token in eos and not params.ignore_eos):
+                continue  # the core ends the choice on it; its text is not part of the output
+            stop = detokenizer.append(text, token)
+            if stop is not None:
+                if i + 1 < len(out.token_ids):  # tokens past the stop string's (several gathered)
+                    out.num_output_tokens -= len(out.token_ids) - i - 1
+                    del out.token_ids[i + 1:]
+                    if out.logprobs is not None:
+                        del out.logprobs[i + 1:]
+                break
+        if stop is not None:
+            if out.finish_reason is None:
+                text.stopped = True
+                core = self._core
+                if core is not None:
+                    core.send(AbortRequest(out.request_id, index=out.index, stop=stop))
+            out.finish_reason, out.stop_reason = "stop", stop
+        finished = out.finish_reason is not None
+        out.text = detokenizer.take_delta(text, finished)
+        if finished:
+            detokenizer.forget(text)
+        return True
 
     def _fail_streams(self, exc: BaseException) -> None:
         for stream in self._streams.values():

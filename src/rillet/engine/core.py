@@ -16,7 +16,11 @@ A transport only moves commands in and outputs out. The rules live here, for bot
 - with tensor parallelism a failed step is fatal at once, and a worker rank that exits is
   reported by the workers' watchdog straight to the transport, even while the loop is idle or
   blocked in a collective;
-- "stop" aborts every live request (finish_reason "abort") and publishes them as the last outputs.
+- "stop" aborts every live request (finish_reason "abort") and publishes them as the last outputs;
+- outputs carry token ids, not text: the front end detokenizes and looks for stop strings (as
+  vLLM v1's does), and ends a choice whose text hit one with an AbortRequest naming the choice
+  and the stop string (it ends as "stop", not counted as aborted; the few tokens made meanwhile
+  are dropped there).
 `core_setup(llm_engine)` (test hooks) runs on the LLMEngine once it is built, in the thread or
 process that runs the loop.
 """
@@ -56,6 +60,8 @@ class AddRequest:
 @dataclass(frozen=True)
 class AbortRequest:
     request_id: str
+    index: int | None = None  # one choice only
+    stop: str | None = None  # the stop string the front end found in that choice: it ends as "stop"
 
 
 @dataclass(frozen=True)
@@ -159,6 +165,7 @@ class EngineCore:
     def __init__(self, config: EngineConfig, setup: CoreSetup | None = None) -> None:
         self.config = config
         self.engine = LLMEngine(config)
+        self.engine.detokenize = False  # the front end (AsyncEngine) turns the token ids into text
         if setup is not None:
             setup(self.engine)
         self.num_added = 0
@@ -222,7 +229,7 @@ class EngineCore:
                 if isinstance(command, AddRequest):
                     outputs += self.add(command)
                 elif isinstance(command, AbortRequest):
-                    outputs += engine.abort(command.request_id)
+                    outputs += engine.abort(command.request_id, index=command.index, stop=command.stop)
                 else:
                     outputs += self.abort_all()
                     transport.publish(CoreOutputs(outputs, engine.stats(), self.num_added, final=True))

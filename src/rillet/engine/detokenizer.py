@@ -14,15 +14,36 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from tokenizers.decoders import DecodeStream  # tokenizers >= 0.21
 from transformers import PreTrainedTokenizerBase
 
-from rillet.engine.sequence import Sequence
+from rillet.sampling_params import SamplingParams
 
 REPLACEMENT = "\ufffd"
 PROMPT_CONTEXT_TOKENS = 5  # earlier tokens decoded with new ones, for spacing rules of the tokenizer
+
+
+class Decoded(Protocol):
+    """What the detokenizer reads and writes of a choice: an engine Sequence (LLMEngine), or a
+    front end's ChoiceText (AsyncEngine, which detokenizes for the core)."""
+
+    params: SamplingParams
+    prompt_token_ids: list[int]
+    output_text: str  # the full text so far (cut at a stop string)
+    num_emitted_chars: int  # how much of it was handed out
+
+
+@dataclass
+class ChoiceText:
+    """A front end's text of one choice, built from the token ids the core sends."""
+
+    params: SamplingParams
+    prompt_token_ids: list[int]
+    output_text: str = ""
+    num_emitted_chars: int = 0
+    stopped: bool = False  # ended here at a stop string: the core's later outputs are dropped
 
 
 @dataclass
@@ -61,7 +82,7 @@ class Detokenizer:
             self._decode if self._backend is None else self._backend.decode
         self._streams = use_stream and self._backend is not None
 
-    def start(self, seq: Sequence) -> None:
+    def start(self, seq: Decoded) -> None:
         tail = seq.prompt_token_ids[-PROMPT_CONTEXT_TOKENS:]
         holdback = max((len(s) for s in seq.params.stop), default=1) - 1
         state = DecodeState(list(tail), 0, len(tail), holdback)
@@ -72,7 +93,7 @@ class Detokenizer:
             state.token_ids = []
         self._states[id(seq)] = state
 
-    def forget(self, seq: Sequence) -> None:
+    def forget(self, seq: Decoded) -> None:
         self._states.pop(id(seq), None)
 
     def _decode(self, ids: list[int], skip: bool) -> str:
@@ -88,7 +109,7 @@ class Detokenizer:
             raise TypeError(f"the tokenizer decoded one token to {type(text).__name__}")
         return text
 
-    def append(self, seq: Sequence, token_id: int | None) -> str | None:
+    def append(self, seq: Decoded, token_id: int | None) -> str | None:
         """Feed one new output token (None: none, only flush). Returns the stop string hit, if any."""
         state = self._states[id(seq)]
         stream = state.stream
@@ -109,7 +130,7 @@ class Detokenizer:
             return self._find_stop(seq, state)
         return None
 
-    def _find_stop(self, seq: Sequence, state: DecodeState) -> str | None:
+    def _find_stop(self, seq: Decoded, state: DecodeState) -> str | None:
         # Only text not yet emitted (plus the held-back tail) can contain a new match.
         start = max(0, seq.num_emitted_chars - state.stop_holdback)
         best: tuple[int, str] | None = None
@@ -122,7 +143,7 @@ class Detokenizer:
         seq.output_text = seq.output_text[:best[0]]
         return best[1]
 
-    def take_delta(self, seq: Sequence, finished: bool) -> str:
+    def take_delta(self, seq: Decoded, finished: bool) -> str:
         """Text that can be handed out now: all of it when finished, else all but the stop hold-back."""
         state = self._states.get(id(seq))
         end = len(seq.output_text)

@@ -159,6 +159,11 @@ class LLMEngine:
         delay = config.scheduler_delay_factor
         self._delay_factor = delay if delay is not None else (1.0 if self.runner.replays_decodes else 0.0)
         self.detokenizer = Detokenizer(self.tokenizer)
+        # False: outputs carry token ids and no text, and stop strings are not looked for here;
+        # the front end does both (EngineCore under AsyncEngine, as vLLM's engine core: at
+        # hundreds of rows a step that work would pace a GPU's steps), and ends a choice whose
+        # text hit a stop string with abort(..., index=, stop=).
+        self.detokenize = True
         self.prompts = PromptEncoder(self.tokenizer, self.vocab_size, self.max_model_len)
         self.requests: dict[str, list[Sequence]] = {}
         self._masks: MaskFiller | None = None  # built with the first constrained request's grammar
@@ -248,7 +253,8 @@ class LLMEngine:
             seq = Sequence(request_id, index, ids, params, seed=seed)
             if compiled is not None:
                 seq.guide = Guide(compiled)  # one matcher per choice
-            self.detokenizer.start(seq)
+            if self.detokenize:
+                self.detokenizer.start(seq)
             seqs.append(seq)
         self.requests[request_id] = seqs
         for seq in seqs:
@@ -274,19 +280,26 @@ class LLMEngine:
     def check_prompt_length(self, num_tokens: int) -> None:
         self.prompts.check_prompt_length(num_tokens)
 
-    def abort(self, request_id: str, reason: str = "abort", error: str | None = None) -> list[RequestOutput]:
-        seqs = self.requests.pop(request_id, None)
+    def abort(self, request_id: str, reason: str = "abort", error: str | None = None, *, index: int | None = None,
+              stop: str | None = None) -> list[RequestOutput]:
+        """End a request's unfinished choices (only choice `index` if given) with `reason`.
+        `stop`: the stop string a front end found in that choice's text; the choice ends as
+        "stop" with it, and is not counted as aborted."""
+        seqs = self.requests.get(request_id)
         if not seqs:
             return []
+        if stop is not None:
+            reason = "stop"
         outputs = []
         for seq in seqs:
-            if seq.is_finished:
+            if seq.is_finished or (index is not None and seq.index != index):
                 continue
+            seq.stop_reason = stop
             self.scheduler.finish(seq, reason)
             seq.error = error
             outputs.append(self._output(seq, [], "", None))
-            self._forget(seq)
-        if reason == "abort":
+            self._forget(seq)  # the last unfinished choice takes the request with it
+        if reason == "abort" and outputs:
             self.num_aborted_total += 1
         return outputs
 
@@ -427,7 +440,7 @@ class LLMEngine:
         # Once per row of every step (hundreds of rows a step on a GPU, where this loop paces the
         # engine): bound methods and constants are looked up once, the stop checks are inline.
         append_text, take_delta, max_len = self.detokenizer.append, self.detokenizer.take_delta, self.max_model_len
-        eos = self.eos_token_ids
+        eos, detokenize = self.eos_token_ids, self.detokenize
         for row, seq in enumerate(seqs):
             token = token_ids[row]
             guide = seq.guide
@@ -443,7 +456,7 @@ class LLMEngine:
             elif token in eos and not params.ignore_eos:
                 reason = "stop"
             else:
-                stop = append_text(seq, token)
+                stop = append_text(seq, token) if detokenize else None
                 if stop is not None:
                     reason, stop_reason = "stop", stop
                 elif guide is not None and guide.is_stopped:  # the grammar is complete
@@ -453,7 +466,7 @@ class LLMEngine:
             token_logprobs = None
             if logprobs is not None and (row_logprobs := logprobs[row]) is not None:
                 token_logprobs = [self._token_logprob(token, *row_logprobs)]
-            delta = take_delta(seq, reason is not None)
+            delta = take_delta(seq, reason is not None) if detokenize else ""
             if reason is not None:
                 seq.finish_reason, seq.stop_reason = reason, stop_reason
                 self.scheduler.finish(seq, reason)
