@@ -139,20 +139,13 @@ def main(argv: list[str] | None = None) -> int:
             seq.block_table = list(range(i * 12, i * 12 + 12))
             seq.num_computed_tokens = 150 + i % 9
         host = DecodeHostInputs(np.zeros((5, N), dtype=np.int32), np.zeros((N, nb), dtype=np.int32), bs)
-        inputs, tables = np.zeros((5, N), dtype=np.int32), np.zeros((N, nb), dtype=np.int32)
-        rows: list[tuple[list[int] | None, int]] = [(None, 0)] * N
-        bm = engine.block_manager
+        old = DecodeHostInputs(np.zeros((5, N), dtype=np.int32), np.zeros((N, nb), dtype=np.int32), bs)
+        inputs, bm = old.inputs, engine.block_manager
 
         def per_row(step: int) -> None:  # DecodeGraphs.run's host part before d9cc6ab
             positions = [seq.num_computed_tokens + 1 for seq in seqs]
             slots = [bm.slot(seq, position) for seq, position in zip(seqs, positions)]
-            for row, seq in enumerate(seqs):
-                table = seq.block_table
-                held, written = rows[row]
-                if held is not table or written != len(table):
-                    start = written if held is table else 0
-                    tables[row, start:len(table)] = table[start:]
-                    rows[row] = (table, len(table))
+            old.write_tables(seqs)  # the table rows as fill writes them: only the slots differ
             inputs[POSITIONS] = positions
             inputs[SLOTS] = slots
             inputs[CONTEXT_LENS] = inputs[POSITIONS] + 1

@@ -407,8 +407,6 @@ class AsyncEngine:
         """Fill `out.text` from its token ids, as LLMEngine does with `detokenize` on: a stop
         token's or EOS's text is not output, a stop string ends the choice here (the core is told
         to end it too). False: the choice already ended here, `out` is to be dropped."""
-        if out.index >= len(stream.texts):  # a stream made without texts: the core's text stands
-            return True
         text, detokenizer = stream.texts[out.index], self._detokenizer
         assert detokenizer is not None
         if text.stopped:

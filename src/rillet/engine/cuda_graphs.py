@@ -89,12 +89,9 @@ class DecodeHostInputs:
         self._rows: list[tuple[list[int] | None, int]] = [(None, 0)] * self.tables.shape[0]
         self._lengths = np.zeros(self.tables.shape[0], dtype=np.int64)
 
-    def fill(self, seqs: list[Sequence], size: int, feed_ids: bool, shift: int = 0) -> None:
-        """Rows 0..B-1: each sequence decoding the token at its position num_computed_tokens +
-        `shift` (that token's id only with `feed_ids`: else it comes from the GPU); rows B..size-1
-        padding (query length 0, no KV slot)."""
-        B = len(seqs)
-        host, tables, rows, lengths = self.inputs, self.tables, self._rows, self._lengths
+    def write_tables(self, seqs: list[Sequence]) -> None:
+        """Row i of `tables` holds seqs[i]'s block table (the blocks it did not hold yet)."""
+        tables, rows, lengths = self.tables, self._rows, self._lengths
         for row, seq in enumerate(seqs):
             table = seq.block_table
             held, written = rows[row]
@@ -103,6 +100,14 @@ class DecodeHostInputs:
                 tables[row, start:len(table)] = table[start:]
                 rows[row] = (table, len(table))
                 lengths[row] = len(table)
+
+    def fill(self, seqs: list[Sequence], size: int, feed_ids: bool, shift: int = 0) -> None:
+        """Rows 0..B-1: each sequence decoding the token at its position num_computed_tokens +
+        `shift` (that token's id only with `feed_ids`: else it comes from the GPU); rows B..size-1
+        padding (query length 0, no KV slot)."""
+        B = len(seqs)
+        host, tables, lengths = self.inputs, self.tables, self._lengths
+        self.write_tables(seqs)
         positions = host[POSITIONS, :B]
         positions[:] = [seq.num_computed_tokens for seq in seqs]
         positions += shift
@@ -140,8 +145,9 @@ class DecodeGraphs:
         model = runner.model
         vocab = model.config.vocab_size
         self.logits = torch.zeros((self.max_batch, vocab), dtype=torch.float32, device=device)
-        self.greedy = torch.zeros(self.max_batch, dtype=torch.int64, device=device)
         self.tp = model.tp  # tensor parallelism: the head's slices are all-gathered inside the graph
+        # None under tensor parallelism, whose engine samples step by step (LLMEngine._defers)
+        self.greedy = None if self.tp is not None else torch.zeros(self.max_batch, dtype=torch.int64, device=device)
         if self.tp is not None:  # flat, so that each size's [ranks, size, local vocab] view is contiguous
             self.gathered = torch.zeros(model.shard.size * self.max_batch * self.tp.local_vocab,
                                         dtype=torch.float32, device=device)
@@ -170,7 +176,7 @@ class DecodeGraphs:
             cuda_kernels.gemv(hidden, weight, bias, out=self.logits[:1])  # float32 logits from the kernel
         else:
             self.logits[:size].copy_(torch.nn.functional.linear(hidden, weight, bias))
-        if self.tp is None:  # a tensor-parallel engine samples step by step: see LLMEngine._defers
+        if self.greedy is not None:
             cuda_kernels.argmax_rows(self.logits[:size], out=self.greedy[:size])
 
     @torch.inference_mode()

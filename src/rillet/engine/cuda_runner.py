@@ -111,7 +111,7 @@ class CudaModelRunner(ModelRunner):
 
     def greedy_ids(self, rows: int) -> torch.Tensor | None:
         """The argmax each decode graph takes with its logits (DecodeGraphs.greedy)."""
-        if not self._replayed_decodes or self.graphs is None or self.graphs.tp is not None:
+        if not self._replayed_decodes or self.graphs is None or self.graphs.greedy is None:
             return None
         return self.graphs.greedy[:rows]
 
