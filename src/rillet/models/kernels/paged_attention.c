@@ -417,6 +417,22 @@ static inline void key_run(const float *qf, const uint16_t *kp, int n, int group
 int rillet_max_head_dim(void) { return MAX_HEAD_DIM; }
 int rillet_max_group(void) { return MAX_GROUP; }
 
+/* Blocks ahead whose keys are prefetched (0: none, the hardware prefetchers alone; the
+   comparison tests/kernels/bench_attention.c makes). One was as fast as two or four here. */
+#ifndef PREFETCH_BLOCKS
+#define PREFETCH_BLOCKS 1
+#endif
+
+/* Ask for `bytes` from p into the cache (locality 3: L1, 2: L2), a 64-byte line at a time. */
+static inline void prefetch_block(const uint16_t *p, int64_t bytes, const int locality) {
+    for (int64_t at = 0; at < bytes; at += 64) {
+        if (locality == 3)
+            __builtin_prefetch((const char *)p + at, 0, 3);
+        else
+            __builtin_prefetch((const char *)p + at, 0, 2);
+    }
+}
+
 void rillet_paged_attention_task(const uint16_t *q_group, const uint16_t *k_head, const uint16_t *v_head,
                                  const int32_t *table, int32_t ctx, int32_t group, int32_t head_dim,
                                  int32_t block_size, float scale, uint16_t *out_group, float **scores,
@@ -433,9 +449,20 @@ void rillet_paged_attention_task(const uint16_t *q_group, const uint16_t *k_head
     float acc[MAX_GROUP * MAX_HEAD_DIM];
     for (int i = 0; i < group * d; i++) qf[i] = bf16_to_f32(q_group[i]);
 
-    /* Blocks are block_size contiguous slots: walk them block by block. */
-    for (int start = 0; start < ctx; start += block_size) {
-        const uint16_t *kp = k_head + (int64_t)table[start / block_size] * block_size * d;
+    /* Blocks are block_size contiguous slots: walk them block by block. A sequence's blocks lie
+       apart in the cache, so the hardware prefetchers stop at each block's end; the keys of the
+       block PREFETCH_BLOCKS ahead are asked for here, and each block's values (read by the pass
+       after the softmax) as its keys are. */
+    const int blocks = (ctx + block_size - 1) / block_size;
+    const int64_t block_bytes = (int64_t)block_size * d * (int64_t)sizeof(uint16_t);
+    for (int b = 0; b < PREFETCH_BLOCKS && b < blocks; b++)
+        prefetch_block(k_head + (int64_t)table[b] * block_size * d, block_bytes, 3);
+    for (int b = 0, start = 0; start < ctx; b++, start += block_size) {
+        if (PREFETCH_BLOCKS > 0 && b + PREFETCH_BLOCKS < blocks)
+            prefetch_block(k_head + (int64_t)table[b + PREFETCH_BLOCKS] * block_size * d, block_bytes, 3);
+        if (PREFETCH_BLOCKS > 0)
+            prefetch_block(v_head + (int64_t)table[b] * block_size * d, block_bytes, 2);
+        const uint16_t *kp = k_head + (int64_t)table[b] * block_size * d;
         const int n = ctx - start < block_size ? ctx - start : block_size;
         key_run(qf, kp, n, group, d, scale, s_all + start, (size_t)ctx);
     }
