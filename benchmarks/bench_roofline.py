@@ -55,8 +55,8 @@ def weight_bytes(engine) -> int:
 def step_time_ms(engine, batch: int, context: int, steps: int) -> float:
     from rillet.sampling_params import SamplingParams
 
-    prompt = list(range(1000, 1000 + context))
-    for i in range(batch):
+    for i in range(batch):  # a prompt of its own each: shared prefix blocks would be read once, from cache
+        prompt = [1000 + (i * 7919 + j) % 30000 for j in range(context)]
         engine.add_request(f"b{batch}-{i}", None, SamplingParams(max_tokens=steps + 8, ignore_eos=True,
                                                                  temperature=0), prompt_token_ids=prompt)
     while any(s.num_computed_tokens < context for s in engine.scheduler.running) or engine.scheduler.waiting:
