@@ -33,6 +33,10 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
+    # vLLM's: no EOS or stop token is sampled, and no stop string ends the output, before this many
+    # output tokens (the context's end still does)
+    min_tokens: int = 0
+    include_stop_str_in_output: bool = False  # vLLM's: the stop string (or stop token's text) ends the text
     n: int = 1
     logprobs: int | None = None  # None: off; k >= 0: chosen token plus top-k alternatives
     skip_special_tokens: bool = True
@@ -51,6 +55,10 @@ class SamplingParams:
     @property
     def is_greedy(self) -> bool:
         return self.temperature == 0.0
+
+    def holds_ends(self, num_output_tokens: int) -> bool:
+        """Whether the next token may not end the output yet (min_tokens not reached)."""
+        return num_output_tokens < self.min_tokens
 
     @property
     def needs_penalties(self) -> bool:
@@ -74,6 +82,10 @@ class SamplingParams:
             isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1
         ):
             raise bad("max_tokens", "must be an integer >= 1")
+        if isinstance(self.min_tokens, bool) or not isinstance(self.min_tokens, int) or self.min_tokens < 0:
+            raise bad("min_tokens", "must be an integer >= 0")
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise bad("min_tokens", f"must be at most max_tokens ({self.max_tokens})")
         if not 0.0 <= finite("temperature") <= 100.0:
             raise bad("temperature", "must be in [0, 100]")
         if not 0.0 < finite("top_p") <= 1.0:
@@ -111,3 +123,5 @@ class SamplingParams:
             if not isinstance(self.structured, StructuredOutputs):
                 raise ValueError("structured must be a rillet.structured.StructuredOutputs")
             self.structured.validate()
+            if self.min_tokens:  # a finished grammar allows only EOS, which min_tokens would forbid
+                raise ValueError("min_tokens cannot be combined with structured output")

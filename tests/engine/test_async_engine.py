@@ -281,3 +281,37 @@ def test_the_core_process_reports_a_bad_model_as_the_same_error_a_thread_does(tm
     finally:
         lt.close()
     assert engine.health == "dead"
+
+
+def test_min_tokens_and_include_stop_str_in_output_in_the_front_end_as_in_the_engine(env):
+    """The front end decodes and looks for stop strings itself: min_tokens holds its stop strings
+    back as LLMEngine's own check does, and include_stop_str_in_output keeps the stop string or
+    the stop token's text. Each request gives the same text, count and finish as in process."""
+    from rillet.engine.llm_engine import LLMEngine
+
+    lt, engine = env
+    cases = [("Say hello.", dict(stop=["!"])), ("Say hello.", dict(stop=["!"], include_stop_str_in_output=True)),
+             ("Say hello.", dict(stop=["!"], min_tokens=12)),
+             ("Reply with one word: yes or no?", dict(min_tokens=10)),
+             ("Reply with one word: yes or no?", dict(stop_token_ids=[30], include_stop_str_in_output=True))]
+
+    async def run(prompt, params):
+        outs = [o async for o in engine.generate(chat(prompt), params)]
+        await wait_idle(engine)
+        return outs
+
+    alone = LLMEngine(dtype="float32", max_model_len=1024, kv_cache_gib=0.2)
+    for prompt, extra in cases:
+        params = SamplingParams(max_tokens=40, temperature=0, **extra)
+        front = lt.run(run(prompt, params))
+        alone.add_request("same", chat(prompt), params)
+        outs = []
+        while alone.has_unfinished():
+            outs += alone.step()
+        for got in (front, outs):
+            assert got[-1].finish_reason in ("stop", "length")
+        summary = [("".join(o.text for o in got), got[-1].num_output_tokens, got[-1].finish_reason,
+                    got[-1].stop_reason) for got in (front, outs)]
+        assert summary[0] == summary[1], (extra, summary)
+    stats = engine.stats()
+    assert stats.num_kv_blocks_used == 0 and stats.num_running == 0

@@ -286,3 +286,38 @@ def test_multi_turn_chat_reuses_the_cached_history_and_answers_the_same(engine_f
     fresh = run_to_completion(engine_fp32, [("t2", turn2, params)])["t2"]
     assert texts_and_tokens(second)[1] == texts_and_tokens(fresh)[1]
     assert engine_fp32.block_manager.num_cached_tokens_total == 0
+
+
+def test_min_tokens_holds_ends_back_and_include_stop_str_in_output_keeps_them(engine_fp32):
+    """vLLM's two extras. min_tokens: no EOS or stop token is drawn and no stop string ends the
+    answer before that many tokens. include_stop_str_in_output: the stop string, or the stop
+    token's text, stays at the end of the text."""
+    def run(prompt, **params):
+        outs = run_to_completion(engine_fp32, [("r", chat(prompt), SamplingParams(temperature=0, **params))])["r"]
+        text, tokens = texts_and_tokens(outs)
+        return text, tokens, outs[-1]
+
+    eos = engine_fp32.eos_token_ids
+    text, tokens, last = run("Reply with one word: yes or no?", max_tokens=40)
+    assert last.finish_reason == "stop" and tokens[-1] in eos and len(tokens) < 12  # a short answer ends early
+    held, held_tokens, held_last = run("Reply with one word: yes or no?", max_tokens=40, min_tokens=12)
+    assert len(held_tokens) >= 12 and not set(held_tokens[:12]) & eos
+    assert held_tokens[:len(tokens) - 1] == tokens[:-1] and held.startswith(text)  # the same answer, then more
+    # a stop token: its text is left out, unless asked for
+    stop_token = tokens[-2]
+    cut, _, cut_last = run("Reply with one word: yes or no?", max_tokens=40, stop_token_ids=[stop_token])
+    kept, _, _ = run("Reply with one word: yes or no?", max_tokens=40, stop_token_ids=[stop_token],
+                     include_stop_str_in_output=True)
+    assert cut_last.stop_reason == stop_token and kept == text and cut == text[:len(text) - len(
+        engine_fp32.tokenizer.decode([stop_token]))]
+
+    full, full_tokens, _ = run("Say hello.", max_tokens=60)
+    assert "!" in full
+    at = full.index("!")
+    stopped, _, stopped_last = run("Say hello.", max_tokens=60, stop=["!"])
+    with_stop, _, _ = run("Say hello.", max_tokens=60, stop=["!"], include_stop_str_in_output=True)
+    assert stopped == full[:at] and with_stop == full[:at + 1] and stopped_last.stop_reason == "!"
+    # the "!" comes before min_tokens: it does not stop the answer, which runs on past it
+    before = next(n for n in range(1, len(full_tokens)) if "!" in engine_fp32.tokenizer.decode(full_tokens[:n]))
+    past, past_tokens, _ = run("Say hello.", max_tokens=60, stop=["!"], min_tokens=before + 1)
+    assert past.startswith(full[:at + 1]) and len(past_tokens) > before + 1

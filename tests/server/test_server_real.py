@@ -75,6 +75,16 @@ def test_a_stop_string_cuts_the_streamed_text_before_it(oa_client, model):
     assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["stop"]
     assert 0 < chunks[-1].usage.completion_tokens < full.usage.completion_tokens
 
+    # vLLM's extras: the stop string kept; a stop string before min_tokens does not end the answer
+    kept = oa_client.chat.completions.create(model=model, messages=messages, max_tokens=40, temperature=0,
+                                             stop=[stop], extra_body={"include_stop_str_in_output": True})
+    assert kept.choices[0].message.content == text[:text.index(stop) + len(stop)]
+    held = oa_client.chat.completions.create(model=model, messages=messages, max_tokens=40, temperature=0,
+                                             stop=[stop], extra_body={"min_tokens": 40})
+    assert held.choices[0].message.content.startswith(text) and held.usage.completion_tokens == 40
+    with pytest.raises(openai.BadRequestError, match="min_tokens must be at most max_tokens"):
+        oa_client.chat.completions.create(model=model, messages=messages, max_tokens=4, extra_body={"min_tokens": 5})
+
     with pytest.raises(openai.NotFoundError):
         oa_client.chat.completions.create(model="no-such-model", messages=[{"role": "user", "content": "x"}])
     with pytest.raises(openai.BadRequestError):

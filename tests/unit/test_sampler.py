@@ -182,3 +182,27 @@ def test_sample_ids_takes_the_forward_pass_argmax_for_greedy_rows_only():
     assert sampler.sample_ids(logits, rows, taken).tolist() == [6, 2, 2]  # the sampled rows: p(2) ~ 1
     wider = torch.cat([logits, torch.full((3, 4), -50.0)], dim=1)
     assert sampler.sample_ids(wider, seqs(3, temperature=0.0), taken).tolist() == [2, 2, 2]
+
+
+def test_min_tokens_masks_eos_and_stop_tokens_until_reached_and_keeps_the_row_step_by_step():
+    # vLLM's rule: while a row has fewer output tokens than min_tokens, EOS (unless ignore_eos)
+    # and its stop_token_ids cannot be drawn; other rows and other tokens are untouched.
+    V = 8
+    logits = torch.zeros((4, V))
+    logits[:, 1] = 9.0  # EOS, every row's argmax
+    logits[:, 5] = 8.0  # a stop token
+    logits[:, 3] = 7.0
+    sampler = Sampler(V, torch.device("cpu"), eos_token_ids=[1])
+    rows = [_seq([0], [4], temperature=0.0, min_tokens=3, stop_token_ids=[5]),      # 1 of 3: held
+            _seq([0], [4, 4, 4], temperature=0.0, min_tokens=3, stop_token_ids=[5]),  # reached
+            _seq([0], [], temperature=0.0, min_tokens=3, ignore_eos=True),             # EOS not an end
+            _seq([0], [], temperature=0.0)]
+    assert sampler(logits, rows).token_ids == [3, 1, 1, 1]
+    masked = sampler._apply_biases_and_penalties(logits, rows)
+    assert masked[0, 1] == masked[0, 5] == -math.inf and masked[0, 3] == 7.0
+    assert masked[1:].tolist() == logits[1:].tolist()
+    assert not Sampler.defers(rows[0]) and Sampler.defers(rows[1]) and Sampler.defers(rows[3])
+    # sampled rows never draw a masked token
+    hot = [_seq([0], [], temperature=1.0, min_tokens=2, stop_token_ids=[5]) for _ in range(500)]
+    drawn = sampler(torch.zeros((500, V)), hot).token_ids
+    assert 1 not in drawn and 5 not in drawn and len(set(drawn)) == V - 2

@@ -414,9 +414,14 @@ class AsyncEngine:
         params, eos = text.params, self._eos
         stop = None
         for i, token in enumerate(out.token_ids):
-            if token in params.stop_token_ids or (token in eos and not params.ignore_eos):
-                continue  # the core ends the choice on it; its text is not part of the output
-            stop = detokenizer.append(text, token)
+            text.num_tokens += 1
+            held = text.num_tokens < params.min_tokens  # the core did not stop it on this token
+            if not held and (token in params.stop_token_ids or (token in eos and not params.ignore_eos)):
+                # the core ends the choice on it; its text is output only if asked for
+                if params.include_stop_str_in_output:
+                    detokenizer.append(text, token, False)
+                continue
+            stop = detokenizer.append(text, token, not held)
             if stop is not None:
                 if i + 1 < len(out.token_ids):  # tokens past the stop string's (several gathered)
                     out.num_output_tokens -= len(out.token_ids) - i - 1

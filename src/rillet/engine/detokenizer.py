@@ -44,6 +44,7 @@ class ChoiceText:
     output_text: str = ""
     num_emitted_chars: int = 0
     stopped: bool = False  # ended here at a stop string: the core's later outputs are dropped
+    num_tokens: int = 0  # output tokens decoded so far (stop strings count from params.min_tokens)
 
 
 @dataclass
@@ -109,8 +110,9 @@ class Detokenizer:
             raise TypeError(f"the tokenizer decoded one token to {type(text).__name__}")
         return text
 
-    def append(self, seq: Decoded, token_id: int | None) -> str | None:
-        """Feed one new output token (None: none, only flush). Returns the stop string hit, if any."""
+    def append(self, seq: Decoded, token_id: int | None, find_stops: bool = True) -> str | None:
+        """Feed one new output token (None: none, only flush). Returns the stop string hit, if any
+        (none looked for without `find_stops`: before min_tokens, or a stop token's own text)."""
         state = self._states[id(seq)]
         stream = state.stream
         if stream is not None:
@@ -126,7 +128,7 @@ class Detokenizer:
                 seq.output_text += full[len(prefix):]
                 state.prefix_offset = state.read_offset
                 state.read_offset = len(state.token_ids)
-        if seq.params.stop:
+        if seq.params.stop and find_stops:
             return self._find_stop(seq, state)
         return None
 
@@ -140,8 +142,9 @@ class Detokenizer:
                 best = (pos, stop)
         if best is None:
             return None
-        seq.output_text = seq.output_text[:best[0]]
-        return best[1]
+        pos, stop = best
+        seq.output_text = seq.output_text[:pos + len(stop) if seq.params.include_stop_str_in_output else pos]
+        return stop
 
     def take_delta(self, seq: Decoded, finished: bool) -> str:
         """Text that can be handed out now: all of it when finished, else all but the stop hold-back."""

@@ -155,7 +155,8 @@ class LLMEngine:
             self.workers.wait_ready()
             assert self.model.tp is not None
             self.model.tp.mirror = self.workers.send  # from now on every forward pass runs on every rank
-        self.sampler = Sampler(self.vocab_size, self.device, seed=config.seed, argmax=argmax)
+        self.sampler = Sampler(self.vocab_size, self.device, seed=config.seed, argmax=argmax,
+                               eos_token_ids=self.eos_token_ids)
         delay = config.scheduler_delay_factor
         self._delay_factor = delay if delay is not None else (1.0 if self.runner.replays_decodes else 0.0)
         self.detokenizer = Detokenizer(self.tokenizer)
@@ -451,12 +452,17 @@ class LLMEngine:
             seq.output_token_ids.append(token)
             reason: str | None = None
             stop_reason: str | int | None = None
-            if token in params.stop_token_ids:
+            # below min_tokens nothing but the context's end stops it (its end tokens were masked)
+            held = params.min_tokens and seq.num_output_tokens < params.min_tokens
+            if token in params.stop_token_ids and not held:
                 reason, stop_reason = "stop", token
-            elif token in eos and not params.ignore_eos:
+            elif token in eos and not params.ignore_eos and not held:
                 reason = "stop"
+            if reason is not None:
+                if params.include_stop_str_in_output and detokenize:  # the stop token's text too
+                    append_text(seq, token, False)
             else:
-                stop = append_text(seq, token) if detokenize else None
+                stop = append_text(seq, token, not held) if detokenize else None
                 if stop is not None:
                     reason, stop_reason = "stop", stop
                 elif guide is not None and guide.is_stopped:  # the grammar is complete

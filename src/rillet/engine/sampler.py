@@ -10,7 +10,8 @@ random number per row, not one per vocabulary entry.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,9 +37,10 @@ class Sampler:
     (models/cpu_kernels.Kernels.argmax_rows); None: torch's."""
 
     def __init__(self, vocab_size: int, device: torch.device, seed: int = 0,
-                 argmax: Callable[[torch.Tensor], torch.Tensor] | None = None):
+                 argmax: Callable[[torch.Tensor], torch.Tensor] | None = None, eos_token_ids: Iterable[int] = ()):
         self.vocab_size = vocab_size
         self.device = device
+        self.eos_token_ids = sorted(eos_token_ids)  # masked, with stop_token_ids, before min_tokens
         self._argmax = argmax or (lambda logits: logits.argmax(dim=-1))
         # Uniform draws are made on the CPU (a handful a step), so the same seed gives the same
         # tokens on any device.
@@ -146,7 +148,8 @@ class Sampler:
         """Whether `sample_ids` can take this row: nothing read back from its logits (logprobs)
         and nothing that depends on its latest token on the host (penalties, bias, a grammar)."""
         p = seq.params
-        return seq.guide is None and p.logprobs is None and not p.logit_bias and not p.needs_penalties
+        return seq.guide is None and p.logprobs is None and not p.logit_bias and not p.needs_penalties \
+            and not p.holds_ends(len(seq.output_token_ids))
 
     def sample_ids(self, logits: torch.Tensor, seqs: list[Sequence], argmax: torch.Tensor | None = None
                    ) -> torch.Tensor:
@@ -198,10 +201,16 @@ class Sampler:
     def _apply_biases_and_penalties(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         rows_bias = [i for i, s in enumerate(seqs) if s.params.logit_bias]
         rows_pen = [i for i, s in enumerate(seqs) if s.params.needs_penalties]
-        if not rows_bias and not rows_pen:
+        rows_held = [i for i, s in enumerate(seqs) if s.params.holds_ends(len(s.output_token_ids))]
+        if not rows_bias and not rows_pen and not rows_held:
             return logits
         logits = logits.clone()
         V = logits.shape[1]
+        for i in rows_held:  # min_tokens not reached: no token that would end the output (as vLLM)
+            p = seqs[i].params
+            ends = [t for t in (*p.stop_token_ids, *(() if p.ignore_eos else self.eos_token_ids)) if t < V]
+            if ends:
+                logits[i, ends] = -math.inf
         for i in rows_bias:
             ids = [t for t in seqs[i].params.logit_bias if t < V]
             if ids:

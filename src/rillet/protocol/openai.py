@@ -84,6 +84,8 @@ class _SamplingFields(_Request):
     ignore_eos: bool | None = False
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool | None = True
+    min_tokens: int | None = None
+    include_stop_str_in_output: bool | None = False
 
     def _sampling_params(self, api_names: dict[str, str], max_tokens: int | None, logprobs: int | None,
                          structured: StructuredOutputs | None) -> SamplingParams:
@@ -100,7 +102,8 @@ class _SamplingFields(_Request):
             frequency_penalty=self.frequency_penalty, presence_penalty=self.presence_penalty,
             logit_bias=logit_bias, stop=self.stop, stop_token_ids=self.stop_token_ids,
             ignore_eos=self.ignore_eos or None, n=self.n, logprobs=logprobs,
-            skip_special_tokens=self.skip_special_tokens, structured=structured,
+            skip_special_tokens=self.skip_special_tokens, structured=structured, min_tokens=self.min_tokens,
+            include_stop_str_in_output=self.include_stop_str_in_output or None,
         )
 
 
