@@ -1,6 +1,6 @@
 """rillet: a streaming LLM inference server with a continuous-batching engine.
 
-Public API: LLM, SamplingParams, AsyncEngine, EngineConfig, ServerConfig, Client, AsyncClient.
+Public API: LLM, SamplingParams, ChatPrompt, AsyncEngine, EngineConfig, ServerConfig, Client, AsyncClient.
 Heavy modules (torch, httpx) are imported on first use so `rillet --help` stays fast.
 """
 
@@ -38,6 +38,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "LLM": "rillet.llm",
     "SamplingParams": "rillet.sampling_params",
+    "ChatPrompt": "rillet.engine.prompts",
     "AsyncEngine": "rillet.engine.async_engine",
     "RequestOutput": "rillet.engine.outputs",
     "EngineConfig": "rillet.config",

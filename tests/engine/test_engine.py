@@ -321,3 +321,43 @@ def test_min_tokens_holds_ends_back_and_include_stop_str_in_output_keeps_them(en
     before = next(n for n in range(1, len(full_tokens)) if "!" in engine_fp32.tokenizer.decode(full_tokens[:n]))
     past, past_tokens, _ = run("Say hello.", max_tokens=60, stop=["!"], min_tokens=before + 1)
     assert past.startswith(full[:at + 1]) and len(past_tokens) > before + 1
+
+
+def test_chat_template_fields_continue_a_prefilled_answer_and_reach_the_template(engine_fp32):
+    """vLLM's chat fields: continue_final_message leaves the assistant's last message open (the
+    answer goes on from it), add_generation_prompt false opens no new turn, chat_template_kwargs
+    are variables of the template; combinations that cannot render are refused naming the field."""
+    import copy
+
+    from rillet.engine.prompts import ChatPrompt, PromptEncoder
+
+    prompts, tok = engine_fp32.prompts, engine_fp32.tokenizer
+    question = [{"role": "user", "content": "Say hello."}]
+    prefilled = question + [{"role": "assistant", "content": "Hello, my name"}]
+    opened = tok.decode(prompts.encode_prompt(question))
+    closed = tok.decode(prompts.encode_prompt(ChatPrompt(prefilled, add_generation_prompt=False)))
+    open_answer = tok.decode(prompts.encode_prompt(ChatPrompt(prefilled, False, True)))
+    assert closed.startswith(opened) and open_answer.endswith("Hello, my name") and closed.startswith(open_answer)
+    assert closed[len(open_answer):].strip()  # the end of the assistant's turn, left out when continuing
+
+    # the model goes on from the prefilled words: greedy, the same tokens as after the same text as a prompt
+    goes_on = run_to_completion(engine_fp32, [("c", ChatPrompt(prefilled, False, True),
+                                               SamplingParams(max_tokens=8, temperature=0))])["c"]
+    as_text = run_to_completion(engine_fp32, [("t", prompts.encode_prompt(ChatPrompt(prefilled, False, True)),
+                                               SamplingParams(max_tokens=8, temperature=0))])["t"]
+    assert texts_and_tokens(goes_on) == texts_and_tokens(as_text) and texts_and_tokens(goes_on)[0]
+
+    custom = copy.copy(tok)
+    custom.chat_template = "{% for m in messages %}{{ m.content }}{% endfor %}|{{ mood | default('plain') }}|"
+    encoder = PromptEncoder(custom, engine_fp32.vocab_size, 1024)
+    assert tok.decode(encoder.encode_prompt(question)).endswith("|plain|")
+    assert tok.decode(encoder.encode_prompt(ChatPrompt(question, template_kwargs={"mood": "sunny"}))).endswith("|sunny|")
+
+    for fields, refused in [(dict(continue_final_message=True), "set add_generation_prompt to false"),
+                            (dict(add_generation_prompt=False, continue_final_message=True, messages=question),
+                             "needs the last message to be the assistant's"),
+                            (dict(template_kwargs={"tokenize": True}), "may not set tokenize"),
+                            (dict(template_kwargs=["x"]), "must be an object")]:
+        messages = fields.pop("messages", prefilled)
+        with pytest.raises(ValueError, match=refused):
+            ChatPrompt(messages, **fields)

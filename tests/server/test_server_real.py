@@ -91,6 +91,26 @@ def test_a_stop_string_cuts_the_streamed_text_before_it(oa_client, model):
         oa_client.chat.completions.create(model=model, messages=[{"role": "user", "content": "x"}], temperature=-3)
 
 
+def test_a_prefilled_answer_continues_with_vllms_chat_template_fields(oa_client, model):
+    question = [{"role": "user", "content": "Say hello."}]
+    prefilled = question + [{"role": "assistant", "content": "Hello, my name"}]
+    fresh = oa_client.chat.completions.create(model=model, messages=prefilled, max_tokens=6, temperature=0)
+    goes_on = oa_client.chat.completions.create(
+        model=model, messages=prefilled, max_tokens=6, temperature=0,
+        extra_body={"continue_final_message": True, "add_generation_prompt": False,
+                    "chat_template_kwargs": {"enable_thinking": False}})  # a variable SmolLM2's template ignores
+    # the turn is left open: fewer prompt tokens (no end of turn, no new assistant header)
+    assert goes_on.usage.prompt_tokens < fresh.usage.prompt_tokens and goes_on.choices[0].message.content
+    for extra, param in [({"continue_final_message": True}, "continue_final_message"),
+                         ({"chat_template_kwargs": {"tokenize": True}}, "chat_template_kwargs")]:
+        with pytest.raises(openai.BadRequestError) as refused:
+            oa_client.chat.completions.create(model=model, messages=prefilled, max_tokens=2, extra_body=extra)
+        assert refused.value.body["param"] == param
+    with pytest.raises(openai.BadRequestError, match="assistant's"):
+        oa_client.chat.completions.create(model=model, messages=question, max_tokens=2, extra_body={
+            "continue_final_message": True, "add_generation_prompt": False})
+
+
 def test_openai_sdk_async_streaming(real_server, model):
     async def main() -> tuple[str, str]:
         client = openai.AsyncOpenAI(base_url=real_server.url + "/v1", api_key=KEY, max_retries=0, timeout=120)

@@ -35,7 +35,7 @@ from rillet.engine.detokenizer import ChoiceText, Detokenizer
 from rillet.engine.errors import EngineDeadError, EngineNotReadyError, QueueFullError
 from rillet.engine.llm_engine import EngineStats
 from rillet.engine.outputs import RequestOutput, merged
-from rillet.engine.prompts import Prompt, PromptEncoder
+from rillet.engine.prompts import ChatPrompt, Prompt, PromptEncoder
 from rillet.sampling_params import SamplingParams
 from rillet.structured.grammar import grammar_compiler, is_compiled
 from rillet.structured.spec import StructuredOutputs
@@ -52,6 +52,8 @@ def _prompt_chars(prompt: Prompt) -> int:
     """Rough size of a prompt, to decide whether tokenizing it could hold up the event loop."""
     if isinstance(prompt, str):
         return len(prompt)
+    if isinstance(prompt, ChatPrompt):
+        prompt = prompt.messages
     if not isinstance(prompt, list):
         return INLINE_TOKENIZE_CHARS
     total = 0
@@ -318,7 +320,8 @@ class AsyncEngine:
             token_ids = prompts.encode_prompt(prompt, tools)
         else:  # long prompts: keep the event loop free
             token_ids = await asyncio.to_thread(prompts.encode_prompt, prompt, tools)
-        chat = isinstance(prompt, list) and bool(prompt) and isinstance(prompt[0], dict)
+        chat = isinstance(prompt, ChatPrompt) or (isinstance(prompt, list) and bool(prompt)
+                                                  and isinstance(prompt[0], dict))
         prompts.check_prompt_length(len(token_ids), params.max_tokens, what="messages" if chat else "prompt")
         core = self._check_accepting()
         self._check_queue()  # again: other requests may have been queued while this one was tokenized

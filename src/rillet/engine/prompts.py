@@ -6,16 +6,55 @@ Kept apart from the engine so that a front end whose engine runs in another proc
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
 from rillet.engine.errors import PromptTooLongError
 
-Prompt = str | list[int] | list[dict[str, Any]]
 CHAT_ROLES = ("system", "user", "assistant", "tool", "developer")
+
+
+@dataclass
+class ChatPrompt:
+    """Chat messages with vLLM's chat-template fields. `add_generation_prompt`: open the
+    assistant's turn after the messages (the default); `continue_final_message`: continue the
+    last message, the assistant's, instead (its turn left open: a prefilled answer);
+    `template_kwargs`: more variables for the model's chat template (Qwen3's `enable_thinking`).
+    ValueError naming the field for a combination that cannot render."""
+
+    messages: list[dict[str, Any]]
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    template_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.continue_final_message and self.add_generation_prompt:
+            raise ValueError("continue_final_message continues the last message: set add_generation_prompt "
+                             "to false with it")
+        if self.continue_final_message and not (self.messages and isinstance(self.messages[-1], dict)
+                                                and self.messages[-1].get("role") == "assistant"):
+            raise ValueError("continue_final_message needs the last message to be the assistant's")
+        if not isinstance(self.template_kwargs, dict) or not all(isinstance(k, str) for k in self.template_kwargs):
+            raise ValueError("chat_template_kwargs must be an object of template variables")
+        reserved = sorted(_template_parameters() & set(self.template_kwargs))
+        if reserved:
+            raise ValueError(f"chat_template_kwargs may not set {', '.join(reserved)}: the request's own fields do")
+
+
+@functools.cache
+def _template_parameters() -> frozenset[str]:
+    """apply_chat_template's own parameters, which template variables may not shadow."""
+    return frozenset([*inspect.signature(PreTrainedTokenizerBase.apply_chat_template).parameters, "messages",
+                      "add_special_tokens"])
+
+
+Prompt = str | list[int] | list[dict[str, Any]] | ChatPrompt
 
 # For chat templates that ignore `tools` (SmolLM2's): the tools as a system section in the
 # Hermes / SmolLM2 function-calling format, which the server's tool-call parser reads back.
@@ -86,6 +125,8 @@ class PromptEncoder:
         messages prompt, as transformers' `apply_chat_template(tools=...)` takes them."""
         if tools and not (isinstance(prompt, list) and prompt and all(isinstance(m, dict) for m in prompt)):
             raise ValueError("tools need a chat (messages) prompt")
+        if isinstance(prompt, ChatPrompt):
+            return self.encode_chat(prompt.messages, tools, prompt)
         if isinstance(prompt, str):
             if not prompt:
                 raise ValueError("prompt must not be empty")
@@ -104,7 +145,13 @@ class PromptEncoder:
             return self.encode_chat(messages, tools)
         raise ValueError("prompt must be a non-empty string, list of token ids or list of messages")
 
-    def encode_chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> list[int]:
+    def encode_chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None,
+                    options: ChatPrompt | None = None) -> list[int]:
+        """Token ids of messages through the chat template; `options` (a ChatPrompt): its
+        template fields (its own messages are not read)."""
+        options = options or ChatPrompt(messages)
+        if not messages:
+            raise ValueError("messages must not be empty")
         for i, m in enumerate(messages):
             if m.get("role") not in CHAT_ROLES:
                 raise ValueError(f"messages[{i}].role must be one of {', '.join(CHAT_ROLES)}, got {m.get('role')!r}")
@@ -121,12 +168,17 @@ class PromptEncoder:
                 messages = render_tools_as_text(messages, tools)
                 tools = None
         if not template:
-            text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
+            text = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
+            if options.continue_final_message:
+                text = text[:-1]  # the last message stays open
+            elif options.add_generation_prompt:
+                text += "assistant: "
             return list(self.tokenizer.encode(text))
         try:
             tool_specs: list[dict[Any, Any] | Callable[..., Any]] | None = list(tools) if tools else None
-            rendered = self.tokenizer.apply_chat_template(messages, tools=tool_specs, tokenize=False,
-                                                          add_generation_prompt=True)
+            rendered = self.tokenizer.apply_chat_template(
+                messages, tools=tool_specs, tokenize=False, add_generation_prompt=options.add_generation_prompt,
+                continue_final_message=options.continue_final_message, **options.template_kwargs)
         except Exception as exc:  # templates raise on role orders they do not accept
             raise ValueError(f"the model's chat template rejected these messages: {exc}") from None
         if not isinstance(rendered, str):

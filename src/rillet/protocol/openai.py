@@ -115,6 +115,10 @@ class ChatCompletionRequest(_SamplingFields):
     tools: Any = None  # [{"type": "function", "function": {name, description, parameters}}]
     tool_choice: Any = None  # "none" | "auto" | "required" | {"type": "function", "function": {"name"}}
     parallel_tool_calls: bool | None = None
+    # vLLM's chat-template fields (rillet.engine.prompts.ChatPrompt)
+    add_generation_prompt: bool | None = True
+    continue_final_message: bool | None = False
+    chat_template_kwargs: dict[str, Any] | None = None
     # {"type": "text" | "json_object"} or {"type": "json_schema", "json_schema": {name, schema, strict}};
     # vLLM's `structured_outputs` {json | regex | choice | grammar | json_object} and its older
     # `guided_*` fields are read from the extra fields (rillet.server.structured_request)

@@ -26,6 +26,7 @@ from starlette.responses import JSONResponse, Response
 from rillet.config import ServerConfig
 from rillet.engine.engine_client import EngineClient, EngineRequest, Prompt
 from rillet.engine.errors import EngineDeadError, EngineNotReadyError, PromptTooLongError, QueueFullError
+from rillet.engine.prompts import ChatPrompt
 from rillet.engine.outputs import RequestOutput
 from rillet.protocol import openai as oa
 from rillet.protocol.errors import ErrorInfo, ErrorResponse
@@ -281,6 +282,8 @@ def arrival_of(request: Request) -> float:
 def _check_unicode(prompt: Prompt, param: str) -> None:
     """JSON escapes can carry lone surrogates (\\ud800), which no tokenizer can encode: a clear 400."""
     texts: list[Any] = [prompt] if isinstance(prompt, str) else []
+    if isinstance(prompt, ChatPrompt):
+        prompt = prompt.messages
     if isinstance(prompt, list):
         texts = [m.get("content") for m in prompt if isinstance(m, dict)]
     for text in texts:

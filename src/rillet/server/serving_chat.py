@@ -12,13 +12,14 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from rillet.engine.outputs import RequestOutput, TokenLogprob
+from rillet.engine.prompts import ChatPrompt
 from rillet.protocol import openai as oa
 from rillet.server.errors import APIError
 from rillet.server.serving import OpenAIAnswer, RequestHandle, ServingBase, arrival_of, finite, openai_error_event
 from rillet.server.structured_request import openai_structured
 from rillet.server.tool_calls import ToolSession, openai_tool_message, plan_tools
 
-__all__ = ["ServingChat", "chat_logprobs", "openai_messages"]
+__all__ = ["ServingChat", "chat_logprobs", "chat_prompt", "openai_messages"]
 
 _ROLES = {"system", "user", "assistant", "developer", "tool"}
 
@@ -48,6 +49,22 @@ def _content_text(message: oa.ChatMessage) -> str:
                            param="messages")
         texts.append(part.text)
     return "".join(texts)
+
+
+def chat_prompt(body: oa.ChatCompletionRequest, messages: list[dict[str, Any]]) -> list[dict[str, Any]] | ChatPrompt:
+    """The messages, with vLLM's chat-template fields where the request sets any."""
+    add_generation_prompt = body.add_generation_prompt is not False
+    continue_final_message = bool(body.continue_final_message)
+    kwargs = body.chat_template_kwargs
+    if add_generation_prompt and not continue_final_message and kwargs is None:
+        return messages
+    try:
+        return ChatPrompt(messages, add_generation_prompt, continue_final_message, kwargs or {})
+    except ValueError as exc:
+        message = str(exc)
+        param = next((f for f in ("continue_final_message", "chat_template_kwargs") if message.startswith(f)),
+                     "messages")
+        raise APIError(400, message, param=param) from None
 
 
 def openai_messages(messages: list[oa.ChatMessage]) -> list[dict[str, Any]]:
@@ -94,7 +111,7 @@ class ServingChat(ServingBase):
         plan = plan_tools(body.tools, body.tool_choice, body.parallel_tool_calls)
         structured, constraint_param = openai_structured(body, plan.structured if plan else None)
         params = body.to_sampling_params(structured)
-        handle = await self.submit(messages, params, prefix="chatcmpl", arrival=arrival_of(request),
+        handle = await self.submit(chat_prompt(body, messages), params, prefix="chatcmpl", arrival=arrival_of(request),
                                    prompt_param="messages", tools=plan.tools if plan else None,
                                    constraint_param=constraint_param)
         chat = _Chat(id=handle.request_id, model=model, created=int(time.time()), n=params.n,
