@@ -8,6 +8,7 @@ from typing import Any, Sequence as SequenceType
 from rillet.client.results import Usage
 from rillet.config import EngineConfig
 from rillet.engine.llm_engine import LLMEngine, Prompt
+from rillet.engine.prompts import ChatPrompt
 from rillet.engine.outputs import TokenLogprob
 from rillet.sampling_params import SamplingParams
 
@@ -84,15 +85,16 @@ class LLM:
 
     def generate(self, prompts: Prompt | SequenceType[Prompt], params: SamplingParams | None = None
                  ) -> GenerationResult | list[GenerationResult]:
-        """Complete one prompt (a string or token ids) or a list of them; returns the same shape."""
-        single = isinstance(prompts, str) or (
+        """Complete one prompt (a string, token ids or a ChatPrompt) or a list of them; returns the same shape."""
+        single = isinstance(prompts, (str, ChatPrompt)) or (
             isinstance(prompts, list) and bool(prompts) and all(isinstance(t, int) for t in prompts))
         return self._run([prompts] if single else list(prompts), params, single)
 
-    def chat(self, conversations: list[dict] | list[list[dict]], params: SamplingParams | None = None
-             ) -> GenerationResult | list[GenerationResult]:
-        """Answer one conversation (a list of messages) or a list of conversations."""
-        single = bool(conversations) and isinstance(conversations[0], dict)
+    def chat(self, conversations: list[dict] | list[list[dict]] | ChatPrompt | list[ChatPrompt],
+             params: SamplingParams | None = None) -> GenerationResult | list[GenerationResult]:
+        """Answer one conversation (a list of messages, or a ChatPrompt with vLLM's template
+        fields) or a list of conversations."""
+        single = isinstance(conversations, ChatPrompt) or (bool(conversations) and isinstance(conversations[0], dict))
         return self._run([conversations] if single else list(conversations), params, single)
 
     def _run(self, prompts: list[Prompt], params: SamplingParams | None, single: bool):

@@ -4,7 +4,7 @@ import time
 
 import pytest
 
-from rillet import LLM, SamplingParams
+from rillet import LLM, ChatPrompt, SamplingParams
 from rillet.models.resolve import ModelNotFoundError, default_gguf_path, resolve_model
 
 
@@ -32,6 +32,14 @@ def test_chat_applies_the_template_and_n_gives_several_choices(llm):
     several = llm.chat([[{"role": "user", "content": "Pick a number."}]],
                        SamplingParams(max_tokens=5, n=3, temperature=1.0, seed=3))
     assert [o.index for o in several[0].outputs] == [0, 1, 2]
+    # a ChatPrompt (vLLM's template fields): one conversation, or a list of them
+    prefilled = ChatPrompt([{"role": "user", "content": "What is the capital of France?"},
+                            {"role": "assistant", "content": "The capital of France is"}],
+                           add_generation_prompt=False, continue_final_message=True)
+    goes_on = llm.chat(prefilled, SamplingParams(max_tokens=4, temperature=0))
+    assert "Paris" in goes_on.text and llm.generate(prefilled, SamplingParams(max_tokens=4, temperature=0)).text \
+        == goes_on.text
+    assert [r.text for r in llm.chat([prefilled], SamplingParams(max_tokens=4, temperature=0))] == [goes_on.text]
 
 
 def test_gguf_path_and_converted_directory_resolve_to_loadable_models():
