@@ -111,6 +111,31 @@ def test_a_prefilled_answer_continues_with_vllms_chat_template_fields(oa_client,
             "continue_final_message": True, "add_generation_prompt": False})
 
 
+def test_tokenize_counts_what_a_request_feeds_the_model_and_detokenize_inverts_it(real_server, oa_client, model):
+    """vLLM's /tokenize and /detokenize: a chat's count is the prompt_tokens its request is billed."""
+    auth = {"Authorization": f"Bearer {KEY}"}
+
+    def post(path, body):
+        return httpx.post(real_server.url + path, json=body, headers=auth, timeout=60)
+
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a river in Europe."}]
+    chat = oa_client.chat.completions.create(model=model, messages=messages, max_tokens=2, temperature=0)
+    counted = post("/tokenize", {"model": model, "messages": messages}).json()
+    assert counted["count"] == len(counted["tokens"]) == chat.usage.prompt_tokens and counted["max_model_len"] > 0
+    text = "The capital of France is"
+    completion = oa_client.completions.create(model=model, prompt=text, max_tokens=2, temperature=0)
+    plain = post("/tokenize", {"prompt": text, "return_token_strs": True}).json()
+    assert plain["count"] == completion.usage.prompt_tokens and len(plain["token_strs"]) == plain["count"]
+    assert post("/detokenize", {"tokens": plain["tokens"]}).json() == {"prompt": text}
+    for path, body, param in [("/tokenize", {"prompt": "x", "messages": messages}, "prompt"),
+                              ("/tokenize", {"messages": messages, "continue_final_message": True},
+                               "continue_final_message"),
+                              ("/detokenize", {"tokens": [-1]}, "tokens")]:
+        refused = post(path, body)
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == param
+    assert post("/tokenize", {"model": "no-such-model", "prompt": "x"}).status_code == 404
+
+
 def test_openai_sdk_async_streaming(real_server, model):
     async def main() -> tuple[str, str]:
         client = openai.AsyncOpenAI(base_url=real_server.url + "/v1", api_key=KEY, max_retries=0, timeout=120)

@@ -29,6 +29,8 @@ __all__ = [
     "CompletionRequest",
     "CompletionResponse",
     "ContentPart",
+    "DetokenizeRequest",
+    "DetokenizeResponse",
     "DeltaFunctionCall",
     "DeltaMessage",
     "DeltaToolCall",
@@ -36,6 +38,8 @@ __all__ = [
     "ModelCard",
     "ModelList",
     "StreamOptions",
+    "TokenizeRequest",
+    "TokenizeResponse",
     "ToolCall",
     "Usage",
 ]
@@ -277,3 +281,34 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard] = Field(default_factory=list)
+
+
+class TokenizeRequest(_Request):
+    """vLLM's POST /tokenize: a `prompt` as /v1/completions takes it, or `messages` (with tools and
+    the chat-template fields) as /v1/chat/completions renders them."""
+
+    model: str | None = None
+    prompt: str | list[int] | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool | None = None  # a prompt string: the tokenizer's own (BOS) tokens; default true
+    add_generation_prompt: bool | None = True
+    continue_final_message: bool | None = False
+    chat_template_kwargs: dict[str, Any] | None = None
+    tools: Any = None
+    return_token_strs: bool | None = False
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeRequest(_Request):
+    model: str | None = None
+    tokens: list[int]
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str

@@ -16,6 +16,7 @@ from rillet.server.serving import ServerState
 from rillet.server.serving_chat import ServingChat
 from rillet.server.serving_completion import ServingCompletion
 from rillet.server.serving_ollama import ServingOllama
+from rillet.server.serving_tokenize import ServingTokenize
 
 __all__ = ["AppContext", "app_context"]
 
@@ -29,6 +30,7 @@ class AppContext:
     chat: ServingChat = field(init=False)
     completion: ServingCompletion = field(init=False)
     ollama: ServingOllama = field(init=False)
+    tokens: ServingTokenize = field(init=False)
     start_task: asyncio.Task[None] | None = None
     start_error: BaseException | None = None
     # Called once when the engine fails to start or dies while serving (the runner exits non-zero).
@@ -41,6 +43,7 @@ class AppContext:
         self.chat = ServingChat(*shared)
         self.completion = ServingCompletion(*shared)
         self.ollama = ServingOllama(*shared)
+        self.tokens = ServingTokenize(*shared)
 
 
 def app_context(request: Request) -> AppContext:

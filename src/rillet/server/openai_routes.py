@@ -45,3 +45,13 @@ async def chat_completions(body: oa.ChatCompletionRequest, request: Request) -> 
 @router.post("/v1/completions")
 async def completions(body: oa.CompletionRequest, request: Request) -> Response:
     return await app_context(request).completion.create(body, request)
+
+
+@router.post("/tokenize")
+async def tokenize(body: oa.TokenizeRequest, request: Request) -> oa.TokenizeResponse:
+    return await app_context(request).tokens.tokenize(body)
+
+
+@router.post("/detokenize")
+async def detokenize(body: oa.DetokenizeRequest, request: Request) -> oa.DetokenizeResponse:
+    return await app_context(request).tokens.detokenize(body)

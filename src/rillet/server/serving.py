@@ -26,8 +26,8 @@ from starlette.responses import JSONResponse, Response
 from rillet.config import ServerConfig
 from rillet.engine.engine_client import EngineClient, EngineRequest, Prompt
 from rillet.engine.errors import EngineDeadError, EngineNotReadyError, PromptTooLongError, QueueFullError
-from rillet.engine.prompts import ChatPrompt
 from rillet.engine.outputs import RequestOutput
+from rillet.engine.prompts import ChatPrompt
 from rillet.protocol import openai as oa
 from rillet.protocol.errors import ErrorInfo, ErrorResponse
 from rillet.protocol.params import param_error

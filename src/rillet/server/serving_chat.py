@@ -51,7 +51,8 @@ def _content_text(message: oa.ChatMessage) -> str:
     return "".join(texts)
 
 
-def chat_prompt(body: oa.ChatCompletionRequest, messages: list[dict[str, Any]]) -> list[dict[str, Any]] | ChatPrompt:
+def chat_prompt(body: oa.ChatCompletionRequest | oa.TokenizeRequest, messages: list[dict[str, Any]]
+                ) -> list[dict[str, Any]] | ChatPrompt:
     """The messages, with vLLM's chat-template fields where the request sets any."""
     add_generation_prompt = body.add_generation_prompt is not False
     continue_final_message = bool(body.continue_final_message)
