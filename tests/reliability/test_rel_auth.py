@@ -1,4 +1,4 @@
-"""Auth: with --api-key, every protected route (all of /v1 and /api, as the server's own
+"""Auth: with --api-key, every protected route (all of /v1 and /api, /tokenize and /detokenize, as the server's own
 /openapi.json lists them, streaming variants included, and the API calls of the web page)
 refuses a missing or wrong key with 401; the page, /health, /metrics and /static stay open;
 and the key never appears in the server's logs (debug level, after every test of this server)."""
@@ -9,6 +9,7 @@ import re
 
 import httpx
 
+from rillet.server.errors import TOKENIZER_PATHS
 from support.reliability import MAIN_KEY
 
 BODIES = {
@@ -17,6 +18,8 @@ BODIES = {
     "/api/chat": {"messages": [{"role": "user", "content": "hi"}], "options": {"num_predict": 2}},
     "/api/generate": {"prompt": "hi", "options": {"num_predict": 2}},
     "/api/show": {"model": "x"},
+    "/tokenize": {"prompt": "hi"},
+    "/detokenize": {"tokens": [1, 2]},
 }
 STREAMING = ("/v1/chat/completions", "/v1/completions", "/api/chat", "/api/generate")
 
@@ -31,7 +34,7 @@ def protected_requests(server, model: str) -> list[tuple[str, str, dict | None]]
     spec = httpx.get(server.url + "/openapi.json", timeout=30).json()
     out = []
     for path, ops in spec["paths"].items():
-        assert path.startswith(("/v1/", "/api/")), path  # every API route is a protected one
+        assert path.startswith(("/v1/", "/api/")) or path in TOKENIZER_PATHS, path  # every API route is protected
         concrete = path.replace("{model_id}", model)
         for method in ops:
             body = BODIES.get(path)
@@ -60,10 +63,10 @@ def test_every_protected_route_needs_the_key_and_the_key_is_never_logged(main_se
                 assert r.status_code == 401, (method, path, headers, r.status_code, r.text[:200])
                 assert r.headers["www-authenticate"] == "Bearer"
                 error = r.json()["error"]
-                if path.startswith("/v1/"):
-                    assert error["code"] == "invalid_api_key" and error["type"] == "authentication_error"
-                else:
+                if path.startswith("/api/"):  # Ollama's error shape: a string
                     assert "API key" in error
+                else:
+                    assert error["code"] == "invalid_api_key" and error["type"] == "authentication_error"
                 checked += 1
             r = client.request(method, path, json=body, headers=good)
             assert r.status_code != 401 and r.status_code < 500, (method, path, r.status_code, r.text[:200])

@@ -39,8 +39,25 @@ FAKE_VOCAB_SIZE = 1000  # FakeTokenizer's ids are hashes mod 1000
 class FakeTokenizer:
     chat_template = "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}"
 
-    def encode(self, text: str) -> list[int]:
+    def __len__(self) -> int:
+        return 1000
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return [hash(t) % 1000 for t in split_tokens(text)]
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        return " ".join(f"t{i}" for i in ids)
+
+    def convert_ids_to_tokens(self, ids: list[int]) -> list[str]:
+        return [f"t{i}" for i in ids]
+
+    def apply_chat_template(self, messages: list[dict[str, Any]], tools: Any = None, tokenize: bool = False,
+                            add_generation_prompt: bool = True, continue_final_message: bool = False,
+                            **variables: Any) -> str:
+        text = "".join(f"{m['role']}: {m.get('content') or ''}\n" for m in messages)
+        if continue_final_message:
+            return text[:-1]
+        return text + ("assistant: " if add_generation_prompt else "")
 
 
 def split_tokens(text: str) -> list[str]:

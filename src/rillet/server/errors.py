@@ -12,7 +12,7 @@ from rillet.engine.errors import EngineDeadError, EngineNotReadyError, QueueFull
 from rillet.protocol.errors import ErrorInfo, ErrorResponse, OllamaErrorResponse, ParamError
 
 __all__ = ["APIError", "ENGINE_UNAVAILABLE_RETRY_AFTER_S", "QUEUE_FULL_RETRY_AFTER_S", "engine_refusal",
-           "error_body", "error_response", "error_type", "is_ollama_path", "param_error"]
+           "error_body", "error_response", "error_type", "is_api_path", "is_ollama_path", "param_error"]
 
 ENGINE_UNAVAILABLE_RETRY_AFTER_S = 5  # the model is loading, or the engine died and is being restarted
 QUEUE_FULL_RETRY_AFTER_S = 1
@@ -68,6 +68,15 @@ def engine_refusal(exc: EngineNotReadyError | EngineDeadError | QueueFullError) 
 
 def is_ollama_path(path: str) -> bool:
     return path == "/api" or path.startswith("/api/")
+
+
+TOKENIZER_PATHS = ("/tokenize", "/detokenize")  # vLLM's, outside /v1
+
+
+def is_api_path(path: str) -> bool:
+    """A route of the APIs (OpenAI's /v1, Ollama's /api, vLLM's tokenizer routes): behind the API
+    key, its body read as JSON whatever its Content-Type."""
+    return path == "/v1" or path.startswith("/v1/") or is_ollama_path(path) or path in TOKENIZER_PATHS
 
 
 def error_body(path: str, status: int, message: str, *, type: str | None = None, param: str | None = None,

@@ -18,7 +18,7 @@ from typing import cast
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from rillet.server.errors import error_response, is_ollama_path
+from rillet.server.errors import error_response, is_api_path
 
 __all__ = ["AuthMiddleware", "BodyLimitMiddleware", "RequestContextMiddleware", "request_id_var"]
 
@@ -86,7 +86,8 @@ class RequestContextMiddleware:
 
 
 class AuthMiddleware:
-    """Bearer API key on /v1 and /api routes (constant-time compare); other paths stay open."""
+    """Bearer API key on the API routes (/v1, /api, /tokenize, /detokenize; constant-time
+    compare); other paths (the page, /health, /metrics) stay open."""
 
     def __init__(self, app: ASGIApp, api_key: str) -> None:
         self.app = app
@@ -95,7 +96,7 @@ class AuthMiddleware:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope.get("method") != "OPTIONS":
             path = scope.get("path", "")
-            if path == "/v1" or path.startswith("/v1/") or is_ollama_path(path):
+            if is_api_path(path):
                 auth = _header(scope, b"authorization") or b""
                 token = auth[7:].strip() if auth[:7].lower() == b"bearer " else b""
                 if not hmac.compare_digest(token, self.key):
@@ -112,7 +113,7 @@ class BodyLimitMiddleware:
     while reading (so chunked uploads are cut off too); then replay it to the app.
 
     API bodies are JSON whatever their Content-Type says (`curl -d` sends form-urlencoded, and
-    Ollama and OpenAI accept that), so the header is normalised for /v1 and /api routes."""
+    Ollama and OpenAI accept that), so the header is normalised for the API routes."""
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self.app = app
@@ -149,7 +150,7 @@ class BodyLimitMiddleware:
                 break
         body = b"".join(chunks)
         replayed = False
-        if body and (path.startswith("/v1/") or is_ollama_path(path)):
+        if body and is_api_path(path):
             content_type = _header(scope, b"content-type") or b""
             if b"json" not in content_type.lower():
                 headers = [(k, v) for k, v in scope["headers"] if k != b"content-type"]

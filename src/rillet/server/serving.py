@@ -279,7 +279,7 @@ def arrival_of(request: Request) -> float:
     return float(arrival) if arrival else time.perf_counter()
 
 
-def _check_unicode(prompt: Prompt, param: str) -> None:
+def check_unicode(prompt: Prompt, param: str) -> None:
     """JSON escapes can carry lone surrogates (\\ud800), which no tokenizer can encode: a clear 400."""
     texts: list[Any] = [prompt] if isinstance(prompt, str) else []
     if isinstance(prompt, ChatPrompt):
@@ -329,7 +329,7 @@ class ServingBase:
         if self.state.draining:
             self.metrics.request_rejected.labels("draining").inc()
             raise APIError(503, "the server is shutting down", code="server_shutting_down")
-        _check_unicode(prompt, prompt_param)
+        check_unicode(prompt, prompt_param)
         request_id = new_id(prefix)
         try:
             stream = await self.engine.add_request(prompt, params, request_id, tools=tools)

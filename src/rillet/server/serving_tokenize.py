@@ -10,7 +10,7 @@ from typing import Any
 from rillet.engine.prompts import Prompt, PromptEncoder
 from rillet.protocol import openai as oa
 from rillet.server.errors import APIError
-from rillet.server.serving import ServingBase
+from rillet.server.serving import ServingBase, check_unicode
 from rillet.server.serving_chat import chat_prompt, openai_messages
 from rillet.server.tool_schema import plan_tools
 
@@ -37,6 +37,7 @@ class ServingTokenize(ServingBase):
             param = "messages"
         else:
             prompt, param = body.prompt or "", "prompt"
+        check_unicode(prompt, param)
         try:
             if isinstance(prompt, str) and body.add_special_tokens is False:
                 tokens = await asyncio.to_thread(lambda: list(tokenizer.encode(prompt, add_special_tokens=False)))
