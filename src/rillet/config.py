@@ -110,7 +110,8 @@ class EngineConfig:
 class ServerConfig:
     host: str = option("127.0.0.1", "Address to listen on.")
     port: int = option(8000, "Port to listen on.", min=0, max=65535)
-    api_key: str | None = option(None, "If set, every /v1 and /api route needs 'Authorization: Bearer KEY'.")
+    api_key: str | None = option(None, "If set, every /v1 and /api route (and /tokenize, /detokenize) needs "
+                                 "'Authorization: Bearer KEY'.")
     allowed_origins: list[str] = option(None, "Origins allowed by CORS (comma-separated; '*' for any).",
                                         factory=list)
     max_request_bytes: int = option(4 * 1024 * 1024, "Largest request body accepted (HTTP 413 beyond).",
