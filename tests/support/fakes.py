@@ -39,9 +39,6 @@ FAKE_VOCAB_SIZE = 1000  # FakeTokenizer's ids are hashes mod 1000
 class FakeTokenizer:
     chat_template = "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}"
 
-    def __len__(self) -> int:
-        return 1000
-
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return [hash(t) % 1000 for t in split_tokens(text)]
 

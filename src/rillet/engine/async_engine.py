@@ -231,6 +231,10 @@ class AsyncEngine:
     def tokenizer(self) -> Any:
         return self.prompts.tokenizer
 
+    @property
+    def vocab_size(self) -> int:
+        return self.prompts.vocab_size
+
     async def start(self) -> None:
         if self._health in ("loading", "ready"):
             return

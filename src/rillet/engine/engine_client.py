@@ -79,6 +79,9 @@ class EngineClient(Protocol):
     @property
     def tokenizer(self) -> Any: ...  # a Hugging Face tokenizer (its chat_template, for /api/show)
 
+    @property
+    def vocab_size(self) -> int: ...  # the model's: the token ids a prompt may hold (/tokenize checks them too)
+
     # ---- requests
     async def add_request(self, prompt: Prompt, params: SamplingParams, request_id: str | None = None,
                           *, tools: list[dict[str, Any]] | None = None) -> EngineRequest: ...

@@ -26,7 +26,7 @@ class ServingTokenize(ServingBase):
             raise APIError(400, "give either prompt or messages", param="prompt")
         tokenizer: Any = self.engine.tokenizer
         max_model_len = self.engine.max_model_len
-        encoder = PromptEncoder(tokenizer, len(tokenizer), max_model_len)
+        encoder = PromptEncoder(tokenizer, self.engine.vocab_size, max_model_len)  # the engine's checks
         tools = None
         prompt: Prompt
         if body.messages is not None:
@@ -50,10 +50,10 @@ class ServingTokenize(ServingBase):
 
     async def detokenize(self, body: oa.DetokenizeRequest) -> oa.DetokenizeResponse:
         self.check_model(body.model)
-        tokenizer: Any = self.engine.tokenizer
-        outside = [t for t in body.tokens if not 0 <= t < len(tokenizer)]
+        vocab_size = self.engine.vocab_size
+        outside = [t for t in body.tokens if not 0 <= t < vocab_size]
         if outside:
-            raise APIError(400, f"tokens holds ids outside the vocabulary (0..{len(tokenizer) - 1}): {outside[0]}",
+            raise APIError(400, f"tokens holds ids outside the vocabulary (0..{vocab_size - 1}): {outside[0]}",
                            param="tokens")
-        text = await asyncio.to_thread(tokenizer.decode, body.tokens)
+        text = await asyncio.to_thread(self.engine.tokenizer.decode, body.tokens)
         return oa.DetokenizeResponse(prompt=text)
