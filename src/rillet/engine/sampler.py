@@ -149,7 +149,7 @@ class Sampler:
         and nothing that depends on its latest token on the host (penalties, bias, a grammar)."""
         p = seq.params
         return seq.guide is None and p.logprobs is None and not p.logit_bias and not p.needs_penalties \
-            and not p.holds_ends(len(seq.output_token_ids))
+            and not (p.min_tokens and p.holds_ends(len(seq.output_token_ids)))  # a cheap test first: rows a step
 
     def sample_ids(self, logits: torch.Tensor, seqs: list[Sequence], argmax: torch.Tensor | None = None
                    ) -> torch.Tensor:
@@ -201,7 +201,8 @@ class Sampler:
     def _apply_biases_and_penalties(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         rows_bias = [i for i, s in enumerate(seqs) if s.params.logit_bias]
         rows_pen = [i for i, s in enumerate(seqs) if s.params.needs_penalties]
-        rows_held = [i for i, s in enumerate(seqs) if s.params.holds_ends(len(s.output_token_ids))]
+        rows_held = [i for i, s in enumerate(seqs)
+                     if s.params.min_tokens and s.params.holds_ends(len(s.output_token_ids))]
         if not rows_bias and not rows_pen and not rows_held:
             return logits
         logits = logits.clone()
