@@ -68,17 +68,18 @@ def main() -> None:
         for isa in isas:
             builds = {"hardware only": build(compiler, isa, 0, Path(tmp) / f"{isa}_off"),
                       "prefetch": build(compiler, isa, None, Path(tmp) / f"{isa}_on")}
-            times: dict[str, dict[int, list[float]]] = {name: {} for name in builds}
+            runs: dict[str, dict[int, list[tuple[float, float]]]] = {name: {} for name in builds}
             for _ in range(args.rounds):  # alternating, so the machine's drift falls on both
                 for name, binary in builds.items():
-                    for ctx, (ms, _) in run(binary, args.threads, args.contexts, args.seqs).items():
-                        times[name].setdefault(ctx, []).append(ms)
-            for ctx in sorted(times["prefetch"]):
-                off, on = statistics.median(times["hardware only"][ctx]), statistics.median(times["prefetch"][ctx])
-                kv_gb = 2.0 * 30 * args.seqs * 3 * ctx * 64 * 2 / 1e9
+                    for ctx, timing in run(binary, args.threads, args.contexts, args.seqs).items():
+                        runs[name].setdefault(ctx, []).append(timing)
+            for ctx in sorted(runs["prefetch"]):
+                off = statistics.median(ms for ms, _ in runs["hardware only"][ctx])
+                on = statistics.median(ms for ms, _ in runs["prefetch"][ctx])
+                gbs = statistics.median(g for _, g in runs["prefetch"][ctx])  # as the C program counts K/V bytes
                 results.append({"isa": isa, "context": ctx, "seqs": args.seqs, "hardware_only_ms": off,
-                                "prefetch_ms": on, "speedup": off / on, "prefetch_kv_gbs": kv_gb / (on / 1e3)})
-                rows.append([isa, ctx, f"{off:.2f}", f"{on:.2f}", f"{off / on:.2f}x", f"{kv_gb / (on / 1e3):.1f}"])
+                                "prefetch_ms": on, "speedup": off / on, "prefetch_kv_gbs": gbs})
+                rows.append([isa, ctx, f"{off:.2f}", f"{on:.2f}", f"{off / on:.2f}x", f"{gbs:.1f}"])
     info = machine_info("bfloat16")
     print(f"{info['cpu_model']} ({info['cpu_cores']} cores), commit {info['git_commit']}, {args.seqs} sequences, "
           f"30 layers of 3 KV heads x 64, median of {args.rounds} alternating rounds")
