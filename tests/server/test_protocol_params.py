@@ -38,13 +38,17 @@ def test_openai_chat_errors_name_the_field(fields, param):
 
 def test_completion_fields_and_prompt():
     req = oa.CompletionRequest.model_validate({"prompt": ["once"], "logprobs": 3, "n": 2})
-    assert req.single_prompt() == "once"
+    assert req.prompts() == ["once"]
     p = req.to_sampling_params()
     assert (p.logprobs, p.n) == (3, 2)
-    assert oa.CompletionRequest.model_validate({"prompt": [1, 2]}).single_prompt() == [1, 2]
-    for prompt in (["a", "b"], [], ""):
-        with pytest.raises(ParamError):
-            oa.CompletionRequest.model_validate({"prompt": prompt}).single_prompt()
+    prompts = {"x": ["x"], (1, 2): [[1, 2]], ("a", "b"): ["a", "b"], ((1,), (2, 3)): [[1], [2, 3]]}
+    for prompt, expected in prompts.items():
+        as_json = prompt if isinstance(prompt, str) else [list(p) if isinstance(p, tuple) else p for p in prompt]
+        assert oa.CompletionRequest.model_validate({"prompt": as_json}).prompts() == expected
+    for prompt in (["a", ""], [[1], []], [], ""):
+        with pytest.raises(ParamError) as info:
+            oa.CompletionRequest.model_validate({"prompt": prompt}).prompts()
+        assert info.value.param == "prompt" and "empty" in info.value.message
     for fields, param in (({"best_of": 3}, "best_of"), ({"suffix": "z"}, "suffix")):
         with pytest.raises(ParamError) as info:
             oa.CompletionRequest.model_validate({"prompt": "a", **fields}).to_sampling_params()

@@ -224,6 +224,20 @@ async def test_disconnect_during_non_streaming_request_aborts():
         assert engine.aborted_total == 1 and not app.state.rillet.state.active
 
 
+@pytest.mark.parametrize("stream", [True, False])
+async def test_disconnect_aborts_every_prompt_of_a_list(stream):
+    engine = FakeEngine()
+    engine.gate = asyncio.Event()
+    async with running_app(engine) as (client, app, _):
+        gone = asyncio.Event()
+        task, _, _ = await call_app(app, "POST", "/v1/completions", {"prompt": ["x", "y", "z"], "stream": stream},
+                                    gone)
+        await wait_for(lambda: engine.running == 3)
+        gone.set()
+        await asyncio.wait_for(task, 5)
+        assert engine.aborted_total == 3 and engine.running == 0 and not app.state.rillet.state.active
+
+
 async def test_drain_lets_streams_finish_then_aborts_the_rest():
     engine = FakeEngine(reply="tick " * 20, token_delay_s=0.005)
     async with running_app(engine) as (client, app, _):

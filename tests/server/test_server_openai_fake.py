@@ -135,8 +135,45 @@ async def test_completions_streaming_and_not():
         assert chunks[-1].choices[0].finish_reason == "stop"
         r = await client.post("/v1/completions", json={"prompt": [1, 2, 3], "max_tokens": 2})
         assert r.status_code == 200
-        r = await client.post("/v1/completions", json={"prompt": ["a", "b"]})
-        assert r.status_code == 400
+        r = await client.post("/v1/completions", json={"prompt": ["a", ""]})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+
+
+async def test_completions_of_a_list_of_prompts_number_choices_prompt_by_prompt():
+    async with running_app() as (client, _, engine):
+        body = {"prompt": ["Once upon", "Far away"], "n": 2, "max_tokens": 4, "echo": True, "logprobs": 1}
+        r = await client.post("/v1/completions", json=body)
+        assert r.status_code == 200, r.text
+        answer = oa.CompletionResponse.model_validate(r.json())
+        assert [c.index for c in answer.choices] == [0, 1, 2, 3]
+        assert [c.text for c in answer.choices] == ["Once upon" + "Hello from the fake "] * 2 + \
+            ["Far away" + "Hello from the fake "] * 2
+        assert [c.logprobs["text_offset"][0] for c in answer.choices] == [len("Once upon")] * 2 + [len("Far away")] * 2
+        assert answer.usage.completion_tokens == 4 * 4
+        assert answer.usage.prompt_tokens == answer.usage.total_tokens - 16 == 4  # two words a prompt
+        r = await client.post("/v1/completions", json={"prompt": [[5, 6, 7], [8, 9]], "max_tokens": 2})
+        assert [c.text for c in oa.CompletionResponse.model_validate(r.json()).choices] == ["Hello from "] * 2
+        assert r.json()["usage"]["prompt_tokens"] == 5
+
+        r = await client.post("/v1/completions", json={**body, "echo": False, "stream": True,
+                                                       "stream_options": {"include_usage": True}})
+        events = sse_events(r.text)
+        assert events[-1] == "[DONE]"
+        chunks = [oa.CompletionChunk.model_validate(e) for e in events[:-1]]
+        texts: dict[int, str] = {}
+        for chunk in chunks[:-1]:
+            for c in chunk.choices:
+                texts[c.index] = texts.get(c.index, "") + c.text
+        assert texts == {i: "Hello from the fake " for i in range(4)}
+        assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 16
+        assert len(engine.prompts) == 6 and not engine.streams  # every engine request ended
+
+
+async def test_a_refused_prompt_of_a_list_ends_the_prompts_admitted_before_it():
+    async with running_app(FakeEngine(max_model_len=32)) as (client, _, engine):
+        r = await client.post("/v1/completions", json={"prompt": ["short", "word " * 40, "never"]})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+        assert list(engine.prompts.values()) == ["short"] and not engine.streams  # admitted, then aborted
 
 
 @pytest.mark.parametrize("payload,param", [

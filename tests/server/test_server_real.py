@@ -60,6 +60,32 @@ def test_openai_sdk_sync_chat_and_completions(oa_client, model):
     assert len(comp.choices[0].logprobs.tokens) == 5
 
 
+def test_a_list_of_prompts_answers_each_as_alone(oa_client, model):
+    """vLLM's batched /v1/completions: prompt i's choices are i * n .. i * n + n - 1, each the
+    greedy text that prompt gets alone; streamed, the same texts come interleaved."""
+    prompts = ["The capital of France is", "One, two, three,", "def add(a, b):"]
+    answers = [oa_client.completions.create(model=model, prompt=p, max_tokens=8, temperature=0) for p in prompts]
+    alone = [answer.choices[0].text for answer in answers]
+    both = oa_client.completions.create(model=model, prompt=prompts, n=2, max_tokens=8, temperature=0)
+    assert [c.index for c in both.choices] == list(range(6))
+    assert [c.text for c in both.choices] == [text for text in alone for _ in range(2)]
+    assert both.usage.completion_tokens == 2 * sum(answer.usage.completion_tokens for answer in answers)
+    assert both.usage.prompt_tokens == sum(answer.usage.prompt_tokens for answer in answers)
+    stream = oa_client.completions.create(model=model, prompt=prompts, max_tokens=8, temperature=0, stream=True,
+                                          stream_options={"include_usage": True})
+    texts = ["", "", ""]
+    finished = []
+    chunks = list(stream)
+    for chunk in chunks:
+        for c in chunk.choices:
+            texts[c.index] += c.text
+            if c.finish_reason:
+                finished.append(c.index)
+    assert texts == alone and sorted(finished) == [0, 1, 2]
+    assert chunks[-1].usage.completion_tokens == both.usage.completion_tokens // 2
+    assert chunks[-1].usage.prompt_tokens == both.usage.prompt_tokens
+
+
 def test_a_stop_string_cuts_the_streamed_text_before_it(oa_client, model):
     # The core sends token ids; the server process decodes them and finds the stop string.
     messages = [{"role": "user", "content": "Write two sentences about the sea."}]

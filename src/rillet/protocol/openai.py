@@ -155,17 +155,19 @@ class CompletionRequest(_SamplingFields):
             raise ParamError("suffix is not supported", "suffix")
         return self._sampling_params({}, self.max_tokens, self.logprobs, structured)
 
-    def single_prompt(self) -> str | list[int]:
-        """The one prompt (text or token ids); ParamError for several or none."""
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts, each text or token ids: one, or a list of them (each answered with n
+        choices, numbered prompt by prompt). ParamError for none or an empty one."""
         prompt = self.prompt
-        if isinstance(prompt, list):
-            if len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-                prompt = prompt[0]
-            elif not (prompt and all(isinstance(p, int) for p in prompt)):
-                raise ParamError("only one prompt per request is supported", "prompt")
-        if not prompt:
-            raise ParamError("prompt must not be empty", "prompt")
-        return prompt  # type: ignore[return-value]
+        prompts: list[str | list[int]]
+        if isinstance(prompt, str) or (prompt and all(isinstance(p, int) for p in prompt)):
+            prompts = [prompt]  # type: ignore[list-item]
+        else:
+            prompts = list(prompt)  # type: ignore[arg-type]
+        if not prompts or not all(prompts):
+            raise ParamError("prompt must not be empty" if len(prompts) < 2 else "no prompt of the list may be empty",
+                             "prompt")
+        return prompts
 
 
 # ---------------------------------------------------------------- responses

@@ -18,7 +18,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -40,6 +40,9 @@ from rillet.server.streaming import (NDJSON_MEDIA_TYPE, SSE_KEEPALIVE, SSE_MEDIA
 
 __all__ = ["Collected", "OpenAIAnswer", "RequestHandle", "ServerState", "ServingBase", "arrival_of", "finite", "new_id", "ollama_timestamp", "openai_error_event",
            "run_until_disconnect"]
+
+if TYPE_CHECKING:
+    from rillet.server.handle_group import HandleGroup
 
 logger = logging.getLogger("rillet.server")
 
@@ -351,13 +354,13 @@ class ServingBase:
                      handle.num_prompt_tokens)
         return handle
 
-    async def collect(self, handle: RequestHandle, logprobs: LogprobFormat | None = None,
-                      offset: int = 0) -> Collected:
+    async def collect(self, handle: RequestHandle | HandleGroup, logprobs: LogprobFormat | None = None,
+                      offsets: list[int] | None = None) -> Collected:
         """Every output of a whole (non-streamed) answer; an engine failure or abort is an
-        APIError 503. `offset`: characters before each choice's text (an echoed prompt)."""
+        APIError 503. `offsets`: characters before each choice's text (an echoed prompt)."""
         n = handle.n
         result = Collected([[] for _ in range(n)], [[] for _ in range(n)], [None] * n, [None] * n)
-        lengths = [offset] * n
+        lengths = list(offsets) if offsets is not None else [0] * n
         try:
             async for out in handle:
                 if out.finish_reason == "error":
@@ -388,12 +391,12 @@ class ServingBase:
         return out.error or "the engine failed this request", "engine_error"
 
     @staticmethod
-    def exception_message(handle: RequestHandle, exc: Exception) -> str:
+    def exception_message(handle: RequestHandle | HandleGroup, exc: Exception) -> str:
         """An engine failure after the 200: logged, and told in a terminal error event."""
         logger.error("[%s] %s failed mid-stream: %r", request_id_var.get(), handle.request_id, exc, exc_info=exc)
         return f"the engine failed this request: {exc}"
 
-    async def respond(self, request: Request, handle: RequestHandle, stream: bool,
+    async def respond(self, request: Request, handle: RequestHandle | HandleGroup, stream: bool,
                       events: Callable[[], AsyncIterator[dict[str, Any] | bytes]],
                       whole: Callable[[], Coroutine[Any, Any, dict[str, Any]]], *, ollama: bool = False) -> Response:
         """A streamed answer (SSE for OpenAI, NDJSON for Ollama) of `events()`, or the JSON of

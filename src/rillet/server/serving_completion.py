@@ -1,5 +1,7 @@
-"""POST /v1/completions: one prompt (text or token ids) in; a text completion, or its chunks
-over SSE, out (echo, logprobs with text offsets, usage)."""
+"""POST /v1/completions: a prompt (text or token ids), or a list of them, in; text completions,
+or their chunks over SSE, out (echo, logprobs with text offsets, usage). Each prompt of a list
+is its own engine request (server/handle_group.py), its n choices numbered after the prompts
+before it."""
 
 from __future__ import annotations
 
@@ -13,6 +15,8 @@ from starlette.responses import Response
 
 from rillet.engine.outputs import RequestOutput, TokenLogprob
 from rillet.protocol import openai as oa
+from rillet.server.errors import APIError
+from rillet.server.handle_group import HandleGroup
 from rillet.server.serving import OpenAIAnswer, RequestHandle, ServingBase, arrival_of, finite, openai_error_event
 from rillet.server.structured_request import openai_structured
 
@@ -46,7 +50,7 @@ def _merge_logprobs(parts: list[dict[str, Any]]) -> dict[str, Any] | None:
 
 @dataclass
 class _Completion(OpenAIAnswer):
-    echo: str | None = None  # the prompt, sent first (echo: true)
+    echoes: list[str] | None = None  # echo: true: each choice's prompt, sent first ("" for token ids)
 
     def chunk(self, choices: list[oa.CompletionChoice], usage: oa.Usage | None = None) -> dict[str, Any]:
         return self.dump(oa.CompletionChunk(id=self.id, object="text_completion", created=self.created,
@@ -66,26 +70,37 @@ def _choice(index: int, text: str, logprobs: dict[str, Any] | None = None,
 class ServingCompletion(ServingBase):
     async def create(self, body: oa.CompletionRequest, request: Request) -> Response:
         model = self.check_model(body.model)
-        prompt = body.single_prompt()
+        prompts = body.prompts()
         structured, constraint_param = openai_structured(body)
         params = body.to_sampling_params(structured)
-        handle = await self.submit(prompt, params, prefix="cmpl", arrival=arrival_of(request), prompt_param="prompt",
-                                   constraint_param=constraint_param)
-        completion = _Completion(id=handle.request_id, model=model, created=int(time.time()), n=params.n,
+        arrival = arrival_of(request)
+        handles: list[RequestHandle] = []
+        try:
+            for prompt in prompts:  # all admitted, or none: a refusal ends those admitted before it
+                handles.append(await self.submit(prompt, params, prefix="cmpl", arrival=arrival,
+                                                 prompt_param="prompt", constraint_param=constraint_param))
+        except APIError:
+            for admitted in handles:
+                await admitted.aclose()
+            raise
+        handle: RequestHandle | HandleGroup = handles[0] if len(handles) == 1 else HandleGroup(handles)
+        echoes = None
+        if body.echo:
+            echoes = [prompt if isinstance(prompt, str) else "" for prompt in prompts for _ in range(params.n)]
+        completion = _Completion(id=handle.request_id, model=model, created=int(time.time()), n=handle.n,
                                  include_usage=bool(body.stream_options and body.stream_options.include_usage),
-                                 logprobs=params.logprobs is not None,
-                                 echo=prompt if body.echo and isinstance(prompt, str) else None)
+                                 logprobs=params.logprobs is not None, echoes=echoes)
         return await self.respond(request, handle, bool(body.stream), lambda: self._events(handle, completion),
                                   lambda: self._whole(handle, completion))
 
-    async def _events(self, handle: RequestHandle, completion: _Completion
+    async def _events(self, handle: RequestHandle | HandleGroup, completion: _Completion
                       ) -> AsyncIterator[dict[str, Any] | bytes]:
         offsets = [0] * completion.n
         try:
-            if completion.echo:
-                for i in range(completion.n):
-                    offsets[i] = len(completion.echo)
-                    yield completion.chunk([_choice(i, completion.echo)])
+            for i, echo in enumerate(completion.echoes or ()):
+                if echo:
+                    offsets[i] = len(echo)
+                    yield completion.chunk([_choice(i, echo)])
             async for out in handle:
                 reason = out.finish_reason
                 if reason == "error" or reason == "abort":
@@ -113,10 +128,10 @@ class ServingCompletion(ServingBase):
         finally:
             await handle.aclose()
 
-    async def _whole(self, handle: RequestHandle, completion: _Completion) -> dict[str, Any]:
-        echo = completion.echo or ""
-        result = await self.collect(handle, _output_logprobs, offset=len(echo))
-        choices = [oa.CompletionChoice(index=i, text=echo + "".join(result.texts[i]),
+    async def _whole(self, handle: RequestHandle | HandleGroup, completion: _Completion) -> dict[str, Any]:
+        echoes = completion.echoes or [""] * completion.n
+        result = await self.collect(handle, _output_logprobs, offsets=[len(echo) for echo in echoes])
+        choices = [oa.CompletionChoice(index=i, text=echoes[i] + "".join(result.texts[i]),
                                        logprobs=_merge_logprobs(result.logprobs[i]) if completion.logprobs else None,
                                        finish_reason=result.reasons[i], stop_reason=result.stop_reasons[i])
                    for i in range(completion.n)]
