@@ -85,6 +85,13 @@ async def test_errors_are_ollama_shaped():
         assert r.status_code == 400 and "temperature" in r.json()["error"]
         r = await client.post("/api/generate", json={"prompt": "x", "format": "yaml"})
         assert r.status_code == 400 and "format" in r.json()["error"]
+        # what rillet cannot honour is refused, not ignored: images, fill-in-the-middle, a Go template
+        for field, value, fragment in (("images", ["AAAA"], "images"), ("suffix", "}", "does not support insert"),
+                                       ("template", "{{ .Prompt }}", "template")):
+            r = await client.post("/api/generate", json={"prompt": "x", field: value})
+            assert r.status_code == 400 and fragment in r.json()["error"], (field, r.text)
+        r = await client.post("/api/generate", json={"prompt": "x", "suffix": "", "template": "", "stream": False})
+        assert r.status_code == 200  # empty: as if absent
         r = await client.get("/api/nope")
         assert r.status_code == 404 and isinstance(r.json()["error"], str)
 

@@ -69,6 +69,12 @@ class ServingOllama(ServingBase):
         model = self.check_model(body.model, ollama=True)
         if body.images:
             raise APIError(400, "images are not supported by this server", param="images")
+        extra = body.model_extra or {}
+        if extra.get("suffix"):  # Ollama's answer for a model without fill-in-the-middle
+            raise APIError(400, f'"{model}" does not support insert', param="suffix")
+        if extra.get("template"):  # ignored, it would change the prompt silently
+            raise APIError(400, "template is not supported: the model's chat template formats the prompt (or send "
+                                "raw: true with the prompt formatted)", param="template")
         if not body.prompt and not (body.system and not body.raw):
             return JSONResponse(_load_response(model, chat=False))
         prompt: Prompt
