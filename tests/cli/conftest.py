@@ -61,6 +61,9 @@ class PtyChild:
         pid, fd = pty.fork()
         if pid == 0:  # child: exec at once
             try:
+                # as from a terminal: a suite started in the background of a script inherits
+                # SIGINT ignored, and an ignored signal stays ignored across exec (no Ctrl-C)
+                signal.signal(signal.SIGINT, signal.SIG_DFL)
                 os.chdir(REPO)
                 os.execve(sys.executable, argv, env)
             finally:
