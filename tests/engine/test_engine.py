@@ -352,6 +352,12 @@ def test_chat_template_fields_continue_a_prefilled_answer_and_reach_the_template
     encoder = PromptEncoder(custom, engine_fp32.vocab_size, 1024)
     assert tok.decode(encoder.encode_prompt(question)).endswith("|plain|")
     assert tok.decode(encoder.encode_prompt(ChatPrompt(question, template_kwargs={"mood": "sunny"}))).endswith("|sunny|")
+    # with tools too (Qwen3's enable_thinking beside a function list): both reach the template
+    custom.chat_template = ("{% for m in messages %}{{ m.content }}{{ m.tool_calls or '' }}{% endfor %}"
+                            "|{{ mood }}|{{ tools | length }}|")
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    assert tok.decode(encoder.encode_prompt(ChatPrompt(question, template_kwargs={"mood": "sunny"}), tools)
+                      ).endswith("|sunny|1|")
 
     for fields, refused in [(dict(continue_final_message=True), "set add_generation_prompt to false"),
                             (dict(add_generation_prompt=False, continue_final_message=True, messages=question),

@@ -135,6 +135,12 @@ def test_a_prefilled_answer_continues_with_vllms_chat_template_fields(oa_client,
     with pytest.raises(openai.BadRequestError, match="assistant's"):
         oa_client.chat.completions.create(model=model, messages=question, max_tokens=2, extra_body={
             "continue_final_message": True, "add_generation_prompt": False})
+    # template variables beside tools (Qwen3's enable_thinking with a function list) were a 400
+    tools = [{"type": "function", "function": {"name": "greet", "parameters": {"type": "object"}}}]
+    both = oa_client.chat.completions.create(model=model, messages=question, max_tokens=2, tools=tools,
+                                             extra_body={"chat_template_kwargs": {"enable_thinking": False}})
+    alone = oa_client.chat.completions.create(model=model, messages=question, max_tokens=2, tools=tools)
+    assert both.usage.prompt_tokens == alone.usage.prompt_tokens  # the tools are in the prompt either way
 
 
 def test_tokenize_counts_what_a_request_feeds_the_model_and_detokenize_inverts_it(real_server, oa_client, model):

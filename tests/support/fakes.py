@@ -15,7 +15,7 @@ from rillet.engine.engine_client import EngineClient
 from rillet.engine.async_engine import RequestStream
 from rillet.engine.errors import EngineDeadError, EngineNotReadyError, QueueFullError
 from rillet.engine.outputs import RequestOutput, TokenLogprob
-from rillet.engine.prompts import PromptEncoder
+from rillet.engine.prompts import ChatPrompt, PromptEncoder
 from rillet.sampling_params import SamplingParams
 
 __all__ = ["FakeEngine", "FakeStats", "FakeTokenizer", "split_tokens"]
@@ -184,6 +184,9 @@ class FakeEngine:
         if self._health != "ready":
             raise EngineNotReadyError(f"the engine is {self._health}")
         params.validate()
+        submitted = prompt  # recorded as given; a ChatPrompt's messages are what the fake reads
+        if isinstance(prompt, ChatPrompt):
+            prompt = prompt.messages
         if not prompt:
             raise ValueError("the prompt is empty")
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], dict):
@@ -207,7 +210,7 @@ class FakeEngine:
         stream = FakeStream(self, request_id, num_prompt, params.n)
         self.streams[request_id] = stream
         self.params[request_id] = params
-        self.prompts[request_id] = prompt
+        self.prompts[request_id] = submitted
         self.tools[request_id] = tools
         stream.task = asyncio.get_running_loop().create_task(self._produce(stream, prompt, params))
         return stream

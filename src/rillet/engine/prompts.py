@@ -123,10 +123,10 @@ class PromptEncoder:
     def encode_prompt(self, prompt: Prompt, tools: list[dict[str, Any]] | None = None) -> list[int]:
         """Token ids of a prompt; `tools` (OpenAI function definitions) go to the chat template of a
         messages prompt, as transformers' `apply_chat_template(tools=...)` takes them."""
-        if tools and not (isinstance(prompt, list) and prompt and all(isinstance(m, dict) for m in prompt)):
-            raise ValueError("tools need a chat (messages) prompt")
         if isinstance(prompt, ChatPrompt):
             return self.encode_chat(prompt.messages, tools, prompt)
+        if tools and not (isinstance(prompt, list) and prompt and all(isinstance(m, dict) for m in prompt)):
+            raise ValueError("tools need a chat (messages) prompt")
         if isinstance(prompt, str):
             if not prompt:
                 raise ValueError("prompt must not be empty")
