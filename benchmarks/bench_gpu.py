@@ -96,6 +96,17 @@ def git_commit() -> str | None:
 
 # ---- 1. the model ------------------------------------------------------------------------------
 
+def timed_steps(engine, steps: int) -> float:
+    """Seconds for `steps` engine steps queued back to back (no sync between them, so a step
+    queued ahead of the last one's read-back overlaps as it does when serving)."""
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        engine.step()
+    torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
 def build_model(tokenizer_dir: Path) -> tuple[Path, int]:
     """The bf16 model directory and the tokenizer's vocabulary size (rows past it zeroed)."""
     from safetensors import safe_open

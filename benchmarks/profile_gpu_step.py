@@ -13,12 +13,11 @@ from __future__ import annotations
 import argparse
 import collections
 import os
-import time
 from pathlib import Path
 
 import torch
 
-from benchmarks.bench_gpu import build_model
+from benchmarks.bench_gpu import build_model, timed_steps
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,12 +41,7 @@ def main(argv: list[str] | None = None) -> int:
                        prompt_token_ids=list(range(100, 164)))
     for _ in range(20):
         engine.step()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(50):
-        engine.step()
-    torch.cuda.synchronize()
-    print(f"step {(time.perf_counter() - start) / 50 * 1e3:.4f} ms (mean of 50, eager={args.eager})")
+    print(f"step {timed_steps(engine, 50) / 50 * 1e3:.4f} ms (mean of 50, eager={args.eager})")
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(args.steps):

@@ -18,12 +18,11 @@ import gc
 import itertools
 import json
 import statistics
-import time
 from pathlib import Path
 
 import torch
 
-from benchmarks.bench_gpu import build_model, git_commit
+from benchmarks.bench_gpu import build_model, git_commit, timed_steps
 
 QKV, O, GATE_UP, DOWN, HEAD = (3072, 2048), (2048, 2048), (16384, 2048), (2048, 8192), (128256, 2048)
 
@@ -46,12 +45,7 @@ def step_ms(model_dir: Path, gemv: dict | None = None, tile: tuple[int, int] | N
                                prompt_token_ids=list(range(100 + rep, 164 + rep)))
             for _ in range(10):  # the prompt, then warm decode steps
                 engine.step()
-            torch.cuda.synchronize()
-            start = time.perf_counter()
-            for _ in range(150):
-                engine.step()
-            torch.cuda.synchronize()
-            times.append((time.perf_counter() - start) / 150 * 1e3)
+            times.append(timed_steps(engine, 150) / 150 * 1e3)
             engine.abort(f"s{rep}")
             while engine.has_unfinished():
                 engine.step()

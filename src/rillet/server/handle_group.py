@@ -14,7 +14,7 @@ from collections import deque
 
 from rillet.engine.outputs import RequestOutput
 from rillet.protocol import openai as oa
-from rillet.server.serving import RequestHandle
+from rillet.server.serving import RequestHandle, usage_of
 
 __all__ = ["HandleGroup"]
 
@@ -53,11 +53,9 @@ class HandleGroup:
         return self._ready.popleft()
 
     def usage(self) -> oa.Usage:
-        prompt = sum(h.num_prompt_tokens for h in self.handles)
-        completion = sum(h.num_generated_tokens for h in self.handles)
-        cached = sum(h.num_cached_tokens for h in self.handles)
-        return oa.Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
-                        prompt_tokens_details=oa.PromptTokensDetails(cached_tokens=cached))
+        handles = self.handles
+        return usage_of(sum(h.num_prompt_tokens for h in handles), sum(h.num_generated_tokens for h in handles),
+                        sum(h.num_cached_tokens for h in handles))
 
     async def aclose(self) -> None:
         """Idempotent: every request not finished is aborted, and each records its outcome."""

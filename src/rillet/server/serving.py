@@ -39,7 +39,7 @@ from rillet.server.streaming import (NDJSON_MEDIA_TYPE, SSE_KEEPALIVE, SSE_MEDIA
                                      StreamingBody, ndjson_stream, sse_event, sse_stream)
 
 __all__ = ["Collected", "OpenAIAnswer", "RequestHandle", "ServerState", "ServingBase", "arrival_of", "finite", "new_id", "ollama_timestamp", "openai_error_event",
-           "run_until_disconnect"]
+           "run_until_disconnect", "usage_of"]
 
 if TYPE_CHECKING:
     from rillet.server.handle_group import HandleGroup
@@ -164,10 +164,7 @@ class RequestHandle:
         return sum(self.num_output_tokens)
 
     def usage(self) -> oa.Usage:
-        completion = self.num_generated_tokens
-        return oa.Usage(prompt_tokens=self.num_prompt_tokens, completion_tokens=completion,
-                        total_tokens=self.num_prompt_tokens + completion,
-                        prompt_tokens_details=oa.PromptTokensDetails(cached_tokens=self.num_cached_tokens))
+        return usage_of(self.num_prompt_tokens, self.num_generated_tokens, self.num_cached_tokens)
 
     async def abort(self) -> None:
         if not self.finished:
@@ -201,6 +198,13 @@ class RequestHandle:
             metrics.request_aborted.inc()
         logger.debug("%s done: prompt=%d generated=%d finish=%s", self.request_id, self.num_prompt_tokens,
                      self.num_generated_tokens, reasons)
+
+
+def usage_of(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> oa.Usage:
+    """An OpenAI answer's usage: the total, and the prompt tokens the prefix cache served."""
+    return oa.Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                    total_tokens=prompt_tokens + completion_tokens,
+                    prompt_tokens_details=oa.PromptTokensDetails(cached_tokens=cached_tokens))
 
 
 @dataclass
