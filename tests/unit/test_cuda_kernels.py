@@ -207,11 +207,12 @@ def test_silu_mul(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("n,k", [(37, 96), (64, 2048), (8, 4096), (5, 1100)])
+@pytest.mark.parametrize("n,k", [(37, 96), (64, 2048), (8, 4096), (5, 1100), (13, 5000)])
 @pytest.mark.parametrize("bias", [False, True])
 def test_gemv_matches_linear(dtype, n, k, bias):
     """One row through a weight: odd N (padding rows), K below, at and past one 1024-wide slice,
-    K not a multiple of it (masked loads), the wide-K block sizes; bias or not."""
+    K not a multiple of it (masked loads), the wide-K block sizes (8 rows a program, 2048-wide
+    slices), with N and K off their multiples; bias or not."""
     torch.manual_seed(0)
     x = torch.randn(1, k).to(dtype)
     w = (torch.randn(n, k) * 0.05).to(dtype)

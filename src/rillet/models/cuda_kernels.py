@@ -613,9 +613,10 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     the row used is silu_mul(x), computed on the fly (the down projection without its own launch).
 
     At one row a matmul only streams the weight. cuBLAS reached 0.9-3.8 TB/s on the 1B model's
-    shapes on an H200 (cold L2); this kernel 1.1-4.1, 5-20% faster on each: a few rows per
-    program, a whole 1024-wide K slice per load, one cross-lane sum at the end. Its block sizes
-    come from a sweep there (a launch of one config per shape, no autotuning at run time)."""
+    shapes on an H200 (cold L2); this kernel, launched back to back under PDL, 3.0 (O) to 4.5
+    (head) TB/s: a few rows per program, a whole 1024- or 2048-wide K slice per load, one
+    cross-lane sum at the end. Its block sizes come from sweeps there (`_gemv_config`: one config
+    per shape, no autotuning at run time)."""
     K = weight.shape[1]
     assert x.shape == (1, 2 * K if silu_mul_input else K) and x.is_contiguous() and weight.stride(1) == 1
     return _launch_gemv(x, weight, bias, out, silu_mul_input=silu_mul_input)
@@ -651,14 +652,16 @@ def _launch_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
 
 
 def _gemv_config(N: int, K: int) -> tuple[int, int, int, int]:
-    """(rows a program, K a tile, warps, stages) of the GEMV for weight [N, K]. A row of up to 2048
-    is one tile, all of it loaded before the PDL wait (the 1B model's QKV, O, gate/up and head:
-    0.4-0.9% off a batch-1 step on an H200 against 1024-wide tiles); a wider one 1024 a tile."""
-    wide = K >= 4096
-    block_n = 4  # 8 for the wide down projection was 10% slower under PDL (11.3 vs 10.3 us on an H200)
-    block_k = triton.next_power_of_2(K)
-    return block_n, block_k if block_k <= 2048 else 1024, 8 if wide else 4, \
-        4 if wide or 1 << 25 <= N * K < 1 << 27 else 2
+    """(rows a program, K a tile, warps, stages) of the GEMV for weight [N, K], from sweeps on an
+    H200 (the 1B model's shapes, each alone and in a batch-1 step; `benchmarks/sweep_gpu_step.py`).
+    Rows of up to 2048 (QKV, O, gate/up, head): 4 rows a program in 1024-wide tiles, the first
+    tile loaded before the PDL wait. Whole 2048-wide rows loaded before the wait were slower, alone
+    (QKV 4.3 vs 3.6 us, O 3.5 vs 2.8, gate/up 17.6 vs 16.0) and in the step (0.779 vs 0.768 ms).
+    The wide down projection: 8 rows a program in 2048-wide tiles, 8 warps (alone 9.5 us against
+    10-11 for 4 rows or 1024-wide tiles; the step with both 0.760 ms)."""
+    if K >= 4096:
+        return 8, 2048, 8, 2
+    return 4, min(1024, triton.next_power_of_2(K)), 4, 2
 
 
 # ---- greedy: argmax of each row -----------------------------------------------------------------
