@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from typing import Annotated
 
 import jsonschema
 import ollama
@@ -170,8 +171,7 @@ def test_auto_answers_are_content_or_calls_without_markup(client, model):
 
 
 class Weather(BaseModel):
-    # additionalProperties false: an open schema lets a small model add keys until max_tokens
-    # (the SDK's parse() closes it itself; Ollama's format sends the schema as it is)
+    # closed here as OpenAI's strict mode wants it; rillet closes open objects itself too (Country)
     model_config = ConfigDict(extra="forbid")
 
     city: str = Field(max_length=20)
@@ -221,11 +221,26 @@ def test_bad_requests_are_400(client, model, kwargs, words):
     assert info.value.status_code == 400 and words in info.value.message
 
 
+class Country(BaseModel):
+    """Ollama's documented pattern: a plain pydantic model, its schema sent as it is (objects open)."""
+
+    name: str = Field(max_length=20)
+    capital: str = Field(max_length=20)
+    languages: list[Annotated[str, Field(max_length=15)]] = Field(max_length=3)
+
+
 def test_ollama_package_format_and_tools(real_server, model):
     oc = ollama.Client(host=real_server.url, headers={"Authorization": f"Bearer {KEY}"})
     res = oc.chat(model=model, messages=[{"role": "user", "content": "Weather report for Oslo."}],
                   format=Weather.model_json_schema(), options={"temperature": 0.7, "num_predict": 100})
     Weather.model_validate_json(res.message.content)
+    # An open schema is read as closed (as llama.cpp's grammar does for Ollama): greedy SmolLM2
+    # otherwise adds keys of its own until num_predict.
+    assert "additionalProperties" not in Country.model_json_schema()
+    res = oc.chat(model=model, messages=[{"role": "user", "content": "Tell me about Canada, with more details."}],
+                  format=Country.model_json_schema(), options={"temperature": 0, "num_predict": 150})
+    assert res.done_reason == "stop", res.message.content
+    assert list(json.loads(res.message.content)) == ["name", "capital", "languages"]
     chunks = list(oc.chat(model=model, messages=[{"role": "user", "content": "Reply with a JSON object."}],
                           format="json", stream=True, options={"temperature": 0, "num_predict": 100}))
     assert chunks[-1].done_reason == "stop"

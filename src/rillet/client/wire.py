@@ -9,6 +9,7 @@ from typing import Any, Literal, Mapping, Sequence
 from rillet.client.errors import StreamError, stream_error
 from rillet.client.results import Completion, Delta, ToolCall, ToolCallAssembler, Usage
 from rillet.protocol.params import OLLAMA_OPTION_NAMES
+from rillet.structured.closed import close_objects
 
 Api = Literal["openai", "ollama"]
 Messages = str | Sequence[Mapping[str, Any]]
@@ -35,15 +36,9 @@ def pydantic_model(response_format: Any) -> Any:
 def strict_schema(schema: Any) -> Any:
     """A pydantic model's JSON schema with every object closed (`additionalProperties: false`), as
     OpenAI's strict mode and the openai SDK's `.parse()` send it: otherwise a model may add keys of
-    its own, which the schema allows but the pydantic model then has to ignore."""
-    if isinstance(schema, dict):
-        closed = {key: strict_schema(value) for key, value in schema.items()}
-        if closed.get("type") == "object" and "properties" in closed:
-            closed.setdefault("additionalProperties", False)
-        return closed
-    if isinstance(schema, list):
-        return [strict_schema(item) for item in schema]
-    return schema
+    its own, which the schema allows but the pydantic model then has to ignore. (rillet's server
+    closes them too; other servers may not.)"""
+    return close_objects(schema)
 
 
 def _model_schema(model: Any) -> dict:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from rillet.server.errors import APIError
+from rillet.structured.closed import close_objects
 from rillet.structured.spec import StructuredOutputs
 
 __all__ = ["MAX_TOOLS", "ToolPlan", "plan_tools"]
@@ -81,21 +82,6 @@ class ToolPlan:
     structured: StructuredOutputs | None = None
 
 
-def _closed(schema: Any) -> Any:
-    """The schema with `additionalProperties: false` on objects that list properties and say
-    nothing about others: a forced call then holds only the declared arguments (still valid
-    against the tool's own schema), where a small model otherwise invents keys without end."""
-    if not isinstance(schema, dict):
-        return schema
-    out = dict(schema)
-    if isinstance(out.get("properties"), dict):
-        out["properties"] = {k: _closed(v) for k, v in out["properties"].items()}
-        out.setdefault("additionalProperties", False)
-    if isinstance(out.get("items"), dict):
-        out["items"] = _closed(out["items"])
-    return out
-
-
 def _hoist_defs(schema: Any, prefix: str, defs: dict[str, Any]) -> Any:
     """`schema` with its `$defs`/`definitions` moved into `defs` (names prefixed) and its local
     `$ref`s rewritten to match: nested under the call array, "#/$defs/X" would no longer
@@ -121,7 +107,7 @@ def _required_schema(tools: list[dict[str, Any]], parallel: bool) -> dict[str, A
     # name before arguments: the model picks the function, then writes its arguments
     variants = [{"type": "object",
                  "properties": {"name": {"const": t["function"]["name"]},
-                                "arguments": _hoist_defs(_closed(t["function"]["parameters"]),
+                                "arguments": _hoist_defs(close_objects(t["function"]["parameters"]),
                                                          t["function"]["name"] + "__", defs)},
                  "required": ["name", "arguments"], "additionalProperties": False} for t in tools]
     schema: dict[str, Any] = {"type": "array", "minItems": 1,
@@ -160,6 +146,6 @@ def plan_tools(tools: Any, tool_choice: Any = None, parallel_tool_calls: bool | 
                                 f"({', '.join(sorted(names))})", param="tool_choice")
         (tool,) = [t for t in checked if t["function"]["name"] == name]
         return ToolPlan("named", [tool], names, named=name,
-                        structured=StructuredOutputs.from_schema(_closed(tool["function"]["parameters"])))
+                        structured=StructuredOutputs.from_schema(close_objects(tool["function"]["parameters"])))
     raise APIError(400, f'tool_choice must be "none", "auto", "required" or a named function, got '
                         f'{json.dumps(tool_choice)[:80]}', param="tool_choice")

@@ -1,0 +1,97 @@
+"""Objects closed to keys their schema does not name (structured/closed.py), as vLLM's xgrammar
+and llama.cpp's converter read a schema, and what the compiled grammar then allows."""
+
+import copy
+import json
+
+import pytest
+
+from rillet.models.loader import load_tokenizer
+from rillet.models.resolve import resolve_model
+from rillet.structured import StructuredOutputs
+from rillet.structured.closed import close_objects
+from rillet.structured.grammar import grammar_compiler
+from rillet.structured.matcher import Guide
+
+POINT = {"type": "object", "properties": {"x": {"type": "integer"}}, "required": ["x"]}
+
+
+def test_every_object_that_names_properties_is_closed_wherever_schemas_nest():
+    schema = {
+        "type": "object",
+        "properties": {"p": POINT, "list": {"type": "array", "items": POINT},
+                       "pair": {"type": "array", "prefixItems": [POINT, {"$ref": "#/$defs/named"}]},
+                       "either": {"anyOf": [POINT, {"type": "null"}]}, "one": {"oneOf": [POINT]},
+                       "map": {"type": "object", "additionalProperties": POINT},
+                       "old_tuple": {"type": "array", "items": [POINT]},
+                       "negated": {"not": POINT}, "patterned": {"patternProperties": {"^a": {"type": "string"}}}},
+        "$defs": {"named": POINT}, "definitions": {"legacy": POINT},
+    }
+    before = copy.deepcopy(schema)
+    closed = close_objects(schema)
+    assert schema == before  # a copy: the caller's schema is not changed
+    props = closed["properties"]
+    found = [closed, props["p"], props["list"]["items"], props["pair"]["prefixItems"][0],
+             props["either"]["anyOf"][0], props["one"]["oneOf"][0], props["map"]["additionalProperties"],
+             props["old_tuple"]["items"][0], props["negated"]["not"], props["patterned"],
+             closed["$defs"]["named"], closed["definitions"]["legacy"]]
+    assert [s.get("additionalProperties") for s in found] == [False] * len(found)
+    assert props["pair"]["prefixItems"][1] == {"$ref": "#/$defs/named"}  # a reference, not an object
+    assert "additionalProperties" not in props["either"]["anyOf"][1]
+
+
+@pytest.mark.parametrize("schema", [
+    {"type": "object", "properties": {"a": {}}, "additionalProperties": True},
+    {"type": "object", "properties": {"a": {}}, "additionalProperties": {"type": "integer"}},
+    {"type": "object", "properties": {"a": {}}, "unevaluatedProperties": False},
+    {"type": "object"},  # no properties named: any object (json_object mode)
+    {"type": "object", "additionalProperties": {"type": "string"}},
+    {"allOf": [POINT, {"properties": {"y": {"type": "integer"}}}]},  # parts of one object
+    {"$ref": "#/$defs/base", "properties": {"extra": {}}, "$defs": {"base": {"type": "object"}}},
+    True, False,
+])
+def test_objects_left_open_on_purpose_stay_open(schema):
+    closed = close_objects(schema)
+    if isinstance(schema, bool):
+        assert closed is schema
+        return
+    assert closed.get("additionalProperties") == schema.get("additionalProperties")
+    for member in closed.get("allOf", []):
+        assert "additionalProperties" not in member
+
+
+def test_values_are_not_schemas_and_are_left_as_they_are():
+    value = {"properties": {"k": 1}}
+    schema = {"type": "object", "properties": {"c": {"const": value}, "e": {"enum": [value]},
+                                               "d": {"type": "object", "default": value, "examples": [value]}}}
+    props = close_objects(schema)["properties"]
+    assert props["c"]["const"] == value and props["e"]["enum"] == [value]
+    assert props["d"]["default"] == value and props["d"]["examples"] == [value]
+    # a property called "properties" is a name, not a keyword: its schema is what gets closed
+    named = close_objects({"type": "object", "properties": {"properties": POINT}})
+    assert named["properties"] == {"properties": {**POINT, "additionalProperties": False}}
+
+
+@pytest.fixture(scope="module")
+def compiler():
+    tokenizer = load_tokenizer(resolve_model(None).path)
+    return tokenizer, grammar_compiler(tokenizer, [tokenizer.eos_token_id])
+
+
+def _accepts(compiler, schema, text: str) -> bool:
+    tokenizer, grammar = compiler
+    guide = Guide(grammar.compile(StructuredOutputs.from_schema(schema)))
+    return all(guide.accept(token) for token in tokenizer.encode(text))
+
+
+def test_the_compiled_grammar_refuses_keys_the_schema_does_not_name(compiler):
+    """A schema sent as it is (Ollama's `format` from pydantic's model_json_schema(), a raw
+    response_format): a key it does not name is refused, nested objects too, unless the schema
+    opens the object itself."""
+    nested = {"type": "object", "properties": {"p": POINT}, "required": ["p"]}
+    assert _accepts(compiler, POINT, '{"x":1}')
+    assert not _accepts(compiler, POINT, '{"x":1,"y":2}')
+    assert _accepts(compiler, nested, '{"p":{"x":1}}')
+    assert not _accepts(compiler, nested, '{"p":{"x":1,"z":3}}')
+    assert _accepts(compiler, {**POINT, "additionalProperties": True}, '{"x":1,"y":2}')
+    assert _accepts(compiler, {"type": "object"}, json.dumps({"any": ["thing"]}, separators=(",", ":")))
