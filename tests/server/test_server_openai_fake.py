@@ -197,6 +197,21 @@ async def test_invalid_parameters_are_400_naming_the_field(payload, param):
         assert set(err) == {"message", "type", "param", "code"}
 
 
+async def test_null_content_is_400_except_an_assistants():
+    """As OpenAI: a user, system or tool message needs its text; an assistant's may be null."""
+    async with running_app() as (client, _, engine):
+        for role in ("user", "system", "developer", "tool"):
+            r = await client.post("/v1/chat/completions", json={"messages": [
+                {"role": role, "content": None, "tool_call_id": "c1"}, {"role": "user", "content": "hi"}]})
+            assert r.status_code == 400, r.text
+            assert r.json()["error"]["param"] == "messages" and "messages[0].content is null" in r.text
+        assert not engine.prompts
+        r = await client.post("/v1/chat/completions", json={"messages": [
+            {"role": "user", "content": "hi"}, {"role": "assistant", "content": None},
+            {"role": "user", "content": "again"}]})
+        assert r.status_code == 200, r.text
+
+
 async def test_schema_errors_are_422_and_bad_json_400():
     async with running_app() as (client, _, _):
         r = await client.post("/v1/chat/completions", json={"messages": "nope"})

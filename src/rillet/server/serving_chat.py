@@ -77,6 +77,9 @@ def openai_messages(messages: list[oa.ChatMessage]) -> list[dict[str, Any]]:
     for i, m in enumerate(messages):
         if m.role not in _ROLES:
             raise APIError(400, f"unsupported message role {m.role!r}", param="messages")
+        if m.content is None and m.role != "assistant":  # as OpenAI: only an assistant's may be null
+            raise APIError(400, f"messages[{i}].content is null: a {m.role} message needs its text (a string "
+                                "or a list of text parts)", param="messages")
         if m.role == "tool" or (m.role == "assistant" and m.tool_calls):
             out.append(openai_tool_message(i, m.role, _content_text(m), m.model_dump(), call_names))
             continue
