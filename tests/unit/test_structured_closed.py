@@ -46,7 +46,8 @@ def test_every_object_that_names_properties_is_closed_wherever_schemas_nest():
     {"type": "object", "properties": {"a": {}}, "unevaluatedProperties": False},
     {"type": "object"},  # no properties named: any object (json_object mode)
     {"type": "object", "additionalProperties": {"type": "string"}},
-    {"allOf": [POINT, {"properties": {"y": {"type": "integer"}}}]},  # parts of one object
+    {"allOf": [POINT, {"$ref": "#/$defs/p"}], "$defs": {"p": POINT}},  # a member that is not a plain object
+    {"allOf": [POINT, {"properties": {"y": {}}, "additionalProperties": True}]},  # a member open on purpose
     {"$ref": "#/$defs/base", "properties": {"extra": {}}, "$defs": {"base": {"type": "object"}}},
     True, False,
 ])
@@ -56,8 +57,31 @@ def test_objects_left_open_on_purpose_stay_open(schema):
         assert closed is schema
         return
     assert closed.get("additionalProperties") == schema.get("additionalProperties")
-    for member in closed.get("allOf", []):
-        assert "additionalProperties" not in member
+    assert closed.get("allOf") == schema.get("allOf")  # members are parts of one object: left open
+
+
+def test_an_allof_of_plain_objects_is_closed_to_the_union_of_their_names_and_its_members_stay_open():
+    schema = {"allOf": [POINT, {"type": "object", "properties": {"y": {"type": "integer"}, "x": {}}}]}
+    closed = close_objects(schema)
+    assert closed["properties"] == {"x": {}, "y": {}} and closed["additionalProperties"] is False
+    assert closed["allOf"] == schema["allOf"]  # each member closed would forbid the other's keys
+    own = close_objects({**schema, "properties": {"z": {"type": "string"}}})
+    assert list(own["properties"]) == ["z", "x", "y"] and own["properties"]["z"] == {"type": "string"}
+
+
+def test_a_definition_extended_with_more_keys_stays_open():
+    """JSON Schema's inheritance idiom: a base definition plus keys beside it, through allOf or a
+    $ref with sibling properties; closed, the base would forbid the added keys."""
+    base = {"type": "object", "properties": {"id": {"type": "integer"}}, "required": ["id"]}
+    schema = {"$defs": {"Base": base, "Other": base},
+              "type": "object", "properties": {
+                  "a": {"allOf": [{"$ref": "#/$defs/Base"}, {"properties": {"name": {"type": "string"}}}]},
+                  "b": {"$ref": "#/$defs/Base", "properties": {"tag": {"type": "string"}}},
+                  "c": {"$ref": "#/$defs/Other"}}}
+    closed = close_objects(schema)
+    assert closed["$defs"]["Base"] == base  # extended: left open
+    assert closed["$defs"]["Other"]["additionalProperties"] is False  # only referred to: closed
+    assert closed["additionalProperties"] is False
 
 
 def test_values_are_not_schemas_and_are_left_as_they_are():
@@ -95,3 +119,6 @@ def test_the_compiled_grammar_refuses_keys_the_schema_does_not_name(compiler):
     assert not _accepts(compiler, nested, '{"p":{"x":1,"z":3}}')
     assert _accepts(compiler, {**POINT, "additionalProperties": True}, '{"x":1,"y":2}')
     assert _accepts(compiler, {"type": "object"}, json.dumps({"any": ["thing"]}, separators=(",", ":")))
+    merged = {"allOf": [POINT, {"type": "object", "properties": {"y": {"type": "integer"}}, "required": ["y"]}]}
+    assert _accepts(compiler, merged, '{"x":1,"y":2}')
+    assert not _accepts(compiler, merged, '{"x":1,"y":2,"z":3}')

@@ -8,10 +8,12 @@ grammar converter (Ollama's `format`) both read such an object as closed. So doe
 neither `additionalProperties` nor `unevaluatedProperties` is given. An explicit
 `"additionalProperties": true` (or a schema) keeps an object open.
 
-Objects that are parts of a larger one are left as they are: the members of an `allOf` (each
-closed would forbid the others' keys) and a schema beside an `allOf` or a `$ref` (the keys come
-from both). The walk goes only where the schema holds schemas, never into `const`, `enum`,
-`default` or `examples` values.
+The members of an `allOf` are parts of one object, so each is left open (closed, each would
+forbid the others' keys); where every member is a plain object naming its properties, the
+`allOf` itself is closed to the union of their names (as llama.cpp merges them). A schema beside
+a `$ref` is left open (its keys come from both), and so is a definition that an `allOf` member
+or such a schema refers to (closed, it would forbid the keys added beside it). The walk goes only
+where the schema holds schemas, never into `const`, `enum`, `default` or `examples` values.
 """
 
 from __future__ import annotations
@@ -31,30 +33,73 @@ _SCHEMAS = ("additionalProperties", "unevaluatedProperties", "items", "additiona
 def close_objects(schema: Any) -> Any:
     """A copy of `schema` with every object that names properties closed to others (see above);
     anything that is not a schema object (a boolean schema) is returned as it is."""
-    return _walk(schema, close_here=True)
+    extended: set[str] = set()
+    _extended_refs(schema, extended)
+    return _walk(schema, True, extended)
 
 
-def _walk(schema: Any, close_here: bool) -> Any:
+def _walk(schema: Any, close_here: bool, extended: set[str]) -> Any:
     if not isinstance(schema, dict):
         return schema
     out = dict(schema)
     for key in _SCHEMA_MAPS:
         if isinstance(out.get(key), dict):
-            out[key] = {name: _walk(sub, True) for name, sub in out[key].items()}
+            defs = key in ("$defs", "definitions")
+            out[key] = {name: _walk(sub, not (defs and f"#/{key}/{name}" in extended), extended)
+                        for name, sub in out[key].items()}
     for key in _SCHEMA_LISTS:
         if isinstance(out.get(key), list):
-            out[key] = [_walk(sub, True) for sub in out[key]]
+            out[key] = [_walk(sub, True, extended) for sub in out[key]]
     if isinstance(out.get("allOf"), list):
-        out["allOf"] = [_walk(sub, False) for sub in out["allOf"]]
+        out["allOf"] = [_walk(sub, False, extended) for sub in out["allOf"]]
     for key in _SCHEMAS:
         value = out.get(key)
         if isinstance(value, list):
-            out[key] = [_walk(sub, True) for sub in value]
+            out[key] = [_walk(sub, True, extended) for sub in value]
         elif isinstance(value, dict):
-            out[key] = _walk(value, True)
-    named = isinstance(out.get("properties"), dict) or isinstance(out.get("patternProperties"), dict)
-    composed = "allOf" in out or "$ref" in out
-    if close_here and named and not composed and "additionalProperties" not in out \
-            and "unevaluatedProperties" not in out:
-        out["additionalProperties"] = False
+            out[key] = _walk(value, True, extended)
+    if not close_here or "$ref" in out or "additionalProperties" in out or "unevaluatedProperties" in out:
+        return out
+    if "allOf" in out:
+        names = _member_names(schema["allOf"])
+        if names is None or "patternProperties" in out:
+            return out
+        own = out.get("properties") if isinstance(out.get("properties"), dict) else {}
+        out["properties"] = {**own, **{name: {} for name in names if name not in own}}
+    elif not (isinstance(out.get("properties"), dict) or isinstance(out.get("patternProperties"), dict)):
+        return out
+    out["additionalProperties"] = False
     return out
+
+
+def _extended_refs(value: Any, found: set[str]) -> None:
+    """The `$ref`s that an `allOf` member makes, or that sit beside `properties` (a definition
+    extended with more keys), anywhere in `value`."""
+    if isinstance(value, list):
+        for item in value:
+            _extended_refs(item, found)
+        return
+    if not isinstance(value, dict):
+        return
+    if isinstance(value.get("$ref"), str) and "properties" in value:
+        found.add(value["$ref"])
+    for member in value.get("allOf") or []:
+        if isinstance(member, dict) and isinstance(member.get("$ref"), str):
+            found.add(member["$ref"])
+    for sub in value.values():
+        _extended_refs(sub, found)
+
+
+def _member_names(members: Any) -> list[str] | None:
+    """The property names of `allOf` members that are all plain objects naming their properties
+    and closed to nothing else of their own accord, in order; None if any is not."""
+    if not isinstance(members, list):
+        return None
+    names: list[str] = []
+    for member in members:
+        if not isinstance(member, dict) or not isinstance(member.get("properties"), dict) or any(
+                key in member for key in ("additionalProperties", "unevaluatedProperties", "patternProperties",
+                                          "$ref", "allOf", "anyOf", "oneOf")):
+            return None
+        names += [name for name in member["properties"] if name not in names]
+    return names
