@@ -9,7 +9,7 @@ from typing import Any, Literal, Mapping, Sequence
 from rillet.client.errors import StreamError, stream_error
 from rillet.client.results import Completion, Delta, ToolCall, ToolCallAssembler, Usage
 from rillet.protocol.params import OLLAMA_OPTION_NAMES
-from rillet.structured.closed import close_objects
+from rillet.structured.tighten import close_objects
 
 Api = Literal["openai", "ollama"]
 Messages = str | Sequence[Mapping[str, Any]]

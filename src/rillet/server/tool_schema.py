@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from rillet.server.errors import APIError
-from rillet.structured.closed import close_objects
+from rillet.structured.tighten import close_objects
 from rillet.structured.spec import StructuredOutputs
 
 __all__ = ["MAX_TOOLS", "ToolPlan", "plan_tools"]

@@ -29,7 +29,7 @@ os.environ.setdefault("RAYON_NUM_THREADS", "1")
 import llguidance  # noqa: E402
 import llguidance.hf  # noqa: E402
 
-from rillet.structured.closed import close_objects
+from rillet.structured.tighten import tighten
 from rillet.structured.spec import StructuredOutputs
 
 logger = logging.getLogger(__name__)
@@ -49,8 +49,8 @@ def grammar_text(spec: StructuredOutputs) -> str:
     kind = spec.kind
     matcher = llguidance.LLMatcher
     if kind == "json":
-        try:  # objects closed to keys they do not name, as vLLM's xgrammar and llama.cpp read them
-            return matcher.grammar_from_json_schema(close_objects(json.loads(spec.json or "")), defaults=JSON_OPTIONS)
+        try:  # objects closed and numbers bounded, as llama.cpp (objects: also xgrammar) reads them
+            return matcher.grammar_from_json_schema(tighten(json.loads(spec.json or "")), defaults=JSON_OPTIONS)
         except ValueError as exc:
             raise ValueError(f"invalid JSON schema: {exc}") from None
     if kind == "json_object":

@@ -1,5 +1,6 @@
-"""Objects closed to keys their schema does not name (structured/closed.py), as vLLM's xgrammar
-and llama.cpp's converter read a schema, and what the compiled grammar then allows."""
+"""JSON schemas as constrained decoding reads them (structured/tighten.py): objects closed to keys
+they do not name, as vLLM's xgrammar and llama.cpp's converter read them, numbers bounded in
+length, as llama.cpp's are; and what the compiled grammar then allows."""
 
 import copy
 import json
@@ -9,7 +10,7 @@ import pytest
 from rillet.models.loader import load_tokenizer
 from rillet.models.resolve import resolve_model
 from rillet.structured import StructuredOutputs
-from rillet.structured.closed import close_objects
+from rillet.structured.tighten import NUMBER_LIMIT, NUMBER_STEP, close_objects, tighten
 from rillet.structured.grammar import grammar_compiler
 from rillet.structured.matcher import Guide
 
@@ -122,3 +123,30 @@ def test_the_compiled_grammar_refuses_keys_the_schema_does_not_name(compiler):
     merged = {"allOf": [POINT, {"type": "object", "properties": {"y": {"type": "integer"}}, "required": ["y"]}]}
     assert _accepts(compiler, merged, '{"x":1,"y":2}')
     assert not _accepts(compiler, merged, '{"x":1,"y":2,"z":3}')
+
+
+def test_numbers_get_bounds_and_a_step_only_where_the_schema_gives_none():
+    limits = {"minimum": -NUMBER_LIMIT, "maximum": NUMBER_LIMIT}
+    assert tighten({"type": "integer"}) == {"type": "integer", **limits}
+    assert tighten({"type": ["number", "null"]}) == {"type": ["number", "null"], **limits, "multipleOf": NUMBER_STEP}
+    assert tighten({"type": "number", "minimum": 0, "multipleOf": 0.5}) == \
+        {"type": "number", "minimum": 0, "maximum": NUMBER_LIMIT, "multipleOf": 0.5}
+    assert tighten({"type": "integer", "exclusiveMaximum": 10}) == \
+        {"type": "integer", "exclusiveMaximum": 10, "minimum": -NUMBER_LIMIT}
+    assert tighten({"type": "integer", "minimum": 10**20}) == {"type": "integer", "minimum": 10**20}  # never empty
+    assert tighten({"type": "string"}) == {"type": "string"} and tighten({"enum": [1, 2]}) == {"enum": [1, 2]}
+    nested = tighten({"type": "object", "properties": {"n": {"type": "integer"}}})
+    assert nested["properties"]["n"] == {"type": "integer", **limits} and nested["additionalProperties"] is False
+    assert close_objects({"type": "integer"}) == {"type": "integer"}  # the client's strict schemas: objects only
+
+
+def test_the_compiled_grammar_bounds_digits(compiler):
+    """A quarter of greedy or sampled SmolLM2 answers to one-number schemas wrote digits until
+    max_tokens; now a number ends within 16 digits before the point and 10 after."""
+    count = {"type": "object", "properties": {"n": {"type": "integer"}}}
+    price = {"type": "object", "properties": {"p": {"type": "number"}}}
+    assert _accepts(compiler, count, '{"n":' + "9" * 16 + "}")
+    assert not _accepts(compiler, count, '{"n":' + "1" * 17)
+    assert _accepts(compiler, price, '{"p":-12.' + "5" * 10 + "}")
+    assert not _accepts(compiler, price, '{"p":1.' + "5" * 11)
+    assert _accepts(compiler, {"type": "integer", "minimum": 10**17}, str(10**17))  # the schema's own range
