@@ -10,7 +10,7 @@ import pytest
 from rillet.models.loader import load_tokenizer
 from rillet.models.resolve import resolve_model
 from rillet.structured import StructuredOutputs
-from rillet.structured.tighten import NUMBER_LIMIT, NUMBER_STEP, close_objects, tighten
+from rillet.structured.tighten import FORMAT_LENGTHS, NUMBER_LIMIT, NUMBER_STEP, close_objects, tighten
 from rillet.structured.grammar import grammar_compiler
 from rillet.structured.matcher import Guide
 
@@ -150,3 +150,12 @@ def test_the_compiled_grammar_bounds_digits(compiler):
     assert _accepts(compiler, price, '{"p":-12.' + "5" * 10 + "}")
     assert not _accepts(compiler, price, '{"p":1.' + "5" * 11)
     assert _accepts(compiler, {"type": "integer", "minimum": 10**17}, str(10**17))  # the schema's own range
+
+
+def test_date_times_get_a_length_their_fractions_of_a_second_fit_in(compiler):
+    assert tighten({"type": "string", "format": "date-time"})["maxLength"] == FORMAT_LENGTHS["date-time"]
+    assert tighten({"type": "string", "format": "time", "maxLength": 12})["maxLength"] == 12
+    assert "maxLength" not in tighten({"type": "string", "format": "email"})
+    stamp = {"type": "string", "format": "date-time"}
+    assert _accepts(compiler, stamp, '"2018-04-17T09:30:00.123456789+01:00"')
+    assert not _accepts(compiler, stamp, '"2018-04-17T00:00:09.' + "8" * 30)

@@ -20,8 +20,10 @@ Numbers. An unbounded number lets a small model write digits until max_tokens (a
 SmolLM2-135M's answers to one-number schemas did). llama.cpp's converter allows 16 digits before
 the point and 16 after; `tighten` (what the grammar compiles) also closes objects, and gives an
 integer or number that lacks them the bounds +-(10^16 - 1), and a number without `multipleOf`
-a multipleOf of 1e-10 (at most 10 digits after the point: the finest llguidance takes). Every
-output still validates against the schema as given.
+a multipleOf of 1e-10 (at most 10 digits after the point: the finest llguidance takes). A
+`date-time` or `time` string without maxLength gets one (40 and 30 characters) for the same
+reason: their fractions of a second have no end of their own. Every output still validates
+against the schema as given.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ __all__ = ["close_objects", "tighten"]
 
 NUMBER_LIMIT = 10**16 - 1  # 16 digits, as llama.cpp's integral part
 NUMBER_STEP = 1e-10  # 10 digits after the point
+FORMAT_LENGTHS = {"date-time": 40, "time": 30}  # 2018-04-17T09:30:00.123456789+01:00 is 35
 
 # keywords whose value is a map of names to schemas, a list of schemas, or one schema (or, for
 # `items` before draft 2020-12, a list)
@@ -81,6 +84,8 @@ class _Walk:
                 out[key] = self.schema(value, True)
         if self.bound_numbers:
             _bound_number(out)
+            if out.get("format") in FORMAT_LENGTHS and "maxLength" not in out:
+                out["maxLength"] = FORMAT_LENGTHS[out["format"]]
         return _close(out, schema, close_here)
 
 
