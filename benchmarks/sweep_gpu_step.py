@@ -33,7 +33,7 @@ def step_ms(model_dir: Path, gemv: dict | None = None, tile: tuple[int, int] | N
     from rillet.sampling_params import SamplingParams
 
     base_gemv, base_tile = ck._gemv_config, ck._decode_tile
-    ck._gemv_config = lambda N, K: (gemv or {}).get((N, K)) or base_gemv(N, K)
+    ck._gemv_config = lambda N, K, whole_rows=False: (gemv or {}).get((N, K)) or base_gemv(N, K, whole_rows)
     if tile is not None:
         ck._decode_tile = lambda head_dim, element_size, splits: tile
     engine = LLMEngine(model=str(model_dir), device="cuda", dtype="bfloat16", max_model_len=1024, max_num_seqs=8,

@@ -222,6 +222,8 @@ def test_gemv_matches_linear(dtype, n, k, bias):
     assert got.dtype == dtype and got.shape == (1, n)
     tol = 1e-4 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(got.cpu().float(), want, atol=tol * (k ** 0.5), rtol=tol)
+    whole = cuda_kernels.gemv(x.to(DEVICE), w.to(DEVICE), None if b is None else b.to(DEVICE), after_small_launch=True)
+    torch.testing.assert_close(whole.cpu().float(), want, atol=tol * (k ** 0.5), rtol=tol)  # whole rows a tile
     logits = torch.empty(1, n, dtype=torch.float32, device=DEVICE)  # float32 out from half inputs: the head
     cuda_kernels.gemv(x.to(DEVICE), w.to(DEVICE), None if b is None else b.to(DEVICE), out=logits)
     torch.testing.assert_close(logits.cpu(), want, atol=tol * (k ** 0.5), rtol=tol)

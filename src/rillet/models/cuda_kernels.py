@@ -606,11 +606,14 @@ def gemv_takes(weight: torch.Tensor) -> bool:
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
-         out: torch.Tensor | None = None, silu_mul_input: bool = False) -> torch.Tensor:
+         out: torch.Tensor | None = None, silu_mul_input: bool = False, after_small_launch: bool = False
+         ) -> torch.Tensor:
     """F.linear(x, weight, bias) for one row x [1, K] and weight [N, K] (contiguous along K),
     float32 accumulation, into `out` [1, N] if given (its dtype: float32 logits straight from the
     head), else a new tensor of x's dtype. With `silu_mul_input`, x is [1, 2K] = [gate | up] and
     the row used is silu_mul(x), computed on the fly (the down projection without its own launch).
+    `after_small_launch`: the launch before leaves most of the GPU and HBM idle (the O projection
+    after a lone row's attention), so rows of up to 2048 are loaded whole before the PDL wait.
 
     At one row a matmul only streams the weight. cuBLAS reached 0.9-3.8 TB/s on the 1B model's
     shapes on an H200 (cold L2); this kernel, launched back to back under PDL, 3.0 (O) to 4.5
@@ -619,7 +622,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     per shape, no autotuning at run time)."""
     K = weight.shape[1]
     assert x.shape == (1, 2 * K if silu_mul_input else K) and x.is_contiguous() and weight.stride(1) == 1
-    return _launch_gemv(x, weight, bias, out, silu_mul_input=silu_mul_input)
+    return _launch_gemv(x, weight, bias, out, silu_mul_input=silu_mul_input, whole_rows=after_small_launch)
 
 
 def add_rms_norm_gemv(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float,
@@ -636,13 +639,13 @@ def add_rms_norm_gemv(x: torch.Tensor, residual: torch.Tensor, norm_weight: torc
 
 
 def _launch_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor | None, *,
-                 silu_mul_input: bool = False,
+                 silu_mul_input: bool = False, whole_rows: bool = False,
                  norm: tuple[torch.Tensor, torch.Tensor, float, torch.Tensor] | None = None) -> torch.Tensor:
     N, K = weight.shape
     if out is None:
         out = torch.empty((1, N), dtype=x.dtype, device=x.device)
     residual, norm_weight, eps, summed = norm if norm is not None else (x, x, 0.0, x)
-    block_n, block_k, num_warps, num_stages = _gemv_config(N, K)
+    block_n, block_k, num_warps, num_stages = _gemv_config(N, K, whole_rows)
     _gemv_kernel[(triton.cdiv(N, block_n),)](
         x, weight, weight if bias is None else bias, out, N, weight.stride(0), residual, norm_weight, summed, eps,
         K=K, HAS_BIAS=bias is not None, SILU_MUL=silu_mul_input, ADD_NORM=norm is not None,
@@ -651,17 +654,19 @@ def _launch_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     return out
 
 
-def _gemv_config(N: int, K: int) -> tuple[int, int, int, int]:
+def _gemv_config(N: int, K: int, whole_rows: bool = False) -> tuple[int, int, int, int]:
     """(rows a program, K a tile, warps, stages) of the GEMV for weight [N, K], from sweeps on an
     H200 (the 1B model's shapes, each alone and in a batch-1 step; `benchmarks/sweep_gpu_step.py`).
     Rows of up to 2048 (QKV, O, gate/up, head): 4 rows a program in 1024-wide tiles, the first
     tile loaded before the PDL wait. Whole 2048-wide rows loaded before the wait were slower, alone
-    (QKV 4.3 vs 3.6 us, O 3.5 vs 2.8, gate/up 17.6 vs 16.0) and in the step (0.779 vs 0.768 ms).
+    (QKV 4.3 vs 3.6 us, O 3.5 vs 2.8, gate/up 17.6 vs 16.0) and in the step (0.779 vs 0.768 ms),
+    except with `whole_rows`, behind a launch that leaves HBM idle: the O projection, behind the
+    attention, loads its 8 MB whole during it (a step 0.771 -> 0.753 ms; QKV so too: 0.760).
     The wide down projection: 8 rows a program in 2048-wide tiles, 8 warps (alone 9.5 us against
-    10-11 for 4 rows or 1024-wide tiles; the step with both 0.760 ms)."""
+    10-11 for 4 rows or 1024-wide tiles; the step with the 1024-wide tiles 0.760 ms)."""
     if K >= 4096:
         return 8, 2048, 8, 2
-    return 4, min(1024, triton.next_power_of_2(K)), 4, 2
+    return 4, triton.next_power_of_2(K) if whole_rows else min(1024, triton.next_power_of_2(K)), 4, 2
 
 
 # ---- greedy: argmax of each row -----------------------------------------------------------------

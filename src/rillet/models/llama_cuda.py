@@ -36,9 +36,9 @@ def _gemv_fits(x: torch.Tensor, layer: nn.Module) -> bool:
     return x.shape[0] == 1 and type(layer) is nn.Linear and cuda_kernels.gemv_takes(layer.weight)
 
 
-def _linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def _linear(layer: nn.Module, x: torch.Tensor, after_small_launch: bool = False) -> torch.Tensor:
     if _gemv_fits(x, layer):
-        return cuda_kernels.gemv(x, layer.weight, layer.bias)
+        return cuda_kernels.gemv(x, layer.weight, layer.bias, after_small_launch=after_small_launch)
     return layer(x)
 
 
@@ -84,7 +84,7 @@ def forward(model: CausalLM, input_ids: torch.Tensor, positions: torch.Tensor,
                                             v_cache, meta.slot_mapping, nh, nkv, d)
             o = cuda_kernels.paged_attention(q, k_cache, v_cache, meta.block_tables, meta.q_starts, meta.q_lens,
                                              meta.context_lens, meta.max_q_len, meta.block_size, attn.scale)
-        o = _linear(attn.o_proj, o)
+        o = _linear(attn.o_proj, o, after_small_launch=True)  # a lone row's attention: 8 programs
         if attn.tp is not None:  # row-parallel: every rank's partial sum
             attn.tp.all_reduce(o)
         gate_up, residual = _norm_linear(layer.mlp.gate_up_proj, o, residual, layer.post_attention_layernorm)
