@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from rillet.server.errors import APIError
-from rillet.structured.tighten import close_objects
 from rillet.structured.spec import StructuredOutputs
+from rillet.structured.tighten import close_objects
 
 __all__ = ["MAX_TOOLS", "ToolPlan", "plan_tools"]
 

@@ -29,8 +29,8 @@ os.environ.setdefault("RAYON_NUM_THREADS", "1")
 import llguidance  # noqa: E402
 import llguidance.hf  # noqa: E402
 
-from rillet.structured.tighten import tighten
 from rillet.structured.spec import StructuredOutputs
+from rillet.structured.tighten import tighten
 
 logger = logging.getLogger(__name__)
 

@@ -94,7 +94,7 @@ def _bound_number(out: dict[str, Any]) -> None:
     only where the schema gives none and where it leaves the range non-empty."""
     given = out.get("type")
     kinds = {given} if isinstance(given, str) else set(given) if isinstance(given, list) else set()
-    if not kinds & {"integer", "number"}:
+    if not kinds & {"integer", "number"} or "enum" in out or "const" in out:  # listed values stand as given
         return
     low, high = _limit(out, "minimum", "exclusiveMinimum"), _limit(out, "maximum", "exclusiveMaximum")
     if low is None and (high is None or high > -NUMBER_LIMIT):
