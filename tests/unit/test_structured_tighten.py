@@ -153,6 +153,20 @@ def test_the_compiled_grammar_bounds_digits(compiler):
     assert _accepts(compiler, price, '{"p":-12.' + "5" * 10 + "}")
     assert not _accepts(compiler, price, '{"p":1.' + "5" * 11)
     assert _accepts(compiler, {"type": "integer", "minimum": 10**17}, str(10**17))  # the schema's own range
+    far = {"type": "number", "maximum": 1e300}  # a far bound stays one-sided (adding -1e16 made no range)
+    assert tighten(far) == {**far, "multipleOf": NUMBER_STEP}
+
+
+def test_a_tightened_schema_llguidance_cannot_build_falls_back_to_the_schema_as_given(compiler, monkeypatch):
+    import rillet.structured.grammar as grammar
+
+    tokenizer, _ = compiler
+    monkeypatch.setattr(grammar, "tighten", lambda schema: {**schema, "minimum": -1e16, "maximum": 1e300})
+    fresh = grammar.GrammarCompiler(tokenizer, [tokenizer.eos_token_id])
+    guide = Guide(fresh.compile(StructuredOutputs.from_schema({"type": "number"})))
+    assert all(guide.accept(token) for token in tokenizer.encode("-12.5"))
+    with pytest.raises(ValueError, match="does not compile"):  # a schema bad as given is still refused
+        fresh.compile(StructuredOutputs.from_schema({"type": "number", "maximum": 1e300}))
 
 
 def test_date_times_get_a_length_their_fractions_of_a_second_fit_in(compiler):

@@ -40,8 +40,9 @@ CACHE_SIZE = 256
 JSON_OPTIONS: dict[str, Any] = {"whitespace_flexible": False, "item_separator": ",", "key_separator": ":"}
 
 
-def grammar_text(spec: StructuredOutputs) -> str:
-    """The llguidance grammar (its JSON form) of a spec; not yet checked (see GrammarCompiler)."""
+def grammar_text(spec: StructuredOutputs, tightened: bool = True) -> str:
+    """The llguidance grammar (its JSON form) of a spec; not yet checked (see GrammarCompiler).
+    A JSON schema is `tighten`ed first unless `tightened` is False."""
     try:
         spec.validate()
     except json.JSONDecodeError as exc:  # a hand-built spec (from_schema always makes JSON)
@@ -50,7 +51,8 @@ def grammar_text(spec: StructuredOutputs) -> str:
     matcher = llguidance.LLMatcher
     if kind == "json":
         try:  # objects closed and numbers bounded, as llama.cpp (objects: also xgrammar) reads them
-            return matcher.grammar_from_json_schema(tighten(json.loads(spec.json or "")), defaults=JSON_OPTIONS)
+            schema = json.loads(spec.json or "")
+            return matcher.grammar_from_json_schema(tighten(schema) if tightened else schema, defaults=JSON_OPTIONS)
         except ValueError as exc:
             raise ValueError(f"invalid JSON schema: {exc}") from None
     if kind == "json_object":
@@ -122,6 +124,9 @@ class GrammarCompiler:
         grammar = grammar_text(spec)
         # The constructor never raises for a bad grammar: it leaves the matcher in its error state.
         template = llguidance.LLMatcher(self.ll_tokenizer, grammar, log_level=0)
+        if template.is_error() and spec.kind == "json":  # a bound tighten added that llguidance cannot
+            grammar = grammar_text(spec, tightened=False)  # build (a float range to 1e300): as given
+            template = llguidance.LLMatcher(self.ll_tokenizer, grammar, log_level=0)
         if template.is_error():
             raise ValueError(f"the {_KIND_NAMES[spec.kind]} does not compile: {_shorten(template.get_error())}")
         elapsed = time.perf_counter() - start

@@ -97,9 +97,9 @@ def _bound_number(out: dict[str, Any]) -> None:
     if not kinds & {"integer", "number"} or "enum" in out or "const" in out:  # listed values stand as given
         return
     low, high = _limit(out, "minimum", "exclusiveMinimum"), _limit(out, "maximum", "exclusiveMaximum")
-    if low is None and (high is None or high > -NUMBER_LIMIT):
+    if low is None and (high is None or abs(high) < NUMBER_LIMIT):  # a far bound stays one-sided
         out["minimum"] = -NUMBER_LIMIT
-    if high is None and (low is None or low < NUMBER_LIMIT):
+    if high is None and (low is None or abs(low) < NUMBER_LIMIT):
         out["maximum"] = NUMBER_LIMIT
     if "number" in kinds and "multipleOf" not in out:
         out["multipleOf"] = NUMBER_STEP
