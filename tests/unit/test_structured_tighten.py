@@ -25,7 +25,7 @@ def test_every_object_that_names_properties_is_closed_wherever_schemas_nest():
                        "either": {"anyOf": [POINT, {"type": "null"}]}, "one": {"oneOf": [POINT]},
                        "map": {"type": "object", "additionalProperties": POINT},
                        "old_tuple": {"type": "array", "items": [POINT]},
-                       "negated": {"not": POINT}, "patterned": {"patternProperties": {"^a": {"type": "string"}}}},
+                       "patterned": {"patternProperties": {"^a": {"type": "string"}}}},
         "$defs": {"named": POINT}, "definitions": {"legacy": POINT},
     }
     before = copy.deepcopy(schema)
@@ -34,7 +34,7 @@ def test_every_object_that_names_properties_is_closed_wherever_schemas_nest():
     props = closed["properties"]
     found = [closed, props["p"], props["list"]["items"], props["pair"]["prefixItems"][0],
              props["either"]["anyOf"][0], props["one"]["oneOf"][0], props["map"]["additionalProperties"],
-             props["old_tuple"]["items"][0], props["negated"]["not"], props["patterned"],
+             props["old_tuple"]["items"][0], props["patterned"],
              closed["$defs"]["named"], closed["definitions"]["legacy"]]
     assert [s.get("additionalProperties") for s in found] == [False] * len(found)
     assert props["pair"]["prefixItems"][1] == {"$ref": "#/$defs/named"}  # a reference, not an object
@@ -83,6 +83,15 @@ def test_a_definition_extended_with_more_keys_stays_open():
     assert closed["$defs"]["Base"] == base  # extended: left open
     assert closed["$defs"]["Other"]["additionalProperties"] is False  # only referred to: closed
     assert closed["additionalProperties"] is False
+
+
+def test_negations_and_conditions_are_left_as_given():
+    """Narrower there, the schema would let through what it refuses as given: `not` a closed point
+    allows points with more keys, which `not` the open point refuses."""
+    schema = {"not": POINT, "if": POINT, "then": POINT, "else": {"type": "integer"}}
+    out = tighten(schema)
+    assert out["not"] == POINT and out["if"] == POINT
+    assert out["then"]["additionalProperties"] is False and out["else"]["maximum"] == NUMBER_LIMIT
 
 
 def test_values_are_not_schemas_and_are_left_as_they_are():

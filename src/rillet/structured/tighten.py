@@ -14,7 +14,8 @@ forbid the others' keys); where every member is a plain object naming its proper
 `allOf` itself is closed to the union of their names (as llama.cpp merges them). A schema beside
 a `$ref` is left open (its keys come from both), and so is a definition that an `allOf` member
 or such a schema refers to (closed, it would forbid the keys added beside it). The walk goes only
-where the schema holds schemas, never into `const`, `enum`, `default` or `examples` values.
+where the schema holds schemas, never into `const`, `enum`, `default` or `examples` values, nor
+into `not` or `if` (narrower there, a schema lets through what it refused).
 
 Numbers. An unbounded number lets a small model write digits until max_tokens (a quarter of
 SmolLM2-135M's answers to one-number schemas did). llama.cpp's converter allows 16 digits before
@@ -37,11 +38,12 @@ NUMBER_STEP = 1e-10  # 10 digits after the point
 FORMAT_LENGTHS = {"date-time": 40, "time": 30}  # 2018-04-17T09:30:00.123456789+01:00 is 35
 
 # keywords whose value is a map of names to schemas, a list of schemas, or one schema (or, for
-# `items` before draft 2020-12, a list)
+# `items` before draft 2020-12, a list). Not `not` or `if`: a narrower schema there would let
+# through what the schema as given refuses.
 _SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
 _SCHEMA_LISTS = ("anyOf", "oneOf", "prefixItems")
 _SCHEMAS = ("additionalProperties", "unevaluatedProperties", "items", "additionalItems", "unevaluatedItems",
-            "contains", "propertyNames", "not", "if", "then", "else")
+            "contains", "propertyNames", "then", "else")
 
 
 def close_objects(schema: Any) -> Any:
