@@ -176,6 +176,22 @@ async def test_a_refused_prompt_of_a_list_ends_the_prompts_admitted_before_it():
         assert list(engine.prompts.values()) == ["short"] and not engine.streams  # admitted, then aborted
 
 
+async def test_an_engine_failure_mid_list_ends_the_prompts_admitted_before_it():
+    engine = FakeEngine()
+    add_request = engine.add_request
+
+    async def fails_on_the_second(prompt, params, request_id=None, **kwargs):
+        if len(engine.prompts) == 1:
+            raise RuntimeError("the engine broke")
+        return await add_request(prompt, params, request_id, **kwargs)
+
+    engine.add_request = fails_on_the_second
+    async with running_app(engine) as (client, _, _):
+        r = await client.post("/v1/completions", json={"prompt": ["first", "second"]})
+        assert r.status_code == 500 and "the engine broke" not in r.text
+        assert list(engine.prompts.values()) == ["first"] and not engine.streams  # admitted, then aborted
+
+
 @pytest.mark.parametrize("payload,param", [
     ({"temperature": -1}, "temperature"),
     ({"top_p": 0}, "top_p"),

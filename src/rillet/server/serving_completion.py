@@ -15,7 +15,6 @@ from starlette.responses import Response
 
 from rillet.engine.outputs import RequestOutput, TokenLogprob
 from rillet.protocol import openai as oa
-from rillet.server.errors import APIError
 from rillet.server.handle_group import HandleGroup
 from rillet.server.serving import OpenAIAnswer, RequestHandle, ServingBase, arrival_of, finite, openai_error_event
 from rillet.server.structured_request import openai_structured
@@ -79,7 +78,7 @@ class ServingCompletion(ServingBase):
             for prompt in prompts:  # all admitted, or none: a refusal ends those admitted before it
                 handles.append(await self.submit(prompt, params, prefix="cmpl", arrival=arrival,
                                                  prompt_param="prompt", constraint_param=constraint_param))
-        except APIError:
+        except BaseException:  # a refusal, an engine failure or a cancelled request: none left running
             for admitted in handles:
                 await admitted.aclose()
             raise
