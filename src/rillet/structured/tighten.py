@@ -88,7 +88,7 @@ class _Walk:
             _bound_number(out)
             if out.get("format") in FORMAT_LENGTHS and "maxLength" not in out:
                 out["maxLength"] = FORMAT_LENGTHS[out["format"]]
-        return _close(out, schema, close_here)
+        return _close(out, close_here)
 
 
 def _bound_number(out: dict[str, Any]) -> None:
@@ -117,11 +117,11 @@ def _limit(schema: dict[str, Any], inclusive: str, exclusive: str) -> float | No
     return None
 
 
-def _close(out: dict[str, Any], schema: dict[str, Any], close_here: bool) -> Any:
+def _close(out: dict[str, Any], close_here: bool) -> Any:
     if not close_here or "$ref" in out or "additionalProperties" in out or "unevaluatedProperties" in out:
         return out
     if "allOf" in out:
-        names = _member_names(schema["allOf"])
+        names = _member_names(out["allOf"])  # walked without closing: the names and keys as given
         if names is None or "patternProperties" in out:
             return out
         own = out.get("properties") if isinstance(out.get("properties"), dict) else {}
