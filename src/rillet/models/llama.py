@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rillet.models.vector_math import init_vector_math
 from rillet.parallel.shard import Shard
 
 if TYPE_CHECKING:
@@ -369,6 +370,7 @@ def rope_tables(config, max_positions: int) -> tuple[torch.Tensor, torch.Tensor]
     """cos/sin [P, d] in float32, computed as transformers does (all rope_types it knows)."""
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
+    init_vector_math()  # else the parallel cos below may be MKL's first call: see vector_math.py
     rotary = LlamaRotaryEmbedding(config=config)
     inv_freq = rotary.inv_freq.float()
     positions = torch.arange(max_positions, dtype=torch.float32)
